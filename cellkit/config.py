@@ -1,0 +1,346 @@
+"""Typed configuration of a cellkit model and its training, as plain dataclasses.
+
+A config says *what* to build by registry name plus keyword arguments; the builder
+(:mod:`cellkit.builder`) checks every name and every wiring and builds it. Configs
+round-trip to plain dicts and YAML, so a run's folder records exactly what was trained::
+
+    cfg = cellkit.presets.ours_plus(size="cpu")
+    text = cfg.to_yaml()
+    assert CellkitConfig.from_yaml(text) == cfg
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "TargetSpec",
+    "LossSpec",
+    "PostprocessConfig",
+    "TrainConfig",
+    "DataConfig",
+    "CellkitConfig",
+]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be read or built; the message lists every problem found."""
+
+
+@dataclass
+class ModelConfig:
+    """The network: one shared encoder and identical decoders, one per head.
+
+    Attributes:
+        encoder: name in :data:`cellkit.ENCODERS` (``resnet18`` ... ``resnet101``).
+        encoder_kwargs: keyword arguments of the encoder (``output_stride``,
+            ``width_multiplier``, ``weights`` = a local torchvision ``.pth`` file).
+        decoder: name in :data:`cellkit.DECODERS`; every head gets its own instance.
+        decoder_kwargs: keyword arguments of the decoder (``width``, ``aspp_rates``...).
+        heads: decoder names; ``main`` is required and is the only one used at inference.
+        num_classes: output channels of every decoder (class 1 = class of interest).
+        activation: ``sigmoid`` (probability maps) or ``identity`` (density regression, FCRN).
+    """
+
+    encoder: str = "resnet18"
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    decoder: str = "deeplabv3plus"
+    decoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    heads: tuple[str, ...] = ("main",)
+    num_classes: int = 2
+    activation: str = "sigmoid"
+
+
+@dataclass
+class TargetSpec:
+    """A training target: a mask generator by name, with its keyword arguments."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossSpec:
+    """One weighted loss term, wired to a decoder output and a target or another output.
+
+    Attributes:
+        name: name in :data:`cellkit.LOSSES`.
+        weight: the term's weight in the total loss.
+        output: the head whose logits are the prediction.
+        target: the target name (key of ``CellkitConfig.targets``) for losses against a target.
+        against: the other head, for losses between two outputs (``consistency``).
+        kwargs: keyword arguments of the loss (``norm``, ``stop_gradient``...).
+        label: the name the term is logged under (default ``"<output>/<name>"``).
+    """
+
+    name: str
+    weight: float = 1.0
+    output: str = "main"
+    target: str | None = None
+    against: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None
+
+    @property
+    def resolved_label(self) -> str:
+        """``label``, or ``"<output>/<name>"`` (``"<output>~<against>/<name>"`` between outputs)."""
+        if self.label:
+            return self.label
+        if self.against:
+            return f"{self.output}~{self.against}/{self.name}"
+        return f"{self.output}/{self.name}"
+
+
+@dataclass
+class PostprocessConfig:
+    """Probability maps to points: a post-processor by name (``peaks``) and its arguments."""
+
+    name: str = "peaks"
+    kwargs: dict[str, Any] = field(
+        default_factory=lambda: {"threshold": 0.5, "min_distance": 3, "exclusive": True}
+    )
+
+
+@dataclass
+class TrainConfig:
+    """How to train (the paper: Adam, lr 1e-3, betas (0.9, 0.999), weight decay 2e-5).
+
+    Attributes:
+        epochs: passes over ``steps_per_epoch`` batches (or the whole training split).
+        batch_size: images per step.
+        crop_size: side of the random training crops (smaller images are padded).
+        steps_per_epoch: batches per epoch; ``None`` = one pass over the training split.
+        lr, betas, weight_decay: Adam's settings.
+        scheduler: ``None``, ``"cosine"`` or ``"step"`` (x0.1 at 2/3 of the epochs).
+        grad_clip: max gradient norm, or ``None``.
+        amp: mixed precision (CUDA only; ignored on the CPU).
+        channels_last: memory format of the model and inputs.
+        seed: makes a CPU run repeatable.
+        num_workers: DataLoader workers (0 = in the main process).
+        radius: matching radius (pixels) of the validation F1.
+        augment: keyword arguments of :class:`cellkit.data.Augment` (``{}`` = defaults,
+            ``None`` = no augmentation).
+        val_every: validate every this many epochs.
+    """
+
+    epochs: int = 50
+    batch_size: int = 8
+    crop_size: int = 256
+    steps_per_epoch: int | None = None
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 2e-5
+    scheduler: str | None = None
+    grad_clip: float | None = None
+    amp: bool = True
+    channels_last: bool = True
+    seed: int = 0
+    num_workers: int = 0
+    radius: float = 6.0
+    augment: dict[str, Any] | None = field(default_factory=dict)
+    val_every: int = 1
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how its labels map onto cellkit classes.
+
+    Attributes:
+        root: dataset folder (``None``: the bundled EndoNuke sample).
+        format: ``csv``, ``bcdata``, ``endonuke`` or ``geojson``.
+        class_map: source label -> class index, ``None`` = the format's default.
+        class_names: names of the classes, index order.
+        split: the BCData split folder (``train``/``validation``/``test``), if any.
+        val_fraction, test_fraction: held-out shares, split by group (slide/tile range).
+        split_seed: seed of the split.
+    """
+
+    root: str | None = None
+    format: str = "endonuke"
+    class_map: dict[str, int] | None = None
+    class_names: tuple[str, ...] | None = None
+    split: str | None = None
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    split_seed: int = 0
+
+
+@dataclass
+class CellkitConfig:
+    """Everything needed to build and train one model.
+
+    Attributes:
+        name: a label (the preset's name).
+        model: the network.
+        targets: target name -> mask generator spec, built from the points of each image.
+        losses: the weighted loss terms.
+        postprocess: maps to points.
+        train: the schedule.
+        data: the data.
+        pretrain: stage 1 (the paper's early-stopped pre-trained model whose class-1 output
+            is the ``prior`` target), itself a config; ``None`` when no target needs it.
+    """
+
+    name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    targets: dict[str, TargetSpec] = field(default_factory=dict)
+    losses: list[LossSpec] = field(default_factory=list)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: CellkitConfig | None = None
+
+    # -- conversions -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict of builtins (tuples become lists), the inverse of :meth:`from_dict`."""
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CellkitConfig:
+        """Read a config from a plain dict; unknown keys are errors naming the close ones.
+
+        Raises:
+            ConfigError: listing every unknown key and wrong type.
+        """
+        problems: list[str] = []
+        cfg = _from_plain(cls, data, "config", problems)
+        if problems:
+            raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
+        return cfg
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """The config as YAML text; also written (atomically) to ``path`` when given."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            from cellkit.data.io import write_text_atomic
+
+            write_text_atomic(Path(path), text)
+        return text
+
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> CellkitConfig:
+        """Read a config from a YAML file path or YAML text.
+
+        Raises:
+            FileNotFoundError: for a path that does not exist.
+            ConfigError: for YAML that is not a valid config.
+        """
+        text = str(source)
+        if isinstance(source, Path) or (("\n" not in text) and text.endswith((".yaml", ".yml"))):
+            path = Path(source)
+            if not path.is_file():
+                raise FileNotFoundError(f"Config file {path} does not exist.")
+            text = path.read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"Config is not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"A config must be a YAML mapping, got {type(data).__name__}.")
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> CellkitConfig:
+        """A copy with top-level fields replaced (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _from_plain(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
+    """Convert ``value`` to type ``tp`` (dataclasses, containers, optionals), collecting problems."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+            return None
+        hints = typing.get_type_hints(tp)
+        names = [f.name for f in dataclasses.fields(tp)]
+        kwargs = {}
+        for key, item in value.items():
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(f"{where}: unknown key {key!r}{hint}; known keys: {', '.join(names)}")
+                continue
+            kwargs[key] = _from_plain(hints[key], item, f"{where}.{key}", problems)
+        required = [
+            f.name
+            for f in dataclasses.fields(tp)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        for name in required:
+            if name not in value:
+                problems.append(f"{where}: missing required key {name!r}")
+        try:
+            return tp(**kwargs)
+        except TypeError:
+            return None
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        if len(non_none) == 1:
+            return _from_plain(non_none[0], value, where, problems)
+        for arg in non_none:  # e.g. str | int: the first that fits without problems
+            trial: list[str] = []
+            out = _from_plain(arg, value, where, trial)
+            if not trial:
+                return out
+        problems.append(f"{where}: expected {tp}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{where}: expected a list, got {value!r}")
+            return value
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_from_plain(args[0], v, f"{where}[{i}]", problems) for i, v in enumerate(value))
+        if len(args) != len(value):
+            problems.append(f"{where}: expected {len(args)} values, got {len(value)}")
+            return tuple(value)
+        return tuple(_from_plain(a, v, f"{where}[{i}]", problems) for i, (a, v) in enumerate(zip(args, value)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{where}: expected a list, got {value!r}")
+            return value
+        return [_from_plain(args[0], v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {value!r}")
+            return value
+        return {k: _from_plain(args[1], v, f"{where}.{k}", problems) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{where}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            problems.append(f"{where}: expected {tp.__name__}, got {value!r}")
+        return value
+    return value
+

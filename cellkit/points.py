@@ -1,0 +1,117 @@
+"""Point annotations and detections: the one representation every part of cellkit shares.
+
+Points are ``(x, y) = (column, row)`` in pixels, as a float array of shape ``(N, 2)``;
+classes are integers of shape ``(N,)``. Class 1 is the class of interest (the paper's
+positive tumour cells) and class 0 the other cells, but nothing assumes two classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Detections", "validate_points"]
+
+
+def validate_points(
+    points: Any,
+    classes: Any,
+    shape: tuple[int, int] | None = None,
+    num_classes: int | None = None,
+    where: str = "",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Check point annotations and return them as ``(float64 (N, 2), int64 (N,))`` arrays.
+
+    Args:
+        points: ``(N, 2)`` array-like of ``(x, y)`` pixel coordinates. An empty ``(0,)``
+            array is read as no points.
+        classes: ``(N,)`` array-like of non-negative integer classes.
+        shape: ``(H, W)`` of the image; when given, every point must lie in
+            ``0 <= x < W`` and ``0 <= y < H``.
+        num_classes: when given, every class must be below it.
+        where: a prefix naming the source (a file, an image) for error messages.
+
+    Raises:
+        ValueError: naming what was expected, what was got and how to fix it.
+
+    Example:
+        >>> p, c = validate_points([[1.0, 2.0]], [1], shape=(4, 4), num_classes=2)
+        >>> p.shape, c.tolist()
+        ((1, 2), [1])
+    """
+    prefix = f"{where}: " if where else ""
+    pts = np.asarray(points, dtype=np.float64)
+    cls = np.asarray(classes)
+    if pts.size == 0:
+        pts = pts.reshape(0, 2)
+    if pts.ndim != 2 or pts.shape[1] != 2:
+        raise ValueError(
+            f"{prefix}points must have shape (N, 2) with columns (x, y), got shape {pts.shape}."
+        )
+    if cls.size == 0:
+        cls = cls.reshape(0)
+    if cls.ndim != 1 or cls.shape[0] != pts.shape[0]:
+        raise ValueError(
+            f"{prefix}classes must have shape (N,) matching {pts.shape[0]} points, got shape {cls.shape}."
+        )
+    if cls.size and not np.issubdtype(cls.dtype, np.integer):
+        as_float = cls.astype(np.float64)
+        if not np.all(np.isfinite(as_float)) or not np.all(as_float == np.round(as_float)):
+            bad = cls[~(np.isfinite(as_float) & (as_float == np.round(as_float)))][:3]
+            raise ValueError(f"{prefix}classes must be integers, got {bad.tolist()}.")
+    cls = cls.astype(np.int64)
+    if not np.all(np.isfinite(pts)):
+        raise ValueError(f"{prefix}points must be finite, got NaN or infinity.")
+    if cls.size and cls.min() < 0:
+        raise ValueError(f"{prefix}classes must be >= 0, got {int(cls.min())}.")
+    if num_classes is not None and cls.size and cls.max() >= num_classes:
+        raise ValueError(
+            f"{prefix}class {int(cls.max())} is out of range for num_classes={num_classes} "
+            f"(expected 0..{num_classes - 1}); raise num_classes or map the class."
+        )
+    if shape is not None and pts.size:
+        h, w = int(shape[0]), int(shape[1])
+        outside = (pts[:, 0] < 0) | (pts[:, 0] >= w) | (pts[:, 1] < 0) | (pts[:, 1] >= h)
+        if outside.any():
+            i = int(np.flatnonzero(outside)[0])
+            raise ValueError(
+                f"{prefix}{int(outside.sum())} point(s) lie outside the {h}x{w} (HxW) image, "
+                f"e.g. point {i} at (x={pts[i, 0]:g}, y={pts[i, 1]:g}); expected 0 <= x < {w} "
+                f"and 0 <= y < {h}. Check that columns are (x, y), not (row, col)."
+            )
+    return pts, cls
+
+
+@dataclass
+class Detections:
+    """Cells found in one image.
+
+    Attributes:
+        points: ``(N, 2)`` float32 ``(x, y)`` pixel coordinates.
+        classes: ``(N,)`` int64 class indices.
+        scores: ``(N,)`` float32 scores (the probability at the peak).
+    """
+
+    points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))
+    classes: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+    scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
+
+    def __post_init__(self) -> None:
+        self.points = np.asarray(self.points, dtype=np.float32).reshape(-1, 2)
+        self.classes = np.asarray(self.classes, dtype=np.int64).reshape(-1)
+        self.scores = np.asarray(self.scores, dtype=np.float32).reshape(-1)
+        n = len(self.points)
+        if len(self.classes) != n or len(self.scores) != n:
+            raise ValueError(
+                f"Detections need as many classes and scores as points: got {n} points, "
+                f"{len(self.classes)} classes, {len(self.scores)} scores."
+            )
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def counts(self, num_classes: int) -> np.ndarray:
+        """Number of detections per class, shape ``(num_classes,)``."""
+        return np.bincount(self.classes, minlength=num_classes)[:num_classes]

@@ -1,0 +1,171 @@
+"""One generic registry, instantiated once per kind of plug-in.
+
+A :class:`Registry` maps a name to a factory (a class or a function). Plug-ins register
+themselves where they are defined, with a decorator; users register their own plug-ins
+from their own modules the same way, without editing cellkit::
+
+    from cellkit import MASKS
+
+    @MASKS.register("my_mask")
+    class MyMask:
+        ...
+
+    generator = MASKS.build("my_mask", radius=3)
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
+
+__all__ = ["Registry", "RegistryError"]
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class RegistryError(KeyError, ValueError):
+    """An unknown or duplicate name. Subclasses both KeyError and ValueError."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class Registry(Generic[T]):
+    """A named collection of factories for one kind of plug-in.
+
+    Args:
+        kind: what the registry holds, used in error messages (``"mask generator"``).
+        base: optional type that built objects must be instances of (checked by ``build``
+            when it is a class; Protocols are not checked).
+
+    Example:
+        >>> reg = Registry("widget")
+        >>> @reg.register("box")
+        ... def box(size: int = 1) -> dict:
+        ...     return {"size": size}
+        >>> reg.names()
+        ['box']
+        >>> reg.build("box", size=3)
+        {'size': 3}
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._factories: dict[str, Callable[..., T]] = {}
+
+    def register(self, name: str) -> Callable[[F], F]:
+        """Decorator that registers ``factory`` under ``name``.
+
+        Raises:
+            RegistryError: when ``name`` is already registered (names are never silently
+                overwritten; call :meth:`unregister` first to replace one on purpose).
+        """
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"A {self.kind} name must be a non-empty string, got {name!r}.")
+
+        def decorator(factory: F) -> F:
+            if name in self._factories:
+                raise RegistryError(
+                    f"A {self.kind} named {name!r} is already registered "
+                    f"({self._factories[name]!r}). Pick another name, or call "
+                    f"unregister({name!r}) first to replace it on purpose."
+                )
+            self._factories[name] = factory
+            return factory
+
+        return decorator
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (used by tests and to replace a plug-in on purpose)."""
+        self.get(name)
+        del self._factories[name]
+
+    def names(self, pattern: str | None = None) -> list[str]:
+        """Sorted registered names, optionally filtered by a shell-style ``pattern``."""
+        names = sorted(self._factories)
+        if pattern is not None:
+            names = [n for n in names if fnmatch.fnmatch(n, pattern)]
+        return names
+
+    def get(self, name: str) -> Callable[..., T]:
+        """The factory registered under ``name``.
+
+        Raises:
+            RegistryError: for an unknown name, with the closest names and every available one.
+        """
+        try:
+            return self._factories[name]
+        except (KeyError, TypeError):
+            raise RegistryError(self.unknown_message(name)) from None
+
+    def unknown_message(self, name: object) -> str:
+        """The message for an unknown ``name``: close matches and the available names."""
+        close = difflib.get_close_matches(str(name), list(self._factories), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        return (
+            f"Unknown {self.kind} {name!r}.{hint} Available: {', '.join(self.names()) or '(none)'}. "
+            "Register your own with the registry's .register(name) decorator."
+        )
+
+    def build(self, spec: str | T | dict[str, Any], /, **kwargs: Any) -> T:
+        """Build a plug-in from a name and keyword arguments, or pass a built one through.
+
+        Args:
+            spec: a registered name; a dict ``{"name": ..., **kwargs}``; or an already
+                built object, returned unchanged (``kwargs`` must then be empty).
+            **kwargs: keyword arguments for the factory.
+
+        Raises:
+            RegistryError: for an unknown name.
+            TypeError: for keyword arguments the factory does not accept, naming them.
+        """
+        if isinstance(spec, dict):
+            spec = dict(spec)
+            try:
+                name = spec.pop("name")
+            except KeyError:
+                raise RegistryError(
+                    f"A {self.kind} spec dict needs a 'name' key, got keys {sorted(spec)}."
+                ) from None
+            return self.build(name, **{**spec, **kwargs})
+        if not isinstance(spec, str):
+            if kwargs:
+                raise TypeError(
+                    f"Got an already built {self.kind} ({type(spec).__name__}) and keyword "
+                    f"arguments {sorted(kwargs)}; pass a name to build one, or no arguments."
+                )
+            return spec
+        factory = self.get(spec)
+        try:
+            return factory(**kwargs)
+        except TypeError as err:
+            # Re-raise argument errors with the plug-in's name so typos in configs are clear.
+            if "argument" in str(err):
+                raise TypeError(f"Building {self.kind} {spec!r}: {err}") from err
+            raise
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._factories
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._factories)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, names={self.names()})"
+
+
+# One instance per kind of plug-in. The plug-ins register themselves where they are
+# defined (cellkit.masks, cellkit.losses, cellkit.models, cellkit.postprocess).
+MASKS: Registry[Any] = Registry("mask generator")
+LOSSES: Registry[Any] = Registry("loss")
+ENCODERS: Registry[Any] = Registry("encoder")
+DECODERS: Registry[Any] = Registry("decoder")
+POSTPROCESSORS: Registry[Any] = Registry("post-processor")
+
+__all__ += ["MASKS", "LOSSES", "ENCODERS", "DECODERS", "POSTPROCESSORS"]
