@@ -1,0 +1,228 @@
+"""Build models, losses, targets and post-processors from a :class:`CellkitConfig`.
+
+Every builder first checks the whole config (:func:`check_config`): each registry name,
+each keyword argument and each wiring (a loss that reads a head the model lacks, or a
+target no generator makes), and reports all problems at once before building anything.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from cellkit.config import CellkitConfig, ConfigError, ModelConfig
+from cellkit.registry import DECODERS, ENCODERS, LOSSES, MASKS, POSTPROCESSORS, Registry
+
+__all__ = [
+    "ACTIVATIONS",
+    "apply_activation",
+    "build_losses",
+    "build_model",
+    "build_postprocess",
+    "build_targets",
+    "check_config",
+    "config_problems",
+]
+
+ACTIVATIONS = ("sigmoid", "identity")
+
+
+def _ensure_plugins() -> None:
+    # Importing the subpackages registers cellkit's own plug-ins.
+    import cellkit.losses  # noqa: F401
+    import cellkit.masks  # noqa: F401
+    import cellkit.models  # noqa: F401
+    import cellkit.postprocess  # noqa: F401
+
+
+def _kwargs_problems(registry: Registry[Any], name: str, kwargs: Mapping[str, Any], where: str,
+                     provided: tuple[str, ...] = ()) -> list[str]:
+    if name not in registry:
+        return [f"{where}: {registry.unknown_message(name)}"]
+    factory = registry.get(name)
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return []
+    params = sig.parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    problems = []
+    for key in kwargs:
+        if key in provided:
+            problems.append(f"{where}: {key!r} is set by the builder; remove it from the kwargs")
+        elif key not in params:
+            known = [k for k in params if k not in provided]
+            problems.append(
+                f"{where}: {registry.kind} {name!r} has no argument {key!r}; its arguments: {', '.join(known)}"
+            )
+    return problems
+
+
+def config_problems(cfg: CellkitConfig, *, _where: str = "config") -> list[str]:
+    """Every problem of ``cfg`` as a list of messages (empty when it can be built)."""
+    _ensure_plugins()
+    problems: list[str] = []
+    m = cfg.model
+    problems += _kwargs_problems(ENCODERS, m.encoder, m.encoder_kwargs, f"{_where}.model.encoder")
+    problems += _kwargs_problems(
+        DECODERS, m.decoder, m.decoder_kwargs, f"{_where}.model.decoder",
+        provided=("encoder_channels", "encoder_strides", "num_classes"),
+    )
+    if "main" not in m.heads:
+        problems.append(f"{_where}.model.heads: 'main' is required (used at inference), got {list(m.heads)}")
+    if len(set(m.heads)) != len(m.heads):
+        problems.append(f"{_where}.model.heads: duplicate head names in {list(m.heads)}")
+    if not isinstance(m.num_classes, int) or m.num_classes < 1:
+        problems.append(f"{_where}.model.num_classes: expected an integer >= 1, got {m.num_classes!r}")
+    if m.activation not in ACTIVATIONS:
+        problems.append(f"{_where}.model.activation: expected one of {ACTIVATIONS}, got {m.activation!r}")
+    for tname, spec in cfg.targets.items():
+        problems += _kwargs_problems(MASKS, spec.name, spec.kwargs, f"{_where}.targets.{tname}")
+    if not cfg.losses:
+        problems.append(f"{_where}.losses: at least one loss term is needed")
+    labels: set[str] = set()
+    for i, loss in enumerate(cfg.losses):
+        where = f"{_where}.losses[{i}] ({loss.name})"
+        problems += _kwargs_problems(LOSSES, loss.name, loss.kwargs, where)
+        if loss.output not in m.heads:
+            problems.append(f"{where}: output {loss.output!r} is not a head of the model {list(m.heads)}; "
+                            f"add it to model.heads or change the output")
+        if loss.name in LOSSES:
+            reference = getattr(LOSSES.get(loss.name), "reference", "target")
+            if reference == "output":
+                if loss.against is None:
+                    problems.append(f"{where}: compares two outputs; set 'against' to another head")
+                elif loss.against not in m.heads:
+                    problems.append(f"{where}: against {loss.against!r} is not a head of the model {list(m.heads)}")
+            else:
+                if loss.target is None:
+                    problems.append(f"{where}: needs a 'target' (one of {sorted(cfg.targets)})")
+                elif loss.target not in cfg.targets:
+                    problems.append(f"{where}: target {loss.target!r} is not in targets {sorted(cfg.targets)}; "
+                                    f"add a TargetSpec for it")
+        if loss.resolved_label in labels:
+            problems.append(f"{where}: duplicate label {loss.resolved_label!r}; set 'label' to tell them apart")
+        labels.add(loss.resolved_label)
+    used = {loss.target for loss in cfg.losses}
+    for tname in cfg.targets:
+        if tname not in used:
+            problems.append(f"{_where}.targets.{tname}: no loss uses this target; remove it or add a loss")
+    problems += _kwargs_problems(POSTPROCESSORS, cfg.postprocess.name, cfg.postprocess.kwargs,
+                                 f"{_where}.postprocess")
+    if any(s.name == "prior" for s in cfg.targets.values()) and cfg.pretrain is None:
+        problems.append(f"{_where}.pretrain: a 'prior' target needs a stage-1 config (pretrain) whose "
+                        f"model makes the prior; see cellkit.presets.ours_plus_plus")
+    if cfg.pretrain is not None:
+        problems += config_problems(cfg.pretrain, _where=f"{_where}.pretrain")
+    return problems
+
+
+def check_config(cfg: CellkitConfig) -> None:
+    """Raise :class:`ConfigError` listing every problem of ``cfg``; return when it is buildable."""
+    if not isinstance(cfg, CellkitConfig):
+        raise TypeError(f"Expected a CellkitConfig, got {type(cfg).__name__}; build one with cellkit.presets.")
+    problems = config_problems(cfg)
+    if problems:
+        raise ConfigError(f"Config {cfg.name!r} has {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+
+
+def build_model(cfg: CellkitConfig | ModelConfig) -> nn.Module:
+    """The multi-decoder model of ``cfg``: one encoder, one decoder per head.
+
+    The model carries ``activation`` (``sigmoid`` or ``identity``) for inference.
+
+    Raises:
+        ConfigError: listing every problem of the config.
+    """
+    if isinstance(cfg, CellkitConfig):
+        check_config(cfg)
+        m = cfg.model
+    else:
+        m = cfg
+        problems = config_problems(CellkitConfig(model=m, losses=[_dummy_loss()]))
+        if problems:
+            raise ConfigError("Model config problems:\n  - " + "\n  - ".join(problems))
+    from cellkit.models import MultiDecoderModel
+
+    encoder = ENCODERS.build(m.encoder, **m.encoder_kwargs)
+    decoders = {
+        head: DECODERS.build(
+            m.decoder,
+            encoder_channels=encoder.channels,
+            encoder_strides=encoder.strides,
+            num_classes=m.num_classes,
+            **m.decoder_kwargs,
+        )
+        for head in m.heads
+    }
+    model = MultiDecoderModel(encoder, decoders)
+    model.activation = m.activation
+    return model
+
+
+def _dummy_loss() -> Any:
+    from cellkit.config import LossSpec
+
+    return LossSpec("consistency", against="main")
+
+
+def build_losses(cfg: CellkitConfig) -> nn.Module:
+    """The weighted sum of ``cfg.losses`` (a :class:`cellkit.losses.WeightedLoss`)."""
+    check_config(cfg)
+    from cellkit.losses import LossTerm, WeightedLoss
+
+    terms = [
+        LossTerm(
+            label=spec.resolved_label,
+            module=LOSSES.build(spec.name, **spec.kwargs),
+            weight=float(spec.weight),
+            output=spec.output,
+            target=spec.target,
+            against=spec.against,
+        )
+        for spec in cfg.losses
+    ]
+    return WeightedLoss(terms)
+
+
+def build_targets(cfg: CellkitConfig, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """The mask generators of ``cfg.targets``, by target name.
+
+    Args:
+        cfg: the config.
+        overrides: extra keyword arguments per target name, for what a YAML file cannot
+            hold (the ``prior`` target's pre-trained ``model``, its ``cache_dir``).
+    """
+    check_config(cfg)
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(cfg.targets))
+    if unknown:
+        raise ConfigError(f"overrides for unknown targets {unknown}; targets are {sorted(cfg.targets)}")
+    return {
+        name: MASKS.build(spec.name, **{**spec.kwargs, **overrides.get(name, {})})
+        for name, spec in cfg.targets.items()
+    }
+
+
+def build_postprocess(cfg: CellkitConfig) -> Any:
+    """The post-processor of ``cfg`` (probability maps -> :class:`cellkit.Detections`)."""
+    _ensure_plugins()
+    p = cfg.postprocess
+    problems = _kwargs_problems(POSTPROCESSORS, p.name, p.kwargs, "postprocess")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return POSTPROCESSORS.build(p.name, **p.kwargs)
+
+
+def apply_activation(logits: torch.Tensor, activation: str) -> torch.Tensor:
+    """Probability (``sigmoid``) or density (``identity``) maps from a decoder's logits."""
+    if activation == "sigmoid":
+        return torch.sigmoid(logits)
+    if activation == "identity":
+        return logits
+    raise ValueError(f"Unknown activation {activation!r}; expected one of {ACTIVATIONS}.")

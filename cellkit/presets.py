@@ -1,0 +1,213 @@
+"""Presets: the rows of the paper's Table 1 as plain functions returning configs.
+
+=================  ==========================================================================
+preset             what it trains
+=================  ==========================================================================
+``fcrn``           main head regressing Gaussian density maps with MSE (FCRN baseline [5])
+``estimate_mask``  main head on masks estimated from points and colour (EstimateMask [1])
+``ours``           main head on circle masks, Lm = 0.8 CE + 0.2 IoU
+``ours_plus``      + dynamic head on random polygons (Ld, weight 1) and consistency (Lc, 0.5)
+``ours_plus_plus`` + prior head on the tissue prior of an early-stopped model (Lp, 0.5)
+=================  ==========================================================================
+
+Each takes ``size``: ``"paper"`` (ResNet-101 DeepLabV3+, decoder width 256, the paper's
+optimiser) or ``"cpu"`` (ResNet-18 at half width and a 64-wide decoder, for 2-core
+machines). FLOPs per megapixel of the inference pass, measured with
+``torch.utils.flop_counter.FlopCounterMode`` by
+``python -c "import cellkit; from cellkit.models.flops import flops_per_megapixel as f; print(f(cellkit.build_model(cellkit.presets.ours(size='paper'))), f(cellkit.build_model(cellkit.presets.ours(size='cpu'))))"``:
+see :data:`MEASURED_GFLOPS_PER_MEGAPIXEL`.
+
+Example:
+    >>> import cellkit
+    >>> cfg = cellkit.presets.ours_plus(size="cpu")
+    >>> sorted(cfg.model.heads)
+    ['dynamic', 'main']
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+from cellkit.config import (
+    CellkitConfig,
+    DataConfig,
+    LossSpec,
+    ModelConfig,
+    PostprocessConfig,
+    TargetSpec,
+    TrainConfig,
+)
+
+__all__ = [
+    "PRESETS",
+    "SIZES",
+    "MEASURED_GFLOPS_PER_MEGAPIXEL",
+    "estimate_mask",
+    "fcrn",
+    "get_preset",
+    "ours",
+    "ours_plus",
+    "ours_plus_plus",
+]
+
+#: Model and schedule per size. ``cpu`` is >= 10x cheaper than ``paper`` per megapixel.
+SIZES: dict[str, dict[str, Any]] = {
+    "paper": {
+        "encoder": "resnet101",
+        "encoder_kwargs": {"output_stride": 16},
+        "decoder_kwargs": {"width": 256, "low_level_width": 48},
+        "train": {"epochs": 100, "batch_size": 8, "crop_size": 512},
+        "pretrain_epochs": 10,
+    },
+    "cpu": {
+        "encoder": "resnet18",
+        "encoder_kwargs": {"output_stride": 16, "width_multiplier": 0.5},
+        "decoder_kwargs": {"width": 64, "low_level_width": 24},
+        "train": {"epochs": 30, "batch_size": 8, "crop_size": 128},
+        "pretrain_epochs": 5,
+    },
+}
+
+#: Inference GFLOPs per megapixel (2 classes, main head), filled in from a measured run.
+MEASURED_GFLOPS_PER_MEGAPIXEL: dict[str, float] = {}
+
+
+def _base(name: str, size: str, heads: tuple[str, ...], num_classes: int, radius: float,
+          eval_radius: float | None, min_distance: int | None) -> CellkitConfig:
+    if size not in SIZES:
+        raise ValueError(f"Unknown size {size!r}; expected one of {sorted(SIZES)}.")
+    s = copy.deepcopy(SIZES[size])
+    return CellkitConfig(
+        name=name,
+        model=ModelConfig(
+            encoder=s["encoder"],
+            encoder_kwargs=s["encoder_kwargs"],
+            decoder="deeplabv3plus",
+            decoder_kwargs=s["decoder_kwargs"],
+            heads=heads,
+            num_classes=num_classes,
+        ),
+        postprocess=PostprocessConfig(
+            "peaks",
+            {"threshold": 0.5, "min_distance": int(min_distance if min_distance is not None else max(2, round(radius))),
+             "exclusive": True},
+        ),
+        train=TrainConfig(**s["train"], radius=float(eval_radius if eval_radius is not None else 1.5 * radius)),
+        data=DataConfig(),
+    )
+
+
+def _main_losses(target: str) -> list[LossSpec]:
+    # Lm = alpha * Lce + (1 - alpha) * LIoU with alpha = 0.8 (eq. 3).
+    # eps=1 smooths the soft IoU of crops where a class has no cell (a constant, not a spike).
+    return [LossSpec("ce", 0.8, output="main", target=target),
+            LossSpec("iou", 0.2, output="main", target=target, kwargs={"eps": 1.0})]
+
+
+def ours(size: str = "cpu", num_classes: int = 2, radius: float = 4.0, eval_radius: float | None = None,
+         min_distance: int | None = None) -> CellkitConfig:
+    """``Ours``: encoder + main decoder on fixed-radius circle masks, Lm = 0.8 CE + 0.2 IoU.
+
+    Args:
+        size: ``"cpu"`` or ``"paper"``.
+        num_classes: classes (class 1 = class of interest).
+        radius: circle radius in pixels (about half a cell's diameter).
+        eval_radius: matching radius of validation F1 (default 1.5 x radius).
+        min_distance: peak minimum distance (default the radius).
+    """
+    cfg = _base("ours", size, ("main",), num_classes, radius, eval_radius, min_distance)
+    cfg.targets = {"circle": TargetSpec("circle", {"radius": radius})}
+    cfg.losses = _main_losses("circle")
+    return cfg
+
+
+def ours_plus(size: str = "cpu", num_classes: int = 2, radius: float = 4.0, eval_radius: float | None = None,
+              min_distance: int | None = None) -> CellkitConfig:
+    """``Ours+``: ``ours`` + a dynamic decoder on random polygons (Ld) and consistency (Lc).
+
+    Lt = Lm + 0.5 Lc + 1.0 Ld; the polygons are drawn anew every iteration around
+    ``radius`` (eq. 4, 5; L1 norm, mean reduction).
+    """
+    cfg = ours(size, num_classes, radius, eval_radius, min_distance)
+    cfg.name = "ours_plus"
+    cfg.model.heads = ("main", "dynamic")
+    cfg.targets["dynamic"] = TargetSpec("random_polygon", {"base_radius": radius})
+    cfg.losses += [
+        LossSpec("dynamic", 1.0, output="dynamic", target="dynamic"),
+        LossSpec("consistency", 0.5, output="main", against="dynamic"),
+    ]
+    return cfg
+
+
+def ours_plus_plus(size: str = "cpu", num_classes: int = 2, radius: float = 4.0,
+                   eval_radius: float | None = None, min_distance: int | None = None,
+                   pretrain_epochs: int | None = None) -> CellkitConfig:
+    """``Ours++``: ``ours_plus`` + a prior decoder on the tissue prior (Lp).
+
+    Lt = Lm + 0.5 Lc + 0.5 Lp + 1.0 Ld (eq. 7). The prior target is the class-1 output of
+    a stage-1 model (encoder + main decoder, circle masks, CE only) stopped early
+    (``pretrain_epochs``: 10 in the paper); ``cellkit train`` runs that stage first.
+    """
+    cfg = ours_plus(size, num_classes, radius, eval_radius, min_distance)
+    cfg.name = "ours_plus_plus"
+    cfg.model.heads = ("main", "dynamic", "prior")
+    cfg.targets["prior"] = TargetSpec("prior", {"class_index": 1})
+    cfg.losses.append(LossSpec("prior", 0.5, output="prior", target="prior", kwargs={"class_index": 1}))
+    stage1 = ours(size, num_classes, radius, eval_radius, min_distance)
+    stage1.name = "ours_plus_plus/pretrain"
+    stage1.losses = [LossSpec("ce", 1.0, output="main", target="circle")]
+    stage1.train.epochs = int(pretrain_epochs if pretrain_epochs is not None else SIZES[size]["pretrain_epochs"])
+    cfg.pretrain = stage1
+    return cfg
+
+
+def fcrn(size: str = "cpu", num_classes: int = 2, radius: float = 4.0, eval_radius: float | None = None,
+         min_distance: int | None = None, sigma: float | None = None, scale: float = 100.0) -> CellkitConfig:
+    """``FCRN`` baseline: regress a Gaussian density map per class with MSE.
+
+    Each cell's kernel integrates to ``scale`` (100, the usual FCRN scaling, so the
+    regression target is not vanishingly small); the peak of a kernel is
+    ``scale / (2 pi sigma^2)``, and peaks are kept above 30 % of it.
+    """
+    sigma = float(sigma if sigma is not None else max(1.0, radius / 2))
+    cfg = _base("fcrn", size, ("main",), num_classes, radius, eval_radius, min_distance)
+    cfg.model.activation = "identity"
+    cfg.targets = {"density": TargetSpec("gaussian", {"sigma": sigma, "scale": scale})}
+    cfg.losses = [LossSpec("mse", 1.0, output="main", target="density")]
+    import math
+
+    cfg.postprocess.kwargs["threshold"] = round(0.3 * scale / (2 * math.pi * sigma**2), 4)
+    return cfg
+
+
+def estimate_mask(size: str = "cpu", num_classes: int = 2, radius: float = 4.0,
+                  eval_radius: float | None = None, min_distance: int | None = None) -> CellkitConfig:
+    """``EstimateMask`` baseline: main head on masks estimated from the points and the image
+    (Voronoi cells intersected with a colour clustering), Lm = 0.8 CE + 0.2 IoU."""
+    cfg = _base("estimate_mask", size, ("main",), num_classes, radius, eval_radius, min_distance)
+    cfg.targets = {"estimated": TargetSpec("estimated", {"radius": radius})}
+    cfg.losses = _main_losses("estimated")
+    return cfg
+
+
+#: Preset name -> function, in the order of the paper's Table 1.
+PRESETS: dict[str, Callable[..., CellkitConfig]] = {
+    "fcrn": fcrn,
+    "estimate_mask": estimate_mask,
+    "ours": ours,
+    "ours_plus": ours_plus,
+    "ours_plus_plus": ours_plus_plus,
+}
+
+
+def get_preset(name: str, **kwargs: Any) -> CellkitConfig:
+    """The preset ``name`` built with ``kwargs``; an unknown name lists the close ones."""
+    if name not in PRESETS:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(PRESETS), n=2)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"Unknown preset {name!r}.{hint} Available: {', '.join(PRESETS)}.")
+    return PRESETS[name](**kwargs)
