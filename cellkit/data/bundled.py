@@ -1,0 +1,41 @@
+"""The EndoNuke sample bundled with a source checkout of cellkit (``data/endonuke``).
+
+251 tiles of ER/PR-stained endometrium (200x200) with nucleus points, from EndoNuke
+(Data 2022, 7(6), 75, doi:10.3390/data7060075; CC BY 4.0). ``data/endonuke/NOTICE.md``
+holds the citation, the licence and the provenance. The examples use it, so they run on
+real data with no arguments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["bundled_endonuke"]
+
+# cellkit/data/bundled.py -> the repository root is three levels up.
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def bundled_endonuke() -> Path:
+    """The folder of the bundled EndoNuke sample (``images/``, ``labels/``).
+
+    Read it with ``load_dataset(bundled_endonuke(), "endonuke")``; add
+    ``class_map="endonuke_epithelium"`` for the paper's two classes (epithelium = 1).
+
+    Raises:
+        FileNotFoundError: outside a source checkout (an installed wheel does not ship
+            the data), saying where it looked.
+
+    Example:
+        >>> bundled_endonuke().name  # doctest: +SKIP
+        'endonuke'
+    """
+    path = _REPO_ROOT / "data" / "endonuke"
+    if (path / "images").is_dir() and (path / "labels").is_dir():
+        return path
+    raise FileNotFoundError(
+        f"The bundled EndoNuke sample was not found: looked for {path}/images and "
+        f"{path}/labels (relative to the cellkit package at {Path(__file__).resolve().parent}). "
+        "It ships only with a source checkout of cellkit; pass --data /path/to/dataset "
+        "(or a folder to load_dataset) instead."
+    )

@@ -1,0 +1,207 @@
+"""Writers: cellkit CSV and QuPath GeoJSON, both written atomically.
+
+``write_csv`` writes cellkit's own format (``x,y,class`` and, for detections, ``score``),
+which :func:`~cellkit.data.readers.read_csv_points` reads back. ``write_geojson`` writes a
+GeoJSON FeatureCollection of Point features the way QuPath (0.4 and later) writes its
+objects, so *File > Import objects from file* (or drag and drop) opens them with their
+classes, class colours and scores:
+
+.. code-block:: json
+
+    {"type": "Feature",
+     "geometry": {"type": "Point", "coordinates": [12.0, 34.0]},
+     "properties": {"objectType": "detection",
+                    "classification": {"name": "positive", "color": [220, 50, 47]},
+                    "measurements": {"score": 0.93}}}
+
+Coordinates are pixels ``(x, y)`` of the full-resolution image, as QuPath expects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .io import atomic_write
+
+__all__ = ["DEFAULT_COLORS", "write_csv", "write_geojson"]
+
+#: Class colours (RGB) by class index: a grey-blue for class 0 ("other cells"), a red
+#: for class 1 (the class of interest, like QuPath's "Positive"), then distinct hues.
+DEFAULT_COLORS: tuple[tuple[int, int, int], ...] = (
+    (112, 112, 225),
+    (200, 0, 0),
+    (0, 160, 0),
+    (230, 160, 0),
+    (150, 0, 200),
+    (0, 170, 200),
+    (140, 90, 40),
+    (230, 0, 150),
+)
+
+
+def _unpack(
+    detections: Any, points: Any, classes: Any, scores: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    if detections is not None:
+        if points is not None or classes is not None or scores is not None:
+            raise ValueError("pass either detections or points/classes/scores, not both.")
+        points = getattr(detections, "points")
+        classes = getattr(detections, "classes")
+        scores = getattr(detections, "scores", None)
+    if points is None or classes is None:
+        raise ValueError("write needs detections, or points and classes.")
+    pts = np.asarray(points, dtype=np.float64)
+    pts = pts.reshape(0, 2) if pts.size == 0 else pts
+    cls = np.asarray(classes).reshape(-1)
+    if pts.ndim != 2 or pts.shape[1] != 2:
+        raise ValueError(f"points must have shape (N, 2) with columns (x, y), got {pts.shape}.")
+    if len(cls) != len(pts):
+        raise ValueError(f"{len(cls)} classes for {len(pts)} points.")
+    if cls.size and not np.issubdtype(cls.dtype, np.integer):
+        if not np.all(np.asarray(cls, dtype=np.float64) % 1 == 0):
+            raise ValueError(f"classes must be integers, got {cls[:3].tolist()}.")
+    cls = cls.astype(np.int64)
+    if cls.size and cls.min() < 0:
+        raise ValueError(f"classes must be >= 0, got {int(cls.min())}.")
+    sc = None
+    if scores is not None:
+        sc = np.asarray(scores, dtype=np.float64).reshape(-1)
+        if len(sc) != len(pts):
+            raise ValueError(f"{len(sc)} scores for {len(pts)} points.")
+    return pts, cls, sc
+
+
+def _native(detections: Any, points: Any, pts: np.ndarray) -> np.ndarray:
+    """Points in their own precision, so float32 values print short ("0.1", not
+    "0.10000000149011612") and still read back equal."""
+    source = np.asarray(getattr(detections, "points", None) if detections is not None else points)
+    return pts.astype(np.float32) if source.dtype == np.float32 else pts
+
+
+def _num(value: Any) -> str:
+    """Shortest text that reads back as the same number (``12``, ``3.5``, ``0.1``)."""
+    return np.format_float_positional(value, trim="-")
+
+
+def write_csv(
+    path: str | os.PathLike[str],
+    detections: Any = None,
+    *,
+    points: Any = None,
+    classes: Any = None,
+    scores: Any = None,
+) -> None:
+    """Write points to a cellkit CSV (``x,y,class`` plus ``score`` when there are scores).
+
+    Args:
+        path: the ``.csv`` file (written atomically; the folder is created).
+        detections: a :class:`~cellkit.points.Detections`, a
+            :class:`~cellkit.data.Sample` or anything with ``points``, ``classes`` and
+            optionally ``scores``; or pass them as keywords.
+        points: ``(N, 2)`` ``(x, y)``.
+        classes: ``(N,)`` integers >= 0.
+        scores: optional ``(N,)``.
+
+    Raises:
+        ValueError: for mismatched lengths, non-integer or negative classes.
+
+    Example:
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "a.csv")
+        >>> write_csv(path, points=[[3, 4.5]], classes=[1])
+        >>> open(path).read()
+        'x,y,class\\n3,4.5,1\\n'
+    """
+    pts, cls, sc = _unpack(detections, points, classes, scores)
+    pts_out = _native(detections, points, pts)
+    lines = ["x,y,class" + (",score" if sc is not None else "")]
+    for i in range(len(pts)):
+        row = f"{_num(pts_out[i, 0])},{_num(pts_out[i, 1])},{int(cls[i])}"
+        if sc is not None:
+            row += f",{_num(np.float32(sc[i]))}"
+        lines.append(row)
+    with atomic_write(path, "w", newline="") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def write_geojson(
+    path: str | os.PathLike[str],
+    detections: Any = None,
+    class_names: Sequence[str] | None = None,
+    *,
+    points: Any = None,
+    classes: Any = None,
+    scores: Any = None,
+    object_type: str | None = None,
+    colors: Sequence[Sequence[int]] | None = None,
+    score_name: str = "score",
+    indent: int | None = None,
+) -> None:
+    """Write points as a QuPath-compatible GeoJSON FeatureCollection of Point features.
+
+    Args:
+        path: the ``.geojson`` file (written atomically; the folder is created).
+        detections: a :class:`~cellkit.points.Detections`, a Sample or anything with
+            ``points``, ``classes`` (and ``scores``); or pass them as keywords.
+        class_names: the name of each class index (QuPath's classification); default
+            ``class0, class1, ...``. Read back with ``ClassMap.from_names(class_names)``.
+        object_type: ``"detection"`` or ``"annotation"``; default detection when there are
+            scores (predictions: QuPath handles many detections quickly and lists their
+            measurements), annotation otherwise (ground-truth points).
+        colors: RGB colour of each class (default :data:`DEFAULT_COLORS`).
+        score_name: the measurement name of the score.
+        indent: JSON indentation (None: compact).
+
+    Raises:
+        ValueError: for mismatched lengths, bad classes, a class without a name, or an
+            unknown ``object_type``.
+
+    Example:
+        >>> import tempfile, os, json
+        >>> path = os.path.join(tempfile.mkdtemp(), "a.geojson")
+        >>> write_geojson(path, points=[[3, 4]], classes=[1], class_names=["other", "positive"])
+        >>> json.load(open(path))["features"][0]["properties"]["classification"]["name"]
+        'positive'
+    """
+    pts, cls, sc = _unpack(detections, points, classes, scores)
+    pts_out = _native(detections, points, pts)
+    if object_type is None:
+        object_type = "detection" if sc is not None else "annotation"
+    if object_type not in ("detection", "annotation"):
+        raise ValueError(f"object_type must be 'detection' or 'annotation', got {object_type!r}.")
+    n_classes = int(cls.max()) + 1 if cls.size else 0
+    names = list(class_names) if class_names is not None else [f"class{i}" for i in range(n_classes)]
+    if n_classes > len(names):
+        raise ValueError(
+            f"class {n_classes - 1} has no name: class_names has {len(names)} entries {names}."
+        )
+    palette = [tuple(int(v) for v in c) for c in (colors if colors is not None else DEFAULT_COLORS)]
+    if not palette:
+        raise ValueError("colors must hold at least one (r, g, b) colour.")
+    features = []
+    for i in range(len(pts)):
+        c = int(cls[i])
+        props: dict[str, Any] = {
+            "objectType": object_type,
+            "classification": {"name": str(names[c]), "color": list(palette[c % len(palette)])},
+        }
+        if sc is not None:
+            props["measurements"] = {score_name: float(_num(np.float32(sc[i])))}
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": {
+                    "type": "Point",
+                    "coordinates": [float(_num(pts_out[i, 0])), float(_num(pts_out[i, 1]))],
+                },
+                "properties": props,
+            }
+        )
+    with atomic_write(path, "w") as f:
+        json.dump({"type": "FeatureCollection", "features": features}, f, indent=indent)
+        f.write("\n")
