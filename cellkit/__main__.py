@@ -1,0 +1,10 @@
+"""``python -m cellkit`` runs the command line (:func:`cellkit.cli.main`)."""
+
+from __future__ import annotations
+
+import sys
+
+from cellkit.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

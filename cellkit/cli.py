@@ -1,0 +1,563 @@
+"""The ``cellkit`` command line: ``train``, ``predict`` and ``evaluate``.
+
+::
+
+    cellkit train --preset ours_plus --data data/bcdata --format bcdata --out runs/ours_plus
+    cellkit predict --checkpoint runs/ours_plus/best.pt --out out/ slides/
+    cellkit evaluate --pred out/ --data data/bcdata --format bcdata --split test --radius 6 --radii 2:20
+
+A wrong path, format or name prints one line, ``cellkit <command>: error: <message>``, to
+stderr and exits with status 2; ``--debug`` also prints the traceback. :func:`main` takes
+the arguments as a list and returns the exit status, so tests call it without a subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import io
+import json
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+__all__ = ["build_parser", "main"]
+
+FORMATS = ("csv", "bcdata", "endonuke", "geojson")
+PRESET_NAMES = ("fcrn", "estimate_mask", "ours", "ours_plus", "ours_plus_plus")
+SIZES = ("cpu", "paper")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class _UsageError(Exception):
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (raised, printed by :func:`main`)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(self.prog, f"{message} (see {self.prog} --help)")
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Appends real defaults (not None/False) to the help of an option."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            "%(default)" not in text
+            and action.option_strings
+            and action.default not in (None, False, argparse.SUPPRESS)
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _name_type(kind: str, options: Sequence[str]) -> Callable[[str], str]:
+    """An argparse ``type`` accepting one of ``options``, suggesting the closest on a typo."""
+
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value in options:
+            return value
+        close = difflib.get_close_matches(value, list(options), n=2, cutoff=0.5)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise argparse.ArgumentTypeError(f"unknown {kind} {text!r}.{hint} Available: {', '.join(options)}.")
+
+    parse.__name__ = kind  # argparse names the type in some messages
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _number_list(kind: type) -> Callable[[str], list[Any]]:
+    """``"0.5"`` or ``"0.5,0.4"`` -> a list of numbers (one, or one per class)."""
+
+    def parse(text: str) -> list[Any]:
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected one {kind.__name__} or a comma-separated list (one per class), got {text!r}"
+            ) from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one value, got {text!r}")
+        return values
+
+    return parse
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+
+
+def _add_data_options(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument(
+        "--data",
+        metavar="DIR",
+        required=required,
+        help="dataset folder" + ("" if required else " (default: the bundled EndoNuke sample)"),
+    )
+    p.add_argument(
+        "--format",
+        type=_name_type("format", FORMATS),
+        metavar="{" + ",".join(FORMATS) + "}",
+        required=required,
+        default=None,
+        help="dataset layout: csv (<stem>.csv beside images), bcdata, endonuke (images/ + labels/), "
+        "geojson (QuPath points)" + ("" if required else "; default endonuke"),
+    )
+    p.add_argument(
+        "--class-map",
+        metavar="SPEC",
+        help="source label -> class index, 'src=dst,...' (e.g. '0=0,1=1,2=0') or a preset name "
+        "(bcdata, endonuke, endonuke_epithelium); default: "
+        + ("the class map the model was trained with (recorded by cellkit predict), else the format's"
+           if required else "the format's (endonuke with a 2-class preset: endonuke_epithelium)"),
+    )
+    p.add_argument("--split", help="a split / subfolder of the dataset (BCData: train, validation, test)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``cellkit`` argument parser with its three commands."""
+    parser = _Parser(
+        prog="cellkit",
+        description="Cell recognition (finding, classifying, counting) in IHC images trained from point "
+        "annotations.",
+        formatter_class=_Formatter,
+        epilog="Run 'cellkit <command> --help' for the options of a command.",
+    )
+    from cellkit import __version__
+
+    parser.add_argument("--version", action="version", version=f"cellkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,predict,evaluate}", parser_class=_Parser)
+
+    # -- train --------------------------------------------------------------------------
+    t = sub.add_parser(
+        "train",
+        help="train a model from point annotations",
+        description="Train a model: build the config from a preset (or a YAML file), apply the options "
+        "below, and write checkpoints (best.pt, last.pt), the config and a log to RUN_DIR. Without "
+        "--data, trains on the bundled EndoNuke sample.",
+        formatter_class=_Formatter,
+        epilog="example: cellkit train --preset ours --size cpu --out runs/ours --epochs 5",
+    )
+    src = t.add_mutually_exclusive_group()
+    src.add_argument(
+        "--preset",
+        type=_name_type("preset", PRESET_NAMES),
+        metavar="NAME",
+        help=f"a preset of the paper's Table 1: {', '.join(PRESET_NAMES)} (default: ours)",
+    )
+    src.add_argument("--config", metavar="FILE.yaml", help="a config file (e.g. RUN_DIR/config.yaml of a run)")
+    t.add_argument(
+        "--size",
+        type=_name_type("size", SIZES),
+        metavar="{cpu,paper}",
+        help="preset model size: cpu (ResNet-18 at half width) or paper (ResNet-101); default cpu",
+    )
+    t.add_argument("--out", metavar="RUN_DIR", required=True, help="run folder for checkpoints and logs")
+    _add_data_options(t, required=False)
+    t.add_argument("--class-names", metavar="A,B,...", help="names of the classes, index order")
+    t.add_argument("--radius", type=_positive_float, help="circle (target) radius in pixels, about half a cell")
+    t.add_argument("--epochs", type=_positive_int, help="number of epochs")
+    t.add_argument("--batch-size", type=_positive_int, help="images per step")
+    t.add_argument("--crop-size", type=_positive_int, help="side of the random training crops, pixels")
+    t.add_argument("--steps-per-epoch", type=_positive_int, help="batches per epoch (default: one pass)")
+    t.add_argument("--lr", type=_positive_float, help="learning rate")
+    t.add_argument("--seed", type=int, help="random seed")
+    t.add_argument("--num-workers", type=_nonneg_int, help="data loader workers (0 = main process)")
+    t.add_argument("--max-steps", type=_positive_int, help="at most this many steps per epoch (for smoke tests)")
+    t.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
+    t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    _add_common(t)
+    t.set_defaults(func=_cmd_train)
+
+    # -- predict ------------------------------------------------------------------------
+    p = sub.add_parser(
+        "predict",
+        help="find and classify cells in images",
+        description="Predict cells in images of any size (tiled). Writes, per image, OUT_DIR/<stem>.csv "
+        "(x,y,class,score), OUT_DIR/<stem>.geojson (QuPath) and OUT_DIR/<stem>_overlay.png, and "
+        "OUT_DIR/counts.csv with the number of cells per class per image.",
+        formatter_class=_Formatter,
+        epilog="example: cellkit predict --checkpoint runs/ours/best.pt --out out/ slides/ extra.png",
+    )
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
+                   help="image files, or folders whose png/jpg/jpeg/tif/tiff images are all taken")
+    p.add_argument("--checkpoint", required=True, metavar="FILE.pt",
+                   help="checkpoint of a training run (RUN_DIR/best.pt), or the run folder")
+    p.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder")
+    p.add_argument("--threshold", type=_number_list(float), metavar="T[,T...]",
+                   help="peak threshold, one value or one per class (default: the checkpoint's config)")
+    p.add_argument("--min-distance", type=_number_list(int), metavar="D[,D...]",
+                   help="peak minimum distance in pixels, one or one per class (default: the config's)")
+    p.add_argument("--tile-size", type=_positive_int, default=512, help="side of the inference tiles")
+    p.add_argument("--overlap", type=_nonneg_int, default=64, help="overlap of neighbouring tiles, pixels")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="tiles per forward pass")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
+    p.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
+    p.add_argument("--no-overlay", action="store_true", help="do not write the overlay PNGs")
+    p.add_argument("--overlay-radius", type=_positive_int, default=3, help="radius of the overlay's dots")
+    _add_common(p)
+    p.set_defaults(func=_cmd_predict)
+
+    # -- evaluate -----------------------------------------------------------------------
+    e = sub.add_parser(
+        "evaluate",
+        help="score predictions against annotations",
+        description="Match the predictions of 'cellkit predict' (OUT_DIR/<stem>.csv) to the annotated "
+        "images by file stem and report precision, recall, totalF1 and meanF1 per class. Writes "
+        "OUT_DIR/evaluation.json; with --radii also OUT_DIR/f1_vs_radius.csv and .png.",
+        formatter_class=_Formatter,
+        epilog="example: cellkit evaluate --pred out/ --data data/test --format csv --radius 6 --radii 2:20",
+    )
+    e.add_argument("--pred", required=True, metavar="OUT_DIR", help="output folder of cellkit predict")
+    _add_data_options(e, required=True)
+    e.add_argument("--radius", type=_positive_float, default=6.0, help="matching radius, pixels")
+    e.add_argument("--radii", metavar="START:STOP[:STEP]",
+                   help="also compute F1 against the radius, e.g. 2:20 or 2:20:2 (stop included) or 2,4,8")
+    e.add_argument("--json", metavar="FILE", help="where to write the scores (default OUT_DIR/evaluation.json)")
+    e.add_argument("--allow-missing", action="store_true",
+                   help="count images without a prediction file as empty instead of failing")
+    e.add_argument("--matching", choices=("hungarian", "greedy"), default="hungarian",
+                   help="hungarian (maximum matching) or greedy (by score)")
+    _add_common(e)
+    e.set_defaults(func=_cmd_evaluate)
+    return parser
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _out(text: str) -> None:
+    print(text, file=sys.stdout, flush=True)
+
+
+def _parse_class_map(spec: str | None, names: str | None) -> Any:
+    from cellkit.data.classes import ClassMap
+
+    if spec is None:
+        if names:
+            raise ValueError("--class-names needs --class-map (the names of the classes it maps to).")
+        return None
+    name_list = [n.strip() for n in names.split(",") if n.strip()] if names else None
+    return ClassMap.parse(spec, names=name_list)
+
+
+def _set_num_classes(cfg: Any, num_classes: int) -> None:
+    while cfg is not None:
+        cfg.model.num_classes = num_classes
+        cfg = cfg.pretrain
+
+
+def _set_radius(cfg: Any, radius: float) -> None:
+    """Set the radius of every target that has one (circle, random_polygon, estimated)."""
+    while cfg is not None:
+        for spec in cfg.targets.values():
+            if "radius" in spec.kwargs:
+                spec.kwargs["radius"] = radius
+        cfg = cfg.pretrain
+
+
+def build_train_config(args: argparse.Namespace) -> Any:
+    """The training config of ``cellkit train``'s arguments: preset or file, then the overrides."""
+    from cellkit.config import CellkitConfig
+    from cellkit.presets import get_preset
+
+    cmap = _parse_class_map(args.class_map, args.class_names)
+    if args.config:
+        if args.size is not None:
+            raise ValueError("--size chooses a preset's model; with --config, set the model in the file.")
+        cfg = CellkitConfig.from_yaml(Path(args.config))
+        if args.radius is not None:
+            _set_radius(cfg, args.radius)
+    else:
+        kwargs: dict[str, Any] = {"size": args.size or "cpu"}
+        if args.radius is not None:
+            kwargs["radius"] = args.radius
+        cfg = get_preset(args.preset or "ours", **kwargs)
+
+    data = cfg.data
+    if args.data is not None:
+        root = Path(args.data).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"data folder {root} does not exist.")
+        data.root = str(root)
+        data.format = args.format or data.format
+    elif args.format is not None and args.format != data.format and data.root is None:
+        raise ValueError(f"--format {args.format} needs --data (without --data, the bundled EndoNuke sample is used).")
+    elif data.root is not None and not Path(data.root).is_dir():
+        raise FileNotFoundError(f"data folder {data.root} (from the config) does not exist; pass --data.")
+    if data.root is None:
+        from cellkit.data import bundled_endonuke
+
+        data.root = str(bundled_endonuke())
+        data.format = "endonuke"
+    if args.split is not None:
+        data.split = args.split
+    if cmap is not None:
+        data.class_map = {str(k): int(v) for k, v in cmap.mapping.items()}
+        data.class_names = tuple(cmap.names)
+        _set_num_classes(cfg, cmap.num_classes)
+    elif data.class_map is None and data.format == "endonuke" and cfg.model.num_classes == 2:
+        # EndoNuke labels stroma 0 / epithelium 1 / other 2: the paper's two-class form takes
+        # epithelium as the class of interest and the rest as "other cells".
+        from cellkit.data.classes import ENDONUKE_EPITHELIUM
+
+        data.class_map = {str(k): int(v) for k, v in ENDONUKE_EPITHELIUM.mapping.items()}
+        data.class_names = tuple(ENDONUKE_EPITHELIUM.names)
+    elif data.class_map is None and data.format == "bcdata" and data.class_names is None:
+        from cellkit.data.classes import BCDATA
+
+        data.class_names = tuple(BCDATA.names)
+
+    tr = cfg.train
+    for attr, value in (
+        ("epochs", args.epochs),
+        ("batch_size", args.batch_size),
+        ("crop_size", args.crop_size),
+        ("steps_per_epoch", args.steps_per_epoch),
+        ("lr", args.lr),
+        ("seed", args.seed),
+        ("num_workers", args.num_workers),
+    ):
+        if value is not None:
+            setattr(tr, attr, value)
+    from cellkit.builder import check_config
+
+    check_config(cfg)
+    return cfg
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from cellkit.engine.train import fit
+
+    cfg = build_train_config(args)
+    if args.device is not None:
+        from cellkit.engine.predict import _resolve_device
+
+        _resolve_device(args.device)  # a clear error before any work
+    _out(
+        f"training {cfg.name} ({cfg.model.encoder}, heads {', '.join(cfg.model.heads)}, "
+        f"{cfg.model.num_classes} classes) on {cfg.data.root} ({cfg.data.format}) -> {args.out}"
+    )
+    result = fit(
+        cfg,
+        args.out,
+        resume=args.resume,
+        device=args.device,
+        progress=None,
+        max_steps=args.max_steps,
+    )
+    best = getattr(result, "best_path", None)
+    score = getattr(result, "best_score", None)
+    score_text = f" (validation score {score:.4f})" if isinstance(score, (int, float)) else ""
+    _out(f"best checkpoint: {best}{score_text}")
+    _out(f"last checkpoint: {getattr(result, 'last_path', None)}")
+    return 0
+
+
+def _counts_csv(rows: list[tuple[str, Any]], class_names: Sequence[str]) -> str:
+    import csv
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["image", *class_names])
+    for stem, counts in rows:
+        writer.writerow([stem, *(int(c) for c in counts)])
+    return buf.getvalue()
+
+
+def _write_prediction_files(
+    out_dir: Path, stem: str, image: Any, det: Any, class_names: Sequence[str], overlay: bool, radius: int
+) -> None:
+    from cellkit.data.writers import write_csv, write_geojson
+    from cellkit.viz import class_colors, draw_points, save_png
+
+    colors = class_colors(len(class_names))
+    write_csv(out_dir / f"{stem}.csv", det)
+    write_geojson(out_dir / f"{stem}.geojson", det, list(class_names), colors=colors.tolist())
+    if overlay:
+        overlay_image = draw_points(image, det.points, det.classes, len(class_names), radius=radius, colors=colors)
+        save_png(out_dir / f"{stem}_overlay.png", overlay_image)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from cellkit.data.io import write_text_atomic
+    from cellkit.engine.evaluate import OUTPUT_STEMS, PREDICT_META, jsonable
+    from cellkit.engine.predict import Predictor, list_images
+
+    paths = list_images(args.inputs)  # path errors before the model loads
+    reserved = sorted({p.name for p in paths if p.stem in OUTPUT_STEMS})
+    if reserved:
+        raise ValueError(
+            f"image names {reserved} clash with the summary files written to --out "
+            f"({', '.join(OUTPUT_STEMS)}); rename them."
+        )
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint,
+        device=args.device,
+        threshold=args.threshold,
+        min_distance=args.min_distance,
+        tile_size=args.tile_size,
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        amp=args.amp,
+    )
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = predictor.class_names
+    rows: list[tuple[str, Any]] = []
+    for path, image, det in predictor.predict_paths(paths):
+        _write_prediction_files(out_dir, path.stem, image, det, names, not args.no_overlay, args.overlay_radius)
+        rows.append((path.stem, det.counts(predictor.num_classes)))
+    write_text_atomic(out_dir / "counts.csv", _counts_csv(rows, names))
+    cfg = predictor.config
+    meta = {
+        "checkpoint": str(Path(args.checkpoint)),
+        "class_names": list(names),
+        "class_map": None if cfg is None else cfg.data.class_map,
+        "postprocess": {
+            "name": None if cfg is None else cfg.postprocess.name,
+            **{k: jsonable(getattr(predictor.postprocess, k)) for k in ("threshold", "min_distance", "exclusive")
+               if hasattr(predictor.postprocess, k)},
+        },
+        "tile_size": args.tile_size,
+        "overlap": args.overlap,
+        "images": [stem for stem, _ in rows],
+    }
+    write_text_atomic(out_dir / PREDICT_META, json.dumps(meta, indent=2) + "\n")
+    total = sum(int(sum(c)) for _, c in rows)
+    _out(f"{len(rows)} images, {total} cells -> {out_dir} (counts in {out_dir / 'counts.csv'})")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from cellkit.data.io import write_text_atomic
+    from cellkit.engine.evaluate import jsonable, evaluate_folder, parse_radii, write_curve_csv
+
+    radii = parse_radii(args.radii) if args.radii else None  # a bad spec fails before any work
+    result = evaluate_folder(
+        args.pred,
+        args.data,
+        args.format,
+        args.radius,
+        class_map=args.class_map,
+        split=args.split,
+        allow_missing=args.allow_missing,
+        method=args.matching,
+    )
+    pred_dir = Path(args.pred)
+    _out(result.table())
+    if result.missing:
+        _out(f"{len(result.missing)} images without predictions counted as empty: {', '.join(result.missing[:10])}")
+    if result.unmatched:
+        _out(f"{len(result.unmatched)} prediction files without ground truth ignored: "
+             f"{', '.join(result.unmatched[:10])}")
+    summary = result.to_dict()
+    if radii is not None:
+        from cellkit.viz import plot_f1_vs_radius
+
+        curve = result.curve(radii)
+        csv_path = write_curve_csv(pred_dir / "f1_vs_radius.csv", curve)
+        png_path = plot_f1_vs_radius(curve, pred_dir / "f1_vs_radius.png")
+        summary["f1_vs_radius"] = jsonable(curve)
+        _out(f"F1 against radius: {csv_path}, {png_path}")
+    json_path = Path(args.json) if args.json else pred_dir / "evaluation.json"
+    write_text_atomic(json_path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    _out(f"scores: {json_path}")
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, KeyError) and type(err).__str__ is KeyError.__str__ and err.args:
+        text = str(err.args[0])
+    else:
+        text = str(err) or type(err).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(err).__name__
+    rest = [line[2:] if line.startswith("- ") else line for line in lines[1:]]
+    return f"{lines[0].rstrip(':')}: " + "; ".join(rest)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``cellkit`` command line; returns the exit status (0 ok, 2 error).
+
+    Example:
+        >>> main(["--version"])  # doctest: +SKIP
+        cellkit 0.1.0
+        0
+    """
+    from cellkit.config import ConfigError
+    from cellkit.engine.checkpoint import CheckpointError
+    from cellkit.registry import RegistryError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as err:
+        print(f"{err.prog}: error: {_one_line(err)}", file=sys.stderr)
+        if "--debug" in argv:
+            traceback.print_exc()
+        return 2
+    except SystemExit as err:  # --help, --version
+        return err.code if isinstance(err.code, int) else (0 if err.code is None else 2)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError, KeyError, ConfigError, CheckpointError, RegistryError, OSError) as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"cellkit {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cellkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Training stages, inference on any image size, checkpoints.
+
+- :mod:`cellkit.engine.train`: :func:`fit` runs the paper's schedule (stage 1, the
+  early-stopped pre-trained model, when the config has a ``prior`` target; then the
+  multi-task model) into a run folder, with validation, ``best.pt``/``last.pt`` and resuming.
+- :mod:`cellkit.engine.distributed`: the same under ``torchrun`` (DistributedDataParallel).
+- :mod:`cellkit.engine.predict`: tiled inference (:func:`predict_image`, :class:`Predictor`).
+- :mod:`cellkit.engine.evaluate`: scoring a folder of predictions (:func:`evaluate_folder`).
+- :mod:`cellkit.engine.checkpoint`: atomic checkpoints and :func:`load_model`.
+
+Example:
+    >>> import cellkit
+    >>> from cellkit.engine import fit, load_model
+    >>> result = fit(cellkit.presets.ours(size="cpu"), "runs/ours")  # doctest: +SKIP
+    >>> model, cfg, ckpt = load_model(result.best_path)              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from cellkit.engine.checkpoint import (
+    CheckpointError,
+    file_fingerprint,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
+from cellkit.engine.distributed import DistInfo, dist_info
+from cellkit.engine.evaluate import EvaluationResult, evaluate_folder
+from cellkit.engine.predict import Predictor, predict_image, predict_probabilities
+from cellkit.engine.train import RUN_EXISTS_MESSAGE, SCHEDULERS, TrainResult, fit, run_score
+
+__all__ = [
+    "RUN_EXISTS_MESSAGE",
+    "SCHEDULERS",
+    "CheckpointError",
+    "DistInfo",
+    "EvaluationResult",
+    "Predictor",
+    "TrainResult",
+    "dist_info",
+    "evaluate_folder",
+    "file_fingerprint",
+    "fit",
+    "load_checkpoint",
+    "load_model",
+    "predict_image",
+    "predict_probabilities",
+    "run_score",
+    "save_checkpoint",
+]

@@ -1,0 +1,323 @@
+"""Score a folder of predictions (``cellkit predict``'s output) against an annotated dataset.
+
+Predictions are ``<stem>.csv`` files (columns ``x,y,class,score``) and are matched to the
+ground-truth images by file stem. Every ground-truth image needs a prediction file, or
+``allow_missing=True`` counts it as an image where nothing was found::
+
+    from cellkit.engine.evaluate import evaluate_folder
+
+    result = evaluate_folder("out/", "data/test", "endonuke", radius=6)
+    print(result.report)                 # precision, recall, totalF1, meanF1 per class
+    curve = result.curve([2, 4, 6, 8])    # F1 against the matching radius
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellkit.points import Detections
+
+__all__ = [
+    "EvaluationResult",
+    "OUTPUT_STEMS",
+    "PREDICT_META",
+    "evaluate_folder",
+    "jsonable",
+    "parse_radii",
+    "read_prediction_csv",
+    "write_curve_csv",
+]
+
+#: File that ``cellkit predict`` writes beside its outputs: the class names and class map
+#: of the model, so ``cellkit evaluate`` reads the data with the classes the model predicts.
+PREDICT_META = "predict.json"
+
+#: Stems of the files ``cellkit predict`` and ``cellkit evaluate`` write besides the
+#: per-image ones; images may not use them.
+OUTPUT_STEMS = ("counts", "predict", "evaluation", "f1_vs_radius")
+
+
+def parse_radii(spec: str) -> list[float]:
+    """Radii from ``"start:stop"`` (step 1), ``"start:stop:step"`` (``stop`` included) or ``"2,4,8"``.
+
+    Raises:
+        ValueError: for a malformed spec, a step <= 0, a radius <= 0, or start > stop.
+
+    Example:
+        >>> parse_radii("2:6:2"), parse_radii("2:4"), parse_radii("3,5")
+        ([2.0, 4.0, 6.0], [2.0, 3.0, 4.0], [3.0, 5.0])
+    """
+    text = str(spec).strip()
+    try:
+        if ":" in text:
+            parts = [float(p) for p in text.split(":")]
+            if len(parts) not in (2, 3):
+                raise ValueError
+            start, stop = parts[0], parts[1]
+            step = parts[2] if len(parts) == 3 else 1.0
+            if step <= 0 or start > stop:
+                raise ValueError
+            n = int(math.floor((stop - start) / step + 1e-9)) + 1
+            radii = [round(start + i * step, 10) for i in range(n)]
+        else:
+            radii = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise ValueError(
+            f"radii {spec!r} is not 'start:stop', 'start:stop:step' (stop included, step > 0) or a "
+            "comma-separated list; e.g. '2:20' or '2:20:2'."
+        ) from None
+    if not radii or min(radii) <= 0 or not all(math.isfinite(r) for r in radii):
+        raise ValueError(f"radii {spec!r} must be positive numbers, got {radii}.")
+    return radii
+
+
+def read_prediction_csv(path: str | Path) -> Detections:
+    """Detections from a ``cellkit predict`` CSV (``x,y,class`` and an optional ``score``).
+
+    Raises:
+        FileNotFoundError: for a missing file.
+        DataError: naming the file and line of a malformed row.
+    """
+    from cellkit.data.readers import read_csv_points
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such prediction file.")
+    rec = read_csv_points(p)
+    scores = rec.scores if rec.scores is not None else np.ones(len(rec.points), np.float32)
+    return Detections(rec.points, rec.classes, scores)
+
+
+def _stem(sample: Any) -> str:
+    path = getattr(sample, "path", None)
+    return Path(path).stem if path else Path(str(sample.key)).name
+
+
+def _read_meta(pred_dir: Path) -> dict[str, Any]:
+    meta_path = pred_dir / PREDICT_META
+    if not meta_path.is_file():
+        return {}
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _default_names(format: str, num_classes: int) -> list[str] | None:
+    from cellkit.data.classes import BCDATA, ENDONUKE
+
+    for fmt, cmap in (("bcdata", BCDATA), ("endonuke", ENDONUKE)):
+        if format == fmt and cmap.num_classes == num_classes:
+            return list(cmap.names)
+    return None
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` for ``json.dumps(allow_nan=False)``: NaN/inf -> None, numpy -> builtins.
+
+    Example:
+        >>> jsonable({"f1": np.array([0.5, np.nan]), "n": np.int64(3)})
+        {'f1': [0.5, None], 'n': 3}
+    """
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [jsonable(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(float(value)) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+@dataclass
+class EvaluationResult:
+    """Predictions matched to ground truth, and their scores at one radius.
+
+    Attributes:
+        report: a :class:`cellkit.metrics.EvaluationReport` (per class tp, fp, fn,
+            precision, recall, total_f1, mean_f1).
+        keys: the image stems, in order.
+        predictions: a :class:`Detections` per image.
+        truths: ``(points, classes)`` per image.
+        class_names: a name per class.
+        missing: stems of images without a prediction file (counted as empty).
+        unmatched: prediction files without a ground-truth image (ignored).
+    """
+
+    report: Any
+    keys: list[str]
+    predictions: list[Detections]
+    truths: list[tuple[np.ndarray, np.ndarray]]
+    class_names: list[str]
+    missing: list[str] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        """The number of classes."""
+        return len(self.class_names)
+
+    def curve(self, radii: Sequence[float]) -> dict[str, Any]:
+        """totalF1 and meanF1 per class at each radius (:func:`cellkit.metrics.f1_vs_radius`)."""
+        from cellkit.metrics import f1_vs_radius
+
+        return f1_vs_radius(self.predictions, self.truths, radii, self.num_classes, self.class_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Strict-JSON-ready dict: the report plus the images, missing and unmatched stems."""
+        out = dict(self.report.to_dict())
+        out.update(
+            num_images=len(self.keys),
+            num_predicted=int(sum(len(d) for d in self.predictions)),
+            num_true=int(sum(len(t[0]) for t in self.truths)),
+            missing=list(self.missing),
+            unmatched=list(self.unmatched),
+        )
+        return jsonable(out)
+
+    def table(self, digits: int = 3) -> str:
+        """A plain-text table, one row per class."""
+        r = self.report
+        head = ["class", "tp", "fp", "fn", "precision", "recall", "totalF1", "meanF1"]
+        rows = [
+            [
+                name,
+                str(int(r.tp[c])),
+                str(int(r.fp[c])),
+                str(int(r.fn[c])),
+                *(f"{float(v[c]):.{digits}f}" for v in (r.precision, r.recall, r.total_f1, r.mean_f1)),
+            ]
+            for c, name in enumerate(self.class_names)
+        ]
+        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+        fmt = lambda row: "  ".join(  # noqa: E731
+            (cell.ljust(w) if i == 0 else cell.rjust(w)) for i, (cell, w) in enumerate(zip(row, widths))
+        )
+        lines = [f"radius {float(r.radius):g} px, {len(self.keys)} images", fmt(head)]
+        lines += [fmt(row) for row in rows]
+        return "\n".join(lines)
+
+
+def evaluate_folder(
+    pred_dir: str | Path,
+    data_root: str | Path,
+    format: str,
+    radius: float,
+    class_map: Any = None,
+    split: str | None = None,
+    allow_missing: bool = False,
+    method: str = "hungarian",
+) -> EvaluationResult:
+    """Score the ``<stem>.csv`` predictions of ``pred_dir`` against a dataset.
+
+    Args:
+        pred_dir: the output folder of ``cellkit predict``.
+        data_root: the annotated dataset folder.
+        format: its format (``csv``, ``bcdata``, ``endonuke``, ``geojson``).
+        radius: matching radius in pixels.
+        class_map: how the data's labels map to the model's classes (see
+            :meth:`cellkit.data.classes.ClassMap.parse`). Default: the class map recorded by
+            ``cellkit predict`` (the model's training data), else the format's default.
+        split: a split (subfolder) of the dataset.
+        allow_missing: count images without a prediction file as empty instead of failing.
+        method: ``"hungarian"`` or ``"greedy"`` matching.
+
+    Raises:
+        FileNotFoundError: for a missing folder.
+        ValueError: when images have no prediction file (listing them), two images share a
+            stem, or predicted classes do not fit the data's classes.
+    """
+    from cellkit.data.classes import ClassMap
+    from cellkit.data.readers import load_dataset
+    from cellkit.metrics import evaluate
+
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise FileNotFoundError(f"{pred_dir}: no such predictions folder; pass the --out folder of cellkit predict.")
+    meta = _read_meta(pred_dir)
+    names: list[str] | None = None
+    cmap: ClassMap | None = None
+    if class_map is not None:
+        cmap = ClassMap.parse(class_map)
+    elif isinstance(meta.get("class_map"), Mapping):
+        recorded = meta["class_map"]
+        cmap = ClassMap(dict(recorded), list(meta.get("class_names") or []) or [
+            f"class{i}" for i in range(max(recorded.values()) + 1)
+        ])
+    samples = load_dataset(data_root, format, class_map=cmap, split=split)
+
+    by_stem: dict[str, Any] = {}
+    for s in samples:
+        stem = _stem(s)
+        if stem in by_stem:
+            raise ValueError(
+                f"Two ground-truth images share the name {stem!r} ({by_stem[stem].key} and {s.key}); "
+                "pick one with --split."
+            )
+        by_stem[stem] = s
+    files = {p.stem: p for p in sorted(pred_dir.glob("*.csv")) if p.stem not in OUTPUT_STEMS}
+    missing = [k for k in by_stem if k not in files]
+    if missing and not allow_missing:
+        shown = ", ".join(missing[:10]) + (f", ... ({len(missing) - 10} more)" if len(missing) > 10 else "")
+        raise ValueError(
+            f"{len(missing)} of {len(by_stem)} ground-truth images have no prediction file in {pred_dir} "
+            f"(<stem>.csv): {shown}. Predict them, or pass --allow-missing to count them as empty."
+        )
+    unmatched = sorted(k for k in files if k not in by_stem)
+
+    keys = list(by_stem)
+    predictions = [read_prediction_csv(files[k]) if k in files else Detections() for k in keys]
+    truths = [(np.asarray(by_stem[k].points), np.asarray(by_stem[k].classes)) for k in keys]
+
+    if cmap is not None:
+        names = list(cmap.names)
+    elif meta.get("class_names"):
+        names = [str(n) for n in meta["class_names"]]
+    top = max(
+        [int(t[1].max()) for t in truths if len(t[1])] + [int(p.classes.max()) for p in predictions if len(p)],
+        default=0,
+    )
+    if names is None:
+        num_classes = max(top + 1, 2)
+        names = _default_names(format, num_classes) or [f"class{i}" for i in range(num_classes)]
+    if top >= len(names):
+        raise ValueError(
+            f"Class {top} occurs in the predictions or the data, but there are {len(names)} classes "
+            f"{names}; pass --class-map mapping the data's labels to the model's classes "
+            "(e.g. endonuke_epithelium, or '0=0,1=1,2=0')."
+        )
+    report = evaluate(predictions, truths, radius, len(names), names, method)
+    return EvaluationResult(report, keys, predictions, truths, names, missing, unmatched)
+
+
+def write_curve_csv(path: str | Path, curve: Mapping[str, Any]) -> Path:
+    """Write an F1-against-radius curve: columns ``radius``, ``totalF1_<class>``, ``meanF1_<class>``."""
+    from cellkit.data.io import write_text_atomic
+
+    names = list(curve["classes"])
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["radius", *(f"totalF1_{n}" for n in names), *(f"meanF1_{n}" for n in names)])
+    for i, r in enumerate(curve["radii"]):
+        row = [f"{float(r):g}"]
+        row += [_fmt(curve["total_f1"][n][i]) for n in names]
+        row += [_fmt(curve["mean_f1"][n][i]) for n in names]
+        writer.writerow(row)
+    write_text_atomic(path, buf.getvalue())
+    return Path(path)
+
+
+def _fmt(value: Any) -> str:
+    v = float(value)
+    return "" if not math.isfinite(v) else f"{v:.6g}"

@@ -1,0 +1,826 @@
+"""Training: the paper's two stages, validation, checkpoints, resuming, one or many processes.
+
+:func:`fit` trains a config into a run folder::
+
+    import cellkit
+    from cellkit.engine import fit
+
+    cfg = cellkit.presets.ours_plus_plus(size="cpu")
+    result = fit(cfg, "runs/ours_pp")             # stage 1, then stage 2
+    result.best_path                              # runs/ours_pp/best.pt
+
+The schedule (section 3 of the paper):
+
+* **Stage 1** (only when ``cfg.pretrain`` is set, i.e. a target is the ``prior``): the
+  pre-trained model (encoder + main decoder, circle masks, CE only) is trained for
+  ``cfg.pretrain.train.epochs`` epochs (10 in the paper) and stopped there: early stopping
+  here means a short, fixed schedule, so its *last* checkpoint (``pretrain/last.pt``) is
+  the model whose class-1 output becomes the prior target. Stage 1 has its own folder
+  ``<run>/pretrain/`` (``config.yaml``, ``metrics.jsonl``, ``last.pt``, ``best.pt``), is
+  resumed like stage 2, and is skipped when finished.
+* The prior of each image is computed once and cached in ``<run>/prior_cache``; the
+  cache's fingerprint is :func:`~cellkit.engine.checkpoint.file_fingerprint` of
+  ``pretrain/last.pt``, so a changed stage-1 checkpoint invalidates it.
+* **Stage 2** trains the multi-task model of ``cfg`` with its weighted loss (``ours_plus_plus``:
+  Lt = Lm + 0.5 Lc + 0.5 Lp + 1.0 Ld).
+
+The run folder::
+
+    <run>/config.yaml      the resolved config (CellkitConfig.to_yaml)
+    <run>/metrics.jsonl    one JSON object per epoch (see below)
+    <run>/last.pt          the state after the last finished epoch (resumes training)
+    <run>/best.pt          the state of the best validated epoch
+    <run>/pretrain/...     stage 1, same layout (ours_plus_plus only)
+    <run>/prior_cache/     the cached prior targets (ours_plus_plus only)
+
+Each ``metrics.jsonl`` line holds ``stage``, ``epoch`` (1-based), ``epochs``, ``steps``,
+``lr`` (of the epoch), ``time`` (seconds, training + validation), ``train`` (mean of every
+loss term over the epoch, by the :class:`~cellkit.losses.WeightedLoss` labels, plus
+``total``), ``val`` (the same on the validation images), ``f1`` (total F1 per class name at
+``cfg.train.radius``), ``mean_f1`` (the per-image mean F1 per class), ``score`` and
+``best``. Values that are not finite are written as ``null``.
+
+**The best checkpoint** is the epoch with the highest *score* = mean over classes of the
+total F1 of the main head on the validation split (classes whose F1 is undefined are left
+out of the mean); on a tie the earlier epoch is kept. Validation runs every
+``cfg.train.val_every`` epochs and always after the last one; the main head's logits go
+through ``model.activation`` and the post-processor of ``cfg`` (peaks), and
+:func:`cellkit.metrics.evaluate` matches the peaks with the annotated points within
+``cfg.train.radius`` pixels. Validation images are whole images, one at a time (the
+model pads any size); the loss terms are computed on them too. Without validation
+images, ``best.pt`` is the last epoch.
+
+**Resuming.** Checkpoints are written atomically (best first, then last, then the metrics
+line). ``fit(..., resume=True)`` continues from ``last.pt`` (and from
+``pretrain/last.pt`` in stage 1) and reaches the same weights as an uninterrupted run,
+because all randomness of an epoch is drawn from ``(seed, epoch)``: torch, numpy and
+Python are seeded with ``seed * 1000 + epoch`` at the start of each epoch (dropout, the
+DataLoader's worker seeds), the sampler's generator likewise, and the dataset gets
+``set_epoch(epoch)``. ``epochs`` may be raised on resume to train further; any other
+change of the config is an error. A folder that already holds a run is never
+overwritten. The equality is exact on the CPU; on CUDA, kernels that are not
+deterministic (cuDNN's backward, atomics) make runs differ in the last bits, resumed or
+not.
+
+**Distributed.** Under ``torchrun`` (see :mod:`cellkit.engine.distributed`) each process
+trains on its shard of the training split with DistributedDataParallel; ``batch_size``
+and ``steps_per_epoch`` are per process (the global batch is ``batch_size x world_size``).
+Epoch losses are averaged over all ranks. Validation is sharded: rank ``r`` scores
+validation images ``r, r + world_size, ...`` and the detections and losses are gathered,
+so every rank computes the same F1 and score. BatchNorm statistics are copied from rank
+0 after each epoch so every rank validates the model rank 0 saves. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cellkit.builder import (
+    apply_activation,
+    build_losses,
+    build_model,
+    build_postprocess,
+    build_targets,
+    check_config,
+)
+from cellkit.config import CellkitConfig, ConfigError, TrainConfig
+from cellkit.engine.checkpoint import file_fingerprint, load_checkpoint, load_model, save_checkpoint
+from cellkit.engine.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    shutdown_distributed,
+    sync_buffers,
+    unwrap,
+    wrap_model,
+)
+
+__all__ = ["RUN_EXISTS_MESSAGE", "SCHEDULERS", "TrainResult", "fit", "run_score"]
+
+#: Learning-rate schedules of ``TrainConfig.scheduler`` (``None`` = constant).
+SCHEDULERS = ("cosine", "step")
+
+#: The error for a folder that already holds a run (``{out}`` is the folder).
+RUN_EXISTS_MESSAGE = (
+    "{out} already holds a run; pass --resume to continue it or choose another --out "
+    "(in Python: fit(..., resume=True) or another out_dir)."
+)
+
+# Config keys that may change between an interrupted run and its resumption.
+_RESUMABLE_CHANGES = (
+    "train.epochs", "train.num_workers", "pretrain.train.epochs", "pretrain.train.num_workers",
+)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` returns.
+
+    Attributes:
+        out_dir: the run folder.
+        best_path: ``<out_dir>/best.pt``, the best validated epoch.
+        last_path: ``<out_dir>/last.pt``, the last finished epoch.
+        history: one dict per epoch, as written to ``metrics.jsonl``.
+        best_score: the best epoch's score (mean over classes of total F1; ``nan`` when
+            nothing was validated).
+        pretrain: the result of stage 1, when the config has one.
+    """
+
+    out_dir: Path
+    best_path: Path
+    last_path: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_score: float = float("nan")
+    pretrain: TrainResult | None = None
+
+
+def fit(
+    cfg: CellkitConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    samples: Sequence[Any] | None = None,
+    splits: Mapping[str, Sequence[Any]] | None = None,
+    resume: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+    max_steps: int | None = None,
+) -> TrainResult:
+    """Train ``cfg`` into the run folder ``out_dir`` (stage 1 first when ``cfg.pretrain`` is set).
+
+    Args:
+        cfg: the config (e.g. ``cellkit.presets.ours_plus_plus(size="cpu")``).
+        out_dir: the run folder; created if missing. A folder that already holds a run is
+            refused unless ``resume``.
+        samples: the images (:class:`cellkit.data.Sample`), split into train/val/test by
+            :func:`cellkit.data.split_by_group` with ``cfg.data``'s fractions and seed.
+            Default: ``cellkit.data.load_dataset`` of ``cfg.data.root`` (or the bundled
+            EndoNuke sample) in ``cfg.data.format`` with ``cfg.data``'s class map.
+        splits: the split, given directly: ``{"train": [...], "val": [...]}`` and optionally
+            ``"test"`` (kept only as keys in the checkpoints). Overrides ``samples``.
+        resume: continue the run in ``out_dir`` from its ``last.pt``; a finished run is
+            returned as is unless ``cfg.train.epochs`` was raised.
+        device: ``"cuda"``, ``"cpu"``, ``"cuda:1"``...; default ``"cuda"`` when available.
+            Under ``torchrun`` a CUDA process uses ``cuda:<LOCAL_RANK>``.
+        progress: show a progress bar per epoch (``None``: only when stderr is a terminal)
+            and print a summary line per epoch (unless ``False``).
+        max_steps: at most this many steps per epoch (for smoke tests).
+
+    Returns:
+        A :class:`TrainResult` (on every rank).
+
+    Raises:
+        FileExistsError: when ``out_dir`` holds a run and ``resume`` is False.
+        ConfigError: for a config that does not build, an unknown scheduler, annotations
+            with a class >= ``model.num_classes``, or a resumed run whose stored config
+            differs (other than ``epochs``).
+        ValueError: for bad ``splits``, an empty training split, or ``max_steps < 1``.
+        FloatingPointError: when the training loss is not finite.
+
+    Example:
+        >>> cfg = cellkit.presets.ours(size="cpu")            # doctest: +SKIP
+        >>> cfg.train.epochs, cfg.train.steps_per_epoch = 1, 2  # doctest: +SKIP
+        >>> fit(cfg, "runs/smoke").history[-1]["f1"]           # doctest: +SKIP
+        {'other': 0.41, 'epithelium': 0.35}
+    """
+    check_config(cfg)
+    _check_train(cfg.train, "train")
+    if cfg.pretrain is not None:
+        _check_train(cfg.pretrain.train, "pretrain.train")
+    if max_steps is not None and (isinstance(max_steps, bool) or int(max_steps) < 1):
+        raise ValueError(f"max_steps must be a positive integer or None, got {max_steps!r}.")
+    out = Path(out_dir).expanduser()
+    dev = _resolve_device(device)
+    info, created = init_distributed(dev.type)
+    try:
+        if info.enabled and dev.type == "cuda":
+            dev = torch.device("cuda", info.local_rank)
+        # Every rank checks before rank 0 writes anything (else rank 1 would see rank 0's files).
+        _check_out_dir(out, resume)
+        barrier()
+        split, class_names = _resolve_splits(cfg, samples, splits)
+        if info.is_main and not (out / "config.yaml").exists():
+            # Marks the folder as a run from the start (stage 1 can take a while); a resumed
+            # run keeps its own until its config is checked against this one.
+            out.mkdir(parents=True, exist_ok=True)
+            cfg.to_yaml(out / "config.yaml")
+        common = dict(split=split, class_names=class_names, dev=dev, info=info, progress=progress,
+                      max_steps=max_steps)
+
+        pre_result = None
+        overrides: dict[str, dict[str, Any]] | None = None
+        if cfg.pretrain is not None:
+            # Stage 1 resumes or is skipped when finished: out_dir was checked above.
+            pre_result = _run_stage(cfg.pretrain, out / "pretrain", stage="pretrain", resume=True,
+                                    overrides=None, **common)
+            overrides = _prior_overrides(cfg, pre_result.last_path, out / "prior_cache", dev)
+        result = _run_stage(cfg, out, stage="train", resume=resume, overrides=overrides, **common)
+        result.pretrain = pre_result
+        barrier()
+        return result
+    finally:
+        shutdown_distributed(created)
+
+
+def run_score(f1: Mapping[str, float | None] | None) -> float:
+    """The score that picks ``best.pt``: the mean over classes of total F1 (``nan`` if none).
+
+    Classes whose F1 is undefined (``None``/``nan``) are left out of the mean.
+
+    Example:
+        >>> run_score({"other": 0.5, "positive": 0.7})
+        0.6
+    """
+    if not f1:
+        return float("nan")
+    values = [float(v) for v in f1.values() if v is not None and math.isfinite(float(v))]
+    return float(np.mean(values)) if values else float("nan")
+
+
+# ---------------------------------------------------------------------------------------
+# set-up
+
+
+def _check_train(t: TrainConfig, where: str) -> None:
+    problems = []
+    if t.scheduler is not None and t.scheduler not in SCHEDULERS:
+        import difflib
+
+        close = difflib.get_close_matches(str(t.scheduler), SCHEDULERS, n=1)
+        hint = f"By {t.scheduler!r}, did you mean {close[0]!r}? " if close else ""
+        problems.append(
+            f"{where}.scheduler: {hint}expected None or one of {SCHEDULERS}, got {t.scheduler!r}"
+        )
+    for name in ("epochs", "batch_size"):
+        value = getattr(t, name)
+        if not isinstance(value, int) or value < 1:
+            problems.append(f"{where}.{name}: expected an integer >= 1, got {value!r}")
+    steps = t.steps_per_epoch
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        problems.append(f"{where}.steps_per_epoch: expected None or an integer >= 1, got {steps!r}")
+    if t.grad_clip is not None and not t.grad_clip > 0:
+        problems.append(f"{where}.grad_clip: expected None or a number > 0, got {t.grad_clip!r}")
+    if not isinstance(t.val_every, int) or t.val_every < 1:
+        problems.append(f"{where}.val_every: expected an integer >= 1, got {t.val_every!r}")
+    if t.crop_size is not None and (not isinstance(t.crop_size, int) or t.crop_size < 1):
+        problems.append(f"{where}.crop_size: expected an integer >= 1, got {t.crop_size!r}")
+    if problems:
+        raise ConfigError("Invalid training config:\n  - " + "\n  - ".join(problems))
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"device={str(device)!r} was asked for, but CUDA is not available; pass device='cpu'."
+        )
+    return dev
+
+
+def _holds_run(out: Path) -> bool:
+    markers = ("config.yaml", "last.pt", "best.pt", "metrics.jsonl", "pretrain")
+    return any((out / name).exists() for name in markers)
+
+
+def _check_out_dir(out: Path, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(
+            f"{out} is a file; the run folder must be a directory (choose another --out)."
+        )
+    if not resume and _holds_run(out):
+        raise FileExistsError(RUN_EXISTS_MESSAGE.format(out=out))
+
+
+def _resolve_splits(cfg: CellkitConfig, samples: Sequence[Any] | None,
+                    splits: Mapping[str, Sequence[Any]] | None) -> tuple[dict[str, list[Any]], list[str]]:
+    """The train/val/test samples and the class names."""
+    names: Sequence[str] | None = cfg.data.class_names
+    if splits is not None:
+        if not isinstance(splits, Mapping):
+            raise ValueError(
+                f"splits must be a dict with keys 'train', 'val' (and 'test'), got {type(splits).__name__}."
+            )
+        unknown = sorted(set(splits) - {"train", "val", "test"})
+        missing = [k for k in ("train", "val") if k not in splits]
+        if unknown or missing:
+            raise ValueError(
+                f"splits must have the keys 'train' and 'val' (and optionally 'test'); "
+                f"missing {missing}, unknown {unknown}."
+            )
+        out = {k: list(v) for k, v in splits.items()}
+        out.setdefault("test", [])
+    else:
+        if samples is None:
+            from cellkit import data
+
+            class_map = _class_map(cfg)
+            if names is None and class_map is not None and len(class_map.names) == cfg.model.num_classes:
+                names = class_map.names
+            root = cfg.data.root or data.bundled_endonuke()
+            samples = data.load_dataset(root, cfg.data.format, class_map=class_map, split=cfg.data.split)
+        out = _split(list(samples), cfg)
+    if not out["train"]:
+        raise ValueError(
+            "The training split is empty; pass more images or lower data.val_fraction/test_fraction."
+        )
+    k = cfg.model.num_classes
+    for part in ("train", "val"):
+        for s in out[part]:
+            if len(s.classes) and int(np.max(s.classes)) >= k:
+                raise ConfigError(
+                    f"Image {s.key!r} ({part}) has class {int(np.max(s.classes))}, but model.num_classes "
+                    f"is {k}; map the dataset's labels onto 0..{k - 1} with data.class_map (source "
+                    "label -> class), or raise model.num_classes."
+                )
+    return out, _class_names(cfg, names)
+
+
+def _class_map(cfg: CellkitConfig) -> Any:
+    """``cfg.data.class_map``, or the format's usual map for ``model.num_classes`` classes.
+
+    EndoNuke with 2 classes reads as the paper's task (epithelium = 1, stroma and other = 0,
+    :data:`cellkit.data.ENDONUKE_EPITHELIUM`), with 3 as its own classes; BCData as
+    negative = 0, positive = 1. Other formats keep their labels as written.
+    """
+    from cellkit import data
+
+    d = cfg.data
+    if d.class_map is not None:
+        names = list(d.class_names) if d.class_names else None
+        return data.ClassMap.parse(dict(d.class_map), names=names)
+    k = cfg.model.num_classes
+    fmt = d.format.lower()
+    if fmt == "endonuke":
+        return {2: data.ENDONUKE_EPITHELIUM, 3: data.ENDONUKE}.get(k)
+    if fmt == "bcdata" and k == 2:
+        return data.BCDATA
+    return None
+
+
+def _split(samples: list[Any], cfg: CellkitConfig) -> dict[str, list[Any]]:
+    """Split by group (EndoNuke: blocks of 10 tile ids; BCData and others: each image)."""
+    from cellkit import data
+
+    d = cfg.data
+    fractions = (max(0.0, 1.0 - d.val_fraction - d.test_fraction), d.val_fraction, d.test_fraction)
+    group = {"endonuke": data.endonuke_group, "bcdata": data.bcdata_group}.get(d.format.lower())
+    try:
+        parts = data.split_by_group(samples, group, fractions=fractions, seed=d.split_seed,
+                                    names=("train", "val", "test"))
+    except ValueError:
+        if group is None:
+            raise
+        # Keys without the format's numeric ids (samples passed by the caller): one group per image.
+        parts = data.split_by_group(samples, None, fractions=fractions, seed=d.split_seed,
+                                    names=("train", "val", "test"))
+    return {name: list(parts.get(name, [])) for name in ("train", "val", "test")}
+
+
+def _class_names(cfg: CellkitConfig, names: Sequence[str] | None) -> list[str]:
+    k = cfg.model.num_classes
+    names = list(names) if names else [f"class{i}" for i in range(k)]
+    if len(names) != k:
+        raise ConfigError(
+            f"data.class_names has {len(names)} names {names} but model.num_classes is {k}; "
+            "give one name per class."
+        )
+    return [str(n) for n in names]
+
+
+def _prior_overrides(cfg: CellkitConfig, stage1: Path, cache_dir: Path,
+                     dev: torch.device) -> dict[str, dict[str, Any]]:
+    """Keyword arguments of every ``prior`` target: the stage-1 model and its cache."""
+    names = [name for name, spec in cfg.targets.items() if spec.name == "prior"]
+    if not names:
+        return {}
+    model, _, _ = load_model(stage1, device=dev)
+    fingerprint = file_fingerprint(stage1)
+    return {
+        name: {"model": model, "cache_dir": str(cache_dir), "fingerprint": fingerprint, "device": str(dev)}
+        for name in names
+    }
+
+
+def _build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig) -> Any:
+    if t.scheduler is None:
+        return None
+    if t.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
+    # "step": x0.1 at 2/3 of the epochs.
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, round(2 * t.epochs / 3)), gamma=0.1)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1000 + epoch
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any] | None) -> None:
+    if not state:
+        return
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            where = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old or key not in new:
+                out.append(where)
+            else:
+                out += _config_differences(old[key], new[key], where)
+        return out
+    return [] if old == new else [prefix]
+
+
+def _check_resume(ckpt: Mapping[str, Any], cfg: CellkitConfig, path: Path) -> None:
+    diffs = _config_differences(ckpt["config"], cfg.to_dict())
+    diffs = [d for d in diffs if d not in _RESUMABLE_CHANGES]
+    if diffs:
+        raise ConfigError(
+            f"Cannot resume {path}: the config differs from the one it was trained with in "
+            f"{', '.join(diffs[:8])}{' ...' if len(diffs) > 8 else ''}. Resume with the run's own "
+            f"config.yaml (only train.epochs may change), or train into another folder."
+        )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(float(value)) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _write_metrics(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
+    from cellkit.data.io import write_text_atomic
+
+    write_text_atomic(path, "".join(json.dumps(_jsonable(r)) + "\n" for r in history))
+
+
+def _append_metrics(path: Path, record: Mapping[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(_jsonable(record)) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+# ---------------------------------------------------------------------------------------
+# one stage
+
+
+def _run_stage(
+    cfg: CellkitConfig,
+    out: Path,
+    *,
+    split: dict[str, list[Any]],
+    class_names: list[str],
+    stage: str,
+    resume: bool,
+    overrides: Mapping[str, Mapping[str, Any]] | None,
+    dev: torch.device,
+    info: DistInfo,
+    progress: bool | None,
+    max_steps: int | None,
+) -> TrainResult:
+    from cellkit import __version__
+    from cellkit.data import Augment, PointDataset, collate
+
+    t = cfg.train
+    last_path, best_path, metrics_path = out / "last.pt", out / "best.pt", out / "metrics.jsonl"
+    use_amp = dev.type == "cuda" and bool(t.amp)
+
+    _seed_all(t.seed)
+    model = build_model(cfg).to(dev)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=tuple(t.betas),
+                                 weight_decay=t.weight_decay)
+    scheduler = _build_scheduler(optimizer, t)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    loss_fn = build_losses(cfg).to(dev)
+    targets = build_targets(cfg, overrides)
+
+    start_epoch, history, best_score = 0, [], float("nan")
+    ckpt = load_checkpoint(last_path, map_location="cpu") if resume and last_path.is_file() else None
+    if ckpt is not None:
+        _check_resume(ckpt, cfg, last_path)
+        unwrap(model).load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None and ckpt.get("scheduler") is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        if use_amp and ckpt.get("scaler") is not None:
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch = int(ckpt["epoch"])
+        history = list(ckpt.get("history", []))
+        best_score = float(ckpt.get("best_score", float("nan")))
+        _set_rng_state(ckpt.get("rng"))
+        stored = ckpt.get("split") or {}
+        if any(k in stored and stored[k] != [s.key for s in split[k]] for k in ("train", "val")):
+            warnings.warn(
+                f"Resuming {last_path} with a different train/val split than it was trained on; "
+                "the result will differ from an uninterrupted run.",
+                stacklevel=3,
+            )
+    split_keys = {k: [s.key for s in v] for k, v in split.items()}
+
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.to_yaml(out / "config.yaml")
+        _write_metrics(metrics_path, history)  # drops lines of an epoch whose checkpoint was not saved
+    if start_epoch >= t.epochs:
+        barrier()
+        return TrainResult(out, best_path, last_path, history, best_score)
+
+    _warm_per_image_cache(cfg, targets, split, info)
+
+    augment = Augment(**t.augment) if t.augment is not None else None
+    length = t.steps_per_epoch * t.batch_size * info.world_size if t.steps_per_epoch else None
+    ds_kwargs: dict[str, Any] = {"length": length} if length is not None else {}
+    train_ds = PointDataset(split["train"], targets=targets, num_classes=cfg.model.num_classes,
+                            crop_size=t.crop_size, augment=augment, seed=t.seed, **ds_kwargs)
+    val_ds = (PointDataset(split["val"], targets=targets, num_classes=cfg.model.num_classes,
+                           crop_size=None, augment=None, seed=t.seed) if split["val"] else None)
+    # The sampler's order comes from (seed, epoch): its own generator, reseeded every epoch
+    # (DistributedSampler seeds itself from seed + epoch).
+    sampler_gen = torch.Generator()
+    sampler: torch.utils.data.Sampler[int]
+    if info.enabled:
+        sampler = torch.utils.data.DistributedSampler(
+            train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=t.seed, drop_last=True
+        )
+    else:
+        sampler = torch.utils.data.RandomSampler(train_ds, generator=sampler_gen)
+    loader = torch.utils.data.DataLoader(
+        train_ds, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers, collate_fn=collate,
+        drop_last=True, pin_memory=dev.type == "cuda", persistent_workers=t.num_workers > 0,
+    )
+    steps = len(loader) if max_steps is None else min(len(loader), int(max_steps))
+    if steps == 0:
+        per = " per process" if info.enabled else ""
+        raise ValueError(
+            f"{stage}: the training split ({len(split['train'])} images, {len(train_ds)} items per "
+            f"epoch) gives no full batch of {t.batch_size}{per}; lower train.batch_size or set "
+            "train.steps_per_epoch."
+        )
+    heads_used = set(loss_fn.required_outputs)
+    ddp_model = wrap_model(model, info, dev, unused_heads=bool(set(unwrap(model).heads) - heads_used))
+    postprocess = build_postprocess(cfg)
+    show_bar = bool(progress) if progress is not None else sys.stderr.isatty()
+    show_bar = show_bar and info.is_main
+    ctx = _StepContext(dev=dev, use_amp=use_amp, channels_last=bool(t.channels_last))
+
+    for epoch in range(start_epoch, t.epochs):
+        started = time.perf_counter()
+        seed = _epoch_seed(t.seed, epoch)
+        _seed_all(seed)
+        sampler_gen.manual_seed(seed)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        if hasattr(train_ds, "set_epoch"):
+            train_ds.set_epoch(epoch)
+        lr = float(optimizer.param_groups[0]["lr"])
+        desc = f"{'pretrain ' if stage == 'pretrain' else ''}epoch {epoch + 1}/{t.epochs}"
+        train_terms = _train_epoch(ddp_model, loader, steps, loss_fn, optimizer, scaler, t.grad_clip, ctx,
+                                   desc=desc, show_bar=show_bar)
+        # The sums were reduced over ranks, so every rank raises together (no rank left waiting).
+        if not all(math.isfinite(v) for v in train_terms.values()):
+            raise FloatingPointError(
+                f"{stage} epoch {epoch + 1}: the training loss is not finite ({train_terms}); lower "
+                "train.lr or set train.grad_clip."
+            )
+        sync_buffers(ddp_model)
+        if scheduler is not None:
+            scheduler.step()
+        validate = bool(split["val"]) and ((epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs)
+        val_terms, f1, mean_f1 = None, None, None
+        if validate:
+            assert val_ds is not None
+            val_terms, f1, mean_f1 = _validate(unwrap(model), val_ds, split["val"], loss_fn, postprocess,
+                                               cfg, class_names, ctx, info)
+        score = run_score(f1) if validate else float("nan")
+        if validate:
+            # The first validated epoch is the best so far; later ones must beat it.
+            improved = _better(score, best_score) or not any(r.get("best") for r in history)
+        else:
+            improved = not split["val"]  # no validation images: the last epoch is the best
+        if improved:
+            best_score = score
+        record = {
+            "stage": stage, "epoch": epoch + 1, "epochs": t.epochs, "steps": steps, "lr": lr,
+            "time": round(time.perf_counter() - started, 3), "train": train_terms, "val": val_terms,
+            "f1": f1, "mean_f1": mean_f1, "score": score if validate else None, "best": bool(improved),
+        }
+        history.append(record)
+        if info.is_main:
+            state = {
+                "cellkit_version": __version__, "config": cfg.to_dict(),
+                "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "scaler": scaler.state_dict() if use_amp else None,
+                "epoch": epoch + 1, "best_score": best_score, "rng": _rng_state(),
+                "class_names": class_names, "history": history, "stage": stage, "split": split_keys,
+                "world_size": info.world_size,
+            }
+            if improved:
+                save_checkpoint(best_path, state)
+            save_checkpoint(last_path, state)
+            _append_metrics(metrics_path, record)
+            if progress is not False:
+                print(_summary(record, stage), file=sys.stderr, flush=True)
+    barrier()
+    return TrainResult(out, best_path, last_path, history, best_score)
+
+
+def _better(score: float, best: float) -> bool:
+    """``score`` beats ``best``; ties keep the earlier epoch, ``nan`` never wins."""
+    if not math.isfinite(score):
+        return False
+    return not math.isfinite(best) or score > best
+
+
+def _warm_per_image_cache(cfg: CellkitConfig, targets: Mapping[str, Any],
+                          split: Mapping[str, list[Any]], info: DistInfo) -> None:
+    """Compute the ``prior`` targets once, on rank 0, so the disk cache is full before training.
+
+    Other ranks and DataLoader workers then read the cache instead of each running the
+    stage-1 model.
+    """
+    names = [n for n, spec in cfg.targets.items() if spec.name == "prior"]
+    if not names:
+        return
+    if info.is_main:
+        samples = list(split["train"]) + list(split["val"])
+        for name in names:
+            gen = targets[name]
+            for s in samples:
+                gen(s.points, s.classes, shape=tuple(s.image.shape[:2]),
+                    num_classes=cfg.model.num_classes, image=s.image, key=s.key)
+    barrier()
+
+
+@dataclass
+class _StepContext:
+    dev: torch.device
+    use_amp: bool
+    channels_last: bool
+
+    def images(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        x = batch["image"].to(self.dev, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def targets(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.dev, non_blocking=True) for k, v in batch["targets"].items()}
+
+    def forward(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        # Mixed precision for the network only; the losses run in float32.
+        with torch.autocast(device_type=self.dev.type, dtype=torch.float16, enabled=self.use_amp):
+            outputs = model(x)
+        return {k: v.float() for k, v in outputs.items()}
+
+
+def _train_epoch(model: nn.Module, loader: Any, steps: int, loss_fn: nn.Module,
+                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float | None,
+                 ctx: _StepContext, *, desc: str, show_bar: bool) -> dict[str, float]:
+    """One epoch; returns the mean of every loss term (and ``total``) over all ranks."""
+    from tqdm.auto import tqdm
+
+    model.train()
+    labels = list(loss_fn.labels)
+    sums = torch.zeros(len(labels) + 1, dtype=torch.float64)
+    count = 0
+    bar = tqdm(total=steps, desc=desc, disable=not show_bar, leave=False, dynamic_ncols=True,
+               file=sys.stderr)
+    try:
+        for step, batch in enumerate(loader):
+            if step >= steps:
+                break
+            outputs = ctx.forward(model, ctx.images(batch))
+            total, terms = loss_fn(outputs, ctx.targets(batch))
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            if grad_clip is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), float(grad_clip))
+            scaler.step(optimizer)
+            scaler.update()
+            values = torch.stack([total.detach()] + [terms[k] for k in labels]).double().cpu()
+            sums += values
+            count += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums[0].item() / count:.4f}")
+    finally:
+        bar.close()
+    # nccl reduces CUDA tensors only; gloo takes CPU tensors.
+    local = torch.cat([sums, torch.tensor([float(count)], dtype=torch.float64)])
+    reduced = all_reduce_sum(local.to(ctx.dev if ctx.dev.type == "cuda" else "cpu")).cpu()
+    n = max(reduced[-1].item(), 1.0)
+    means = (reduced[:-1] / n).tolist()
+    return {"total": means[0], **dict(zip(labels, means[1:]))}
+
+
+@torch.no_grad()
+def _validate(model: nn.Module, val_ds: Any, val_samples: Sequence[Any], loss_fn: nn.Module,
+              postprocess: Any, cfg: CellkitConfig, class_names: list[str], ctx: _StepContext,
+              info: DistInfo) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Loss terms and F1 per class on whole validation images, sharded over ranks.
+
+    Rank ``r`` runs images ``r, r + world_size, ...`` (all heads, for the loss terms); the
+    detections and losses of all ranks are gathered, so every rank returns the same values.
+    """
+    from cellkit.data import collate
+    from cellkit.metrics import evaluate
+
+    was_training = model.training
+    model.eval()
+    activation = getattr(model, "activation", cfg.model.activation)
+    labels = list(loss_fn.labels)
+    local = []
+    try:
+        for i in range(info.rank, len(val_ds), info.world_size):
+            batch = collate([val_ds[i]])
+            outputs = ctx.forward(model, ctx.images(batch))
+            total, terms = loss_fn(outputs, ctx.targets(batch))
+            probs = apply_activation(outputs[getattr(model, "main", "main")][0], activation)
+            detections = postprocess(probs)
+            local.append((i, detections, [float(total)] + [float(terms[k]) for k in labels]))
+    finally:
+        model.train(was_training)
+    parts = all_gather_objects(local)
+    gathered = sorted((item for part in parts for item in part), key=lambda item: item[0])
+    losses = np.mean([item[2] for item in gathered], axis=0)
+    val_terms = {"total": float(losses[0]), **{k: float(v) for k, v in zip(labels, losses[1:])}}
+    predictions = [item[1] for item in gathered]
+    truths = [(s.points, s.classes) for s in val_samples]
+    report = evaluate(predictions, truths, radius=cfg.train.radius, num_classes=cfg.model.num_classes,
+                      class_names=class_names)
+    total_f1, mean_f1 = _f1_by_class(report, class_names)
+    return val_terms, total_f1, mean_f1
+
+
+def _f1_by_class(report: Any, class_names: list[str]) -> tuple[dict[str, float], dict[str, float]]:
+    """Total and mean F1 per class name from a :class:`cellkit.metrics.EvaluationReport`."""
+    total = {name: float(report.total_f1[c]) for c, name in enumerate(class_names)}
+    mean = {name: float(report.mean_f1[c]) for c, name in enumerate(class_names)}
+    return total, mean
+
+
+def _summary(record: Mapping[str, Any], stage: str) -> str:
+    """``epoch 3/30  loss 0.412 (main/ce 0.210 ...)  val loss 0.50  val F1 other 0.71 ...  12.3s``."""
+    train = record["train"]
+    terms = " ".join(f"{k} {v:.3f}" for k, v in train.items() if k != "total")
+    parts = [f"{'pretrain ' if stage == 'pretrain' else ''}epoch {record['epoch']}/{record['epochs']}",
+             f"loss {train['total']:.3f} ({terms})"]
+    if record.get("val"):
+        parts.append(f"val loss {record['val']['total']:.3f}")
+    if record.get("f1"):
+        parts.append("val F1 " + " ".join(f"{k} {_fmt(v)}" for k, v in record["f1"].items()))
+    if record.get("best"):
+        parts.append("*best*")
+    parts.append(f"{record['time']:.1f}s")
+    return "  ".join(parts)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.2f}"
+

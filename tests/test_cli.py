@@ -1,0 +1,202 @@
+"""The command line: help, one-line errors, and train -> predict -> evaluate on real images."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cellkit.cli import build_parser, main
+
+COMMANDS = ("train", "predict", "evaluate")
+
+
+def _options(command: str) -> list[str]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return [s for a in sub._actions for s in a.option_strings if s.startswith("--")]
+
+
+def _error_line(capsys: pytest.CaptureFixture[str], command: str) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"cellkit {command}: error: "), lines[0]
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_main_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in COMMANDS:
+        assert command in out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_command_help_lists_every_option(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    options = _options(command)
+    assert "--debug" in options and len(options) > 5
+    for option in options:
+        assert option in out
+    # every option is explained
+    parser = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    assert all(a.help for a in parser._actions)
+
+
+def test_issue_options_exist() -> None:
+    assert {"--preset", "--config", "--data", "--format", "--out", "--epochs", "--batch-size", "--crop-size",
+            "--steps-per-epoch", "--device", "--resume", "--seed", "--size", "--radius", "--class-map",
+            "--split"} <= set(_options("train"))
+    assert {"--checkpoint", "--out", "--threshold", "--min-distance", "--tile-size", "--overlap", "--batch-size",
+            "--device"} <= set(_options("predict"))
+    assert {"--pred", "--data", "--format", "--radius", "--radii", "--json", "--allow-missing"} <= set(
+        _options("evaluate"))
+
+
+@pytest.fixture
+def image_file(tmp_path: Path) -> Path:
+    path = tmp_path / "img.png"
+    Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(path)
+    return path
+
+
+def test_missing_checkpoint(tmp_path: Path, image_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["predict", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--out", str(tmp_path / "o"),
+                 str(image_file)])
+    assert code == 2
+    assert "does not exist" in _error_line(capsys, "predict")
+
+
+def test_missing_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["predict", "--checkpoint", "x.pt", "--out", str(tmp_path), str(tmp_path / "none.png")]) == 2
+    assert "none.png" in _error_line(capsys, "predict")
+
+
+def test_unknown_preset_suggests(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--preset", "ours_pluss", "--out", str(tmp_path / "run")]) == 2
+    assert "did you mean 'ours_plus'" in _error_line(capsys, "train").lower()
+
+
+def test_unknown_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["evaluate", "--pred", str(tmp_path), "--data", str(tmp_path), "--format", "qupath"])
+    assert code == 2
+    line = _error_line(capsys, "evaluate")
+    assert "qupath" in line and "geojson" in line
+
+
+def test_missing_data_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["train", "--preset", "ours", "--data", str(tmp_path / "nowhere"), "--format", "csv",
+                 "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "nowhere" in _error_line(capsys, "train")
+    assert main(["evaluate", "--pred", str(tmp_path / "nothing"), "--data", str(tmp_path), "--format", "csv"]) == 2
+    assert "nothing" in _error_line(capsys, "evaluate")
+
+
+def test_bad_values_are_one_line(tmp_path: Path, image_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["predict", "--checkpoint", "x.pt", "--out", str(tmp_path), "--threshold", "high",
+                 str(image_file)]) == 2
+    assert "--threshold" in _error_line(capsys, "predict")
+    assert main(["evaluate", "--pred", str(tmp_path), "--data", str(tmp_path), "--format", "csv",
+                 "--radii", "9:2"]) == 2
+    assert "radii" in _error_line(capsys, "evaluate")
+    assert main(["train", "--config", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "run")]) == 2
+    assert "none.yaml" in _error_line(capsys, "train")
+
+
+def test_debug_shows_the_traceback(tmp_path: Path, image_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["predict", "--debug", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "o"),
+                 str(image_file)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "cellkit predict: error:" in err
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _wait_for_train() -> None:
+    """train.py is written by another engineer: wait a little for it before giving up."""
+    for _ in range(4):
+        try:
+            from cellkit.engine.train import fit  # noqa: F401
+
+            return
+        except ImportError:
+            time.sleep(120)
+    pytest.fail("cellkit.engine.train.fit is missing: the end-to-end test needs it.")
+
+
+@pytest.fixture
+def endonuke_four(tmp_path: Path) -> Path:
+    """Four real images of the bundled EndoNuke sample, as an endonuke-format folder."""
+    from cellkit.data import bundled_endonuke
+
+    src = bundled_endonuke()
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for stem in sorted(p.stem for p in (src / "labels").glob("*.txt"))[:4]:
+        shutil.copy(src / "images" / f"{stem}.png", root / "images")
+        shutil.copy(src / "labels" / f"{stem}.txt", root / "labels")
+    return root
+
+
+def test_train_predict_evaluate(tmp_path: Path, endonuke_four: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _wait_for_train()
+    run, out = tmp_path / "run", tmp_path / "out"
+    code = main(["train", "--preset", "ours", "--size", "cpu", "--data", str(endonuke_four), "--format", "endonuke",
+                 "--out", str(run), "--epochs", "1", "--steps-per-epoch", "2", "--crop-size", "64",
+                 "--batch-size", "2", "--device", "cpu", "--seed", "1"])
+    assert code == 0, capsys.readouterr().err
+    assert (run / "best.pt").is_file() and (run / "last.pt").is_file()
+
+    stems = sorted(p.stem for p in (endonuke_four / "images").glob("*.png"))
+    code = main(["predict", "--checkpoint", str(run / "best.pt"), "--out", str(out), "--device", "cpu",
+                 "--tile-size", "128", "--overlap", "32", "--threshold", "0.3,0.4",
+                 str(endonuke_four / "images")])
+    assert code == 0, capsys.readouterr().err
+    for stem in stems:
+        for name in (f"{stem}.csv", f"{stem}.geojson", f"{stem}_overlay.png"):
+            assert (out / name).is_file(), name
+        header = (out / f"{stem}.csv").read_text().splitlines()[0]
+        assert header.split(",")[:3] == ["x", "y", "class"]
+        assert json.loads((out / f"{stem}.geojson").read_text())["type"] == "FeatureCollection"
+    with open(out / "counts.csv") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["image", "other", "epithelium"]  # EndoNuke in the paper's two classes
+    assert sorted(r[0] for r in rows[1:]) == stems
+    for stem in stems:
+        n_rows = len((out / f"{stem}.csv").read_text().strip().splitlines()) - 1
+        assert sum(int(v) for v in next(r for r in rows if r[0] == stem)[1:]) == n_rows
+
+    code = main(["evaluate", "--pred", str(out), "--data", str(endonuke_four), "--format", "endonuke",
+                 "--radius", "6", "--radii", "2:10:4"])
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "totalF1" in printed and "epithelium" in printed
+    report = json.loads((out / "evaluation.json").read_text())
+    assert set(report["classes"]) == {"other", "epithelium"} and report["num_images"] == 4
+    for scores in report["classes"].values():
+        assert {"precision", "recall", "total_f1", "mean_f1"} <= set(scores)
+    with open(out / "f1_vs_radius.csv") as fh:
+        curve = list(csv.reader(fh))
+    assert curve[0][0] == "radius" and [r[0] for r in curve[1:]] == ["2", "6", "10"]
+    assert (out / "f1_vs_radius.png").stat().st_size > 1000
+
+    # A ground-truth image without predictions is an error naming it, unless --allow-missing.
+    (out / f"{stems[0]}.csv").unlink()
+    assert main(["evaluate", "--pred", str(out), "--data", str(endonuke_four), "--format", "endonuke"]) == 2
+    assert stems[0] in _error_line(capsys, "evaluate")
+    assert main(["evaluate", "--pred", str(out), "--data", str(endonuke_four), "--format", "endonuke",
+                 "--allow-missing", "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["missing"] == [stems[0]]

@@ -1,0 +1,269 @@
+"""Tests of cellkit.engine.train: run folders, the two stages, resuming, repeatability, every preset.
+
+Tiny on purpose (2-core machines): synthetic 64x64 images, a quarter-width ResNet-18 with
+16-wide decoders, 64-pixel crops, batches of 2 and 2 steps per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import cellkit
+from cellkit.config import CellkitConfig, ConfigError
+from cellkit.data import Sample
+from cellkit.engine import (
+    RUN_EXISTS_MESSAGE,
+    TrainResult,
+    file_fingerprint,
+    fit,
+    load_checkpoint,
+    load_model,
+    run_score,
+    save_checkpoint,
+)
+from cellkit.engine import train as train_module
+from cellkit.presets import PRESETS
+
+RUN_FILES = {"config.yaml", "metrics.jsonl", "last.pt", "best.pt"}
+
+
+def tiny(name: str = "ours", epochs: int = 1, **train: object) -> CellkitConfig:
+    """A preset shrunk for the CPU tests (stage 1 too)."""
+    cfg = PRESETS[name](size="cpu")
+    for c in [cfg] + ([cfg.pretrain] if cfg.pretrain is not None else []):
+        c.model.encoder_kwargs["width_multiplier"] = 0.25
+        c.model.decoder_kwargs.update(width=16, low_level_width=8)
+        c.train.crop_size = 64
+        c.train.batch_size = 2
+        c.train.steps_per_epoch = 2
+        c.train.epochs = 1
+        c.train.num_workers = 0
+    cfg.train.epochs = epochs
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+def synthetic(key: str, seed: int, h: int = 64, w: int = 64, n: int = 8) -> Sample:
+    """An image with dark nuclei at random points of two classes."""
+    rng = np.random.default_rng(seed)
+    points = rng.uniform(0, [w - 1, h - 1], (n, 2))
+    classes = rng.integers(0, 2, n)
+    image = np.full((h, w, 3), 225, np.uint8)
+    for (x, y), c in zip(points, classes):
+        r, col = int(round(y)), int(round(x))
+        image[max(0, r - 2) : r + 3, max(0, col - 2) : col + 3] = (90, 50, 130) if c else (130, 70, 50)
+    return Sample(image, points, classes, key)
+
+
+# Four training images, two whole validation images (one not square: the model pads any size).
+SPLITS = {
+    "train": [synthetic(f"t{i}", i) for i in range(4)],
+    "val": [synthetic("v0", 10, 48, 72), synthetic("v1", 11)],
+    "test": [synthetic("x0", 20)],
+}
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def without_time(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "time"} for r in history]
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory) -> TrainResult:
+    """``ours`` trained for 2 epochs without interruption."""
+    out = tmp_path_factory.mktemp("runs") / "baseline"
+    return fit(tiny("ours", epochs=2), out, splits=SPLITS, device="cpu", progress=False)
+
+
+def test_run_folder(baseline: TrainResult) -> None:
+    out = baseline.out_dir
+    assert RUN_FILES <= {p.name for p in out.iterdir()}
+    assert baseline.best_path == out / "best.pt" and baseline.last_path == out / "last.pt"
+    # The resolved config round-trips.
+    assert CellkitConfig.from_yaml(out / "config.yaml") == tiny("ours", epochs=2)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 == len(baseline.history)
+    labels = {"total", "main/ce", "main/iou"}
+    for epoch, line in enumerate(lines, start=1):
+        assert line["epoch"] == epoch and line["stage"] == "train" and line["steps"] == 2
+        assert set(line["train"]) == labels and set(line["val"]) == labels
+        assert set(line["f1"]) == {"class0", "class1"} == set(line["mean_f1"])
+        assert line["lr"] == pytest.approx(1e-3) and line["time"] > 0
+        assert all(np.isfinite(v) for v in line["train"].values())
+        assert line["score"] == pytest.approx(run_score(line["f1"]))
+    # best.pt is the epoch with the highest score; ties keep the earlier one.
+    scores = [line["score"] for line in lines]
+    best_epoch = int(np.argmax(scores)) + 1
+    assert [line["best"] for line in lines][best_epoch - 1]
+    assert baseline.best_score == pytest.approx(max(scores))
+    best, last = load_checkpoint(baseline.best_path), load_checkpoint(baseline.last_path)
+    assert best["epoch"] == best_epoch and last["epoch"] == 2
+    for key in ("optimizer", "rng", "config", "history", "class_names", "split", "cellkit_version"):
+        assert key in last, key
+    assert last["split"] == {k: [s.key for s in v] for k, v in SPLITS.items()}
+    assert last["class_names"] == ["class0", "class1"] and last["stage"] == "train"
+    assert {"python", "numpy", "torch"} <= set(last["rng"])
+    model, cfg, _ = load_model(baseline.best_path)
+    assert cfg.name == "ours" and not model.training
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(baseline, tmp_path, monkeypatch) -> None:
+    """A run killed in its second epoch, resumed in a new call, ends with the same weights."""
+    out = tmp_path / "run"
+    real_train_epoch = train_module._train_epoch
+    calls = []
+
+    def killed_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real_train_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_train_epoch", killed_in_epoch_2)
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(tiny("ours", epochs=2), out, splits=SPLITS, device="cpu", progress=False)
+    monkeypatch.setattr(train_module, "_train_epoch", real_train_epoch)
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
+    # The same seed gives the same first epoch (a repeatable CPU run).
+    assert without_time(load_checkpoint(out / "last.pt")["history"]) == without_time(baseline.history[:1])
+
+    result = fit(tiny("ours", epochs=2), out, splits=SPLITS, device="cpu", progress=False, resume=True)
+    assert_same_weights(weights(result.last_path), weights(baseline.last_path))
+    assert without_time(result.history) == without_time(baseline.history)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_refuses_to_overwrite_a_run(baseline: TrainResult) -> None:
+    before = {p.name: p.read_bytes() for p in baseline.out_dir.iterdir() if p.is_file()}
+    expected = "already holds a run; pass --resume to continue it or choose another --out"
+    with pytest.raises(FileExistsError, match=expected):
+        fit(tiny("ours", epochs=2), baseline.out_dir, splits=SPLITS, device="cpu", progress=False)
+    assert {p.name: p.read_bytes() for p in baseline.out_dir.iterdir() if p.is_file()} == before
+    assert "{out}" in RUN_EXISTS_MESSAGE
+
+
+def test_resume_of_finished_run_returns_it(baseline: TrainResult) -> None:
+    before = (baseline.out_dir / "last.pt").read_bytes()
+    result = fit(tiny("ours", epochs=2), baseline.out_dir, splits=SPLITS, device="cpu", progress=False,
+                 resume=True)
+    assert (baseline.out_dir / "last.pt").read_bytes() == before
+    assert without_time(result.history) == without_time(baseline.history)
+    assert result.best_score == pytest.approx(baseline.best_score)
+
+
+def test_resume_refuses_a_changed_config(baseline: TrainResult) -> None:
+    cfg = tiny("ours", epochs=2, lr=5e-4)
+    before = (baseline.out_dir / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match="train.lr"):
+        fit(cfg, baseline.out_dir, splits=SPLITS, device="cpu", progress=False, resume=True)
+    assert (baseline.out_dir / "config.yaml").read_text() == before
+
+
+def test_ours_plus_plus_runs_both_stages_and_caches_the_prior(tmp_path) -> None:
+    out = tmp_path / "pp"
+    result = fit(tiny("ours_plus_plus"), out, splits=SPLITS, device="cpu", progress=False, max_steps=1)
+    assert RUN_FILES <= {p.name for p in (out / "pretrain").iterdir()}
+    assert RUN_FILES <= {p.name for p in out.iterdir()}
+    assert result.pretrain is not None and len(result.pretrain.history) == 1
+    assert set(result.pretrain.history[0]["train"]) == {"total", "main/ce"}  # stage 1: CE only
+    assert "prior/prior" in result.history[0]["train"]
+    stage1 = out / "pretrain" / "last.pt"
+    assert load_checkpoint(stage1)["stage"] == "pretrain"
+    assert CellkitConfig.from_yaml(out / "pretrain" / "config.yaml").losses[0].name == "ce"
+    # One cached prior per train/val image, in a folder named by the stage-1 checkpoint.
+    fingerprint = file_fingerprint(stage1)
+    cached = sorted(p.stem for p in (out / "prior_cache" / fingerprint).glob("*.npy"))
+    assert cached == sorted(s.key for s in SPLITS["train"] + SPLITS["val"])
+    old_prior = np.load(out / "prior_cache" / fingerprint / "t0.npy")
+    assert old_prior.shape == (1, 64, 64) and 0 <= old_prior.min() and old_prior.max() <= 1
+
+    # A changed stage-1 checkpoint invalidates the cache; the finished stage 1 is not rerun.
+    ckpt = load_checkpoint(stage1)
+    ckpt.pop("path")
+    ckpt["model"]["decoders.main.classifier.bias"] += 1.0
+    save_checkpoint(stage1, ckpt)
+    new_fingerprint = file_fingerprint(stage1)
+    assert new_fingerprint != fingerprint
+    cfg = tiny("ours_plus_plus", epochs=2)  # resuming may raise the epochs
+    result = fit(cfg, out, splits=SPLITS, device="cpu", progress=False, resume=True, max_steps=1)
+    assert CellkitConfig.from_yaml(out / "config.yaml").train.epochs == 2
+    assert file_fingerprint(stage1) == new_fingerprint  # stage 1 skipped
+    assert len(result.pretrain.history) == 1 and len(result.history) == 2
+    new_dir = out / "prior_cache" / new_fingerprint
+    assert sorted(p.stem for p in new_dir.glob("*.npy")) == cached
+    assert not np.array_equal(np.load(new_dir / "t0.npy"), old_prior)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_trains_one_step(name, tmp_path, capsys) -> None:
+    options = {"fcrn": {"scheduler": "cosine"}, "ours_plus": {"scheduler": "step", "grad_clip": 1.0}}
+    cfg = tiny(name, **options.get(name, {}))
+    result = fit(cfg, tmp_path / name, splits=SPLITS, device="cpu", max_steps=1, progress=None)
+    record = result.history[-1]
+    assert record["steps"] == 1
+    assert set(record["train"]) == {"total"} | {spec.resolved_label for spec in cfg.losses}
+    assert all(np.isfinite(v) for v in record["train"].values())
+    assert set(record["f1"]) == {"class0", "class1"}
+    assert (tmp_path / name / "best.pt").is_file()
+    err = capsys.readouterr().err
+    assert "epoch 1/1  loss " in err and "val F1 class0" in err
+
+
+def test_default_data_is_read_and_split_by_group(tmp_path) -> None:
+    """``samples=None``: load_dataset of cfg.data (a 6-tile EndoNuke folder), split by group."""
+    from cellkit.data import bundled_endonuke
+
+    try:
+        source = bundled_endonuke()
+    except FileNotFoundError:
+        pytest.skip("the bundled EndoNuke sample is not in this checkout")
+    root = tmp_path / "endonuke"
+    for sub in ("images", "labels"):
+        (root / sub).mkdir(parents=True)
+    for key in ("1010", "1025", "1030", "1041", "1058", "1077"):  # six groups (id // 10)
+        shutil.copy(source / "images" / f"{key}.png", root / "images")
+        shutil.copy(source / "labels" / f"{key}.txt", root / "labels")
+    cfg = tiny("ours")
+    cfg.data.root = str(root)
+    cfg.data.val_fraction = cfg.data.test_fraction = 1 / 3
+    result = fit(cfg, tmp_path / "run", device="cpu", max_steps=1, progress=False)
+    split = load_checkpoint(result.last_path)["split"]
+    assert [len(split[k]) for k in ("train", "val", "test")] == [2, 2, 2]
+    assert sorted(sum(split.values(), [])) == ["1010", "1025", "1030", "1041", "1058", "1077"]
+    # EndoNuke read as the paper's two classes (epithelium = 1).
+    assert set(result.history[0]["f1"]) == {"other", "epithelium"}
+
+
+def test_bad_arguments_fail_clearly(tmp_path) -> None:
+    with pytest.raises(ValueError, match="'train' and 'val'"):
+        fit(tiny(), tmp_path / "a", splits={"train": SPLITS["train"]}, device="cpu")
+    with pytest.raises(ConfigError, match="did you mean 'cosine'"):
+        fit(tiny(scheduler="cosin"), tmp_path / "b", splits=SPLITS, device="cpu")
+    with pytest.raises(ValueError, match="max_steps"):
+        fit(tiny(), tmp_path / "c", splits=SPLITS, device="cpu", max_steps=0)
+    with pytest.raises(ConfigError, match="num_classes"):
+        bad = {"train": [Sample(np.zeros((8, 8, 3), np.uint8), [[1, 1]], [2], "k")], "val": []}
+        fit(tiny(), tmp_path / "d", splits=bad, device="cpu")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_run_score() -> None:
+    assert run_score({"a": 0.5, "b": 1.0}) == pytest.approx(0.75)
+    assert run_score({"a": None, "b": 0.4}) == pytest.approx(0.4)
+    assert np.isnan(run_score({})) and np.isnan(run_score(None))
