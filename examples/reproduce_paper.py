@@ -158,8 +158,9 @@ def _plain(value: Any) -> Any:
 
 
 def class_metric(result: dict[str, Any], metric: str, class_index: int) -> float:
-    per_class = result["report"]["classes"]
-    return float(per_class[class_index][metric])
+    per_class = result["report"]["classes"]  # class name -> metrics, in class-index order
+    value = list(per_class.values())[class_index][metric]
+    return math.nan if value is None else float(value)
 
 
 def table_rows(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -210,8 +211,9 @@ def write_fig3(results: dict[str, list[dict[str, Any]]], out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     lines = ["row,radius,totalF1_P_mean,totalF1_P_std,meanF1_P_mean,meanF1_P_std"]
     for row, seed_results in results.items():
-        total = np.array([r["f1_vs_radius"]["total_f1"][1] for r in seed_results], dtype=float)
-        mean = np.array([r["f1_vs_radius"]["mean_f1"][1] for r in seed_results], dtype=float)
+        # Class 1 (P, the class of interest); curves are keyed by class name in index order.
+        total = np.array([list(r["f1_vs_radius"]["total_f1"].values())[1] for r in seed_results], dtype=float)
+        mean = np.array([list(r["f1_vs_radius"]["mean_f1"].values())[1] for r in seed_results], dtype=float)
         radii = seed_results[0]["f1_vs_radius"]["radii"]
         axes[0].plot(radii, total.mean(0), marker="o", ms=3, label=row)
         axes[1].plot(radii, mean.mean(0), marker="o", ms=3, label=row)
