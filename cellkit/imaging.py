@@ -39,6 +39,8 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
         torch.Size([3, 4, 5])
     """
     arr = check_image(image)
+    if not arr.flags.writeable:  # torch.from_numpy warns on read-only arrays (e.g. PIL's)
+        arr = arr.copy()
     x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
