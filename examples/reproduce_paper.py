@@ -54,8 +54,8 @@ DATASETS = {
 #: Training schedules. ``quick`` finishes the whole table (5 rows x 3 seeds) in about
 #: half an hour on a 2-core CPU; ``paper`` is the paper's model for a GPU.
 SCHEDULES: dict[str, dict[str, Any]] = {
-    "quick": {"size": "cpu", "epochs": 15, "steps_per_epoch": 20, "batch_size": 8, "crop_size": 96,
-              "pretrain_epochs": 3},
+    "quick": {"size": "cpu", "epochs": 25, "steps_per_epoch": 20, "batch_size": 8, "crop_size": 96,
+              "pretrain_epochs": 5},
     "paper": {"size": "paper", "epochs": 100, "steps_per_epoch": None, "batch_size": 8, "crop_size": 512,
               "pretrain_epochs": 10},
     "smoke": {"size": "cpu", "epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "crop_size": 64,
