@@ -524,7 +524,7 @@ def _one_line(err: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``cellkit`` command line; returns the exit status (0 ok, 2 error).
 
-    Example:
+    Examples:
         >>> main(["--version"])  # doctest: +SKIP
         cellkit 0.1.0
         0

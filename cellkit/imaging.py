@@ -34,7 +34,7 @@ def check_image(image: Any, where: str = "") -> np.ndarray:
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """An ``(H, W, 3)`` uint8 RGB image as a normalised ``(3, H, W)`` float32 tensor.
 
-    Example:
+    Examples:
         >>> image_to_tensor(np.zeros((4, 5, 3), np.uint8)).shape
         torch.Size([3, 4, 5])
     """

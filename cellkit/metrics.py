@@ -87,7 +87,7 @@ def match_points(
         ValueError: for points that are not ``(N, 2)`` finite, a negative or non-finite
             radius, an unknown method, or scores of the wrong shape.
 
-    Example:
+    Examples:
         >>> p, t = match_points([[0, 0], [1, 0]], [[0.5, 0]], radius=1)
         >>> p.tolist(), t.tolist()  # one truth, two candidates: one match only
         ([0], [0])
@@ -199,7 +199,7 @@ def precision_recall_f1(tp: Any, fp: Any, fn: Any) -> tuple[np.ndarray, np.ndarr
     Shapes:
         any broadcastable shapes -> float64 arrays of the broadcast shape.
 
-    Example:
+    Examples:
         >>> [x.tolist() for x in precision_recall_f1([1, 0, 0], [1, 0, 2], [0, 3, 0])]
         [[0.5, 0.0, 0.0], [1.0, 0.0, 0.0], [0.6666666666666666, 0.0, 0.0]]
     """
@@ -240,7 +240,7 @@ def detection_counts(
     Raises:
         ValueError: for malformed points or classes out of range.
 
-    Example:
+    Examples:
         >>> tp, fp, fn = detection_counts([[0, 0], [9, 9]], [0, 1], [[1, 0]], [0], 2, 2)
         >>> tp.tolist(), fp.tolist(), fn.tolist()
         ([1, 0], [0, 1], [0, 0])
@@ -368,7 +368,7 @@ def evaluate(
             points, classes out of range, or ``class_names`` of the wrong length.
         TypeError: for a prediction that is not a Detections.
 
-    Example:
+    Examples:
         >>> pred = [Detections([[0, 0]], [0], [0.9]), Detections([[5, 5]], [0], [0.9])]
         >>> truth = [([[1, 0]], [0]), ([[5, 5], [20, 20]], [0, 0])]
         >>> r = evaluate(pred, truth, radius=2, num_classes=1)
@@ -407,7 +407,7 @@ def f1_vs_radius(
     Raises:
         ValueError: as :func:`evaluate`, or for an empty ``radii``.
 
-    Example:
+    Examples:
         >>> pred = [Detections([[0, 0]], [0], [0.9])]
         >>> curve = f1_vs_radius(pred, [([[3, 0]], [0])], [1, 5], num_classes=1)
         >>> curve["total_f1"]["0"].tolist()

@@ -36,7 +36,7 @@ def validate_points(
     Raises:
         ValueError: naming what was expected, what was got and how to fix it.
 
-    Example:
+    Examples:
         >>> p, c = validate_points([[1.0, 2.0]], [1], shape=(4, 4), num_classes=2)
         >>> p.shape, c.tolist()
         ((1, 2), [1])

@@ -38,10 +38,8 @@ class Registry(Generic[T]):
 
     Args:
         kind: what the registry holds, used in error messages (``"mask generator"``).
-        base: optional type that built objects must be instances of (checked by ``build``
-            when it is a class; Protocols are not checked).
 
-    Example:
+    Examples:
         >>> reg = Registry("widget")
         >>> @reg.register("box")
         ... def box(size: int = 1) -> dict:

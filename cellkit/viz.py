@@ -36,7 +36,7 @@ def class_colors(num_classes: int) -> np.ndarray:
     Shapes:
         returns: ``(num_classes, 3)`` uint8.
 
-    Example:
+    Examples:
         >>> class_colors(2).tolist()
         [[112, 112, 225], [200, 0, 0]]
     """
@@ -77,7 +77,7 @@ def draw_points(
     Raises:
         ValueError: for a malformed image or points, or a class without a colour.
 
-    Example:
+    Examples:
         >>> out = draw_points(np.zeros((7, 7, 3), np.uint8), [[3, 3]], [1], radius=2, outline=None)
         >>> (out[..., 0] > 0).astype(int)
         array([[0, 0, 0, 0, 0, 0, 0],
@@ -145,7 +145,7 @@ def plot_f1_vs_radius(
     Raises:
         ValueError: when a curve has not one value per radius.
 
-    Example:
+    Examples:
         >>> import tempfile, os
         >>> curve = {"radii": [2, 4], "classes": ["a"], "total_f1": {"a": [0.5, 0.8]},
         ...          "mean_f1": {"a": [0.4, 0.7]}}

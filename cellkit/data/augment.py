@@ -64,7 +64,7 @@ def flip_points(points: Any, shape: tuple[int, int], axis: int) -> np.ndarray:
         shape: ``(H, W)`` of the image before the flip.
         axis: 1 flips left-right (``x -> W - 1 - x``), 0 flips up-down (``y -> H - 1 - y``).
 
-    Example:
+    Examples:
         >>> flip_points([[0, 2]], (3, 4), axis=1).tolist()
         [[3.0, 2.0]]
     """
@@ -84,7 +84,7 @@ def rot90_points(points: Any, shape: tuple[int, int], k: int = 1) -> np.ndarray:
     One turn maps pixel ``(row r, col c)`` of an ``H x W`` image to ``(W - 1 - c, r)`` of
     the ``W x H`` result, i.e. ``(x, y) -> (y, W - 1 - x)``.
 
-    Example:
+    Examples:
         >>> rot90_points([[0, 2]], (3, 4), k=1).tolist()
         [[2.0, 3.0]]
     """
@@ -110,7 +110,7 @@ def flip(
     Shapes:
         image (H, W, ...), maps (C, H, W), points (N, 2): the same shapes back.
 
-    Example:
+    Examples:
         >>> img = np.arange(6, dtype=np.uint8).reshape(2, 3, 1)
         >>> out, pts, _ = flip(img, [[0, 1]], axis=1)
         >>> int(img[1, 0, 0]) == int(out[int(pts[0, 1]), int(pts[0, 0]), 0])
@@ -133,7 +133,7 @@ def rot90(
     Shapes:
         image (H, W, ...) -> (W, H, ...) for odd ``k``; maps (C, H, W) likewise; points (N, 2).
 
-    Example:
+    Examples:
         >>> img = np.arange(6, dtype=np.uint8).reshape(2, 3, 1)
         >>> out, pts, _ = rot90(img, [[2, 1]], k=1)
         >>> out.shape, int(out[int(pts[0, 1]), int(pts[0, 0]), 0]) == int(img[1, 2, 0])
@@ -173,7 +173,7 @@ def hed_jitter(
     Returns:
         ``(H, W, 3)`` uint8.
 
-    Example:
+    Examples:
         >>> img = np.full((2, 2, 3), 128, np.uint8)
         >>> bool((hed_jitter(img, 0, sigma=0, bias=0) == img).all())
         True
@@ -202,7 +202,7 @@ def brightness_contrast(
     ``c ~ U(1 - contrast, 1 + contrast)`` about the image mean and
     ``b ~ U(-brightness, brightness) * 255``; the result is clipped to 0..255.
 
-    Example:
+    Examples:
         >>> img = np.full((2, 2, 3), 100, np.uint8)
         >>> brightness_contrast(img, 0, brightness=0, contrast=0).tolist() == img.tolist()
         True
@@ -238,7 +238,7 @@ class Augment:
     Raises:
         ValueError: for a probability outside [0, 1] or a negative strength.
 
-    Example:
+    Examples:
         >>> aug = Augment(hed_p=0.0, brightness_contrast_p=0.0)
         >>> img = np.zeros((4, 4, 3), np.uint8)
         >>> out, pts, maps = aug(img, [[1.0, 2.0]], rng=0)

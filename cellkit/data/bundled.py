@@ -26,7 +26,7 @@ def bundled_endonuke() -> Path:
         FileNotFoundError: outside a source checkout (an installed wheel does not ship
             the data), saying where it looked.
 
-    Example:
+    Examples:
         >>> bundled_endonuke().name  # doctest: +SKIP
         'endonuke'
     """

@@ -38,7 +38,7 @@ WILDCARD = "*"
 def normalize_label(label: Any) -> Label:
     """A label as the key it is looked up by: an ``int`` or a case-folded, stripped ``str``.
 
-    Example:
+    Examples:
         >>> normalize_label(" Positive "), normalize_label("2"), normalize_label(np.int64(2))
         ('positive', 2, 2)
     """
@@ -66,7 +66,7 @@ class ClassMap:
     Raises:
         ValueError: when a target index is out of range or names repeat.
 
-    Example:
+    Examples:
         >>> cmap = ClassMap({"negative": 0, "positive": 1}, ["negative", "positive"])
         >>> cmap("Positive"), cmap.num_classes
         (1, 2)
@@ -156,7 +156,7 @@ class ClassMap:
     def identity(cls, num_classes_or_names: int | Sequence[str]) -> ClassMap:
         """Label ``i`` -> class ``i`` for ``i < num_classes``.
 
-        Example:
+        Examples:
             >>> ClassMap.identity(3).names
             ('class0', 'class1', 'class2')
         """
@@ -170,7 +170,7 @@ class ClassMap:
     def from_names(cls, names: Sequence[str]) -> ClassMap:
         """Each class name (and its index) -> its index: how cellkit's GeoJSON reads back.
 
-        Example:
+        Examples:
             >>> ClassMap.from_names(["other", "positive"])("positive")
             1
         """
@@ -200,7 +200,7 @@ class ClassMap:
         Raises:
             ValueError: for malformed entries, naming the entry.
 
-        Example:
+        Examples:
             >>> ClassMap.parse("negative=0,positive=1").names
             ('class0', 'class1')
         """
@@ -286,7 +286,7 @@ def get_class_map(name: str) -> ClassMap:
     Raises:
         ValueError: for an unknown name, suggesting the closest one.
 
-    Example:
+    Examples:
         >>> get_class_map("bcdata").names
         ('negative', 'positive')
     """

@@ -51,7 +51,7 @@ class Sample:
     Raises:
         ValueError: for a non-RGB image, points outside it or mismatched lengths.
 
-    Example:
+    Examples:
         >>> s = Sample(np.zeros((4, 4, 3), np.uint8), [[1, 2]], [1], "a")
         >>> s.points.dtype.name, s.classes.tolist(), s.shape
         ('float64', [1], (4, 4))
@@ -136,7 +136,7 @@ def pad_to(
     Shapes:
         (H, W, 3) -> (max(H, h), max(W, w), 3); maps likewise; points (N, 2).
 
-    Example:
+    Examples:
         >>> img, pts, _ = pad_to(np.ones((2, 2, 3), np.uint8), np.array([[0.0, 0.0]]), 4,
         ...                      offset=(1, 2))
         >>> img.shape, pts.tolist()
@@ -185,7 +185,7 @@ def crop(
     Shapes:
         image (H, W, 3) -> (h, w, 3); maps (C, H, W) -> (C, h, w); points (N, 2) -> (K, 2).
 
-    Example:
+    Examples:
         >>> img, pts, _, keep = crop(np.zeros((5, 5, 3), np.uint8),
         ...                          np.array([[1.0, 1.0], [4.0, 4.0]]), 0, 0, 3)
         >>> img.shape, pts.tolist(), keep.tolist()
@@ -231,7 +231,7 @@ def random_crop(
     Returns:
         ``(image, points, maps, keep)`` as :func:`crop`.
 
-    Example:
+    Examples:
         >>> img, pts, _, keep = random_crop(np.zeros((8, 8, 3), np.uint8),
         ...                                 np.array([[6.0, 6.0]]), 4, rng=0, cell_bias=1.0)
         >>> img.shape, keep.tolist()
@@ -284,7 +284,7 @@ class PointDataset(Dataset):
     Raises:
         ValueError: for no samples, a class >= ``num_classes``, a bad generator.
 
-    Example:
+    Examples:
         >>> s = Sample(np.zeros((8, 8, 3), np.uint8), [[2.0, 3.0]], [1], "a")
         >>> ds = PointDataset([s], {}, num_classes=2, crop_size=4, seed=0)
         >>> item = ds[0]
@@ -424,7 +424,7 @@ def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     Raises:
         ValueError: when the images differ in size (set ``crop_size`` or use batch size 1).
 
-    Example:
+    Examples:
         >>> item = {"image": torch.zeros(3, 2, 2), "points": torch.zeros(0, 2),
         ...         "classes": torch.zeros(0, dtype=torch.int64), "targets": {}, "key": "a"}
         >>> tuple(collate([item, item])["image"].shape)

@@ -92,7 +92,7 @@ def to_rgb_uint8(array: Any, where: str = "") -> tuple[np.ndarray, list[ImageNot
     Raises:
         DataError: for other shapes or value ranges.
 
-    Example:
+    Examples:
         >>> rgb, notes = to_rgb_uint8(np.full((2, 3), 65535, np.uint16))
         >>> rgb.shape, rgb.dtype.name, int(rgb.max()), [n.kind for n in notes]
         ((2, 3, 3), 'uint8', 255, ['16bit'])
@@ -256,7 +256,7 @@ def read_image(path: str | os.PathLike[str], *, warn: bool = True) -> np.ndarray
         FileNotFoundError: when the file does not exist.
         DataError: when the file is truncated, corrupt or holds an unsupported image.
 
-    Example:
+    Examples:
         >>> import tempfile, os
         >>> from PIL import Image
         >>> path = os.path.join(tempfile.mkdtemp(), "grey.png")
@@ -286,7 +286,7 @@ def atomic_write(
         encoding: text encoding (ignored for ``"wb"``).
         newline: passed to ``open`` for text mode.
 
-    Example:
+    Examples:
         >>> import tempfile, os
         >>> path = os.path.join(tempfile.mkdtemp(), "out.txt")
         >>> with atomic_write(path) as f:

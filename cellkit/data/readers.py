@@ -196,7 +196,7 @@ def read_csv_points(path: str | os.PathLike[str], class_map: ClassMap | None = N
         DataError: naming the file and line for a missing header, a wrong number of
             fields, a non-number, a negative or non-integer class, or an unmapped label.
 
-    Example:
+    Examples:
         >>> import tempfile, os
         >>> path = os.path.join(tempfile.mkdtemp(), "a.csv")
         >>> _ = open(path, "w").write("x,y,class\\n3,4,1\\n")
@@ -260,7 +260,7 @@ def read_endonuke_labels(
         DataError: naming the file and line for a wrong number of fields, a non-number,
             a negative or non-integer class, or an unmapped label.
 
-    Example:
+    Examples:
         >>> import tempfile, os
         >>> path = os.path.join(tempfile.mkdtemp(), "1.txt")
         >>> _ = open(path, "w").write("54 25 0\\n98 13 1\\n")
@@ -297,7 +297,7 @@ def read_bcdata_h5(path: str | os.PathLike[str], dataset: str = "coordinates") -
         DataError: naming the file and dataset when the file is not HDF5, is truncated,
             lacks the dataset, or the dataset is not ``(N, 2)`` numbers.
 
-    Example:
+    Examples:
         >>> import tempfile, os, h5py
         >>> path = os.path.join(tempfile.mkdtemp(), "0.h5")
         >>> with h5py.File(path, "w") as f:
@@ -397,7 +397,7 @@ def read_geojson_points(
         DataError: naming the file and the feature (or the JSON line) for invalid JSON,
             a malformed feature or an unmapped class.
 
-    Example:
+    Examples:
         >>> import tempfile, os, json
         >>> path = os.path.join(tempfile.mkdtemp(), "a.geojson")
         >>> feature = {"type": "Feature", "geometry": {"type": "Point", "coordinates": [3, 4]},
@@ -670,7 +670,7 @@ _NOTE_TEXT = {
 def detect_format(root: str | os.PathLike[str]) -> str:
     """Guess the layout of a dataset folder.
 
-    Example:
+    Examples:
         >>> import tempfile, os
         >>> root = tempfile.mkdtemp(); os.makedirs(os.path.join(root, "labels"))
         >>> os.makedirs(os.path.join(root, "images")); detect_format(root)
@@ -724,7 +724,7 @@ def load_dataset(
         DataError: naming the file and the line/feature/dataset of the first bad input;
             also when nothing could be read.
 
-    Example:
+    Examples:
         >>> from cellkit.data import bundled_endonuke
         >>> samples = load_dataset(bundled_endonuke(), "endonuke")  # doctest: +SKIP
         >>> len(samples), samples[0].image.shape  # doctest: +SKIP

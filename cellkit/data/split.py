@@ -52,7 +52,7 @@ def endonuke_group(key: Any, width: int = 10) -> int:
         key: the sample key (``"435"``), a path (``"images/435.png"``) or a Sample.
         width: the number of consecutive ids per group.
 
-    Example:
+    Examples:
         >>> endonuke_group("435"), endonuke_group("images/439.png"), endonuke_group("440")
         (43, 43, 44)
     """
@@ -67,7 +67,7 @@ def bcdata_group(key: Any) -> int:
     BCData publishes no slide ids, so each image is its own group; the split is then an
     ordinary random split by image that is stable across runs.
 
-    Example:
+    Examples:
         >>> bcdata_group("test/3"), bcdata_group("images/train/12.png")
         (3, 12)
     """
@@ -104,7 +104,7 @@ def split_by_group(
         ValueError: for mismatched names/fractions, negative fractions, or integer counts
             that exceed the number of groups.
 
-    Example:
+    Examples:
         >>> keys = [str(i) for i in range(100, 140)]
         >>> parts = split_by_group(keys, endonuke_group, (0.5, 0.25, 0.25), seed=0)
         >>> sorted(len(v) for v in parts.values())

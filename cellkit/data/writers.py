@@ -110,7 +110,7 @@ def write_csv(
     Raises:
         ValueError: for mismatched lengths, non-integer or negative classes.
 
-    Example:
+    Examples:
         >>> import tempfile, os
         >>> path = os.path.join(tempfile.mkdtemp(), "a.csv")
         >>> write_csv(path, points=[[3, 4.5]], classes=[1])
@@ -161,7 +161,7 @@ def write_geojson(
         ValueError: for mismatched lengths, bad classes, a class without a name, or an
             unknown ``object_type``.
 
-    Example:
+    Examples:
         >>> import tempfile, os, json
         >>> path = os.path.join(tempfile.mkdtemp(), "a.geojson")
         >>> write_geojson(path, points=[[3, 4]], classes=[1], class_names=["other", "positive"])

@@ -92,7 +92,7 @@ def dist_info(env: Mapping[str, str] | None = None) -> DistInfo:
     Raises:
         ValueError: for non-integer or inconsistent values.
 
-    Example:
+    Examples:
         >>> dist_info({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"})
         DistInfo(rank=1, world_size=2, local_rank=1, enabled=True)
     """

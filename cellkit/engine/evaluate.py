@@ -52,7 +52,7 @@ def parse_radii(spec: str) -> list[float]:
     Raises:
         ValueError: for a malformed spec, a step <= 0, a radius <= 0, or start > stop.
 
-    Example:
+    Examples:
         >>> parse_radii("2:6:2"), parse_radii("2:4"), parse_radii("3,5")
         ([2.0, 4.0, 6.0], [2.0, 3.0, 4.0], [3.0, 5.0])
     """
@@ -125,7 +125,7 @@ def _default_names(format: str, num_classes: int) -> list[str] | None:
 def jsonable(value: Any) -> Any:
     """``value`` for ``json.dumps(allow_nan=False)``: NaN/inf -> None, numpy -> builtins.
 
-    Example:
+    Examples:
         >>> jsonable({"f1": np.array([0.5, np.nan]), "n": np.int64(3)})
         {'f1': [0.5, None], 'n': 3}
     """

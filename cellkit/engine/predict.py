@@ -64,7 +64,7 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     Raises:
         ValueError: for ``tile < 1``, ``overlap < 0`` or ``overlap >= tile``.
 
-    Example:
+    Examples:
         >>> tile_starts(10, 4, 1)
         [0, 3, 6]
         >>> tile_starts(3, 4, 1)
@@ -89,7 +89,7 @@ def blend_window(height: int, width: int, overlap: int) -> np.ndarray:
     Shapes:
         returns: ``(height, width)`` float32.
 
-    Example:
+    Examples:
         >>> (3 * blend_window(5, 5, 2)[2]).round().tolist()  # the middle row, in thirds
         [1.0, 2.0, 3.0, 2.0, 1.0]
     """
@@ -174,7 +174,7 @@ def predict_probabilities(
     Raises:
         ValueError: for a malformed image or tiling arguments.
 
-    Example:
+    Examples:
         >>> import cellkit
         >>> model = cellkit.build_model(cellkit.presets.ours(size="cpu"))
         >>> predict_probabilities(model, np.zeros((40, 70, 3), np.uint8), tile_size=32, overlap=8).shape
@@ -291,7 +291,7 @@ def predict_image(
     Returns:
         ``(detections, probs)`` with ``probs`` the ``(C, H, W)`` float32 maps.
 
-    Example:
+    Examples:
         >>> # det, probs = predict_image(model, image, POSTPROCESSORS.build("peaks"))
     """
     if postprocess is None:
@@ -314,7 +314,7 @@ def list_images(inputs: Iterable[str | Path]) -> list[Path]:
         ValueError: for a folder with no images, no inputs, or two images with one stem
             (their outputs would overwrite each other).
 
-    Example:
+    Examples:
         >>> # list_images(["slides/", "extra.tif"])
     """
     paths: list[Path] = []
@@ -356,7 +356,7 @@ class Predictor:
         device: where the model runs.
         config: the :class:`~cellkit.config.CellkitConfig` it was built from, if known.
 
-    Example:
+    Examples:
         >>> # predictor = Predictor.from_checkpoint("runs/ours/best.pt", threshold=[0.5, 0.4])
         >>> # det = predictor.predict(image); det.counts(predictor.num_classes)
     """

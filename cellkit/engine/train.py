@@ -192,7 +192,7 @@ def fit(
         ValueError: for bad ``splits``, an empty training split, or ``max_steps < 1``.
         FloatingPointError: when the training loss is not finite.
 
-    Example:
+    Examples:
         >>> cfg = cellkit.presets.ours(size="cpu")            # doctest: +SKIP
         >>> cfg.train.epochs, cfg.train.steps_per_epoch = 1, 2  # doctest: +SKIP
         >>> fit(cfg, "runs/smoke").history[-1]["f1"]           # doctest: +SKIP
@@ -242,7 +242,7 @@ def run_score(f1: Mapping[str, float | None] | None) -> float:
 
     Classes whose F1 is undefined (``None``/``nan``) are left out of the mean.
 
-    Example:
+    Examples:
         >>> run_score({"other": 0.5, "positive": 0.7})
         0.6
     """

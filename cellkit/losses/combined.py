@@ -43,7 +43,7 @@ class LossTerm:
         ValueError: for an empty label, a bad weight, or ``target``/``against`` not
             matching ``module.reference``.
 
-    Example:
+    Examples:
         >>> from cellkit.losses.modules import CELoss
         >>> LossTerm("ce", CELoss(), 0.8, output="main", target="circle").weight
         0.8
@@ -119,7 +119,7 @@ class WeightedLoss(nn.Module):
     Raises:
         ValueError: for no terms or duplicate labels.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from cellkit.losses.modules import CELoss, IoULoss
         >>> loss = WeightedLoss([

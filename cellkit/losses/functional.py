@@ -112,7 +112,7 @@ def _norm(diff: Tensor, norm: str) -> Tensor:
     Raises:
         ValueError: for an unknown ``norm``, with the closest name and every choice.
 
-    Example:
+    Examples:
         >>> _norm(torch.tensor([-0.5, 0.25]), "l1")
         tensor([0.5000, 0.2500])
     """
@@ -201,7 +201,7 @@ def ce_loss(
         TypeError: when an input is not a floating-point tensor.
         ValueError: when shapes or devices do not match, or ``pos_weight`` is not positive.
 
-    Example:
+    Examples:
         >>> logits = torch.zeros(1, 2, 2, 2)  # P = 0.5 everywhere
         >>> round(ce_loss(logits, torch.ones(1, 2, 2, 2)).item(), 4)  # -log(0.5)
         0.6931
@@ -249,7 +249,7 @@ def iou_loss(logits: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
         TypeError: when an input is not a floating-point tensor.
         ValueError: when shapes or devices do not match, or ``eps`` is negative.
 
-    Example:
+    Examples:
         >>> target = torch.tensor([[[[1.0, 0.0]]]])
         >>> round(iou_loss(torch.tensor([[[[20.0, -20.0]]]]), target).item(), 4)
         0.0
@@ -288,7 +288,7 @@ def dynamic_loss(logits: Tensor, target: Tensor, norm: Norm = "l1") -> Tensor:
         TypeError: when an input is not a floating-point tensor.
         ValueError: when shapes or devices do not match, or for an unknown ``norm``.
 
-    Example:
+    Examples:
         >>> logits = torch.zeros(1, 1, 2, 2)  # P = 0.5
         >>> dynamic_loss(logits, torch.ones(1, 1, 2, 2)).item()
         0.5
@@ -331,7 +331,7 @@ def consistency_loss(
         ValueError: when shapes or devices do not match, for an unknown ``norm`` or an
             invalid ``stop_gradient``.
 
-    Example:
+    Examples:
         >>> a = torch.zeros(1, 1, 1, 2)
         >>> consistency_loss(a, a.clone()).item()
         0.0
@@ -379,7 +379,7 @@ def prior_loss(logits: Tensor, target: Tensor, class_index: int = 1, norm: Norm 
         ValueError: when shapes or devices do not match, ``class_index`` is out of range, or
             for an unknown ``norm``.
 
-    Example:
+    Examples:
         >>> logits = torch.zeros(1, 2, 2, 2)
         >>> prior_loss(logits, torch.full((1, 1, 2, 2), 0.5)).item()
         0.0
@@ -419,7 +419,7 @@ def mse_loss(pred: Tensor, target: Tensor) -> Tensor:
         TypeError: when an input is not a floating-point tensor.
         ValueError: when shapes or devices do not match.
 
-    Example:
+    Examples:
         >>> mse_loss(torch.full((1, 1, 1, 2), 2.0), torch.zeros(1, 1, 1, 2)).item()
         4.0
     """

@@ -65,7 +65,7 @@ class CELoss(nn.Module):
     Args:
         pos_weight: optional positive-term weight, one number or one per class.
 
-    Example:
+    Examples:
         >>> import torch
         >>> loss = CELoss()
         >>> round(loss(torch.zeros(1, 2, 2, 2), torch.ones(1, 2, 2, 2)).item(), 4)
@@ -94,7 +94,7 @@ class IoULoss(nn.Module):
     Args:
         eps: smoothing constant, ``>= 0``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> IoULoss()(torch.full((1, 1, 1, 2), 20.0), torch.ones(1, 1, 1, 2)).item() < 1e-6
         True
@@ -122,7 +122,7 @@ class DynamicLoss(nn.Module):
     Args:
         norm: ``"l1"``, ``"l2"`` or ``"smooth_l1"``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> DynamicLoss(norm="l2")(torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)).item()
         0.25
@@ -153,7 +153,7 @@ class ConsistencyLoss(nn.Module):
         norm: ``"l1"``, ``"l2"`` or ``"smooth_l1"``.
         stop_gradient: ``None`` (gradient to both), ``"a"`` or ``"b"`` (detach that side).
 
-    Example:
+    Examples:
         >>> import torch
         >>> a = torch.zeros(1, 1, 2, 2)
         >>> ConsistencyLoss()(a, a.clone()).item()
@@ -191,7 +191,7 @@ class PriorLoss(nn.Module):
         class_index: the channel of the logits to supervise (1: positive tumour cells).
         norm: ``"l1"``, ``"l2"`` or ``"smooth_l1"``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> PriorLoss()(torch.zeros(1, 2, 2, 2), torch.full((1, 1, 2, 2), 0.5)).item()
         0.0
@@ -217,7 +217,7 @@ class PriorLoss(nn.Module):
 class MSELoss(nn.Module):
     """Mean squared error on raw outputs (FCRN density maps), see :func:`~cellkit.losses.functional.mse_loss`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> MSELoss()(torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)).item()
         1.0

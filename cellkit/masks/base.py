@@ -96,7 +96,7 @@ def as_rng(rng: np.random.Generator | int | None) -> np.random.Generator:
     A ``Generator`` is returned as is (so it advances across calls); an int gives a fresh
     generator seeded with it; ``None`` seeds from the operating system.
 
-    Example:
+    Examples:
         >>> gen = np.random.default_rng(0)
         >>> as_rng(gen) is gen, int(as_rng(7).integers(100)) == int(as_rng(7).integers(100))
         (True, True)
@@ -147,7 +147,7 @@ def check_call(
         ValueError: for points outside the image, wrong shapes, classes >= ``num_classes``,
             a bad ``shape`` or ``num_classes``, a missing or mismatched image.
 
-    Example:
+    Examples:
         >>> p, c, hw, _ = check_call([[0, 1]], [0], (2, 3), 1, where="demo")
         >>> p.tolist(), c.tolist(), hw
         ([[0.0, 1.0]], [0], (2, 3))
@@ -183,7 +183,7 @@ def point_pixels(points: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray
     Shapes:
         points ``(N, 2)`` ``(x, y)``; returns rows ``(N,)`` and cols ``(N,)`` int64.
 
-    Example:
+    Examples:
         >>> rows, cols = point_pixels(np.array([[0.4, 1.5], [2.9, 0.0]]), (3, 3))
         >>> rows.tolist(), cols.tolist()
         ([2, 0], [0, 2])
@@ -281,7 +281,7 @@ def rasterize(
     Shapes:
         index, rows, cols ``(P,)``; classes ``(N,)``; returns ``(num_classes, H, W)`` float32.
 
-    Example:
+    Examples:
         >>> m = rasterize(np.array([0, 1]), np.array([0, 1]), np.array([1, 0]),
         ...               np.array([1, 0]), (2, 2), 2)
         >>> print(m.astype(int))

@@ -43,7 +43,7 @@ class CircleMask:
         ValueError: for a radius <= 0, and (on call) points outside the image, wrong
             shapes or classes >= ``num_classes``.
 
-    Example:
+    Examples:
         >>> gen = CircleMask(radius=1)
         >>> mask = gen([[2, 1], [4, 2]], [0, 1], shape=(3, 6), num_classes=2)
         >>> mask.shape, mask.dtype

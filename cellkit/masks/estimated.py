@@ -42,7 +42,7 @@ def kmeans(
     Raises:
         ValueError: when ``data`` is not a non-empty 2-D array or ``k < 1``.
 
-    Example:
+    Examples:
         >>> data = np.array([[0.0], [0.1], [5.0], [5.2]])
         >>> centres, labels = kmeans(data, 2, rng=0)
         >>> sorted(np.round(centres[:, 0], 2).tolist()), labels.tolist() in ([0, 0, 1, 1], [1, 1, 0, 0])
@@ -124,7 +124,7 @@ class EstimatedMask:
         ValueError: for invalid parameters, and (on call) a missing or mismatched image,
             points outside the image, wrong shapes or classes >= ``num_classes``.
 
-    Example:
+    Examples:
         >>> image = np.full((6, 10, 3), 230, np.uint8)
         >>> image[1:5, 1:4] = 60                      # a dark cell around (x=2, y=2)
         >>> image[2:5, 6:9] = 90                      # another around (x=7, y=3)

@@ -38,7 +38,7 @@ class GaussianMask:
         ValueError: for invalid parameters, and (on call) points outside the image, wrong
             shapes or classes >= ``num_classes``.
 
-    Example:
+    Examples:
         >>> gen = GaussianMask(sigma=0.7, scale=9.0)
         >>> mask = gen([[2, 1]], [0], shape=(3, 5), num_classes=1)
         >>> print(np.round(mask[0]).astype(int))

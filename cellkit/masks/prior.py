@@ -70,7 +70,7 @@ class PriorMask:
         ValueError: on call, with no model or predictor, a missing or mismatched image,
             invalid points, or a model output of an unexpected shape.
 
-    Example:
+    Examples:
         >>> class Halves(torch.nn.Module):
         ...     def infer(self, x):  # class 1 logit: +9 on the right half, -9 on the left
         ...         logits = torch.full((1, 2, *x.shape[-2:]), -9.0)

@@ -92,7 +92,7 @@ class RandomPolygonMask:
         ValueError: for invalid parameters, and (on call) points outside the image, wrong
             shapes or classes >= ``num_classes``.
 
-    Example:
+    Examples:
         >>> gen = RandomPolygonMask(base_radius=2.5)
         >>> rng = np.random.default_rng(0)
         >>> for _ in range(2):  # a new polygon at every call
@@ -198,7 +198,7 @@ class RandomPolygonMask:
             one ``shapely.Polygon`` per point, in pixel coordinates ``(x, y)``, not clipped
             to the image (clip with ``shapely.clip_by_rect`` if needed).
 
-        Example:
+        Examples:
             >>> gen = RandomPolygonMask(base_radius=3)
             >>> [p.contains(__import__("shapely").Point(5, 5)) for p in gen.polygons([[5, 5]], rng=0)]
             [True]

@@ -57,7 +57,7 @@ class ASPP(nn.Module):
         - Input: ``(B, in_channels, h, w)``.
         - Output: ``(B, width, h, w)``.
 
-    Example:
+    Examples:
         >>> ASPP(32, 8, (1, 2))(torch.zeros(1, 32, 5, 6)).shape
         torch.Size([1, 8, 5, 6])
     """
@@ -110,7 +110,7 @@ class DeepLabV3PlusDecoder(nn.Module):
     Raises:
         ValueError: for inconsistent encoder descriptions or a wrong number of features.
 
-    Example:
+    Examples:
         >>> dec = DeepLabV3PlusDecoder((8, 16), (4, 16), num_classes=2, width=8)
         >>> dec([torch.zeros(1, 8, 8, 8), torch.zeros(1, 16, 2, 2)]).shape
         torch.Size([1, 2, 8, 8])

@@ -147,7 +147,7 @@ class ResNetEncoder(nn.Module):
             ``width_multiplier``, or weights that do not fit.
         FileNotFoundError: when ``weights`` names a file that does not exist.
 
-    Example:
+    Examples:
         >>> enc = ResNetEncoder(BasicBlock, (2, 2, 2, 2), width_multiplier=0.25)
         >>> [tuple(f.shape) for f in enc(torch.zeros(1, 3, 32, 32))]
         [(1, 16, 8, 8), (1, 32, 4, 4), (1, 64, 2, 2), (1, 128, 2, 2)]
@@ -282,7 +282,7 @@ def load_torchvision_weights(encoder: nn.Module, path: str | os.PathLike[str]) -
         FileNotFoundError: when ``path`` does not exist.
         ValueError: listing every missing key, unexpected key and shape mismatch at once.
 
-    Example:
+    Examples:
         >>> encoder = resnet18()
         >>> # load_torchvision_weights(encoder, "resnet18-f37072fd.pth")
     """
@@ -334,7 +334,7 @@ def resnet18(
 ) -> ResNetEncoder:
     """ResNet-18 encoder (channels ``(64, 128, 256, 512)`` at width 1). See :class:`ResNetEncoder`.
 
-    Example:
+    Examples:
         >>> resnet18(width_multiplier=0.5).channels
         (32, 64, 128, 256)
     """
@@ -350,7 +350,7 @@ def resnet34(
 ) -> ResNetEncoder:
     """ResNet-34 encoder (channels ``(64, 128, 256, 512)`` at width 1). See :class:`ResNetEncoder`.
 
-    Example:
+    Examples:
         >>> resnet34(width_multiplier=0.25).strides
         (4, 8, 16, 16)
     """
@@ -366,7 +366,7 @@ def resnet50(
 ) -> ResNetEncoder:
     """ResNet-50 encoder (channels ``(256, 512, 1024, 2048)`` at width 1). See :class:`ResNetEncoder`.
 
-    Example:
+    Examples:
         >>> resnet50(width_multiplier=0.25, output_stride=8).strides
         (4, 8, 8, 8)
     """
@@ -382,7 +382,7 @@ def resnet101(
 ) -> ResNetEncoder:
     """ResNet-101 encoder, the paper's (channels ``(256, 512, 1024, 2048)``). See :class:`ResNetEncoder`.
 
-    Example:
+    Examples:
         >>> resnet101(width_multiplier=0.25).channels
         (64, 128, 256, 512)
     """

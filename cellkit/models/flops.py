@@ -28,7 +28,7 @@ def flops_per_megapixel(model: nn.Module, size: int = 256) -> float:
     Raises:
         ValueError: for a non-positive ``size``.
 
-    Example:
+    Examples:
         >>> # flops_per_megapixel(model) / 1e9  -> GFLOPs per megapixel
     """
     if not isinstance(size, int) or size < 1:

@@ -48,7 +48,7 @@ class MultiDecoderModel(nn.Module):
         ValueError: for an empty ``decoders``, an unknown ``main``, or an encoder/decoder
             lacking the attributes above.
 
-    Example:
+    Examples:
         >>> from cellkit.registry import DECODERS, ENCODERS
         >>> enc = ENCODERS.build("resnet18", width_multiplier=0.25)
         >>> decs = {h: DECODERS.build("deeplabv3plus", encoder_channels=enc.channels,
@@ -182,7 +182,7 @@ class MultiDecoderModel(nn.Module):
         Returns:
             ``(B, num_classes, H, W)`` logits of the main decoder.
 
-        Example:
+        Examples:
             >>> # probs = torch.sigmoid(model.eval().infer(x))
         """
         return self._run(self._check_input(x), (self.main,))[self.main]

@@ -81,7 +81,7 @@ def peaks(
             threshold or min_distance of the wrong length or value.
         TypeError: for ``probs`` that is neither a tensor nor array-like.
 
-    Example:
+    Examples:
         >>> p = np.zeros((2, 5, 5), np.float32)
         >>> p[1, 2, 3] = 0.9
         >>> p[0, 2, 2] = 0.7  # the same cell, less probable as class 0
@@ -152,7 +152,7 @@ def window_max(maps: torch.Tensor, min_distance: int, *, method: str = "auto") -
     Shapes:
         maps: ``(C, H, W)`` floating point -> ``(C, H, W)``.
 
-    Example:
+    Examples:
         >>> x = torch.tensor([[[0.0, 1.0, 0.0, 0.0, 2.0]]])
         >>> window_max(x, 1).tolist()
         [[[1.0, 1.0, 1.0, 2.0, 2.0]]]
@@ -345,7 +345,7 @@ class LocalPeaks:
         min_distance: half-size of the peak window in pixels; one number or one per class.
         exclusive: settle cells found in several classes in favour of the highest score.
 
-    Example:
+    Examples:
         >>> post = POSTPROCESSORS.build("peaks", threshold=0.5, min_distance=2)
         >>> p = torch.zeros(1, 4, 4)
         >>> p[0, 1, 2] = 0.8
