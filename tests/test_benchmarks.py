@@ -1,0 +1,125 @@
+"""The benchmarks still run: ``benchmarks/run.py --quick`` end to end, and its JSON is complete.
+
+The figures of a quick run are not checked (sizes are tiny and the machine is shared), only
+that every stage ran, gave finite numbers and agreed with its baseline where it must.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ROOT / "benchmarks" / "run.py"
+STAGES = ("targets", "peaks", "matching", "training", "inference", "gpu")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"the JSON holds {name}, which is not a finite number")
+
+
+def _numbers(value: Any, path: str = "") -> list[tuple[str, float]]:
+    """Every number in a JSON value with its path (booleans are not numbers here)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return []
+    if isinstance(value, (int, float)):
+        return [(path, float(value))]
+    if isinstance(value, dict):
+        return [item for k, v in value.items() for item in _numbers(v, f"{path}.{k}")]
+    if isinstance(value, list):
+        return [item for i, v in enumerate(value) for item in _numbers(v, f"{path}[{i}]")]
+    raise AssertionError(f"unexpected JSON value at {path}: {value!r}")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    proc = subprocess.run(
+        [sys.executable, str(RUN), "--quick", "--device", "cpu", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"benchmarks/run.py --quick failed:\n{proc.stderr[-4000:]}"
+    assert proc.stdout == "", "with --json FILE the JSON goes to the file, not stdout"
+    report = json.loads(out.read_text(), parse_constant=_reject_constant)
+    report["_stderr"] = proc.stderr
+    return report
+
+
+def test_quick_run_reports_every_stage_with_finite_numbers(quick: dict[str, Any]) -> None:
+    assert quick["quick"] is True
+    assert set(quick["stages"]) == set(STAGES)
+    numbers = _numbers({k: v for k, v in quick.items() if k != "_stderr"})
+    assert numbers, "no numbers in the report"
+    bad = [(p, v) for p, v in numbers if not math.isfinite(v)]
+    assert not bad, f"non-finite numbers: {bad[:5]}"
+    # The readable tables go to stderr.
+    for title in ("1. Targets", "2. Peaks", "3. Matching", "4. Training step", "5. Inference", "6. GPU"):
+        assert title in quick["_stderr"]
+
+
+def test_quick_run_describes_the_machine(quick: dict[str, Any]) -> None:
+    machine = quick["machine"]
+    for key in (
+        "cpu_model",
+        "logical_cpus",
+        "usable_cpus",
+        "torch",
+        "torch_threads",
+        "python",
+        "numpy",
+        "date",
+    ):
+        assert machine.get(key) not in (None, ""), f"machine info lacks {key}"
+    assert machine["torch_threads"] >= 1
+
+
+def test_quick_run_stages_agree_with_their_baselines(quick: dict[str, Any]) -> None:
+    stages = quick["stages"]
+    gens = stages["targets"]["generators"]
+    for name in ("circle", "random_polygon", "gaussian", "estimated"):
+        assert gens[name]["ms_per_image"] > 0
+    assert stages["targets"]["reference_step"]["step_ms"] > 0
+
+    for entry in stages["peaks"]["maps"]:
+        assert entry["same_points"] is True, entry
+        assert entry["points_cellkit"] > 0
+        assert entry["cellkit_ms"] > 0 and entry["skimage_ms"] > 0
+
+    for key in ("single_image", "many_images"):
+        assert stages["matching"][key]["same_tp"] is True
+
+    runs = stages["training"]["runs"]
+    assert {r["preset"] for r in runs} == {"fcrn", "estimate_mask", "ours", "ours_plus", "ours_plus_plus"}
+    for r in runs:
+        assert r["step_s"] > 0 and r["images_per_s"] > 0 and r["loss_finite"] is True
+        assert r["peak_rss_mb"] >= r["baseline_rss_mb"] > 0
+
+    (inference,) = stages["inference"]["runs"]
+    assert inference["output_finite"] is True
+    assert inference["share_of_matmul"] > 0 and inference["megapixels_per_s"] > 0
+    assert inference["matmul"]["float32"]["gflops_per_s"] > 0
+
+    assert stages["gpu"].get("skipped"), "--device cpu must skip the GPU stage, saying why"
+    checks = {c["check"] for c in quick["checks"]}
+    assert any("random_polygon" in c for c in checks) and any("peak_local_max" in c for c in checks)
+
+
+def test_unknown_stage_names_the_close_one() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(RUN), "--stages", "peak"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "did you mean 'peaks'" in proc.stderr.lower()
