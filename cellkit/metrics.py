@@ -32,6 +32,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
+from scipy.spatial.distance import cdist
 
 from cellkit.points import Detections, validate_points
 
@@ -47,6 +48,13 @@ __all__ = [
 
 MATCHING_METHODS = ("hungarian", "greedy")
 
+#: Problems with at most this many (prediction, truth) pairs are matched densely: one distance
+#: matrix (:func:`scipy.spatial.distance.cdist`) and, for ``"hungarian"``, one assignment over
+#: every point with a partner in range. At this size (at most 200 points on the smaller side)
+#: that costs less than building KD-trees, the radius graph and its components, whose fixed
+#: costs dominate an image of a few hundred cells.
+_DENSE_MAX_PAIRS = 40_000
+
 
 def match_points(
     pred: Any,
@@ -60,10 +68,13 @@ def match_points(
     Two points may be matched when their Euclidean distance is ``<= radius``.
 
     * ``"hungarian"`` (default): a matching of maximum cardinality (the most true positives
-      possible); among those, one with the smallest sum of distances. The radius graph is split
-      into connected components, each solved with
-      :func:`scipy.optimize.linear_sum_assignment`; a point with no partner in range is left
-      unmatched without any assignment, so large sparse images stay fast.
+      possible); among those, one with the smallest sum of distances. Small problems (at most
+      40,000 prediction-truth pairs) are solved with one
+      :func:`scipy.optimize.linear_sum_assignment` over the points that have a partner in
+      range; larger ones split the radius graph into connected components, each solved
+      alone, and leave a point with no partner in range unmatched without any assignment, so
+      large sparse images stay fast. Where several matchings tie on both counts, which one is
+      returned is not specified.
     * ``"greedy"`` (as OCELOT's evaluation): predictions are visited by ``scores`` descending
       (input order when ``scores`` is None, and for equal scores), each matched to the nearest
       still unmatched true point in range (the lowest index on a distance tie). It may match
@@ -107,19 +118,32 @@ def match_points(
     empty = np.zeros(0, np.int64)
     if len(pred) == 0 or len(true) == 0:
         return empty, empty.copy()
-    # All pairs within the radius (distance <= radius), as a sparse list of edges.
-    edges = cKDTree(pred).sparse_distance_matrix(cKDTree(true), radius, output_type="ndarray")
-    if len(edges) == 0:
+    pi, ti, dist = _edges(pred, true, radius)
+    if len(pi) == 0:
         return empty, empty.copy()
-    pi = edges["i"].astype(np.int64)
-    ti = edges["j"].astype(np.int64)
-    dist = edges["v"].astype(np.float64)
     if method == "greedy":
         p_idx, t_idx = _greedy(pi, ti, dist, len(pred), scores)
     else:
         p_idx, t_idx = _hungarian(pi, ti, dist, len(pred), len(true), radius)
     order = np.argsort(p_idx, kind="stable")
     return p_idx[order], t_idx[order]
+
+
+def _edges(
+    pred: np.ndarray, true: np.ndarray, radius: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All pairs within ``radius`` (distance ``<= radius``): prediction and truth indices, distances.
+
+    Small problems use a dense distance matrix, larger ones KD-trees. Both keep a pair when
+    its squared distance is ``<= radius ** 2`` (as the KD-tree does) and report the square
+    root of that squared distance, so the two give the same edges to the last bit.
+    """
+    if len(pred) * len(true) <= _DENSE_MAX_PAIRS:
+        squared = cdist(pred, true, "sqeuclidean")
+        pi, ti = np.nonzero(squared <= radius * radius)
+        return pi.astype(np.int64), ti.astype(np.int64), np.sqrt(squared[pi, ti])
+    edges = cKDTree(pred).sparse_distance_matrix(cKDTree(true), radius, output_type="ndarray")
+    return edges["i"].astype(np.int64), edges["j"].astype(np.int64), edges["v"].astype(np.float64)
 
 
 def _greedy(
@@ -148,6 +172,13 @@ def _greedy(
 def _hungarian(
     pi: np.ndarray, ti: np.ndarray, dist: np.ndarray, n_pred: int, n_true: int, radius: float
 ) -> tuple[np.ndarray, np.ndarray]:
+    n_rows, n_cols = len(np.unique(pi)), len(np.unique(ti))
+    if n_rows * n_cols <= _DENSE_MAX_PAIRS:
+        # One assignment over every point with a partner in range. The cost rule of _assign
+        # makes the optimum a maximum matching of least total distance on any edge set, and
+        # the components share no point, so solving them together is as exact as one by one.
+        return _assign(pi, ti, dist, radius)
+
     # Components of the bipartite radius graph (nodes: predictions, then truths).
     n = n_pred + n_true
     graph = coo_matrix((np.ones(len(pi)), (pi, n_pred + ti)), shape=(n, n))
@@ -165,25 +196,33 @@ def _hungarian(
     bounds = np.flatnonzero(np.r_[True, edge_label[rest][1:] != edge_label[rest][:-1], True])
     for start, stop in zip(bounds[:-1], bounds[1:]):
         e = rest[start:stop]
-        rows, r_local = np.unique(pi[e], return_inverse=True)
-        cols, c_local = np.unique(ti[e], return_inverse=True)
-        # Cost: an allowed pair costs d / radius in [0, 1], a forbidden one k + 1, where
-        # k = min(rows, cols) is the number of pairs every full assignment makes. With m
-        # allowed pairs an assignment costs at least (k - m)(k + 1); with m + 1 at most
-        # (m + 1) + (k - m - 1)(k + 1) = (k - m)(k + 1) - (k - m), which is less. So the
-        # optimum has the most allowed pairs (a maximum cardinality matching once forbidden
-        # pairs are dropped) and, among those, the smallest total distance. Costs stay below
-        # (k + 1)^2 for components of a few hundred points, far from float precision limits.
-        k = min(len(rows), len(cols))
-        cost = np.full((len(rows), len(cols)), float(k + 1))
-        cost[r_local, c_local] = dist[e] / radius if radius > 0 else 0.0
-        allowed = np.zeros(cost.shape, bool)
-        allowed[r_local, c_local] = True
-        r, c = linear_sum_assignment(cost)
-        ok = allowed[r, c]
-        p_out.append(rows[r[ok]])
-        t_out.append(cols[c[ok]])
+        p, t = _assign(pi[e], ti[e], dist[e], radius)
+        p_out.append(p)
+        t_out.append(t)
     return np.concatenate(p_out).astype(np.int64), np.concatenate(t_out).astype(np.int64)
+
+
+def _assign(
+    pi: np.ndarray, ti: np.ndarray, dist: np.ndarray, radius: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """A maximum matching of least total distance on the edges ``(pi, ti)``, by one assignment."""
+    rows, r_local = np.unique(pi, return_inverse=True)
+    cols, c_local = np.unique(ti, return_inverse=True)
+    # Cost: an allowed pair costs d / radius in [0, 1], a forbidden one k + 1, where
+    # k = min(rows, cols) is the number of pairs every full assignment makes. With m
+    # allowed pairs an assignment costs at least (k - m)(k + 1); with m + 1 at most
+    # (m + 1) + (k - m - 1)(k + 1) = (k - m)(k + 1) - (k - m), which is less. So the
+    # optimum has the most allowed pairs (a maximum cardinality matching once forbidden
+    # pairs are dropped) and, among those, the smallest total distance. Costs stay below
+    # (k + 1)^2 for components of a few hundred points, far from float precision limits.
+    k = min(len(rows), len(cols))
+    cost = np.full((len(rows), len(cols)), float(k + 1))
+    cost[r_local, c_local] = dist / radius if radius > 0 else 0.0
+    allowed = np.zeros(cost.shape, bool)
+    allowed[r_local, c_local] = True
+    r, c = linear_sum_assignment(cost)
+    ok = allowed[r, c]
+    return rows[r[ok]].astype(np.int64), cols[c[ok]].astype(np.int64)
 
 
 def precision_recall_f1(tp: Any, fp: Any, fn: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -10,7 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import maximum_bipartite_matching
+from scipy.spatial import cKDTree
 
+from cellkit import metrics
 from cellkit.metrics import (
     EvaluationReport,
     detection_counts,
@@ -140,12 +142,50 @@ coords = st.lists(
 def test_hungarian_agrees_with_brute_force(pred, true, radius):
     pred = np.asarray(pred, float).reshape(-1, 2)
     true = np.asarray(true, float).reshape(-1, 2)
-    p, t = match_points(pred, true, radius)
-    check_matching(pred, true, radius, p, t)
     count, total = brute_force(pred, true, radius)
-    assert len(p) == count
-    got = float(np.linalg.norm(pred[p] - true[t], axis=1).sum()) if len(p) else 0.0
-    assert got == pytest.approx(total, abs=1e-9)
+    # Both solvers: one dense assignment (small problems) and KD-tree edges + components.
+    for dense_max_pairs in (metrics._DENSE_MAX_PAIRS, 0):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(metrics, "_DENSE_MAX_PAIRS", dense_max_pairs)
+            p, t = match_points(pred, true, radius)
+        check_matching(pred, true, radius, p, t)
+        assert len(p) == count
+        got = float(np.linalg.norm(pred[p] - true[t], axis=1).sum()) if len(p) else 0.0
+        assert got == pytest.approx(total, abs=1e-9)
+
+
+def test_dense_and_component_solvers_agree(monkeypatch):
+    # Clustered points: components of several points, ties and points without partners.
+    rng = np.random.default_rng(7)
+    limit = metrics._DENSE_MAX_PAIRS
+    for _ in range(20):
+        true = rng.integers(0, 30, (rng.integers(1, 60), 2)).astype(float)
+        pred = np.concatenate([true + rng.integers(-3, 4, true.shape), rng.uniform(0, 30, (5, 2))])
+        radius = float(rng.choice([1.0, 2.0, 3.5]))
+        assert len(pred) * len(true) <= limit
+        found = []
+        for dense_max_pairs in (limit, 0):
+            monkeypatch.setattr(metrics, "_DENSE_MAX_PAIRS", dense_max_pairs)
+            p, t = match_points(pred, true, radius)
+            check_matching(pred, true, radius, p, t)
+            found.append((len(p), float(np.linalg.norm(pred[p] - true[t], axis=1).sum())))
+        assert found[0][0] == found[1][0]
+        assert found[0][1] == pytest.approx(found[1][1], abs=1e-9)
+
+
+def test_dense_edges_match_kd_tree_edges_at_the_radius():
+    # A pair exactly at the radius, in floating point: both edge builders keep the same pairs.
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        pred, true = rng.uniform(0, 5, (8, 2)), rng.uniform(0, 5, (9, 2))
+        radius = float(np.linalg.norm(pred[0] - true[0]))
+        dense = metrics._edges(pred, true, radius)
+        edges = cKDTree(pred).sparse_distance_matrix(cKDTree(true), radius, output_type="ndarray")
+        order = np.lexsort((dense[1], dense[0]))
+        kd_order = np.lexsort((edges["j"], edges["i"]))
+        np.testing.assert_array_equal(dense[0][order], edges["i"][kd_order])
+        np.testing.assert_array_equal(dense[1][order], edges["j"][kd_order])
+        np.testing.assert_array_equal(dense[2][order], edges["v"][kd_order])
 
 
 @settings(max_examples=30, deadline=None)

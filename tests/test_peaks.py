@@ -12,6 +12,8 @@ from skimage.feature import peak_local_max
 
 from cellkit.points import Detections
 from cellkit.postprocess import LocalPeaks, PostProcessor, window_max
+from cellkit.postprocess import peaks as peaks_module
+from cellkit.postprocess.peaks import _sparse_window_peaks as sparse_window_peaks
 from cellkit.postprocess.peaks import peaks
 from cellkit.registry import POSTPROCESSORS
 
@@ -213,6 +215,132 @@ def test_agrees_with_peak_local_max_on_plateau_free_maps(seed, size, sigma, d, t
     maps = smooth_maps(seed, (2, *size), sigma, np.float64)  # float64: no ties in practice
     assume(all(len(np.unique(m)) == m.size for m in maps))  # ties: skimage's pick is arbitrary
     det = peaks(maps, threshold=t, min_distance=d, exclusive=False)
+    for c in range(2):
+        ref = peak_local_max(maps[c], min_distance=d, threshold_abs=t, exclude_border=False)
+        assert as_set(det, c) == {tuple(rc) for rc in ref.tolist()}
+
+
+# --- the sparse window test (large CPU maps with few pixels above the threshold) -------------
+
+
+def tied_maps(seed: int, shape: tuple[int, int, int], levels: int) -> np.ndarray:
+    """float32 maps with many ties and plateaus: smoothed noise rounded to ``levels`` values."""
+    maps = smooth_maps(seed, shape, 1.0)
+    return (np.round(maps * (levels - 1)) / (levels - 1)).astype(np.float32)
+
+
+def detect(maps, threshold, min_distance, exclusive, *, sparse: bool) -> tuple[Detections, int]:
+    """:func:`peaks` with the size limit of the sparse window test lifted (or raised out of
+    reach), and how many groups of classes took the sparse test."""
+    calls = []
+
+    def spy(*args):
+        calls.append(1)
+        return sparse_window_peaks(*args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(peaks_module, "_SPARSE_MIN_NUMEL", 1 if sparse else 1 << 62)
+        mp.setattr(peaks_module, "_sparse_window_peaks", spy)
+        det = peaks(maps, threshold, min_distance, exclusive)
+    return det, len(calls)
+
+
+def assert_same(a: Detections, b: Detections) -> None:
+    np.testing.assert_array_equal(a.points, b.points)
+    np.testing.assert_array_equal(a.classes, b.classes)
+    np.testing.assert_array_equal(a.scores, b.scores)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    size=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+    levels=st.sampled_from([4, 5, 9, 17]),
+    d=st.integers(1, 4),
+    exclusive=st.booleans(),
+)
+def test_sparse_window_test_equals_dense_with_ties_and_plateaus(seed, size, levels, d, exclusive):
+    maps = tied_maps(seed, (3, *size), levels)
+    # The lowest level with at most 1 pixel in 8 above it, so the sparse test runs.
+    threshold = min(float(v) for v in np.unique(maps) if (maps > v).sum() * 8 <= maps.size)
+    assume((maps > np.float32(threshold)).any())
+    dense, used = detect(maps, threshold, d, exclusive, sparse=False)
+    assert used == 0
+    sparse, used = detect(maps, threshold, d, exclusive, sparse=True)
+    assert used == 1
+    assert_same(dense, sparse)
+    # and the candidate set itself, in raster order, before ties are settled
+    m = torch.from_numpy(maps)
+    thr = torch.full((3, 1, 1), threshold, dtype=m.dtype)
+    expected = torch.nonzero((m == window_max(m, d)) & (m > thr)).numpy()
+    above_idx = np.flatnonzero(maps > np.float32(threshold))
+    np.testing.assert_array_equal(sparse_window_peaks(maps, above_idx, d), expected)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    size=st.tuples(st.integers(4, 40), st.integers(4, 40)),
+    levels=st.sampled_from([4, 5, 9, 17]),
+    thresholds=st.lists(st.sampled_from([0.5, 0.7, 0.75, 0.8, 0.9]), min_size=3, max_size=3),
+    distances=st.lists(st.integers(1, 4), min_size=3, max_size=3),
+    exclusive=st.booleans(),
+)
+def test_sparse_window_test_per_class_settings(
+    seed, size, levels, thresholds, distances, exclusive
+):
+    maps = tied_maps(seed, (3, *size), levels)
+    dense, _ = detect(maps, thresholds, distances, exclusive, sparse=False)
+    sparse, used = detect(maps, thresholds, distances, exclusive, sparse=True)
+    assume(used > 0)  # one group of classes (one min_distance) with few pixels above
+    assert_same(dense, sparse)
+
+
+def test_sparse_window_test_is_used_only_for_few_candidates(monkeypatch):
+    maps = tied_maps(1, (2, 32, 32), 5)
+    monkeypatch.setattr(peaks_module, "_SPARSE_MIN_NUMEL", 1)
+    calls = []
+    monkeypatch.setattr(
+        peaks_module, "_sparse_window_peaks", lambda *a: calls.append(1) or sparse_window_peaks(*a)
+    )
+    m = torch.from_numpy(maps)
+    for threshold, sparse in ((0.9, True), (0.0, False)):  # 1 in 8 or fewer above it, or not
+        thr = torch.full((2, 1, 1), threshold)
+        share = float((m > thr).float().mean())
+        assert (share <= 1 / 8) == sparse
+        calls.clear()
+        got = peaks_module._window_peaks(m, thr, 2)
+        assert bool(calls) == sparse
+        np.testing.assert_array_equal(got, torch.nonzero((m == window_max(m, 2)) & (m > thr)))
+    # a map below the size limit takes the dense test
+    monkeypatch.setattr(peaks_module, "_SPARSE_MIN_NUMEL", m.numel() + 1)
+    calls.clear()
+    peaks_module._window_peaks(m, torch.full((2, 1, 1), 0.9), 2)
+    assert not calls
+
+
+def test_sparse_window_test_on_a_non_contiguous_tensor(monkeypatch):
+    maps = torch.from_numpy(tied_maps(2, (2, 30, 20), 5)).transpose(1, 2)  # (2, 20, 30) view
+    assert not maps.is_contiguous()
+    dense, _ = detect(maps, 0.8, 2, True, sparse=False)
+    sparse, used = detect(maps, 0.8, 2, True, sparse=True)
+    assert len(dense) > 0 and used == 1
+    assert_same(dense, sparse)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    size=st.tuples(st.integers(8, 48), st.integers(8, 48)),
+    sigma=st.sampled_from([1.0, 2.0, 3.0]),
+    d=st.integers(1, 5),
+    t=st.sampled_from([0.5, 0.7, 0.9]),
+)
+def test_sparse_window_test_agrees_with_peak_local_max(seed, size, sigma, d, t):
+    maps = smooth_maps(seed, (2, *size), sigma, np.float64)  # float64: no ties in practice
+    assume(all(len(np.unique(m)) == m.size for m in maps))
+    det, used = detect(maps, t, d, False, sparse=True)
+    assume(used == 1)
     for c in range(2):
         ref = peak_local_max(maps[c], min_distance=d, threshold_abs=t, exclude_border=False)
         assert as_set(det, c) == {tuple(rc) for rc in ref.tolist()}
