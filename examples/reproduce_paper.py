@@ -271,6 +271,7 @@ def write_fig2(results: dict[str, list[dict[str, Any]]], test: list, out: Path, 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
+    commit = _commit()  # the code the runs use: read at the start, not when the table is written
     data = args.data if args.data is not None else bundled_endonuke()
     fmt = args.format
     geometry = dict(DATASETS[fmt])
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.time() - started
     meta = {
         "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
-        "commit": _commit(),
+        "commit": commit,
         "machine": f"{platform.processor() or platform.machine()}, {platform.system()}, python "
                    f"{platform.python_version()}",
         "wall_seconds": round(wall, 1),
