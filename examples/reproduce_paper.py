@@ -248,14 +248,18 @@ def write_fig2(results: dict[str, list[dict[str, Any]]], test: list, out: Path, 
                   for row in columns}
     # The crops with most cells of the class of interest show the difference best.
     chosen = sorted(test, key=lambda s: -int((s.classes == 1).sum()))[:n_crops]
+    # Markers scale with the tile so they stay visible when a 640 px tile is shown 3 inches wide.
+    radius = max(3, round(max(chosen[0].image.shape[:2]) / 60)) if chosen else 3
     fig, axes = plt.subplots(len(chosen), len(columns) + 1, figsize=(3.2 * (len(columns) + 1), 3.2 * len(chosen)),
                              squeeze=False)
     for i, sample in enumerate(chosen):
         for j, row in enumerate(columns):
             det = predictors[row].predict(sample.image)
-            axes[i, j].imshow(draw_points(sample.image, det.points, det.classes, num_classes=len(class_names)))
+            axes[i, j].imshow(draw_points(sample.image, det.points, det.classes, num_classes=len(class_names),
+                                         radius=radius))
             axes[i, j].set_title(f"{row}: {len(det)} cells" if i == 0 else f"{len(det)} cells", fontsize=9)
-        axes[i, -1].imshow(draw_points(sample.image, sample.points, sample.classes, num_classes=len(class_names)))
+        axes[i, -1].imshow(draw_points(sample.image, sample.points, sample.classes, num_classes=len(class_names),
+                                      radius=radius))
         axes[i, -1].set_title(("Ground truth: " if i == 0 else "") + f"{len(sample.points)} cells", fontsize=9)
         axes[i, 0].set_ylabel(sample.key, fontsize=8)
         for ax in axes[i]:
@@ -264,7 +268,7 @@ def write_fig2(results: dict[str, list[dict[str, Any]]], test: list, out: Path, 
     fig.suptitle("(a) Ours   (b) Ours++   (c) Ground truth    colours: " +
                  ", ".join(f"{c}={n}" for c, n in enumerate(class_names)), fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "fig2.png", dpi=120)
+    fig.savefig(out / "fig2.png", dpi=100)
     plt.close(fig)
 
 
