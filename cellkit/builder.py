@@ -26,6 +26,7 @@ __all__ = [
     "build_targets",
     "check_config",
     "config_problems",
+    "model_problems",
 ]
 
 ACTIVATIONS = ("sigmoid", "identity")
@@ -63,24 +64,29 @@ def _kwargs_problems(registry: Registry[Any], name: str, kwargs: Mapping[str, An
     return problems
 
 
-def config_problems(cfg: CellkitConfig, *, _where: str = "config") -> list[str]:
-    """Every problem of ``cfg`` as a list of messages (empty when it can be built)."""
+def model_problems(m: ModelConfig, where: str = "model") -> list[str]:
+    """Every problem of a :class:`ModelConfig` (names, kwargs, heads, classes, activation)."""
     _ensure_plugins()
-    problems: list[str] = []
-    m = cfg.model
-    problems += _kwargs_problems(ENCODERS, m.encoder, m.encoder_kwargs, f"{_where}.model.encoder")
+    problems = _kwargs_problems(ENCODERS, m.encoder, m.encoder_kwargs, f"{where}.encoder")
     problems += _kwargs_problems(
-        DECODERS, m.decoder, m.decoder_kwargs, f"{_where}.model.decoder",
+        DECODERS, m.decoder, m.decoder_kwargs, f"{where}.decoder",
         provided=("encoder_channels", "encoder_strides", "num_classes"),
     )
     if "main" not in m.heads:
-        problems.append(f"{_where}.model.heads: 'main' is required (used at inference), got {list(m.heads)}")
+        problems.append(f"{where}.heads: 'main' is required (used at inference), got {list(m.heads)}")
     if len(set(m.heads)) != len(m.heads):
-        problems.append(f"{_where}.model.heads: duplicate head names in {list(m.heads)}")
+        problems.append(f"{where}.heads: duplicate head names in {list(m.heads)}")
     if not isinstance(m.num_classes, int) or m.num_classes < 1:
-        problems.append(f"{_where}.model.num_classes: expected an integer >= 1, got {m.num_classes!r}")
+        problems.append(f"{where}.num_classes: expected an integer >= 1, got {m.num_classes!r}")
     if m.activation not in ACTIVATIONS:
-        problems.append(f"{_where}.model.activation: expected one of {ACTIVATIONS}, got {m.activation!r}")
+        problems.append(f"{where}.activation: expected one of {ACTIVATIONS}, got {m.activation!r}")
+    return problems
+
+
+def config_problems(cfg: CellkitConfig, *, _where: str = "config") -> list[str]:
+    """Every problem of ``cfg`` as a list of messages (empty when it can be built)."""
+    problems = model_problems(cfg.model, where=f"{_where}.model")
+    m = cfg.model
     for tname, spec in cfg.targets.items():
         problems += _kwargs_problems(MASKS, spec.name, spec.kwargs, f"{_where}.targets.{tname}")
     if not cfg.losses:
@@ -144,7 +150,7 @@ def build_model(cfg: CellkitConfig | ModelConfig) -> nn.Module:
         m = cfg.model
     else:
         m = cfg
-        problems = config_problems(CellkitConfig(model=m, losses=[_dummy_loss()]))
+        problems = model_problems(m)
         if problems:
             raise ConfigError("Model config problems:\n  - " + "\n  - ".join(problems))
     from cellkit.models import MultiDecoderModel
@@ -163,12 +169,6 @@ def build_model(cfg: CellkitConfig | ModelConfig) -> nn.Module:
     model = MultiDecoderModel(encoder, decoders)
     model.activation = m.activation
     return model
-
-
-def _dummy_loss() -> Any:
-    from cellkit.config import LossSpec
-
-    return LossSpec("consistency", against="main")
 
 
 def build_losses(cfg: CellkitConfig) -> nn.Module:

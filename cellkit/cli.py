@@ -23,11 +23,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from cellkit.data.readers import FORMATS
+from cellkit.presets import PRESETS, SIZES as _PRESET_SIZES
+
 __all__ = ["build_parser", "main"]
 
-FORMATS = ("csv", "bcdata", "endonuke", "geojson")
-PRESET_NAMES = ("fcrn", "estimate_mask", "ours", "ours_plus", "ours_plus_plus")
-SIZES = ("cpu", "paper")
+# One source of truth: the readers' formats and the presets module's names and sizes.
+PRESET_NAMES = tuple(PRESETS)
+SIZES = tuple(_PRESET_SIZES)
 
 
 # --------------------------------------------------------------------------- parsing

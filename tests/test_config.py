@@ -184,3 +184,15 @@ def test_plugin_registered_from_user_code_is_picked_up_by_the_builder():
             cellkit.build_targets(bad)
     finally:
         cellkit.MASKS.unregister("test_square")
+
+
+def test_build_model_from_a_model_config_reports_its_problems():
+    with pytest.raises(ConfigError) as info:
+        cellkit.build_model(cellkit.ModelConfig(encoder="resnet181", heads=("aux",), activation="softmax"))
+    msg = str(info.value)
+    assert "Unknown encoder 'resnet181'" in msg
+    assert "model.heads: 'main' is required" in msg
+    assert "model.activation: expected one of ('sigmoid', 'identity'), got 'softmax'" in msg
+    model = cellkit.build_model(cellkit.ModelConfig(encoder_kwargs={"width_multiplier": 0.25},
+                                                    decoder_kwargs={"width": 16, "low_level_width": 8}))
+    assert list(model.heads) == ["main"]
