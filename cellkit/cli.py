@@ -23,12 +23,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from cellkit.data.readers import FORMATS
+from cellkit.data.formats import FORMATS as _FORMATS, get_format
 from cellkit.presets import PRESETS, SIZES as _PRESET_SIZES
 
 __all__ = ["build_parser", "main"]
 
-# One source of truth: the readers' formats and the presets module's names and sizes.
+# One source of truth: the formats registry and the presets module's names and sizes.
+FORMATS = tuple(_FORMATS)
 PRESET_NAMES = tuple(PRESETS)
 SIZES = tuple(_PRESET_SIZES)
 
@@ -109,6 +110,20 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _length(text: str) -> tuple[float, str]:
+    """``"16"`` (pixels) or ``"8um"`` (micrometres) -> ``(value, unit)``."""
+    raw = text.strip().lower()
+    unit = "um" if raw.endswith(("um", "µm")) else "px"
+    number = raw[:-2] if unit == "um" else raw.removesuffix("px")
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a length such as 16 (pixels) or 8um, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive length, got {text!r}")
+    return value, unit
+
+
 def _number_list(kind: type) -> Callable[[str], list[Any]]:
     """``"0.5"`` or ``"0.5,0.4"`` -> a list of numbers (one, or one per class)."""
 
@@ -143,8 +158,8 @@ def _add_data_options(p: argparse.ArgumentParser, required: bool) -> None:
         metavar="{" + ",".join(FORMATS) + "}",
         required=required,
         default=None,
-        help="dataset layout: csv (<stem>.csv beside images), bcdata, endonuke (images/ + labels/), "
-        "geojson (QuPath points)" + ("" if required else "; default endonuke"),
+        help="dataset layout: " + "; ".join(f"{n} ({get_format(n).description})" for n in FORMATS)
+        + ("" if required else "; default endonuke"),
     )
     p.add_argument(
         "--class-map",
@@ -198,8 +213,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", metavar="RUN_DIR", required=True, help="run folder for checkpoints and logs")
     _add_data_options(t, required=False)
     t.add_argument("--class-names", metavar="A,B,...", help="names of the classes, index order")
-    t.add_argument("--radius", type=_positive_float, help="circle (target) radius in pixels, about half a cell")
-    t.add_argument("--epochs", type=_positive_int, help="number of epochs")
+    t.add_argument("--radius", type=_positive_float,
+                   help="circle (target) radius in pixels, about half a cell (default: from the cell diameter)")
+    t.add_argument("--cell-diameter", type=_length, metavar="D[um]",
+                   help="the cells' diameter in pixels, or in micrometres with the suffix um (needs --mpp); "
+                   "every size (targets, peak distance, validation radius) follows from it. Default: "
+                   "estimated from the training points")
+    t.add_argument("--mpp", type=_positive_float, help="micrometres per pixel of the images")
+    t.add_argument("--steps", type=_positive_int, help="optimizer steps in all (default: the preset's)")
+    t.add_argument("--val-every-steps", type=_positive_int, help="validate and checkpoint every this many steps")
+    t.add_argument("--pretrain-fraction", type=_positive_float, metavar="F",
+                   help="ours_plus_plus: stop stage 1 after this share of the steps (default: the preset's)")
+    t.add_argument("--no-calibrate", action="store_true",
+                   help="keep the config's peak thresholds instead of calibrating them on the validation images")
+    t.add_argument("--epochs", type=_positive_int, help="number of epochs (an epoch schedule instead of --steps)")
     t.add_argument("--batch-size", type=_positive_int, help="images per step")
     t.add_argument("--crop-size", type=_positive_int, help="side of the random training crops, pixels")
     t.add_argument("--steps-per-epoch", type=_positive_int, help="batches per epoch (default: one pass)")
@@ -290,32 +317,60 @@ def _set_num_classes(cfg: Any, num_classes: int) -> None:
         cfg = cfg.pretrain
 
 
-def _set_radius(cfg: Any, radius: float) -> None:
-    """Set the radius of every target that has one (circle, random_polygon, estimated)."""
-    while cfg is not None:
-        for spec in cfg.targets.values():
-            if "radius" in spec.kwargs:
-                spec.kwargs["radius"] = radius
-        cfg = cfg.pretrain
-
-
 def build_train_config(args: argparse.Namespace) -> Any:
     """The training config of ``cellkit train``'s arguments: preset or file, then the overrides."""
     from cellkit.config import CellkitConfig
-    from cellkit.presets import get_preset
+    from cellkit.presets import get_preset, set_pretrain_fraction
+
+    from cellkit.geometry import Geometry, apply_geometry
 
     cmap = _parse_class_map(args.class_map, args.class_names)
+    diameter = None
+    if args.cell_diameter is not None:
+        if args.radius is not None:
+            raise ValueError("--radius and --cell-diameter both set the cell size; give one (radius = diameter / 2).")
+        value, unit = args.cell_diameter
+        if unit == "um":
+            if args.mpp is None:
+                raise ValueError(f"--cell-diameter {value:g}um needs --mpp (micrometres per pixel) to be in pixels.")
+            value = value / args.mpp
+        diameter = value
+    elif args.radius is not None:
+        diameter = 2 * args.radius
     if args.config:
         if args.size is not None:
             raise ValueError("--size chooses a preset's model; with --config, set the model in the file.")
         cfg = CellkitConfig.from_yaml(Path(args.config))
-        if args.radius is not None:
-            _set_radius(cfg, args.radius)
+        if diameter is not None:
+            cfg = apply_geometry(cfg, Geometry(diameter, "given", args.mpp))
+        if args.steps is not None:
+            old = cfg.train.steps
+            cfg.train.steps = args.steps
+            if cfg.pretrain is not None and cfg.pretrain.train.steps is not None and old:
+                set_pretrain_fraction(cfg, cfg.pretrain.train.steps / old)
+        if args.pretrain_fraction is not None:
+            set_pretrain_fraction(cfg, args.pretrain_fraction)
     else:
+        name = args.preset or "ours"
         kwargs: dict[str, Any] = {"size": args.size or "cpu"}
-        if args.radius is not None:
-            kwargs["radius"] = args.radius
-        cfg = get_preset(args.preset or "ours", **kwargs)
+        if diameter is not None:
+            kwargs["cell_diameter"] = diameter
+        if args.steps is not None:
+            kwargs["steps"] = args.steps
+        if args.pretrain_fraction is not None:
+            if name != "ours_plus_plus":
+                raise ValueError(f"--pretrain-fraction is for ours_plus_plus (stage 1); {name} has no stage 1.")
+            kwargs["pretrain_fraction"] = args.pretrain_fraction
+        cfg = get_preset(name, **kwargs)
+    if args.mpp is not None:
+        stage = cfg
+        while stage is not None:
+            stage.data.mpp = args.mpp
+            stage = stage.pretrain
+    if args.val_every_steps is not None:
+        cfg.train.val_every_steps = args.val_every_steps
+    if args.no_calibrate:
+        cfg.train.calibrate = False
 
     data = cfg.data
     if args.data is not None:
@@ -339,19 +394,19 @@ def build_train_config(args: argparse.Namespace) -> Any:
         data.class_map = {str(k): int(v) for k, v in cmap.mapping.items()}
         data.class_names = tuple(cmap.names)
         _set_num_classes(cfg, cmap.num_classes)
-    elif data.class_map is None and data.format == "endonuke" and cfg.model.num_classes == 2:
-        # EndoNuke labels stroma 0 / epithelium 1 / other 2: the paper's two-class form takes
-        # epithelium as the class of interest and the rest as "other cells".
-        from cellkit.data.classes import ENDONUKE_EPITHELIUM
-
-        data.class_map = {str(k): int(v) for k, v in ENDONUKE_EPITHELIUM.mapping.items()}
-        data.class_names = tuple(ENDONUKE_EPITHELIUM.names)
-    elif data.class_map is None and data.format == "bcdata" and data.class_names is None:
-        from cellkit.data.classes import BCDATA
-
-        data.class_names = tuple(BCDATA.names)
+    elif data.class_map is None:
+        # The format's usual task for this many classes (EndoNuke with 2: epithelium against
+        # the rest, as in the paper; BCData: negative, positive).
+        default = get_format(data.format).class_map(cfg.model.num_classes)
+        if default is not None:
+            data.class_map = {str(k): int(v) for k, v in default.mapping.items()}
+            data.class_names = tuple(default.names)
 
     tr = cfg.train
+    if args.epochs is not None:
+        if args.steps is not None:
+            raise ValueError("--steps and --epochs are two schedules; give one.")
+        tr.steps = None  # an epoch schedule: epochs x (steps per epoch or one pass)
     for attr, value in (
         ("epochs", args.epochs),
         ("batch_size", args.batch_size),

@@ -115,24 +115,50 @@ class PostprocessConfig:
 class TrainConfig:
     """How to train (the paper: Adam, lr 1e-3, betas (0.9, 0.999), weight decay 2e-5).
 
+    A run is measured in optimizer **steps** when ``steps`` is set (the presets' default):
+    ``steps`` batches in all, validated every ``val_every_steps`` steps, whatever the number
+    of images. With ``steps = None`` it runs ``epochs`` x ``steps_per_epoch`` batches.
+    The learning rate warms up linearly over the first ``warmup`` share of the steps, then
+    follows ``scheduler`` (per step) to the end.
+
     Attributes:
+        steps: total optimizer steps (``None``: ``epochs`` x ``steps_per_epoch``).
+        val_every_steps: with ``steps``, validate (and checkpoint) every this many steps.
+        warmup: share of the steps with a linear learning-rate warm-up (0 = none).
+        cell_crop: probability that a training crop is placed on a random annotated cell,
+            else the crop is uniform over the image.
+        balance_classes: cells for ``cell_crop`` are drawn class first (a class chosen
+            uniformly, then one of its cells anywhere in the training split), so a rare
+            class is seen as often as a common one; else uniformly over all cells of the
+            image.
+        calibrate: pick each class's peak threshold (and minimum distance) that maximises
+            F1 on the validation images, at every validation, and store it in the
+            checkpoint (``cellkit predict`` uses it unless ``--threshold`` is given).
         epochs: passes over ``steps_per_epoch`` batches (or the whole training split).
         batch_size: images per step.
         crop_size: side of the random training crops (smaller images are padded).
         steps_per_epoch: batches per epoch; ``None`` = one pass over the training split.
         lr, betas, weight_decay: Adam's settings.
-        scheduler: ``None``, ``"cosine"`` or ``"step"`` (x0.1 at 2/3 of the epochs).
+        scheduler: ``None`` (constant after the warm-up), ``"cosine"`` (to 0 at the last
+            step) or ``"step"`` (x0.1 at 2/3 of the steps).
         grad_clip: max gradient norm, or ``None``.
         amp: mixed precision (CUDA only; ignored on the CPU).
         channels_last: memory format of the model and inputs.
         seed: makes a CPU run repeatable.
         num_workers: DataLoader workers (0 = in the main process).
-        radius: matching radius (pixels) of the validation F1.
+        radius: matching radius (pixels) of the validation F1 (set from the cell diameter
+            when ``data.cell_diameter`` is used).
         augment: keyword arguments of :class:`cellkit.data.Augment` (``{}`` = defaults,
             ``None`` = no augmentation).
-        val_every: validate every this many epochs.
+        val_every: validate every this many epochs (when ``steps`` is None).
     """
 
+    steps: int | None = None
+    val_every_steps: int = 100
+    warmup: float = 0.0
+    cell_crop: float = 0.0
+    balance_classes: bool = False
+    calibrate: bool = False
     epochs: int = 50
     batch_size: int = 8
     crop_size: int = 256
@@ -163,6 +189,12 @@ class DataConfig:
         split: the BCData split folder (``train``/``validation``/``test``), if any.
         val_fraction, test_fraction: held-out shares, split by group (slide/tile range).
         split_seed: seed of the split.
+        cell_diameter: the cells' diameter in pixels, from which the target sizes, peak
+            distance and validation matching radius are derived
+            (:func:`cellkit.geometry.apply_geometry`); ``"auto"`` = estimated from the
+            training points at the start of training (the number found is what the run's
+            ``config.yaml`` records); ``None`` = use the sizes written in the config.
+        mpp: micrometres per pixel of the images, when known (recorded with the model).
     """
 
     root: str | None = None
@@ -173,6 +205,8 @@ class DataConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     split_seed: int = 0
+    cell_diameter: float | str | None = None
+    mpp: float | None = None
 
 
 @dataclass

@@ -105,7 +105,9 @@ def test_paper_variants_heads_and_weights():
         "prior/prior": 0.5,
     }
     assert plusplus.pretrain is not None and [s.name for s in plusplus.pretrain.losses] == ["ce"]
-    assert cellkit.presets.ours_plus_plus(size="paper").pretrain.train.epochs == 10
+    paper = cellkit.presets.ours_plus_plus(size="paper")
+    # stage 1 stops at the paper's 10 % of stage 2 (10 of 100 epochs there; here in steps)
+    assert paper.pretrain.train.steps == round(0.1 * paper.train.steps)
     assert cellkit.presets.ours(size="paper").model.encoder == "resnet101"
 
 

@@ -40,9 +40,12 @@ def tiny(name: str = "ours", epochs: int = 1, **train: object) -> CellkitConfig:
         c.model.decoder_kwargs.update(width=16, low_level_width=8)
         c.train.crop_size = 64
         c.train.batch_size = 2
+        c.train.steps = None  # an epoch schedule (the step schedule is tested in test_recipe.py)
         c.train.steps_per_epoch = 2
         c.train.epochs = 1
         c.train.num_workers = 0
+        c.data.cell_diameter = 8.0  # the presets' placeholder sizes: the config round-trips as is
+        c.train.warmup, c.train.scheduler = 0.0, None  # a constant learning rate
     cfg.train.epochs = epochs
     for key, value in train.items():
         setattr(cfg.train, key, value)

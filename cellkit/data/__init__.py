@@ -30,8 +30,8 @@ from .io import (
     write_bytes_atomic,
     write_text_atomic,
 )
+from .formats import FORMATS, DatasetFormat, get_format
 from .readers import (
-    FORMATS,
     PointRecords,
     detect_format,
     load_dataset,
@@ -53,6 +53,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "Augment",
     "ClassMap",
+    "DatasetFormat",
     "DataError",
     "DataWarning",
     "PointDataset",
@@ -66,6 +67,7 @@ __all__ = [
     "crop",
     "detect_format",
     "endonuke_group",
+    "get_format",
     "flip",
     "flip_points",
     "get_class_map",

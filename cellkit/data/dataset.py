@@ -215,6 +215,7 @@ def random_crop(
     rng: np.random.Generator | int | None = None,
     cell_bias: float = 0.0,
     pad_value: int = 0,
+    anchor: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
     """A random window of ``size``; images smaller than it are padded first (:func:`pad_to`).
 
@@ -227,6 +228,8 @@ def random_crop(
         cell_bias: probability of choosing a window that contains a random annotated
             point (useful when cells are sparse); otherwise the window is uniform.
         pad_value: image pad value.
+        anchor: index of a point the window must contain (at a random place in it);
+            overrides ``cell_bias``.
 
     Returns:
         ``(image, points, maps, keep)`` as :func:`crop`.
@@ -244,8 +247,13 @@ def random_crop(
     image, pts, maps = pad_to(image, pts, (h, w), maps, rng=gen, value=pad_value)
     H, W = image.shape[:2]
     top = left = None
-    if n and cell_bias > 0 and gen.random() < cell_bias:
-        px, py = pts[int(gen.integers(0, n))]
+    if anchor is not None and not 0 <= int(anchor) < n:
+        raise ValueError(f"anchor {anchor} is not the index of one of the {n} points.")
+    chosen = int(anchor) if anchor is not None else None
+    if chosen is None and n and cell_bias > 0 and gen.random() < cell_bias:
+        chosen = int(gen.integers(0, n))
+    if chosen is not None:
+        px, py = pts[chosen]
         # windows whose pixel-centre range [left, left + w - 1] contains px
         lo_x, hi_x = max(0, int(np.ceil(px)) - w + 1), min(W - w, int(np.floor(px)))
         lo_y, hi_y = max(0, int(np.ceil(py)) - h + 1), min(H - h, int(np.floor(py)))
@@ -275,6 +283,10 @@ class PointDataset(Dataset):
         length: items per epoch (default ``len(samples)``); item ``i`` uses sample
             ``i % len(samples)``, so a longer epoch draws several crops per image.
         cell_bias: probability that a crop is placed to contain an annotated point.
+        balance_classes: with ``cell_bias``, the point is drawn class first: a class
+            uniformly among those annotated in ``samples``, then one of its cells anywhere
+            in ``samples`` (the item's image is that cell's), so a rare class is seen as
+            often as a common one. Otherwise a point of the item's own image.
         pad_value: image value used to pad images smaller than the crop.
 
     Items are dicts: ``image`` (3, h, w) float32 normalised (``image_to_tensor``),
@@ -303,6 +315,7 @@ class PointDataset(Dataset):
         length: int | None = None,
         *,
         cell_bias: float = 0.0,
+        balance_classes: bool = False,
         pad_value: int = 0,
     ) -> None:
         self.samples = list(samples)
@@ -330,6 +343,16 @@ class PointDataset(Dataset):
         if not 0.0 <= cell_bias <= 1.0:
             raise ValueError(f"cell_bias is a probability in [0, 1], got {cell_bias!r}.")
         self.cell_bias = float(cell_bias)
+        self.balance_classes = bool(balance_classes)
+        # class -> (M, 2) array of (sample index, point index), for class-balanced crops.
+        self._cells: dict[int, np.ndarray] = {}
+        if self.balance_classes:
+            pairs: dict[int, list[np.ndarray]] = {}
+            for si, s in enumerate(self.samples):
+                for c in np.unique(s.classes):
+                    idx = np.flatnonzero(s.classes == c)
+                    pairs.setdefault(int(c), []).append(np.stack([np.full(len(idx), si), idx], axis=1))
+            self._cells = {c: np.concatenate(v) for c, v in sorted(pairs.items())}
         self.pad_value = int(pad_value)
         # Shared memory: set_epoch in the main process reaches persistent workers too.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
@@ -374,6 +397,12 @@ class PointDataset(Dataset):
         index = index % self.length
         sample = self.samples[index % len(self.samples)]
         rng = np.random.default_rng([self.seed, self.epoch, index])
+        anchor = None
+        if self._cells and self.crop_size is not None and self.cell_bias > 0 and rng.random() < self.cell_bias:
+            classes_present = list(self._cells)
+            cells = self._cells[classes_present[int(rng.integers(0, len(classes_present)))]]
+            si, anchor = (int(v) for v in cells[int(rng.integers(0, len(cells)))])
+            sample = self.samples[si]
         maps, layout = self._per_image(sample)
         image = sample.image
         h, w = sample.shape
@@ -382,8 +411,9 @@ class PointDataset(Dataset):
         classes = sample.classes
         if self.crop_size is not None:
             image, points, maps, keep = random_crop(
-                image, points, self.crop_size, maps, rng=rng, cell_bias=self.cell_bias,
-                pad_value=self.pad_value,
+                image, points, self.crop_size, maps, rng=rng,
+                cell_bias=0.0 if self.balance_classes else self.cell_bias,
+                pad_value=self.pad_value, anchor=anchor,
             )
             classes = classes[keep]
         if self.augment is not None:

@@ -55,7 +55,6 @@ from .dataset import Sample
 from .io import IMAGE_EXTENSIONS, DataError, DataWarning, load_image
 
 __all__ = [
-    "FORMATS",
     "PointRecords",
     "detect_format",
     "load_dataset",
@@ -64,9 +63,6 @@ __all__ = [
     "read_endonuke_labels",
     "read_geojson_points",
 ]
-
-#: The dataset formats :func:`load_dataset` reads.
-FORMATS: tuple[str, ...] = ("csv", "bcdata", "endonuke", "geojson")
 
 OnError = Literal["raise", "skip"]
 ClassMapSpec = ClassMap | Mapping[Any, Any] | Sequence[str] | str | None
@@ -653,12 +649,6 @@ def _read_bcdata(files: Mapping[str, Path], class_map: ClassMap) -> PointRecords
     return PointRecords(np.concatenate(points).reshape(-1, 2), np.concatenate(classes), None, where)
 
 
-_JOBS: dict[str, Callable[[Path, ClassMap | None, Any], list[_Job]]] = {
-    "csv": _csv_jobs,
-    "bcdata": _bcdata_jobs,
-    "endonuke": _endonuke_jobs,
-    "geojson": _geojson_jobs,
-}
 
 _NOTE_TEXT = {
     "transparent": "had transparent pixels; the alpha channel was dropped, so those pixels "
@@ -689,7 +679,7 @@ def detect_format(root: str | os.PathLike[str]) -> str:
     raise DataError(
         f"{r}: cannot tell the dataset format (expected images/ + labels/ for endonuke, "
         "images/ + annotations/ for bcdata, or images beside .csv or .geojson files); pass "
-        f"format= one of {FORMATS}."
+        "format= one of cellkit.data.FORMATS."
     )
 
 
@@ -704,7 +694,7 @@ def load_dataset(
 
     Args:
         root: the dataset folder (layouts in the module docstring).
-        format: one of :data:`FORMATS`, or ``"auto"`` to guess from the folder.
+        format: one of :data:`cellkit.data.formats.FORMATS`, or ``"auto"`` to guess from the folder.
         class_map: a :class:`ClassMap`, a preset name (``"bcdata"``,
             ``"endonuke_epithelium"``), a dict or ``"src=dst"`` strings. Default: BCData's
             ``negative=0, positive=1`` for bcdata; the integer classes as written for the
@@ -735,16 +725,20 @@ def load_dataset(
         raise FileNotFoundError(f"{r}: no such dataset folder.")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
+    from .formats import FORMATS, get_format
+
     fmt = format.lower().strip()
     if fmt == "auto":
         fmt = detect_format(r)
-    if fmt not in _JOBS:
-        close = difflib.get_close_matches(fmt, FORMATS, n=1)
+    if fmt not in FORMATS:
+        close = difflib.get_close_matches(fmt, list(FORMATS), n=1)
         hint = f"By {format!r}, did you mean {close[0]!r}? " if close else ""
-        raise ValueError(f"{hint}Unknown dataset format {format!r}; formats are {FORMATS} or 'auto'.")
+        raise ValueError(
+            f"{hint}Unknown dataset format {format!r}; formats are {', '.join(FORMATS)} or 'auto'."
+        )
     cmap = None if class_map is None else ClassMap.parse(class_map)
 
-    jobs = _JOBS[fmt](r, cmap, split)
+    jobs = get_format(fmt).jobs(r, cmap, split)
     if not jobs:
         raise DataError(f"{r}: no images or label files found for format {fmt!r}.")
     samples: list[Sample] = []

@@ -114,12 +114,9 @@ def _read_meta(pred_dir: Path) -> dict[str, Any]:
 
 
 def _default_names(format: str, num_classes: int) -> list[str] | None:
-    from cellkit.data.classes import BCDATA, ENDONUKE
+    from cellkit.data.formats import FORMATS, get_format
 
-    for fmt, cmap in (("bcdata", BCDATA), ("endonuke", ENDONUKE)):
-        if format == fmt and cmap.num_classes == num_classes:
-            return list(cmap.names)
-    return None
+    return get_format(format).class_names(num_classes) if format in FORMATS else None
 
 
 def jsonable(value: Any) -> Any:

@@ -49,8 +49,9 @@ __all__ = [
     "tile_starts",
 ]
 
-#: File suffixes taken from a folder by :func:`list_images`.
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+#: File suffixes taken from a folder by :func:`list_images` (the formats' own, so every
+#: image cellkit trains on can be predicted).
+from cellkit.data.formats import IMAGE_SUFFIXES  # noqa: E402
 
 PostProcess = Callable[[Any], Detections]
 
@@ -410,7 +411,9 @@ class Predictor:
         Args:
             path: a checkpoint file, or a run folder holding ``best.pt`` / ``last.pt``.
             device: ``None`` = CUDA when available, else the CPU.
-            threshold: peak threshold, one value or one per class (default: the config's).
+            threshold: peak threshold, one value or one per class (default: the one
+                calibrated on the validation images, stored in the checkpoint, else the
+                config's).
             min_distance: peak minimum distance in pixels, one or one per class.
             tile_size, overlap, batch_size, amp: see :func:`predict_probabilities`.
 
@@ -427,7 +430,8 @@ class Predictor:
         dev = _resolve_device(device)
         model, cfg, ckpt = load_model(path, device=dev)
         num_classes = int(cfg.model.num_classes)
-        kwargs = dict(cfg.postprocess.kwargs)
+        # The thresholds calibrated on the validation images at training time, when stored.
+        kwargs = dict(ckpt.get("postprocess") or cfg.postprocess.kwargs)
         for name, value in (("threshold", threshold), ("min_distance", min_distance)):
             if value is None:
                 continue

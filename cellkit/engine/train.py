@@ -89,14 +89,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellkit.builder import (
-    apply_activation,
-    build_losses,
-    build_model,
-    build_postprocess,
-    build_targets,
-    check_config,
-)
+from cellkit.builder import build_losses, build_model, build_targets, check_config
 from cellkit.config import CellkitConfig, ConfigError, TrainConfig
 from cellkit.engine.checkpoint import file_fingerprint, load_checkpoint, load_model, save_checkpoint
 from cellkit.engine.distributed import (
@@ -214,6 +207,10 @@ def fit(
         _check_out_dir(out, resume)
         barrier()
         split, class_names = _resolve_splits(cfg, samples, splits)
+        cfg, notes = resolve_for_data(cfg, split["train"])
+        if info.is_main and progress is not False:
+            for note in notes:
+                print(note, file=sys.stderr, flush=True)
         if info.is_main and not (out / "config.yaml").exists():
             # Marks the folder as a run from the start (stage 1 can take a while); a resumed
             # run keeps its own until its config is checked against this one.
@@ -235,6 +232,60 @@ def fit(
         return result
     finally:
         shutdown_distributed(created)
+
+
+def resolve_for_data(cfg: CellkitConfig, train: Sequence[Any]) -> tuple[CellkitConfig, list[str]]:
+    """The config to train on these training images, and lines saying what was chosen.
+
+    * **geometry**: ``data.cell_diameter`` ``"auto"`` is estimated from the training points
+      (never the validation or test ones) and every size derived from it
+      (:func:`cellkit.geometry.resolve_geometry`);
+    * **crops**: a ``crop_size`` larger than every training image is cut to the smallest
+      image side (rounded down to a multiple of 32), instead of padding every crop;
+    * the schedule, stated.
+
+    The returned config is what ``config.yaml`` and the checkpoints record, so a resumed
+    run resolves to the same one.
+    """
+    from cellkit.geometry import resolve_geometry
+
+    cfg, geometry = resolve_geometry(cfg, train)
+    notes = []
+    if geometry is not None:
+        notes.append("geometry: " + geometry.describe())
+    smallest = min((min(s.image.shape[:2]) for s in train), default=None)
+    stage: CellkitConfig | None = cfg
+    while stage is not None:
+        t = stage.train
+        if smallest is not None and t.crop_size is not None and t.crop_size > smallest:
+            new = max(32, smallest // 32 * 32) if smallest >= 32 else smallest
+            notes.append(f"crops: {new} px (train.crop_size {t.crop_size} is larger than the smallest "
+                         f"training image side, {smallest} px)")
+            t.crop_size = new
+        stage = stage.pretrain
+    notes.append("schedule: " + describe_schedule(cfg))
+    return cfg, notes
+
+
+def describe_schedule(cfg: CellkitConfig) -> str:
+    """One line: steps, batch, crops, learning rate, validation (and stage 1)."""
+    def one(t: TrainConfig) -> str:
+        if t.steps is not None:
+            length = f"{t.steps} steps, validation every {t.val_every_steps}"
+        else:
+            per = t.steps_per_epoch if t.steps_per_epoch else "one pass"
+            length = f"{t.epochs} epochs of {per} steps"
+        lr = f"lr {t.lr:g}" + (f", {t.warmup:.0%} warm-up" if t.warmup else "")
+        lr += f", {t.scheduler} decay" if t.scheduler else ", constant"
+        crops = f"crops {t.crop_size}" if t.crop_size else "whole images"
+        sampling = (f", {t.cell_crop:.0%} of crops on a cell{' of a class drawn uniformly' if t.balance_classes else ''}"
+                    if t.cell_crop else "")
+        return f"{length}, batch {t.batch_size}, {crops}{sampling}, {lr}"
+
+    text = one(cfg.train) + (", peak thresholds calibrated on the validation images" if cfg.train.calibrate else "")
+    if cfg.pretrain is not None:
+        text += f"; stage 1: {one(cfg.pretrain.train)}"
+    return text
 
 
 def run_score(f1: Mapping[str, float | None] | None) -> float:
@@ -279,6 +330,16 @@ def _check_train(t: TrainConfig, where: str) -> None:
         problems.append(f"{where}.val_every: expected an integer >= 1, got {t.val_every!r}")
     if t.crop_size is not None and (not isinstance(t.crop_size, int) or t.crop_size < 1):
         problems.append(f"{where}.crop_size: expected an integer >= 1, got {t.crop_size!r}")
+    if t.steps is not None and (isinstance(t.steps, bool) or not isinstance(t.steps, int) or t.steps < 1):
+        problems.append(f"{where}.steps: expected None or an integer >= 1, got {t.steps!r}")
+    if isinstance(t.val_every_steps, bool) or not isinstance(t.val_every_steps, int) or t.val_every_steps < 1:
+        problems.append(f"{where}.val_every_steps: expected an integer >= 1, got {t.val_every_steps!r}")
+    for name in ("warmup", "cell_crop"):
+        value = getattr(t, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1 \
+                or (name == "warmup" and value >= 1):
+            bound = "[0, 1)" if name == "warmup" else "[0, 1]"
+            problems.append(f"{where}.{name}: expected a share in {bound}, got {value!r}")
     if problems:
         raise ConfigError("Invalid training config:\n  - " + "\n  - ".join(problems))
 
@@ -355,9 +416,9 @@ def _resolve_splits(cfg: CellkitConfig, samples: Sequence[Any] | None,
 def _class_map(cfg: CellkitConfig) -> Any:
     """``cfg.data.class_map``, or the format's usual map for ``model.num_classes`` classes.
 
-    EndoNuke with 2 classes reads as the paper's task (epithelium = 1, stroma and other = 0,
-    :data:`cellkit.data.ENDONUKE_EPITHELIUM`), with 3 as its own classes; BCData as
-    negative = 0, positive = 1. Other formats keep their labels as written.
+    The defaults live in :mod:`cellkit.data.formats` (EndoNuke with 2 classes reads as the
+    paper's task, epithelium = 1 and the rest 0; BCData as negative = 0, positive = 1).
+    Formats without one keep their labels as written.
     """
     from cellkit import data
 
@@ -365,13 +426,7 @@ def _class_map(cfg: CellkitConfig) -> Any:
     if d.class_map is not None:
         names = list(d.class_names) if d.class_names else None
         return data.ClassMap.parse(dict(d.class_map), names=names)
-    k = cfg.model.num_classes
-    fmt = d.format.lower()
-    if fmt == "endonuke":
-        return {2: data.ENDONUKE_EPITHELIUM, 3: data.ENDONUKE}.get(k)
-    if fmt == "bcdata" and k == 2:
-        return data.BCDATA
-    return None
+    return data.get_format(d.format).class_map(cfg.model.num_classes)
 
 
 def _split(samples: list[Any], cfg: CellkitConfig) -> dict[str, list[Any]]:
@@ -380,7 +435,7 @@ def _split(samples: list[Any], cfg: CellkitConfig) -> dict[str, list[Any]]:
 
     d = cfg.data
     fractions = (max(0.0, 1.0 - d.val_fraction - d.test_fraction), d.val_fraction, d.test_fraction)
-    group = {"endonuke": data.endonuke_group, "bcdata": data.bcdata_group}.get(d.format.lower())
+    group = data.get_format(d.format).group
     try:
         parts = data.split_by_group(samples, group, fractions=fractions, seed=d.split_seed,
                                     names=("train", "val", "test"))
@@ -418,13 +473,53 @@ def _prior_overrides(cfg: CellkitConfig, stage1: Path, cache_dir: Path,
     }
 
 
-def _build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig) -> Any:
-    if t.scheduler is None:
+def schedule_factor(step: int, total: int, warmup: float, scheduler: str | None) -> float:
+    """The learning-rate multiplier at optimizer step ``step`` (0-based) of ``total``.
+
+    Linear warm-up from ``1 / warmup_steps`` to 1 over the first ``round(warmup x total)``
+    steps, then ``None``: 1; ``"cosine"``: half a cosine from 1 down toward 0 (reached one
+    step after the last); ``"step"``: 0.1 from 2/3 of the steps.
+
+    Examples:
+        >>> [round(schedule_factor(s, 10, 0.2, "cosine"), 3) for s in (0, 1, 2, 6, 9)]
+        [0.5, 1.0, 1.0, 0.5, 0.038]
+    """
+    total = max(1, int(total))
+    n_warm = int(round(float(warmup) * total))
+    if step < n_warm:
+        return (step + 1) / n_warm
+    if scheduler is None:
+        return 1.0
+    if scheduler == "step":
+        return 0.1 if step >= round(2 * total / 3) else 1.0
+    span = max(1, total - n_warm)
+    progress = min(1.0, (step - n_warm) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig, total_steps: int) -> Any:
+    """A per-step LambdaLR following :func:`schedule_factor` (``None`` when constant)."""
+    if t.scheduler is None and not t.warmup:
         return None
-    if t.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
-    # "step": x0.1 at 2/3 of the epochs.
-    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, round(2 * t.epochs / 3)), gamma=0.1)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: schedule_factor(step, total_steps, t.warmup, t.scheduler))
+
+
+def _plan(t: TrainConfig, loader_len: int, max_steps: int | None) -> tuple[int, list[int]]:
+    """``(rounds, steps of each round)``: a round ends with validation and a checkpoint.
+
+    With ``t.steps``: rounds of ``val_every_steps`` steps (the last one shorter); else
+    ``t.epochs`` rounds of one loader pass. ``max_steps`` caps every round.
+    """
+    if t.steps is not None:
+        every = int(t.val_every_steps)
+        rounds = math.ceil(t.steps / every)
+        sizes = [min(every, t.steps - i * every) for i in range(rounds)]
+    else:
+        sizes = [loader_len] * int(t.epochs)
+    if max_steps is not None:
+        sizes = [min(n, int(max_steps)) for n in sizes]
+    return len(sizes), sizes
 
 
 def _seed_all(seed: int) -> None:
@@ -534,7 +629,6 @@ def _run_stage(
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=tuple(t.betas),
                                  weight_decay=t.weight_decay)
-    scheduler = _build_scheduler(optimizer, t)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     loss_fn = build_losses(cfg).to(dev)
     targets = build_targets(cfg, overrides)
@@ -545,8 +639,6 @@ def _run_stage(
         _check_resume(ckpt, cfg, last_path)
         unwrap(model).load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None and ckpt.get("scheduler") is not None:
-            scheduler.load_state_dict(ckpt["scheduler"])
         if use_amp and ckpt.get("scaler") is not None:
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch = int(ckpt["epoch"])
@@ -566,17 +658,25 @@ def _run_stage(
         out.mkdir(parents=True, exist_ok=True)
         cfg.to_yaml(out / "config.yaml")
         _write_metrics(metrics_path, history)  # drops lines of an epoch whose checkpoint was not saved
-    if start_epoch >= t.epochs:
+    ctx = _StepContext(dev=dev, use_amp=use_amp, channels_last=bool(t.channels_last))
+    rounds = _plan(t, 1, max_steps)[0]
+    if start_epoch >= rounds:
+        if t.calibrate and split["val"] and best_path.is_file():
+            if "calibration" not in load_checkpoint(best_path, map_location="cpu"):
+                _final_calibration(cfg, unwrap(model), best_path, out, split["val"], class_names, ctx, info,
+                           progress)
         barrier()
         return TrainResult(out, best_path, last_path, history, best_score)
 
     _warm_per_image_cache(cfg, targets, split, info)
 
     augment = Augment(**t.augment) if t.augment is not None else None
-    length = t.steps_per_epoch * t.batch_size * info.world_size if t.steps_per_epoch else None
+    per_round = t.val_every_steps if t.steps is not None else t.steps_per_epoch
+    length = per_round * t.batch_size * info.world_size if per_round else None
     ds_kwargs: dict[str, Any] = {"length": length} if length is not None else {}
     train_ds = PointDataset(split["train"], targets=targets, num_classes=cfg.model.num_classes,
-                            crop_size=t.crop_size, augment=augment, seed=t.seed, **ds_kwargs)
+                            crop_size=t.crop_size, augment=augment, seed=t.seed, cell_bias=float(t.cell_crop),
+                            balance_classes=bool(t.balance_classes), **ds_kwargs)
     val_ds = (PointDataset(split["val"], targets=targets, num_classes=cfg.model.num_classes,
                            crop_size=None, augment=None, seed=t.seed) if split["val"] else None)
     # The sampler's order comes from (seed, epoch): its own generator, reseeded every epoch
@@ -593,22 +693,26 @@ def _run_stage(
         train_ds, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers, collate_fn=collate,
         drop_last=True, pin_memory=dev.type == "cuda", persistent_workers=t.num_workers > 0,
     )
-    steps = len(loader) if max_steps is None else min(len(loader), int(max_steps))
-    if steps == 0:
+    if len(loader) == 0:
         per = " per process" if info.enabled else ""
         raise ValueError(
             f"{stage}: the training split ({len(split['train'])} images, {len(train_ds)} items per "
             f"epoch) gives no full batch of {t.batch_size}{per}; lower train.batch_size or set "
             "train.steps_per_epoch."
         )
+    rounds, sizes = _plan(t, len(loader), max_steps)
+    scheduler = _build_scheduler(optimizer, t, sum(sizes))
+    if scheduler is not None and ckpt is not None and ckpt.get("scheduler") is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
     heads_used = set(loss_fn.required_outputs)
     ddp_model = wrap_model(model, info, dev, unused_heads=bool(set(unwrap(model).heads) - heads_used))
-    postprocess = build_postprocess(cfg)
     show_bar = bool(progress) if progress is not None else sys.stderr.isatty()
     show_bar = show_bar and info.is_main
-    ctx = _StepContext(dev=dev, use_amp=use_amp, channels_last=bool(t.channels_last))
+    chosen_post = dict(ckpt.get("postprocess") or cfg.postprocess.kwargs) if ckpt is not None else \
+        dict(cfg.postprocess.kwargs)
 
-    for epoch in range(start_epoch, t.epochs):
+    for epoch in range(start_epoch, rounds):
+        steps = sizes[epoch]
         started = time.perf_counter()
         seed = _epoch_seed(t.seed, epoch)
         _seed_all(seed)
@@ -618,9 +722,11 @@ def _run_stage(
         if hasattr(train_ds, "set_epoch"):
             train_ds.set_epoch(epoch)
         lr = float(optimizer.param_groups[0]["lr"])
-        desc = f"{'pretrain ' if stage == 'pretrain' else ''}epoch {epoch + 1}/{t.epochs}"
+        done = sum(sizes[:epoch])
+        desc = (f"{'pretrain ' if stage == 'pretrain' else ''}steps {done + 1}-{done + steps}/{sum(sizes)}"
+                if t.steps is not None else f"{'pretrain ' if stage == 'pretrain' else ''}epoch {epoch + 1}/{rounds}")
         train_terms = _train_epoch(ddp_model, loader, steps, loss_fn, optimizer, scaler, t.grad_clip, ctx,
-                                   desc=desc, show_bar=show_bar)
+                                   desc=desc, show_bar=show_bar, scheduler=scheduler)
         # The sums were reduced over ranks, so every rank raises together (no rank left waiting).
         if not all(math.isfinite(v) for v in train_terms.values()):
             raise FloatingPointError(
@@ -628,14 +734,13 @@ def _run_stage(
                 "train.lr or set train.grad_clip."
             )
         sync_buffers(ddp_model)
-        if scheduler is not None:
-            scheduler.step()
-        validate = bool(split["val"]) and ((epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs)
-        val_terms, f1, mean_f1 = None, None, None
+        every = 1 if t.steps is not None else t.val_every
+        validate = bool(split["val"]) and ((epoch + 1) % every == 0 or epoch + 1 == rounds)
+        val_terms, f1, mean_f1, post_kwargs = None, None, None, None
         if validate:
             assert val_ds is not None
-            val_terms, f1, mean_f1 = _validate(unwrap(model), val_ds, split["val"], loss_fn, postprocess,
-                                               cfg, class_names, ctx, info)
+            val_terms, f1, mean_f1, post_kwargs = _validate(unwrap(model), val_ds, split["val"], loss_fn, cfg,
+                                                            class_names, ctx, info)
         score = run_score(f1) if validate else float("nan")
         if validate:
             # The first validated epoch is the best so far; later ones must beat it.
@@ -644,10 +749,13 @@ def _run_stage(
             improved = not split["val"]  # no validation images: the last epoch is the best
         if improved:
             best_score = score
+            if post_kwargs is not None:
+                chosen_post = post_kwargs
         record = {
-            "stage": stage, "epoch": epoch + 1, "epochs": t.epochs, "steps": steps, "lr": lr,
-            "time": round(time.perf_counter() - started, 3), "train": train_terms, "val": val_terms,
+            "stage": stage, "epoch": epoch + 1, "epochs": rounds, "steps": steps, "step": done + steps,
+            "lr": lr, "time": round(time.perf_counter() - started, 3), "train": train_terms, "val": val_terms,
             "f1": f1, "mean_f1": mean_f1, "score": score if validate else None, "best": bool(improved),
+            "postprocess": post_kwargs,
         }
         history.append(record)
         if info.is_main:
@@ -658,16 +766,57 @@ def _run_stage(
                 "scaler": scaler.state_dict() if use_amp else None,
                 "epoch": epoch + 1, "best_score": best_score, "rng": _rng_state(),
                 "class_names": class_names, "history": history, "stage": stage, "split": split_keys,
-                "world_size": info.world_size,
+                "world_size": info.world_size, "postprocess": chosen_post,
             }
             if improved:
                 save_checkpoint(best_path, state)
             save_checkpoint(last_path, state)
             _append_metrics(metrics_path, record)
             if progress is not False:
-                print(_summary(record, stage), file=sys.stderr, flush=True)
+                print(_summary(record, stage, sum(sizes) if t.steps is not None else None), file=sys.stderr,
+                      flush=True)
     barrier()
+    if t.calibrate and split["val"]:
+        _final_calibration(cfg, unwrap(model), best_path, out, split["val"], class_names, ctx, info,
+                           progress)
+        barrier()
     return TrainResult(out, best_path, last_path, history, best_score)
+
+
+def _final_calibration(cfg: CellkitConfig, model: nn.Module, best_path: Path, out: Path,
+                       val_samples: Sequence[Any], class_names: list[str], ctx: _StepContext,
+                       info: DistInfo, progress: bool | None = None) -> None:
+    """Calibrate thresholds and minimum distances on the best weights; store them in best.pt.
+
+    Writes ``<run>/calibration.json`` too. The model is loaded with best.pt's weights.
+    """
+    from cellkit.data.io import write_text_atomic
+    from cellkit.engine.calibrate import calibrate_peaks
+
+    best = load_checkpoint(best_path, map_location="cpu")
+    model.load_state_dict(best["model"])
+    maps = _validation_maps(model, val_samples, ctx, info)
+    truths = [(s.points, s.classes) for s in val_samples]
+    base = dict(best.get("postprocess") or cfg.postprocess.kwargs)
+    d0 = cfg.postprocess.kwargs.get("min_distance")
+    grid_d = None
+    if isinstance(d0, (int, float)) and not isinstance(d0, bool):
+        grid_d = sorted({max(1, int(round(f * d0))) for f in (0.67, 1.0, 1.33)})
+    cal = calibrate_peaks(maps, truths, radius=cfg.train.radius, class_names=class_names, kwargs=base,
+                          name=cfg.postprocess.name, min_distances=grid_d,
+                          relative=cfg.model.activation == "identity", rounds=2)
+    if info.is_main:
+        best["postprocess"] = cal.kwargs
+        best["calibration"] = cal.to_dict()
+        save_checkpoint(best_path, best)
+        write_text_atomic(out / "calibration.json", json.dumps(_jsonable(cal.to_dict()), indent=2) + "\n")
+        if progress is not False:
+            thresholds = cal.kwargs.get("threshold")
+            per = [f"{n} threshold {thresholds[c]:.3g}" if isinstance(thresholds, list) else n
+                   for c, n in enumerate(class_names)]
+            print(f"calibrated peaks on {len(val_samples)} validation images: "
+                  + ", ".join(f"{p} F1 {_fmt(cal.f1[n])}" for p, n in zip(per, class_names))
+                  + f" (score {_fmt(cal.before)} -> {_fmt(cal.score)})", file=sys.stderr, flush=True)
 
 
 def _better(score: float, best: float) -> bool:
@@ -721,7 +870,7 @@ class _StepContext:
 
 def _train_epoch(model: nn.Module, loader: Any, steps: int, loss_fn: nn.Module,
                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float | None,
-                 ctx: _StepContext, *, desc: str, show_bar: bool) -> dict[str, float]:
+                 ctx: _StepContext, *, desc: str, show_bar: bool, scheduler: Any = None) -> dict[str, float]:
     """One epoch; returns the mean of every loss term (and ``total``) over all ranks."""
     from tqdm.auto import tqdm
 
@@ -744,6 +893,8 @@ def _train_epoch(model: nn.Module, loader: Any, steps: int, loss_fn: nn.Module,
                 nn.utils.clip_grad_norm_(model.parameters(), float(grad_clip))
             scaler.step(optimizer)
             scaler.update()
+            if scheduler is not None:
+                scheduler.step()
             values = torch.stack([total.detach()] + [terms[k] for k in labels]).double().cpu()
             sums += values
             count += 1
@@ -759,21 +910,41 @@ def _train_epoch(model: nn.Module, loader: Any, steps: int, loss_fn: nn.Module,
     return {"total": means[0], **dict(zip(labels, means[1:]))}
 
 
+def _validation_maps(model: nn.Module, val_samples: Sequence[Any], ctx: _StepContext,
+                     info: DistInfo) -> list[np.ndarray]:
+    """The main head's maps of every validation image, by the tiles of ``cellkit predict``.
+
+    Sharded over ranks (rank ``r`` runs images ``r, r + world_size, ...``) and gathered, so
+    every rank returns all maps in order.
+    """
+    from cellkit.engine.predict import predict_probabilities
+
+    local = [(i, predict_probabilities(model, val_samples[i].image, device=ctx.dev, amp=ctx.use_amp))
+             for i in range(info.rank, len(val_samples), info.world_size)]
+    parts = all_gather_objects(local)
+    return [m for _, m in sorted((item for part in parts for item in part), key=lambda item: item[0])]
+
+
 @torch.no_grad()
 def _validate(model: nn.Module, val_ds: Any, val_samples: Sequence[Any], loss_fn: nn.Module,
-              postprocess: Any, cfg: CellkitConfig, class_names: list[str], ctx: _StepContext,
-              info: DistInfo) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
-    """Loss terms and F1 per class on whole validation images, sharded over ranks.
+              cfg: CellkitConfig, class_names: list[str], ctx: _StepContext, info: DistInfo,
+              ) -> tuple[dict[str, float], dict[str, float | None], dict[str, float | None], dict[str, Any]]:
+    """Loss terms, F1 per class and the peak arguments used, on the validation images.
 
-    Rank ``r`` runs images ``r, r + world_size, ...`` (all heads, for the loss terms); the
-    detections and losses of all ranks are gathered, so every rank returns the same values.
+    The loss terms come from whole images through all heads; the F1 from the main head's
+    maps made exactly as ``cellkit predict`` makes them (tiled :func:`predict_probabilities`),
+    peaks with thresholds calibrated on these maps when ``train.calibrate`` (else the
+    config's), matched within ``train.radius``. A class with no annotated cell in the
+    validation images has F1 ``None`` and does not count in the score. Sharded over ranks;
+    every rank returns the same values.
     """
     from cellkit.data import collate
+    from cellkit.engine.calibrate import calibrate_peaks
     from cellkit.metrics import evaluate
+    from cellkit.registry import POSTPROCESSORS
 
     was_training = model.training
     model.eval()
-    activation = getattr(model, "activation", cfg.model.activation)
     labels = list(loss_fn.labels)
     local = []
     try:
@@ -781,36 +952,44 @@ def _validate(model: nn.Module, val_ds: Any, val_samples: Sequence[Any], loss_fn
             batch = collate([val_ds[i]])
             outputs = ctx.forward(model, ctx.images(batch))
             total, terms = loss_fn(outputs, ctx.targets(batch))
-            probs = apply_activation(outputs[getattr(model, "main", "main")][0], activation)
-            detections = postprocess(probs)
-            local.append((i, detections, [float(total)] + [float(terms[k]) for k in labels]))
+            local.append((i, [float(total)] + [float(terms[k]) for k in labels]))
+        maps = _validation_maps(model, val_samples, ctx, info)
     finally:
         model.train(was_training)
     parts = all_gather_objects(local)
     gathered = sorted((item for part in parts for item in part), key=lambda item: item[0])
-    losses = np.mean([item[2] for item in gathered], axis=0)
+    losses = np.mean([item[1] for item in gathered], axis=0)
     val_terms = {"total": float(losses[0]), **{k: float(v) for k, v in zip(labels, losses[1:])}}
-    predictions = [item[1] for item in gathered]
     truths = [(s.points, s.classes) for s in val_samples]
-    report = evaluate(predictions, truths, radius=cfg.train.radius, num_classes=cfg.model.num_classes,
-                      class_names=class_names)
-    total_f1, mean_f1 = _f1_by_class(report, class_names)
-    return val_terms, total_f1, mean_f1
+    kwargs = dict(cfg.postprocess.kwargs)
+    if cfg.train.calibrate:
+        kwargs = calibrate_peaks(maps, truths, radius=cfg.train.radius, class_names=class_names, kwargs=kwargs,
+                                 name=cfg.postprocess.name, relative=cfg.model.activation == "identity").kwargs
+    post = POSTPROCESSORS.build(cfg.postprocess.name, **kwargs)
+    report = evaluate([post(m) for m in maps], truths, radius=cfg.train.radius,
+                      num_classes=cfg.model.num_classes, class_names=class_names)
+    total_f1, mean_f1 = _f1_by_class(report, class_names, truths)
+    return val_terms, total_f1, mean_f1, kwargs
 
 
-def _f1_by_class(report: Any, class_names: list[str]) -> tuple[dict[str, float], dict[str, float]]:
-    """Total and mean F1 per class name from a :class:`cellkit.metrics.EvaluationReport`."""
-    total = {name: float(report.total_f1[c]) for c, name in enumerate(class_names)}
-    mean = {name: float(report.mean_f1[c]) for c, name in enumerate(class_names)}
+def _f1_by_class(report: Any, class_names: list[str], truths: Sequence[tuple[Any, Any]],
+                 ) -> tuple[dict[str, float | None], dict[str, float | None]]:
+    """Total and mean F1 per class name; ``None`` for a class with no annotated cell."""
+    present = set()
+    for _, classes in truths:
+        present.update(int(c) for c in np.unique(np.asarray(classes)))
+    total = {n: (float(report.total_f1[c]) if c in present else None) for c, n in enumerate(class_names)}
+    mean = {n: (float(report.mean_f1[c]) if c in present else None) for c, n in enumerate(class_names)}
     return total, mean
 
 
-def _summary(record: Mapping[str, Any], stage: str) -> str:
+def _summary(record: Mapping[str, Any], stage: str, total_steps: int | None = None) -> str:
     """``epoch 3/30  loss 0.412 (main/ce 0.210 ...)  val loss 0.50  val F1 other 0.71 ...  12.3s``."""
     train = record["train"]
     terms = " ".join(f"{k} {v:.3f}" for k, v in train.items() if k != "total")
-    parts = [f"{'pretrain ' if stage == 'pretrain' else ''}epoch {record['epoch']}/{record['epochs']}",
-             f"loss {train['total']:.3f} ({terms})"]
+    where = (f"step {record['step']}/{total_steps}" if total_steps
+             else f"epoch {record['epoch']}/{record['epochs']}")
+    parts = [f"{'pretrain ' if stage == 'pretrain' else ''}{where}", f"loss {train['total']:.3f} ({terms})"]
     if record.get("val"):
         parts.append(f"val loss {record['val']['total']:.3f}")
     if record.get("f1"):

@@ -61,6 +61,9 @@ class CircleMask:
     radius: float = 4.0
     exclusive: bool = False
 
+    #: Keyword arguments that scale with the cell diameter (as a multiple of it), set by
+    #: :func:`cellkit.geometry.apply_geometry` when the geometry comes from the points.
+    geometry: ClassVar[dict[str, float]] = {"radius": 0.5}
     per_image: ClassVar[bool] = False
 
     def __post_init__(self) -> None:

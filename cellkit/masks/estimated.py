@@ -154,6 +154,9 @@ class EstimatedMask:
     sample_size: int = 20000
     cache: bool = True
 
+    #: Keyword arguments that scale with the cell diameter (as a multiple of it), set by
+    #: :func:`cellkit.geometry.apply_geometry` when the geometry comes from the points.
+    geometry: ClassVar[dict[str, float]] = {"radius": 0.5}
     per_image: ClassVar[bool] = True
     _memory: dict[str, tuple[bytes, np.ndarray]] = field(
         default_factory=dict, init=False, repr=False, compare=False

@@ -53,6 +53,9 @@ class GaussianMask:
     scale: float = 1.0
     truncate: float = 4.0
 
+    #: Keyword arguments that scale with the cell diameter (as a multiple of it), set by
+    #: :func:`cellkit.geometry.apply_geometry` when the geometry comes from the points.
+    geometry: ClassVar[dict[str, float]] = {"sigma": 0.25}
     per_image: ClassVar[bool] = False
 
     def __post_init__(self) -> None:

@@ -124,6 +124,9 @@ class RandomPolygonMask:
     angle_jitter: float = 0.3
     exclusive: bool = False
 
+    #: Keyword arguments that scale with the cell diameter (as a multiple of it), set by
+    #: :func:`cellkit.geometry.apply_geometry` when the geometry comes from the points.
+    geometry: ClassVar[dict[str, float]] = {"base_radius": 0.5}
     per_image: ClassVar[bool] = False
 
     def __post_init__(self) -> None:

@@ -1,0 +1,258 @@
+"""Held-out accuracy of the command a new user types: ``cellkit train`` with the defaults.
+
+For each dataset and preset, every training run is exactly::
+
+    cellkit train --preset P --data FOLD_TRAIN --format F --out RUN
+    cellkit predict --checkpoint RUN/best.pt --out PRED FOLD_TEST/images...
+    cellkit evaluate --pred PRED --data FOLD_TEST --format F --radius R
+
+(subprocesses, nothing else set), where ``FOLD_TRAIN`` and ``FOLD_TEST`` are folders of links
+to the fold's images and label files in the dataset's own layout. Datasets:
+
+* ``bcdata``: the 20-image BCData sample (``--bcdata``), k-fold cross-validation over all
+  images (``--folds``, default 3, so 6-7 held-out images per fold and every image held out
+  once); scored at r = 10 px.
+* ``endonuke``: the bundled EndoNuke sample, held-out tiles = the 15 % test part of the
+  group split (tile-id blocks of 10, seed 0; the rest is what ``cellkit train`` gets); r = 6 px.
+
+Prints one JSON object (also written to ``--out/accuracy.json``) with, per dataset and
+preset: per fold and pooled over all held-out images, totalF1 / meanF1 / precision / recall
+per class, the class-of-interest index error (Ki-67 index for BCData: per image
+``|predicted - true positive share|``, mean and RMSE), steps and wall time of training.
+Finished runs are reused when started again (``--out`` keeps them), so an interrupted
+benchmark resumes.
+
+Usage::
+
+    python benchmarks/accuracy.py                                  # both datasets, fcrn, ours, ours_plus_plus
+    python benchmarks/accuracy.py --datasets bcdata --presets ours_plus_plus --folds 5
+    python benchmarks/accuracy.py --quick                          # 6 steps per run: checks the pipeline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RADIUS = {"bcdata": 10.0, "endonuke": 6.0}
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--datasets", default="endonuke,bcdata", help="comma-separated: bcdata, endonuke")
+    p.add_argument("--presets", default="ours_plus_plus,fcrn,ours", help="comma-separated preset names")
+    p.add_argument("--folds", type=int, default=3, help="BCData cross-validation folds")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
+    p.add_argument("--bcdata", type=Path, default=ROOT.parent / "shared" / "data" / "bcdata_sample")
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "accuracy")
+    p.add_argument("--quick", action="store_true", help="6 training steps per run (a pipeline check)")
+    p.add_argument("--train-args", default="", help="extra cellkit train options (default: none)")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- folds
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not dst.exists():
+        os.symlink(src.resolve(), dst)
+
+
+def bcdata_subset(root: Path, stems: list[str], dst: Path) -> None:
+    """``dst`` in BCData's layout holding links to the images ``stems`` of split ``test``."""
+    for stem in stems:
+        _link(root / "images" / "test" / f"{stem}.png", dst / "images" / "test" / f"{stem}.png")
+        for label in ("positive", "negative"):
+            _link(root / "annotations" / "test" / label / f"{stem}.h5",
+                  dst / "annotations" / "test" / label / f"{stem}.h5")
+
+
+def endonuke_subset(root: Path, stems: list[str], dst: Path) -> None:
+    for stem in stems:
+        _link(root / "images" / f"{stem}.png", dst / "images" / f"{stem}.png")
+        _link(root / "labels" / f"{stem}.txt", dst / "labels" / f"{stem}.txt")
+
+
+def folds_for(dataset: str, args: argparse.Namespace) -> tuple[Path, list[tuple[list[str], list[str]]]]:
+    """The dataset root and ``(train stems, test stems)`` per fold."""
+    from cellkit.data import bundled_endonuke, load_dataset, split_by_group
+    from cellkit.data.formats import get_format
+
+    if dataset == "bcdata":
+        root = args.bcdata
+        stems = sorted((p.stem for p in (root / "images" / "test").glob("*.png")), key=int)
+        order = np.random.default_rng(args.seed).permutation(len(stems))
+        folds = []
+        for k in range(args.folds):
+            test = sorted((stems[i] for i in order[k :: args.folds]), key=int)
+            folds.append(([s for s in stems if s not in test], test))
+        return root, folds
+    root = Path(bundled_endonuke())
+    samples = load_dataset(root, "endonuke")
+    parts = split_by_group(samples, get_format("endonuke").group, fractions=(0.85, 0.0, 0.15), seed=0,
+                           names=("train", "val", "test"))
+    stem = lambda s: Path(s.path).stem  # noqa: E731
+    return root, [([stem(s) for s in parts["train"]], [stem(s) for s in parts["test"]])]
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def cellkit(*argv: str, log_path: Path) -> float:
+    """Run ``cellkit ARGV`` in a subprocess (its output to ``log_path``); returns seconds."""
+    started = time.perf_counter()
+    with open(log_path, "a", encoding="utf-8") as fh:
+        fh.write("$ cellkit " + " ".join(argv) + "\n")
+        fh.flush()
+        proc = subprocess.run([sys.executable, "-m", "cellkit.cli", *argv], stdout=fh, stderr=subprocess.STDOUT,
+                              cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"cellkit {' '.join(argv)} failed (status {proc.returncode}); see {log_path}")
+    return time.perf_counter() - started
+
+
+def index_errors(pred_dir: Path, test_root: Path, dataset: str) -> list[float]:
+    """Per image ``|predicted - true share of class 1|`` (images with no cell at all are skipped)."""
+    from cellkit.data import load_dataset
+    from cellkit.engine.evaluate import read_prediction_csv
+
+    errors = []
+    for s in load_dataset(test_root, dataset):
+        det = read_prediction_csv(pred_dir / f"{Path(s.path).stem}.csv")
+        true_n, pred_n = len(s.classes), len(det.classes)
+        if true_n == 0 or pred_n == 0:
+            if true_n or pred_n:
+                errors.append(1.0 if (true_n and (s.classes == 1).any()) or (pred_n and (det.classes == 1).any())
+                              else 0.0)
+            continue
+        errors.append(abs(float(np.mean(det.classes == 1)) - float(np.mean(s.classes == 1))))
+    return errors
+
+
+def run_one(dataset: str, preset: str, fold: int, root: Path, train: list[str], test: list[str],
+            args: argparse.Namespace) -> dict[str, Any]:
+    base = args.out / dataset / preset / f"fold{fold}"
+    result_path = base / "result.json"
+    if result_path.is_file():
+        log(f"[{dataset} {preset} fold {fold}] finished earlier: {result_path}")
+        return json.loads(result_path.read_text())
+    subset = bcdata_subset if dataset == "bcdata" else endonuke_subset
+    train_dir, test_dir = args.out / dataset / "folds" / f"fold{fold}" / "train", \
+        args.out / dataset / "folds" / f"fold{fold}" / "test"
+    subset(root, train, train_dir)
+    subset(root, test, test_dir)
+    base.mkdir(parents=True, exist_ok=True)
+    run, pred, log_path = base / "run", base / "pred", base / "log.txt"
+    extra = args.train_args.split() if args.train_args else []
+    if args.quick:
+        extra += ["--steps", "6", "--val-every-steps", "3"]
+    resume = ["--resume"] if (run / "config.yaml").exists() else []
+    log(f"[{dataset} {preset} fold {fold}] cellkit train ({len(train)} images) -> {run}")
+    train_s = cellkit("train", "--preset", preset, "--data", str(train_dir), "--format", dataset,
+                      "--out", str(run), *extra, *resume, log_path=log_path)
+    images = sorted(str(p) for p in (test_dir / "images").rglob("*.png"))
+    cellkit("predict", "--checkpoint", str(run / "best.pt"), "--out", str(pred), "--no-overlay", *images,
+            log_path=log_path)
+    cellkit("evaluate", "--pred", str(pred), "--data", str(test_dir), "--format", dataset,
+            "--radius", str(RADIUS[dataset]), "--json", str(base / "evaluation.json"), log_path=log_path)
+    evaluation = json.loads((base / "evaluation.json").read_text())
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    cal_path = run / "calibration.json"
+    result = {
+        "dataset": dataset, "preset": preset, "fold": fold, "train_images": len(train), "test_images": test,
+        "radius": RADIUS[dataset], "evaluation": evaluation, "index_errors": index_errors(pred, test_dir, dataset),
+        "train_seconds": round(train_s, 1), "steps": int(sum(m["steps"] for m in metrics)),
+        "validation": [{"step": m.get("step"), "f1": m.get("f1"), "score": m.get("score")} for m in metrics],
+        "calibration": json.loads(cal_path.read_text()) if cal_path.is_file() else None,
+    }
+    result_path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _classes(evaluation: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return evaluation["classes"] if "classes" in evaluation else evaluation["report"]["classes"]
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per class: mean and std over folds of totalF1 and meanF1, and pooled counts."""
+    names = list(_classes(results[0]["evaluation"]))
+    out: dict[str, Any] = {"folds": len(results), "classes": {}}
+    for name in names:
+        per = [_classes(r["evaluation"])[name] for r in results]
+        tp, fp, fn = (sum(int(c[k]) for c in per) for k in ("tp", "fp", "fn"))
+        prec = tp / (tp + fp) if tp + fp else 1.0
+        rec = tp / (tp + fn) if tp + fn else 1.0
+        f1s = np.array([float(c["total_f1"]) for c in per])
+        means = np.array([float(c["mean_f1"]) if c["mean_f1"] is not None else np.nan for c in per])
+        out["classes"][name] = {
+            "total_f1_pooled": round(2 * prec * rec / (prec + rec) if prec + rec else 0.0, 4),
+            "precision_pooled": round(prec, 4), "recall_pooled": round(rec, 4),
+            "total_f1_mean": round(float(f1s.mean()), 4), "total_f1_std": round(float(f1s.std()), 4),
+            "mean_f1_mean": round(float(np.nanmean(means)), 4),
+            "total_f1_per_fold": [round(float(v), 4) for v in f1s],
+        }
+    errors = np.array([e for r in results for e in r["index_errors"]], dtype=float)
+    out["index_error_mae"] = round(float(errors.mean()), 4) if len(errors) else None
+    out["index_error_rmse"] = round(float(np.sqrt((errors**2).mean())), 4) if len(errors) else None
+    out["held_out_images"] = int(len(errors))
+    out["steps"] = [r["steps"] for r in results]
+    out["train_minutes"] = [round(r["train_seconds"] / 60, 2) for r in results]
+    return out
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "cellkit"], cwd=ROOT, capture_output=True,
+                                    text=True).stdout.strip())
+    except OSError:
+        commit, dirty = "unknown", False
+    return {"commit": commit + ("+dirty" if dirty else ""), "cpu": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv), "datasets": {}}
+    for dataset in [d.strip() for d in args.datasets.split(",") if d.strip()]:
+        if dataset not in RADIUS:
+            raise SystemExit(f"unknown dataset {dataset!r}; expected one of {sorted(RADIUS)}")
+        root, folds = folds_for(dataset, args)
+        report["datasets"][dataset] = {"radius": RADIUS[dataset], "folds": [f[1] for f in folds], "presets": {}}
+        for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
+            results = [run_one(dataset, preset, k, root, train, test, args) for k, (train, test) in enumerate(folds)]
+            summary = summarise(results)
+            report["datasets"][dataset]["presets"][preset] = summary
+            log(f"[{dataset} {preset}] " + json.dumps(summary))
+            (args.out / "accuracy.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    (args.out / "accuracy.json").write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The one table of dataset formats: how each is read, named, classed and split.
+
+Every place in cellkit that needs to know something about a dataset layout (the command
+line, training, evaluation, :func:`~cellkit.data.readers.load_dataset`, the examples) asks
+this registry, so a new layout is one registration::
+
+    from cellkit.data.formats import FORMATS, DatasetFormat
+
+    FORMATS.register("my_lab")(DatasetFormat(
+        name="my_lab", jobs=my_jobs, description="my lab's layout"))
+
+A :class:`DatasetFormat` holds
+
+* ``jobs(root, class_map, split)``: lists the images and their label readers (see
+  :mod:`cellkit.data.readers`);
+* ``image_suffixes``: the image files it reads (also what ``cellkit predict`` takes from a
+  folder: :data:`IMAGE_SUFFIXES`);
+* ``class_maps``: the usual class map for a number of classes (EndoNuke with 2 classes is
+  the paper's task, epithelium against the rest);
+* ``group``: the key -> group function used to split it (EndoNuke: blocks of 10 tile ids,
+  so neighbouring tiles of one scan stay together; others: each image on its own).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cellkit.registry import Registry
+
+from .classes import BCDATA, ENDONUKE, ENDONUKE_EPITHELIUM, ClassMap
+from .io import IMAGE_EXTENSIONS
+from .split import bcdata_group, endonuke_group
+
+__all__ = ["DatasetFormat", "FORMATS", "IMAGE_SUFFIXES", "format_names", "get_format"]
+
+#: The image suffixes cellkit reads (training, ``cellkit predict`` on a folder).
+IMAGE_SUFFIXES: tuple[str, ...] = IMAGE_EXTENSIONS
+
+
+@dataclass(frozen=True)
+class DatasetFormat:
+    """One dataset layout.
+
+    Attributes:
+        name: the format's name (``--format``).
+        jobs: ``(root: Path, class_map: ClassMap | None, split) -> list`` of read jobs.
+        description: one line for ``--help``.
+        image_suffixes: image file suffixes it reads.
+        class_maps: number of classes -> the default :class:`ClassMap` of that task.
+        group: key -> group id for :func:`~cellkit.data.split_by_group`; ``None`` = each
+            image is its own group.
+    """
+
+    name: str
+    jobs: Callable[[Path, ClassMap | None, Any], list[Any]]
+    description: str = ""
+    image_suffixes: tuple[str, ...] = IMAGE_SUFFIXES
+    class_maps: Mapping[int, ClassMap] = field(default_factory=dict)
+    group: Callable[[Any], Any] | None = None
+
+    def class_map(self, num_classes: int) -> ClassMap | None:
+        """The default class map for ``num_classes`` classes, or ``None`` (labels as written)."""
+        return self.class_maps.get(int(num_classes))
+
+    def class_names(self, num_classes: int) -> list[str] | None:
+        """The default class names for ``num_classes`` classes, if the format has them."""
+        cmap = self.class_map(num_classes)
+        return list(cmap.names) if cmap is not None else None
+
+
+#: Dataset formats by name.
+FORMATS: Registry[DatasetFormat] = Registry("dataset format")
+
+
+def _register(fmt: DatasetFormat) -> None:
+    FORMATS.register(fmt.name)(lambda fmt=fmt: fmt)
+
+
+def get_format(name: str) -> DatasetFormat:
+    """The format ``name`` (case-insensitive); an unknown name lists the known ones.
+
+    Raises:
+        RegistryError: for an unknown name, suggesting the closest.
+
+    Examples:
+        >>> get_format("bcdata").class_names(2)
+        ['negative', 'positive']
+    """
+    return FORMATS.build(str(name).strip().lower())
+
+
+def format_names() -> tuple[str, ...]:
+    """The registered format names, in registration order."""
+    return tuple(FORMATS)
+
+
+def _builtin() -> None:
+    from . import readers as r
+
+    _register(DatasetFormat(
+        "csv", r._csv_jobs, "<stem>.csv (x,y,class) beside each image"))
+    _register(DatasetFormat(
+        "bcdata", r._bcdata_jobs, "images/<split>/<i>.png + annotations/<split>/{positive,negative}/<i>.h5",
+        class_maps={2: BCDATA}, group=bcdata_group))
+    _register(DatasetFormat(
+        "endonuke", r._endonuke_jobs, "images/<id>.png + labels/<id>.txt (x y class)",
+        class_maps={2: ENDONUKE_EPITHELIUM, 3: ENDONUKE}, group=endonuke_group))
+    _register(DatasetFormat(
+        "geojson", r._geojson_jobs, "<stem>.geojson (QuPath points) beside each image"))
+
+
+_builtin()
