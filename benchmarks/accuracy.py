@@ -15,7 +15,8 @@ to the fold's images and label files in the dataset's own layout. Datasets:
 * ``endonuke``: the bundled EndoNuke sample, held-out tiles = the 15 % test part of the
   group split (tile-id blocks of 10, seed 0; the rest is what ``cellkit train`` gets); r = 6 px.
 
-Prints one JSON object (also written to ``--out/accuracy.json``) with, per dataset and
+Prints one JSON object (also written to ``--out/accuracy.json``, or ``accuracy-TAG.json``
+for a ``--tag`` variant; earlier invocations' datasets and presets are kept in it) with, per dataset and
 preset: per fold and pooled over all held-out images, totalF1 / meanF1 / precision / recall
 per class, the class-of-interest index error (Ki-67 index for BCData: per image
 ``|predicted - true positive share|``, mean and RMSE), steps and wall time of training.
@@ -27,6 +28,8 @@ Usage::
     python benchmarks/accuracy.py                                  # both datasets, fcrn, ours, ours_plus_plus
     python benchmarks/accuracy.py --datasets bcdata --presets ours_plus_plus --folds 5
     python benchmarks/accuracy.py --quick                          # 6 steps per run: checks the pipeline
+    python benchmarks/accuracy.py --datasets endonuke --presets ours --tag no-balance \
+        --train-args=--no-balance-classes                          # a variant (note the =)
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "results" / "accuracy")
     p.add_argument("--quick", action="store_true", help="6 training steps per run (a pipeline check)")
     p.add_argument("--train-args", default="", help="extra cellkit train options (default: none)")
+    p.add_argument("--tag", default="", help="name of a variant run with --train-args (results in PRESET-TAG/)")
     return p.parse_args(argv)
 
 
@@ -147,7 +151,7 @@ def index_errors(pred_dir: Path, test_root: Path, dataset: str) -> list[float]:
 
 def run_one(dataset: str, preset: str, fold: int, root: Path, train: list[str], test: list[str],
             args: argparse.Namespace) -> dict[str, Any]:
-    base = args.out / dataset / preset / f"fold{fold}"
+    base = args.out / dataset / (f"{preset}-{args.tag}" if args.tag else preset) / f"fold{fold}"
     result_path = base / "result.json"
     if result_path.is_file():
         log(f"[{dataset} {preset} fold {fold}] finished earlier: {result_path}")
@@ -237,20 +241,26 @@ def machine() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv), "datasets": {}}
+    path = args.out / (f"accuracy-{args.tag}.json" if args.tag else "accuracy.json")
+    # Runs of earlier invocations (other datasets or presets) are kept beside this one's.
+    report: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"datasets": {}}
+    report.setdefault("runs", []).append({"machine": machine(), "command": " ".join(sys.argv)})
     for dataset in [d.strip() for d in args.datasets.split(",") if d.strip()]:
         if dataset not in RADIUS:
             raise SystemExit(f"unknown dataset {dataset!r}; expected one of {sorted(RADIUS)}")
         root, folds = folds_for(dataset, args)
-        report["datasets"][dataset] = {"radius": RADIUS[dataset], "folds": [f[1] for f in folds], "presets": {}}
+        entry = report["datasets"].setdefault(dataset, {"presets": {}})
+        entry.update({"radius": RADIUS[dataset], "folds": [f[1] for f in folds]})
         for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
             results = [run_one(dataset, preset, k, root, train, test, args) for k, (train, test) in enumerate(folds)]
             summary = summarise(results)
-            report["datasets"][dataset]["presets"][preset] = summary
+            if args.train_args:
+                summary["train_args"] = args.train_args
+            entry["presets"][f"{preset}-{args.tag}" if args.tag else preset] = summary
             log(f"[{dataset} {preset}] " + json.dumps(summary))
-            (args.out / "accuracy.json").write_text(json.dumps(report, indent=2))
+            path.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
-    (args.out / "accuracy.json").write_text(json.dumps(report, indent=2))
+    path.write_text(json.dumps(report, indent=2))
     return 0
 
 

@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-every-steps", type=_positive_int, help="validate and checkpoint every this many steps")
     t.add_argument("--pretrain-fraction", type=_positive_float, metavar="F",
                    help="ours_plus_plus: stop stage 1 after this share of the steps (default: the preset's)")
+    t.add_argument("--no-balance-classes", action="store_true",
+                   help="draw the cells that crops are centred on uniformly, not class first")
     t.add_argument("--no-calibrate", action="store_true",
                    help="keep the config's peak thresholds instead of calibrating them on the validation images")
     t.add_argument("--epochs", type=_positive_int, help="number of epochs (an epoch schedule instead of --steps)")
@@ -371,6 +373,11 @@ def build_train_config(args: argparse.Namespace) -> Any:
         cfg.train.val_every_steps = args.val_every_steps
     if args.no_calibrate:
         cfg.train.calibrate = False
+    if args.no_balance_classes:
+        stage = cfg
+        while stage is not None:
+            stage.train.balance_classes = False
+            stage = stage.pretrain
 
     data = cfg.data
     if args.data is not None:
