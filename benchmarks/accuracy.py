@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "results" / "accuracy")
     p.add_argument("--quick", action="store_true", help="6 training steps per run (a pipeline check)")
     p.add_argument("--train-args", default="", help="extra cellkit train options (default: none)")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="only draw validation F1 against step of the finished runs in --out into this PNG")
     p.add_argument("--tag", default="", help="name of a variant run with --train-args (results in PRESET-TAG/)")
     return p.parse_args(argv)
 
@@ -238,8 +240,53 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def plot_curves(out: Path, png: Path) -> Path:
+    """Validation F1 (calibrated, each run's own validation images) against the step.
+
+    One panel per dataset, one colour per preset, one line style per class; the line is the
+    mean over folds and the band its range. Variant runs (``PRESET-TAG``) are drawn too.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted(d.name for d in out.iterdir() if d.is_dir() and (d.name in RADIUS))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 3.6), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        runs = sorted(p for p in (out / dataset).iterdir() if p.is_dir() and p.name != "folds")
+        for colour, preset_dir in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], runs):
+            curves: dict[str, list[tuple[list[int], list[float]]]] = {}
+            for result in sorted(preset_dir.glob("fold*/result.json")):
+                validation = json.loads(result.read_text())["validation"]
+                for name in (validation[-1]["f1"] or {}):
+                    pts = [(v["step"], v["f1"][name]) for v in validation if v["f1"] and v["f1"].get(name) is not None]
+                    curves.setdefault(name, []).append(([p[0] for p in pts], [p[1] for p in pts]))
+            for style, (name, folds) in zip(("-", "--", ":"), sorted(curves.items())):
+                n = min(len(f[0]) for f in folds)
+                steps = folds[0][0][:n]
+                values = np.array([f[1][:n] for f in folds])
+                ax.plot(steps, values.mean(0), style, color=colour, label=f"{preset_dir.name}: {name}")
+                if len(folds) > 1:
+                    ax.fill_between(steps, values.min(0), values.max(0), color=colour, alpha=0.12)
+        ax.set_title(f"{dataset}: validation F1 against step")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("total F1 (validation, calibrated)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.plot is not None:
+        print(plot_curves(args.out, args.plot))
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / (f"accuracy-{args.tag}.json" if args.tag else "accuracy.json")
     # Runs of earlier invocations (other datasets or presets) are kept beside this one's.

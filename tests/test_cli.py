@@ -121,6 +121,48 @@ def test_debug_shows_the_traceback(tmp_path: Path, image_file: Path, capsys: pyt
     assert "Traceback" in err and "cellkit predict: error:" in err
 
 
+# --------------------------------------------------------------------------- the recipe's options
+
+
+def _train_cfg(*argv: str):
+    from cellkit.cli import build_train_config
+
+    return build_train_config(build_parser().parse_args(["train", "--out", "unused", *argv]))
+
+
+def test_train_defaults_estimate_the_geometry_and_run_in_steps() -> None:
+    cfg = _train_cfg("--preset", "ours_plus_plus")
+    assert cfg.data.cell_diameter == "auto" and cfg.train.steps == 400 and cfg.train.calibrate
+    assert cfg.pretrain.train.steps == 100 and cfg.data.class_names == ("other", "epithelium")
+
+
+def test_cell_size_options() -> None:
+    cfg = _train_cfg("--cell-diameter", "8um", "--mpp", "0.5")
+    assert cfg.data.cell_diameter is None and cfg.data.mpp == 0.5
+    assert cfg.targets["circle"].kwargs["radius"] == 8.0 and cfg.train.radius == 12.0
+    assert _train_cfg("--radius", "5").targets["circle"].kwargs["radius"] == 5.0
+    assert _train_cfg("--cell-diameter", "12").postprocess.kwargs["min_distance"] == 4
+    steps = _train_cfg("--preset", "ours_plus_plus", "--steps", "1000", "--pretrain-fraction", "0.1",
+                       "--val-every-steps", "20", "--no-calibrate", "--no-balance-classes")
+    assert (steps.train.steps, steps.pretrain.train.steps, steps.train.val_every_steps) == (1000, 100, 20)
+    assert not steps.train.calibrate and not steps.train.balance_classes
+    assert not steps.pretrain.train.balance_classes
+    assert _train_cfg("--epochs", "3").train.steps is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cell-diameter", "8um"], "needs --mpp"),
+    (["--cell-diameter", "8", "--radius", "4"], "give one"),
+    (["--steps", "10", "--epochs", "2"], "give one"),
+    (["--preset", "ours", "--pretrain-fraction", "0.2"], "ours has no stage 1"),
+    (["--cell-diameter", "big"], "expected a length"),
+])
+def test_recipe_option_errors(tmp_path: Path, argv: list[str], message: str,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--out", str(tmp_path / "run"), *argv]) == 2
+    assert message in _error_line(capsys, "train")
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -157,8 +199,11 @@ def test_train_predict_evaluate(tmp_path: Path, endonuke_four: Path, capsys: pyt
     code = main(["train", "--preset", "ours", "--size", "cpu", "--data", str(endonuke_four), "--format", "endonuke",
                  "--out", str(run), "--epochs", "1", "--steps-per-epoch", "2", "--crop-size", "64",
                  "--batch-size", "2", "--device", "cpu", "--seed", "1"])
-    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
     assert (run / "best.pt").is_file() and (run / "last.pt").is_file()
+    # what it chose, before the first step
+    assert "geometry: cell diameter" in printed.err and "schedule: 1 epochs of 2 steps" in printed.err
 
     stems = sorted(p.stem for p in (endonuke_four / "images").glob("*.png"))
     code = main(["predict", "--checkpoint", str(run / "best.pt"), "--out", str(out), "--device", "cpu",

@@ -73,7 +73,7 @@ def test_training_on_cuda_with_amp_and_channels_last(tmp_path):
     samples = load_dataset(bundled_endonuke(), "endonuke", class_map=get_class_map("endonuke_epithelium"))[:6]
     cfg = tiny(cellkit.presets.ours_plus_plus(size="cpu", pretrain_epochs=1))
     for stage in (cfg, cfg.pretrain):
-        stage.train.epochs, stage.train.steps_per_epoch = 1, 2
+        stage.train.epochs, stage.train.steps_per_epoch, stage.train.steps = 1, 2, None
         stage.train.batch_size, stage.train.crop_size = 2, 64
         stage.train.amp = stage.train.channels_last = True
     result = fit(cfg, tmp_path / "run", splits={"train": samples[:4], "val": samples[4:]}, device="cuda",

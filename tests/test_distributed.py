@@ -70,7 +70,7 @@ WORKER = textwrap.dedent(
         c.model.encoder_kwargs["width_multiplier"] = 0.25
         c.model.decoder_kwargs.update(width=16, low_level_width=8)
         c.train.crop_size, c.train.batch_size, c.train.steps_per_epoch = 64, 2, 2
-        c.train.epochs, c.train.num_workers = 1, 0
+        c.train.epochs, c.train.num_workers, c.train.steps = 1, 0, None  # an epoch schedule
     cfg.train.epochs = 2
     splits = {"train": [synthetic(f"t{i}", i) for i in range(4)],
               "val": [synthetic("v0", 10, 48, 72), synthetic("v1", 11), synthetic("v2", 12)]}

@@ -788,12 +788,16 @@ def _final_calibration(cfg: CellkitConfig, model: nn.Module, best_path: Path, ou
                        info: DistInfo, progress: bool | None = None) -> None:
     """Calibrate thresholds and minimum distances on the best weights; store them in best.pt.
 
-    Writes ``<run>/calibration.json`` too. The model is loaded with best.pt's weights.
+    Writes ``<run>/calibration.json`` too. A copy of the model gets best.pt's weights (the
+    model itself keeps the last step's).
     """
+    import copy
+
     from cellkit.data.io import write_text_atomic
     from cellkit.engine.calibrate import calibrate_peaks
 
     best = load_checkpoint(best_path, map_location="cpu")
+    model = copy.deepcopy(model)
     model.load_state_dict(best["model"])
     maps = _validation_maps(model, val_samples, ctx, info)
     truths = [(s.points, s.classes) for s in val_samples]
