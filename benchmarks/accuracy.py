@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-args", default="", help="extra cellkit train options (default: none)")
     p.add_argument("--plot", type=Path, default=None,
                    help="only draw validation F1 against step of the finished runs in --out into this PNG")
+    p.add_argument("--table", action="store_true",
+                   help="only print a Markdown table of the results recorded in --out (accuracy*.json)")
     p.add_argument("--tag", default="", help="name of a variant run with --train-args (results in PRESET-TAG/)")
     return p.parse_args(argv)
 
@@ -282,8 +284,30 @@ def plot_curves(out: Path, png: Path) -> Path:
     return png
 
 
+def table(out: Path) -> str:
+    """A Markdown table of every recorded summary: per class pooled totalF1 (mean ± std over folds)."""
+    lines = ["| dataset | preset | class | totalF1 (pooled) | totalF1 per fold: mean ± std | precision | recall "
+             "| index error MAE | steps | train min |", "|" + "---|" * 10]
+    for path in sorted(out.glob("accuracy*.json")):
+        report = json.loads(path.read_text())
+        for dataset, entry in report["datasets"].items():
+            for preset, summary in entry["presets"].items():
+                for i, (name, c) in enumerate(summary["classes"].items()):
+                    first = i == 0
+                    lines.append(
+                        f"| {dataset if first else ''} | {preset if first else ''} | {name} | {c['total_f1_pooled']:.3f} "
+                        f"| {c['total_f1_mean']:.3f} ± {c['total_f1_std']:.3f} | {c['precision_pooled']:.3f} "
+                        f"| {c['recall_pooled']:.3f} | {summary['index_error_mae'] if first else ''} "
+                        f"| {','.join(map(str, summary['steps'])) if first else ''} "
+                        f"| {','.join(map(str, summary['train_minutes'])) if first else ''} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.table:
+        print(table(args.out))
+        return 0
     if args.plot is not None:
         print(plot_curves(args.out, args.plot))
         return 0

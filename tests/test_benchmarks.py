@@ -123,3 +123,46 @@ def test_unknown_stage_names_the_close_one() -> None:
     )
     assert proc.returncode == 2
     assert "did you mean 'peaks'" in proc.stderr.lower()
+
+
+# --------------------------------------------------------------------------- accuracy.py
+
+
+def _accuracy_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("accuracy_bench", ROOT / "benchmarks" / "accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_accuracy_folds_hold_every_image_out_once(tmp_path: Path) -> None:
+    acc = _accuracy_module()
+    root = tmp_path / "bc"
+    (root / "images" / "test").mkdir(parents=True)
+    for i in range(20):
+        (root / "images" / "test" / f"{i}.png").write_bytes(b"")
+    _, folds = acc.folds_for("bcdata", acc.parse_args(["--bcdata", str(root), "--folds", "3"]))
+    held_out = [s for _, test in folds for s in test]
+    assert sorted(held_out, key=int) == [str(i) for i in range(20)]
+    assert all(set(train).isdisjoint(test) and len(train) + len(test) == 20 for train, test in folds)
+    assert sorted(len(test) for _, test in folds) == [6, 7, 7]
+
+
+def test_accuracy_summary_pools_the_folds(tmp_path: Path) -> None:
+    acc = _accuracy_module()
+
+    def result(tp: int, fp: int, fn: int, errors: list[float]) -> dict:
+        f1 = 2 * tp / (2 * tp + fp + fn)
+        cls = {"tp": tp, "fp": fp, "fn": fn, "total_f1": f1, "mean_f1": f1}
+        return {"evaluation": {"classes": {"a": cls}}, "index_errors": errors, "steps": 400, "train_seconds": 60}
+
+    summary = acc.summarise([result(8, 2, 0, [0.1]), result(2, 0, 8, [0.3, 0.0])])
+    a = summary["classes"]["a"]
+    # pooled: tp 10, fp 2, fn 8 -> precision 10/12, recall 10/18, F1 = 20 / 30
+    assert a["total_f1_pooled"] == pytest.approx(2 / 3, abs=1e-4)
+    assert a["total_f1_per_fold"] == [pytest.approx(16 / 18, abs=1e-4), pytest.approx(4 / 12, abs=1e-4)]
+    assert summary["index_error_mae"] == pytest.approx(0.1333, abs=1e-4) and summary["held_out_images"] == 3
+    (tmp_path / "accuracy.json").write_text(json.dumps({"datasets": {"bcdata": {"presets": {"ours": summary}}}}))
+    assert "| bcdata | ours | a | 0.667 |" in acc.table(tmp_path)

@@ -313,3 +313,20 @@ def test_the_default_recipe_learns(tmp_path: Path) -> None:
     assert report.total_f1.min() > 0.9, report
     # --threshold still wins over the calibrated values
     assert Predictor.from_checkpoint(result.best_path, device="cpu", threshold=0.7).postprocess.threshold == 0.7
+
+
+def test_a_run_with_estimated_geometry_resumes(tmp_path: Path) -> None:
+    """The resolved config (diameter, crops) is what the run records, so a resume matches it."""
+    def cfg():
+        c = cellkit.presets.ours(steps=4)
+        c.model.encoder_kwargs["width_multiplier"] = 0.25
+        c.model.decoder_kwargs.update(width=16, low_level_width=8)
+        c.train.val_every_steps, c.train.batch_size = 2, 2
+        return c
+
+    splits = {"train": [_disc_sample(f"t{i}", i) for i in range(3)], "val": [_disc_sample("v", 50)]}
+    first = fit(cfg(), tmp_path / "run", splits=splits, device="cpu", progress=False, max_steps=1)
+    again = fit(cfg(), tmp_path / "run", splits=splits, device="cpu", progress=False, resume=True)
+    assert [r["step"] for r in first.history] == [1, 2] and len(again.history) == 2
+    stored = cellkit.CellkitConfig.from_yaml(tmp_path / "run" / "config.yaml")
+    assert isinstance(stored.data.cell_diameter, float) and stored.train.crop_size == 96
