@@ -115,7 +115,7 @@ def folds_for(dataset: str, args: argparse.Namespace) -> tuple[Path, list[tuple[
     samples = load_dataset(root, "endonuke")
     parts = split_by_group(samples, get_format("endonuke").group, fractions=(0.85, 0.0, 0.15), seed=0,
                            names=("train", "val", "test"))
-    stem = lambda s: Path(s.path).stem  # noqa: E731
+    stem = lambda s: Path(s.path).stem
     return root, [([stem(s) for s in parts["train"]], [stem(s) for s in parts["test"]])]
 
 
@@ -221,7 +221,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     errors = np.array([e for r in results for e in r["index_errors"]], dtype=float)
     out["index_error_mae"] = round(float(errors.mean()), 4) if len(errors) else None
     out["index_error_rmse"] = round(float(np.sqrt((errors**2).mean())), 4) if len(errors) else None
-    out["held_out_images"] = int(len(errors))
+    out["held_out_images"] = len(errors)
     out["steps"] = [r["steps"] for r in results]
     out["train_minutes"] = [round(r["train_seconds"] / 60, 2) for r in results]
     return out

@@ -169,8 +169,8 @@ def apply_geometry(cfg: Any, geometry: Geometry) -> Any:
     peak threshold of 30 % of a kernel's peak, ``0.3 scale / (2 pi sigma^2)``, used where no
     validation images calibrate it.
     """
-    from cellkit.registry import MASKS
     import cellkit.masks  # noqa: F401  registers the built-in generators
+    from cellkit.registry import MASKS
 
     out = copy.deepcopy(cfg)
     stage = out

@@ -34,7 +34,7 @@ from .classes import BCDATA, ENDONUKE, ENDONUKE_EPITHELIUM, ClassMap
 from .io import IMAGE_EXTENSIONS
 from .split import bcdata_group, endonuke_group
 
-__all__ = ["DatasetFormat", "FORMATS", "IMAGE_SUFFIXES", "format_names", "get_format"]
+__all__ = ["FORMATS", "IMAGE_SUFFIXES", "DatasetFormat", "format_names", "get_format"]
 
 #: The image suffixes cellkit reads (training, ``cellkit predict`` on a folder).
 IMAGE_SUFFIXES: tuple[str, ...] = IMAGE_EXTENSIONS

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Calibration", "THRESHOLD_GRID", "calibrate_peaks", "score_maps"]
+__all__ = ["THRESHOLD_GRID", "Calibration", "calibrate_peaks", "score_maps"]
 
 #: Thresholds tried on probability maps (sigmoid). For density maps (``relative=True``)
 #: these are fractions of the class's highest map value.
@@ -77,8 +77,8 @@ def score_maps(maps: Sequence[np.ndarray], truths: Sequence[tuple[Any, Any]], *,
         >>> score_maps([m], [([[4, 4]], [0])], radius=2, class_names=["a"], kwargs={"threshold": 0.5})
         ({'a': 1.0}, 1.0)
     """
-    from cellkit.registry import POSTPROCESSORS
     import cellkit.postprocess  # noqa: F401  registers "peaks"
+    from cellkit.registry import POSTPROCESSORS
 
     post = POSTPROCESSORS.build(name, **dict(kwargs or {}))
     predictions = [post(m) for m in maps]
@@ -136,17 +136,18 @@ def calibrate_peaks(
         rounds: passes over the classes.
 
     Returns:
-        A :class:`Calibration`; ties keep the value nearest the starting one.
+        A :class:`Calibration`; ties keep the value nearest the starting one (here 0.25, the
+        highest threshold below the 0.3 peaks, is nearest 0.5).
 
     Examples:
         >>> m = np.zeros((1, 9, 9), np.float32); m[0, 2, 2] = 0.3; m[0, 6, 6] = 0.3
         >>> cal = calibrate_peaks([m], [([[2, 2], [6, 6]], [0, 0])], radius=2, class_names=["a"],
         ...                       kwargs={"threshold": 0.5, "min_distance": 1})
         >>> cal.kwargs["threshold"], cal.f1, cal.before
-        ([0.1], {'a': 1.0}, 0.0)
+        ([0.25], {'a': 1.0}, 0.0)
     """
-    from cellkit.registry import POSTPROCESSORS
     import cellkit.postprocess  # noqa: F401
+    from cellkit.registry import POSTPROCESSORS
 
     k = len(class_names)
     base = dict(kwargs)
