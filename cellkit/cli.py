@@ -314,17 +314,15 @@ def _parse_class_map(spec: str | None, names: str | None) -> Any:
 
 
 def _set_num_classes(cfg: Any, num_classes: int) -> None:
-    while cfg is not None:
-        cfg.model.num_classes = num_classes
-        cfg = cfg.pretrain
+    for stage in cfg.stages():
+        stage.model.num_classes = num_classes
 
 
 def build_train_config(args: argparse.Namespace) -> Any:
     """The training config of ``cellkit train``'s arguments: preset or file, then the overrides."""
     from cellkit.config import CellkitConfig
-    from cellkit.presets import get_preset, set_pretrain_fraction
-
     from cellkit.geometry import Geometry, apply_geometry
+    from cellkit.presets import get_preset, set_pretrain_fraction
 
     cmap = _parse_class_map(args.class_map, args.class_names)
     diameter = None
@@ -364,20 +362,15 @@ def build_train_config(args: argparse.Namespace) -> Any:
                 raise ValueError(f"--pretrain-fraction is for ours_plus_plus (stage 1); {name} has no stage 1.")
             kwargs["pretrain_fraction"] = args.pretrain_fraction
         cfg = get_preset(name, **kwargs)
-    if args.mpp is not None:
-        stage = cfg
-        while stage is not None:
+    for stage in cfg.stages():
+        if args.mpp is not None:
             stage.data.mpp = args.mpp
-            stage = stage.pretrain
+        if args.no_balance_classes:
+            stage.train.balance_classes = False
     if args.val_every_steps is not None:
         cfg.train.val_every_steps = args.val_every_steps
     if args.no_calibrate:
         cfg.train.calibrate = False
-    if args.no_balance_classes:
-        stage = cfg
-        while stage is not None:
-            stage.train.balance_classes = False
-            stage = stage.pretrain
 
     data = cfg.data
     if args.data is not None:

@@ -283,6 +283,19 @@ class CellkitConfig:
             raise ConfigError(f"A config must be a YAML mapping, got {type(data).__name__}.")
         return cls.from_dict(data)
 
+    def stages(self) -> list[CellkitConfig]:
+        """This config and its stage 1 (``pretrain``, and so on), the ones that train.
+
+        Examples:
+            >>> [c.name for c in CellkitConfig(pretrain=CellkitConfig(name="stage1")).stages()]
+            ['custom', 'stage1']
+        """
+        out, stage = [], self
+        while stage is not None:
+            out.append(stage)
+            stage = stage.pretrain
+        return out
+
     def replace(self, **changes: Any) -> CellkitConfig:
         """A copy with top-level fields replaced (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)

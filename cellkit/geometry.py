@@ -173,8 +173,7 @@ def apply_geometry(cfg: Any, geometry: Geometry) -> Any:
     from cellkit.registry import MASKS
 
     out = copy.deepcopy(cfg)
-    stage = out
-    while stage is not None:
+    for stage in out.stages():
         sigma = None
         for spec in stage.targets.values():
             factory = MASKS.get(spec.name) if spec.name in MASKS else None
@@ -193,7 +192,6 @@ def apply_geometry(cfg: Any, geometry: Geometry) -> Any:
         stage.data.cell_diameter = round(float(geometry.cell_diameter), 2)
         if geometry.mpp is not None:
             stage.data.mpp = geometry.mpp
-        stage = stage.pretrain
     return out
 
 

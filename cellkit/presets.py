@@ -106,7 +106,7 @@ def _base(name: str, size: str, heads: tuple[str, ...], num_classes: int, radius
         train["steps"] = int(steps)
     auto = radius is None and cell_diameter is None
     # Placeholders when auto (replaced at the start of training by the estimate).
-    geometry = Geometry(float(cell_diameter if cell_diameter is not None else 2 * (radius or 4.0)), "given")
+    geometry = Geometry(2 * _circle_radius(radius, cell_diameter), "given")
     return CellkitConfig(
         name=name,
         model=ModelConfig(
@@ -137,11 +137,11 @@ def _main_losses(target: str) -> list[LossSpec]:
             LossSpec("iou", 0.2, output="main", target=target, kwargs={"eps": 1.0})]
 
 
-def _geo(cfg: CellkitConfig) -> Any:
-    from cellkit.geometry import Geometry
-
-    # The circle radius the sizes were derived from (placeholder 4 px when "auto").
-    return Geometry(2 * float(cfg.targets["circle"].kwargs["radius"]), "given")
+def _circle_radius(radius: float | None, cell_diameter: float | None) -> float:
+    """The given radius, half the given diameter, or the 4-px placeholder of ``"auto"``."""
+    if radius is not None:
+        return float(radius)
+    return float(cell_diameter) / 2 if cell_diameter is not None else 4.0
 
 
 def ours(size: str = "cpu", num_classes: int = 2, radius: float | None = None, eval_radius: float | None = None,
@@ -161,8 +161,8 @@ def ours(size: str = "cpu", num_classes: int = 2, radius: float | None = None, e
         cell_diameter: the cells' diameter in pixels (instead of ``radius``).
     """
     cfg = _base("ours", size, ("main",), num_classes, radius, eval_radius, min_distance, steps, cell_diameter)
-    r = radius if radius is not None else (cell_diameter / 2 if cell_diameter is not None else 4.0)
-    cfg.targets = {"circle": TargetSpec("circle", {"radius": float(r)})}
+    r = _circle_radius(radius, cell_diameter)
+    cfg.targets = {"circle": TargetSpec("circle", {"radius": r})}
     cfg.losses = _main_losses("circle")
     return cfg
 
@@ -178,7 +178,7 @@ def ours_plus(size: str = "cpu", num_classes: int = 2, radius: float | None = No
     cfg = ours(size, num_classes, radius, eval_radius, min_distance, steps=steps, cell_diameter=cell_diameter)
     cfg.name = "ours_plus"
     cfg.model.heads = ("main", "dynamic")
-    cfg.targets["dynamic"] = TargetSpec("random_polygon", {"base_radius": _geo(cfg).radius})
+    cfg.targets["dynamic"] = TargetSpec("random_polygon", {"base_radius": cfg.targets["circle"].kwargs["radius"]})
     cfg.losses += [
         LossSpec("dynamic", 1.0, output="dynamic", target="dynamic"),
         LossSpec("consistency", 0.5, output="main", against="dynamic"),
@@ -250,7 +250,7 @@ def fcrn(size: str = "cpu", num_classes: int = 2, radius: float | None = None, e
     cfg = _base("fcrn", size, ("main",), num_classes, radius, eval_radius, min_distance, steps, cell_diameter)
     if sigma is not None:
         cfg.data.cell_diameter = None
-    r = radius if radius is not None else (cell_diameter / 2 if cell_diameter is not None else 4.0)
+    r = _circle_radius(radius, cell_diameter)
     sigma = float(sigma if sigma is not None else max(1.0, r / 2))
     cfg.model.activation = "identity"
     cfg.targets = {"density": TargetSpec("gaussian", {"sigma": sigma, "scale": scale})}
@@ -266,8 +266,8 @@ def estimate_mask(size: str = "cpu", num_classes: int = 2, radius: float | None 
     (Voronoi cells intersected with a colour clustering), Lm = 0.8 CE + 0.2 IoU."""
     cfg = _base("estimate_mask", size, ("main",), num_classes, radius, eval_radius, min_distance, steps,
                 cell_diameter)
-    r = radius if radius is not None else (cell_diameter / 2 if cell_diameter is not None else 4.0)
-    cfg.targets = {"estimated": TargetSpec("estimated", {"radius": float(r)})}
+    r = _circle_radius(radius, cell_diameter)
+    cfg.targets = {"estimated": TargetSpec("estimated", {"radius": r})}
     cfg.losses = _main_losses("estimated")
     return cfg
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["THRESHOLD_GRID", "Calibration", "calibrate_peaks", "score_maps"]
+__all__ = ["THRESHOLD_GRID", "Calibration", "calibrate_peaks", "class_counts", "score_maps"]
 
 #: Thresholds tried on probability maps (sigmoid). For density maps (``relative=True``)
 #: these are fractions of the class's highest map value.
@@ -91,13 +91,19 @@ def _f1(predictions: Sequence[Any], truths: Sequence[tuple[Any, Any]], radius: f
 
     k = len(class_names)
     report = evaluate(predictions, truths, radius=radius, num_classes=k, class_names=list(class_names))
-    present = _counts(truths, k) > 0
+    present = class_counts(truths, k) > 0
     f1 = {n: (float(report.total_f1[c]) if present[c] else None) for c, n in enumerate(class_names)}
     values = [v for v in f1.values() if v is not None]
     return f1, (float(np.mean(values)) if values else float("nan"))
 
 
-def _counts(truths: Sequence[tuple[Any, Any]], k: int) -> np.ndarray:
+def class_counts(truths: Sequence[tuple[Any, Any]], k: int) -> np.ndarray:
+    """Annotated cells per class (``(k,)`` int64) over ``(points, classes)`` pairs.
+
+    Examples:
+        >>> class_counts([([[0, 0], [1, 1]], [1, 1]), ([], [])], 3).tolist()
+        [0, 2, 0]
+    """
     counts = np.zeros(k, np.int64)
     for _, classes in truths:
         cls = np.asarray(classes, np.int64).reshape(-1)
@@ -152,7 +158,7 @@ def calibrate_peaks(
     k = len(class_names)
     base = dict(kwargs)
     f1_before, before = score_maps(maps, truths, radius=radius, class_names=class_names, name=name, kwargs=base)
-    counts = {n: int(c) for n, c in zip(class_names, _counts(truths, k))}
+    counts = {n: int(c) for n, c in zip(class_names, class_counts(truths, k))}
     if "threshold" not in base or not maps:
         return Calibration(base, f1_before, before, before, counts)
     current = dict(base)

@@ -9,11 +9,22 @@
     result = fit(cfg, "runs/ours_pp")             # stage 1, then stage 2
     result.best_path                              # runs/ours_pp/best.pt
 
+Before the first step :func:`resolve_for_data` fixes what depends on the training images
+(the cell geometry when ``data.cell_diameter`` is ``"auto"``, crops no larger than the
+images) and the lines saying what was chosen are printed.
+
+**Rounds.** Training runs in *rounds*, each ending with validation and a checkpoint: with
+``train.steps`` (the presets' schedule) a round is ``train.val_every_steps`` optimizer
+steps, whatever the number of images; with ``train.steps = None`` a round is an epoch
+(``steps_per_epoch`` batches or one pass). The learning rate follows
+:func:`schedule_factor` per optimizer step. The ``epoch`` fields below count rounds.
+
 The schedule (section 3 of the paper):
 
 * **Stage 1** (only when ``cfg.pretrain`` is set, i.e. a target is the ``prior``): the
   pre-trained model (encoder + main decoder, circle masks, CE only) is trained for
-  ``cfg.pretrain.train.epochs`` epochs (10 in the paper) and stopped there: early stopping
+  ``cfg.pretrain.train.steps`` steps (a share of stage 2's, see
+  :func:`cellkit.presets.set_pretrain_fraction`; 10 of 100 epochs in the paper) and stopped there: early stopping
   here means a short, fixed schedule, so its *last* checkpoint (``pretrain/last.pt``) is
   the model whose class-1 output becomes the prior target. Stage 1 has its own folder
   ``<run>/pretrain/`` (``config.yaml``, ``metrics.jsonl``, ``last.pt``, ``best.pt``), is
@@ -27,28 +38,34 @@ The schedule (section 3 of the paper):
 The run folder::
 
     <run>/config.yaml      the resolved config (CellkitConfig.to_yaml)
-    <run>/metrics.jsonl    one JSON object per epoch (see below)
-    <run>/last.pt          the state after the last finished epoch (resumes training)
-    <run>/best.pt          the state of the best validated epoch
+    <run>/metrics.jsonl    one JSON object per round (see below)
+    <run>/last.pt          the state after the last finished round (resumes training)
+    <run>/best.pt          the state of the best validated round, with the calibrated peaks
+    <run>/calibration.json the peak arguments chosen on the validation images (train.calibrate)
     <run>/pretrain/...     stage 1, same layout (ours_plus_plus only)
     <run>/prior_cache/     the cached prior targets (ours_plus_plus only)
 
-Each ``metrics.jsonl`` line holds ``stage``, ``epoch`` (1-based), ``epochs``, ``steps``,
-``lr`` (of the epoch), ``time`` (seconds, training + validation), ``train`` (mean of every
+Each ``metrics.jsonl`` line holds ``stage``, ``epoch`` (the round, 1-based), ``epochs``,
+``steps`` (of the round), ``step`` (optimizer steps so far), ``lr`` (at the round's start), ``time`` (seconds, training + validation), ``train`` (mean of every
 loss term over the epoch, by the :class:`~cellkit.losses.WeightedLoss` labels, plus
 ``total``), ``val`` (the same on the validation images), ``f1`` (total F1 per class name at
-``cfg.train.radius``), ``mean_f1`` (the per-image mean F1 per class), ``score`` and
-``best``. Values that are not finite are written as ``null``.
+``cfg.train.radius``; ``null`` for a class with no cell in the validation images),
+``mean_f1`` (the per-image mean F1 per class), ``score``, ``best`` and ``postprocess`` (the
+peak arguments the F1 was computed with). Values that are not finite are written as ``null``.
 
-**The best checkpoint** is the epoch with the highest *score* = mean over classes of the
-total F1 of the main head on the validation split (classes whose F1 is undefined are left
-out of the mean); on a tie the earlier epoch is kept. Validation runs every
-``cfg.train.val_every`` epochs and always after the last one; the main head's logits go
-through ``model.activation`` and the post-processor of ``cfg`` (peaks), and
-:func:`cellkit.metrics.evaluate` matches the peaks with the annotated points within
-``cfg.train.radius`` pixels. Validation images are whole images, one at a time (the
-model pads any size); the loss terms are computed on them too. Without validation
-images, ``best.pt`` is the last epoch.
+**The best checkpoint** is the round with the highest *score* = mean over classes of the
+total F1 of the main head on the validation split (classes without a validation cell are
+left out of the mean); on a tie the earlier round is kept. Validation runs after every
+round of a step schedule (every ``cfg.train.val_every`` epochs of an epoch schedule) and
+always after the last one. The validation images are predicted exactly as ``cellkit
+predict`` does (tiled :func:`~cellkit.engine.predict.predict_probabilities`); with
+``train.calibrate`` each class's peak threshold is chosen on those maps
+(:mod:`cellkit.engine.calibrate`) before :func:`cellkit.metrics.evaluate` matches the peaks
+with the annotated points within ``cfg.train.radius`` pixels. The loss terms are computed
+on whole validation images. After the last round the best weights are calibrated once
+more (minimum distance too) and the result is stored in ``best.pt`` (``postprocess``,
+``calibration``) and ``calibration.json``. Without validation images, ``best.pt`` is the
+last round and keeps the config's peaks.
 
 **Resuming.** Checkpoints are written atomically (best first, then last, then the metrics
 line). ``fit(..., resume=True)`` continues from ``last.pt`` (and from
@@ -56,7 +73,8 @@ line). ``fit(..., resume=True)`` continues from ``last.pt`` (and from
 because all randomness of an epoch is drawn from ``(seed, epoch)``: torch, numpy and
 Python are seeded with ``seed * 1000 + epoch`` at the start of each epoch (dropout, the
 DataLoader's worker seeds), the sampler's generator likewise, and the dataset gets
-``set_epoch(epoch)``. ``epochs`` may be raised on resume to train further; any other
+``set_epoch(epoch)``. ``epochs`` (of an epoch schedule) may be raised on resume to train
+further; any other
 change of the config is an error. A folder that already holds a run is never
 overwritten. The equality is exact on the CPU; on CUDA, kernels that are not
 deterministic (cuDNN's backward, atomics) make runs differ in the last bits, resumed or
@@ -65,9 +83,9 @@ not.
 **Distributed.** Under ``torchrun`` (see :mod:`cellkit.engine.distributed`) each process
 trains on its shard of the training split with DistributedDataParallel; ``batch_size``
 and ``steps_per_epoch`` are per process (the global batch is ``batch_size x world_size``).
-Epoch losses are averaged over all ranks. Validation is sharded: rank ``r`` scores
-validation images ``r, r + world_size, ...`` and the detections and losses are gathered,
-so every rank computes the same F1 and score. BatchNorm statistics are copied from rank
+Epoch losses are averaged over all ranks. Validation is sharded: rank ``r`` predicts
+validation images ``r, r + world_size, ...`` and the maps and losses are gathered, so every
+rank calibrates and computes the same F1 and score. BatchNorm statistics are copied from rank
 0 after each epoch so every rank validates the model rank 0 saves. Only rank 0 writes.
 """
 
@@ -254,15 +272,13 @@ def resolve_for_data(cfg: CellkitConfig, train: Sequence[Any]) -> tuple[CellkitC
     if geometry is not None:
         notes.append("geometry: " + geometry.describe())
     smallest = min((min(s.image.shape[:2]) for s in train), default=None)
-    stage: CellkitConfig | None = cfg
-    while stage is not None:
+    for stage in cfg.stages():
         t = stage.train
         if smallest is not None and t.crop_size is not None and t.crop_size > smallest:
             new = max(32, smallest // 32 * 32) if smallest >= 32 else smallest
             notes.append(f"crops: {new} px (train.crop_size {t.crop_size} is larger than the smallest "
                          f"training image side, {smallest} px)")
             t.crop_size = new
-        stage = stage.pretrain
     notes.append("schedule: " + describe_schedule(cfg))
     return cfg, notes
 
@@ -979,9 +995,9 @@ def _validate(model: nn.Module, val_ds: Any, val_samples: Sequence[Any], loss_fn
 def _f1_by_class(report: Any, class_names: list[str], truths: Sequence[tuple[Any, Any]],
                  ) -> tuple[dict[str, float | None], dict[str, float | None]]:
     """Total and mean F1 per class name; ``None`` for a class with no annotated cell."""
-    present = set()
-    for _, classes in truths:
-        present.update(int(c) for c in np.unique(np.asarray(classes)))
+    from cellkit.engine.calibrate import class_counts
+
+    present = set(np.flatnonzero(class_counts(truths, len(class_names))).tolist())
     total = {n: (float(report.total_f1[c]) if c in present else None) for c, n in enumerate(class_names)}
     mean = {n: (float(report.mean_f1[c]) if c in present else None) for c, n in enumerate(class_names)}
     return total, mean
