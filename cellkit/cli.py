@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import io
 import json
 import sys
 import traceback
@@ -247,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="find and classify cells in images",
         description="Predict cells in images of any size (tiled). Writes, per image, OUT_DIR/<stem>.csv "
         "(x,y,class,score), OUT_DIR/<stem>.geojson (QuPath) and OUT_DIR/<stem>_overlay.png, and "
-        "OUT_DIR/counts.csv with the number of cells per class per image.",
+        "OUT_DIR/counts.csv with the number of cells per class per image, and OUT_DIR/predict.json (what "
+        "was done). It never replaces a file it did not write; a folder of an earlier run needs --resume or "
+        "--overwrite.",
         formatter_class=_Formatter,
         epilog="example: cellkit predict --checkpoint runs/ours/best.pt --out out/ slides/ extra.png",
     )
@@ -267,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
     p.add_argument("--no-overlay", action="store_true", help="do not write the overlay PNGs")
     p.add_argument("--overlay-radius", type=_positive_int, default=3, help="radius of the overlay's dots")
+    p.add_argument("--resume", action="store_true",
+                   help="finish the earlier run recorded in OUT_DIR/predict.json (images done are kept)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the earlier run's files in OUT_DIR first (files cellkit did not write are "
+                        "never replaced)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave unreadable images out (listed in predict.json) instead of stopping")
     _add_common(p)
     p.set_defaults(func=_cmd_predict)
 
@@ -452,43 +460,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _counts_csv(rows: list[tuple[str, Any]], class_names: Sequence[str]) -> str:
-    import csv
-
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["image", *class_names])
-    for stem, counts in rows:
-        writer.writerow([stem, *(int(c) for c in counts)])
-    return buf.getvalue()
-
-
-def _write_prediction_files(
-    out_dir: Path, stem: str, image: Any, det: Any, class_names: Sequence[str], overlay: bool, radius: int
-) -> None:
-    from cellkit.data.writers import write_csv, write_geojson
-    from cellkit.viz import class_colors, draw_points, save_png
-
-    colors = class_colors(len(class_names))
-    write_csv(out_dir / f"{stem}.csv", det)
-    write_geojson(out_dir / f"{stem}.geojson", det, list(class_names), colors=colors.tolist())
-    if overlay:
-        overlay_image = draw_points(image, det.points, det.classes, len(class_names), radius=radius, colors=colors)
-        save_png(out_dir / f"{stem}_overlay.png", overlay_image)
-
-
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from cellkit.data.io import write_text_atomic
-    from cellkit.engine.evaluate import OUTPUT_STEMS, PREDICT_META, jsonable
+    from cellkit.engine.checkpoint import file_fingerprint, load_checkpoint
+    from cellkit.engine.outputs import write_predictions
     from cellkit.engine.predict import Predictor, list_images
 
-    paths = list_images(args.inputs)  # path errors before the model loads
-    reserved = sorted({p.name for p in paths if p.stem in OUTPUT_STEMS})
-    if reserved:
-        raise ValueError(
-            f"image names {reserved} clash with the summary files written to --out "
-            f"({', '.join(OUTPUT_STEMS)}); rename them."
-        )
+    list_images(args.inputs)  # path errors before the model loads
     predictor = Predictor.from_checkpoint(
         args.checkpoint,
         device=args.device,
@@ -499,31 +476,28 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         amp=args.amp,
     )
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = predictor.class_names
-    rows: list[tuple[str, Any]] = []
-    for path, image, det in predictor.predict_paths(paths):
-        _write_prediction_files(out_dir, path.stem, image, det, names, not args.no_overlay, args.overlay_radius)
-        rows.append((path.stem, det.counts(predictor.num_classes)))
-    write_text_atomic(out_dir / "counts.csv", _counts_csv(rows, names))
-    cfg = predictor.config
-    meta = {
-        "checkpoint": str(Path(args.checkpoint)),
-        "class_names": list(names),
-        "class_map": None if cfg is None else cfg.data.class_map,
-        "postprocess": {
-            "name": None if cfg is None else cfg.postprocess.name,
-            **{k: jsonable(getattr(predictor.postprocess, k)) for k in ("threshold", "min_distance", "exclusive")
-               if hasattr(predictor.postprocess, k)},
-        },
-        "tile_size": args.tile_size,
-        "overlap": args.overlap,
-        "images": [stem for stem, _ in rows],
-    }
-    write_text_atomic(out_dir / PREDICT_META, json.dumps(meta, indent=2) + "\n")
-    total = sum(int(sum(c)) for _, c in rows)
-    _out(f"{len(rows)} images, {total} cells -> {out_dir} (counts in {out_dir / 'counts.csv'})")
+    ckpt_file = load_checkpoint(args.checkpoint)["path"] if Path(args.checkpoint).is_dir() else args.checkpoint
+    run = write_predictions(
+        predictor,
+        args.inputs,
+        args.out,
+        overlay=not args.no_overlay,
+        overlay_radius=args.overlay_radius,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        on_error="skip" if args.skip_bad_images else "raise",
+        settings={"checkpoint": str(Path(args.checkpoint)), "checkpoint_sha256": file_fingerprint(ckpt_file)},
+    )
+    out_dir = run.out_dir
+    if run.removed:
+        _out(f"removed the {len(run.removed)} files of the earlier run in {out_dir} (--overwrite)")
+    if run.resumed:
+        _out(f"{run.resumed} images were done by the earlier run and kept (--resume)")
+    _out(f"{len(run.counts)} images, {run.cells} cells -> {out_dir} (counts in {out_dir / 'counts.csv'})")
+    if run.skipped:
+        shown = "; ".join(f"{name}: {why}" for name, why in list(run.skipped.items())[:5])
+        print(f"cellkit predict: {len(run.skipped)} images could not be read and were skipped (listed in "
+              f"{out_dir / 'predict.json'}): {shown}", file=sys.stderr)
     return 0
 
 

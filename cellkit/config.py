@@ -103,7 +103,13 @@ class LossSpec:
 
 @dataclass
 class PostprocessConfig:
-    """Probability maps to points: a post-processor by name (``peaks``) and its arguments."""
+    """Probability maps to points: a post-processor by name (``peaks``) and its arguments.
+
+    ``peaks`` takes ``threshold`` (one value, or one per class) in ``[0, 1]`` on the
+    probability maps of a sigmoid model, ``>= 0`` on the density maps of an ``identity``
+    model (FCRN), and ``min_distance``, an integer ``>= 1`` (checked by
+    :meth:`CellkitConfig.check`).
+    """
 
     name: str = "peaks"
     kwargs: dict[str, Any] = field(
@@ -184,8 +190,10 @@ class DataConfig:
     Attributes:
         root: dataset folder (``None``: the bundled EndoNuke sample).
         format: ``csv``, ``bcdata``, ``endonuke`` or ``geojson``.
-        class_map: source label -> class index, ``None`` = the format's default.
-        class_names: names of the classes, index order.
+        class_map: source label -> class index, ``None`` = the format's default. The
+            indices must be exactly ``0 .. K-1``, every one used, and ``K`` must equal
+            ``model.num_classes`` (checked by :meth:`CellkitConfig.check`).
+        class_names: names of the classes, index order: one name per class.
         split: the BCData split folder (``train``/``validation``/``test``), if any.
         val_fraction, test_fraction: held-out shares, split by group (slide/tile range).
         split_seed: seed of the split.
@@ -263,25 +271,79 @@ class CellkitConfig:
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> CellkitConfig:
-        """Read a config from a YAML file path or YAML text.
+        """Read a config from a YAML file path or YAML text, and check its values.
+
+        Besides :meth:`from_dict`'s checks of keys and types, the values are checked
+        (:meth:`problems`: the class map, the peak thresholds...). Every message starts
+        with the file's name (``config.yaml``), and a YAML syntax error names the line.
 
         Raises:
             FileNotFoundError: for a path that does not exist.
             ConfigError: for YAML that is not a valid config.
         """
         text = str(source)
+        name = "config text"
         if isinstance(source, Path) or (("\n" not in text) and text.endswith((".yaml", ".yml"))):
             path = Path(source)
             if not path.is_file():
                 raise FileNotFoundError(f"Config file {path} does not exist.")
-            text = path.read_text()
+            try:
+                text = path.read_text(encoding="utf-8-sig")
+            except UnicodeDecodeError as err:
+                raise ConfigError(
+                    f"{path}: not UTF-8 text (byte {err.start}); a config is a YAML text file, "
+                    "such as the config.yaml of a run folder."
+                ) from err
+            name = str(path)
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            raise ConfigError(f"Config is not valid YAML: {err}") from err
+            raise ConfigError(_yaml_error_message(name, err)) from err
         if not isinstance(data, dict):
-            raise ConfigError(f"A config must be a YAML mapping, got {type(data).__name__}.")
-        return cls.from_dict(data)
+            raise ConfigError(
+                f"{name}: a config must be a YAML mapping (lines of 'key: value', such as "
+                f"'name: ours'), got {type(data).__name__}."
+            )
+        try:
+            cfg = cls.from_dict(data)
+            cfg.check()
+        except ConfigError as err:
+            raise ConfigError(f"{name}: {err}") from err
+        return cfg
+
+    def problems(self) -> list[str]:
+        """Every problem of the config's values, of this stage and its stage 1, as messages.
+
+        What :meth:`from_dict` cannot see from the types alone: a class map whose classes
+        are not exactly ``0 .. K-1`` with one name each, or that disagrees with
+        ``model.num_classes``; peak thresholds outside ``[0, 1]`` on probability maps
+        (``>= 0`` on density maps, ``activation: identity``) and a ``min_distance`` below 1.
+        ``CellkitConfig.from_yaml`` runs it; checkpoints, which may hold older configs, are
+        read without it.
+
+        Examples:
+            >>> cfg = CellkitConfig(postprocess=PostprocessConfig(kwargs={"threshold": 5}))
+            >>> print(*cfg.problems(), sep="\\n")  # doctest: +ELLIPSIS
+            config.postprocess.kwargs.threshold: expected a value in [0, 1] (...), got 5; use e.g. 0.5
+        """
+        out: list[str] = []
+        stage: CellkitConfig | None = self
+        where = "config"
+        while stage is not None:
+            out += _data_problems(stage, where)
+            out += _postprocess_problems(stage, where)
+            stage, where = stage.pretrain, f"{where}.pretrain"
+        return out
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` listing every :meth:`problems` of the config."""
+        problems = self.problems()
+        if len(problems) == 1:
+            raise ConfigError(problems[0])
+        if problems:
+            raise ConfigError(
+                f"Invalid config {self.name!r}, {len(problems)} problems:\n  - " + "\n  - ".join(problems)
+            )
 
     def stages(self) -> list[CellkitConfig]:
         """This config and its stage 1 (``pretrain``, and so on), the ones that train.
@@ -299,6 +361,63 @@ class CellkitConfig:
     def replace(self, **changes: Any) -> CellkitConfig:
         """A copy with top-level fields replaced (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
+
+
+def _yaml_error_message(name: str, err: yaml.YAMLError) -> str:
+    """``config.yaml line 3 column 7: <what PyYAML found>; how to fix it``."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None)
+    context = getattr(err, "context", None)
+    if mark is None or problem is None:
+        return (f"{name}: not valid YAML ({err}); a config is lines of 'key: value', nested keys "
+                "indented with spaces.")
+    where = f"{name} line {mark.line + 1} column {mark.column + 1}"
+    detail = str(problem)
+    context_mark = getattr(err, "context_mark", None)
+    if context:
+        detail += f" ({context}"
+        if context_mark is not None and context_mark.line != mark.line:
+            detail += f" at line {context_mark.line + 1}"
+        detail += ")"
+    return (
+        f"{where}: not valid YAML: {detail}. Expected lines of 'key: value' with nested keys "
+        "indented by spaces (no tabs), lists as '- item' or [a, b], and quotes around a value "
+        "holding ': ' or ' #'; fix that line (or the one above it)."
+    )
+
+
+def _data_problems(cfg: CellkitConfig, where: str) -> list[str]:
+    d, k = cfg.data, cfg.model.num_classes
+    if not isinstance(d, DataConfig) or not isinstance(k, int):
+        return []
+    names = list(d.class_names) if d.class_names else None
+    if d.class_map is None:
+        if names is not None and len(names) != k:
+            return [f"{where}.data.class_names: expected one name per class (model.num_classes is {k}), "
+                    f"got {len(names)} names {names}; give {k} names, or set model.num_classes: {len(names)}"]
+        return []
+    from cellkit.data.classes import ClassMap
+
+    try:
+        cmap = ClassMap.parse(dict(d.class_map), names=names)
+    except ValueError as err:
+        return [f"{where}.data.class_map: {err}"]
+    if cmap.num_classes != k:
+        return [f"{where}.data.class_map maps onto {cmap.num_classes} classes {list(cmap.names)}, but "
+                f"model.num_classes is {k}; expected the same number: set model.num_classes: "
+                f"{cmap.num_classes}, or map the labels onto 0..{k - 1}"]
+    return []
+
+
+def _postprocess_problems(cfg: CellkitConfig, where: str) -> list[str]:
+    p = cfg.postprocess
+    if not isinstance(p, PostprocessConfig) or p.name != "peaks":
+        return []
+    from cellkit.postprocess.peaks import peak_kwargs_problems
+
+    k = cfg.model.num_classes if isinstance(cfg.model.num_classes, int) else None
+    return peak_kwargs_problems(p.kwargs, activation=cfg.model.activation, num_classes=k,
+                                where=f"{where}.postprocess.kwargs")
 
 
 def _to_plain(value: Any) -> Any:

@@ -113,7 +113,7 @@ def run_row(row: str, seed: int, cfg: cellkit.CellkitConfig, splits: dict[str, l
         log(f"[{row} seed {seed}] finished earlier: reusing {result_path}")
         return json.loads(result_path.read_text())
     started = time.time()
-    resume = (run_dir / "last.pt").is_file() or (run_dir / "pretrain" / "last.pt").is_file()
+    resume = (run_dir / "config.yaml").is_file()  # fit marks a run folder with it first
     log(f"[{row} seed {seed}] training into {run_dir}" + (" (resuming)" if resume else ""))
     trained = fit(cfg, run_dir, splits=splits, resume=resume, device=device, max_steps=max_steps)
     predictor = Predictor.from_checkpoint(trained.best_path, device=device)

@@ -203,7 +203,9 @@ def test_class_map_parse_forms():
     named = ClassMap.parse("Tumor=positive,Stroma=other,*=other")
     assert named.names == ("positive", "other")
     assert named("tumor") == 0 and named("anything") == 1
-    assert ClassMap.parse("a=0,b=2").names == ("class0", "class1", "class2")
+    assert ClassMap.parse("a=0,b=1").names == ("class0", "class1")
+    with pytest.raises(ValueError, match=r"uses classes \{0, 2\}.*use a=0,b=1"):
+        ClassMap.parse("a=0,b=2")  # class 1 would be trained with no cell
     assert ClassMap.parse(a) is a
     assert ClassMap.from_dict(a.to_dict()) == a
     assert ClassMap.identity(3)(2) == 2
@@ -403,7 +405,7 @@ def test_geojson_reads_qupath_variants(tmp_path):
     assert rec.scores is None  # not every point has a score
     assert rec.ignored == {"Polygon": 1}
     save_png(tmp_path / "q.png", rgb())
-    with pytest.warns(DataWarning, match="ignored GeoJSON features that are not points: 1 Polygon"):
+    with pytest.warns(DataWarning, match="ignored GeoJSON features that are not cells: 1 Polygon"):
         load_dataset(tmp_path, "geojson", class_map=cmap)
 
 

@@ -329,7 +329,7 @@ def test_a_run_with_estimated_geometry_resumes(tmp_path: Path) -> None:
 
     splits = {"train": [_disc_sample(f"t{i}", i) for i in range(3)], "val": [_disc_sample("v", 50)]}
     first = fit(cfg(), tmp_path / "run", splits=splits, device="cpu", progress=False, max_steps=1)
-    again = fit(cfg(), tmp_path / "run", splits=splits, device="cpu", progress=False, resume=True)
+    again = fit(cfg(), tmp_path / "run", splits=splits, device="cpu", progress=False, resume=True, max_steps=1)
     assert [r["step"] for r in first.history] == [1, 2] and len(again.history) == 2
     stored = cellkit.CellkitConfig.from_yaml(tmp_path / "run" / "config.yaml")
     assert isinstance(stored.data.cell_diameter, float) and stored.train.crop_size == 96

@@ -89,7 +89,7 @@ class ClassMap:
         by_name = {n.casefold(): i for i, n in enumerate(names)}
         for src, dst in dict(self.mapping).items():
             index = _target_index(dst, names, by_name, src)
-            key = WILDCARD if str(src).strip() == WILDCARD else normalize_label(src)
+            key = _key(src)
             if key in lookup and lookup[key] != index:
                 raise ValueError(
                     f"ClassMap maps label {src!r} twice (to {lookup[key]} and {index}); "
@@ -134,8 +134,8 @@ class ClassMap:
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise DataError(
                 f"{prefix}label {label!r} is not in the class map; mapped labels are "
-                f"{mapped}.{hint} Add it to the class map (e.g. '{label}=0'), or map every "
-                f"other label with '*=0'."
+                f"{mapped}.{hint} Add it to the class map (--class-map, or data.class_map in "
+                f"a config; e.g. '{label}=0'), or map every other label with '*=0'."
             )
         return index
 
@@ -198,7 +198,9 @@ class ClassMap:
                 or the target names used in ``spec`` when every target is a name.
 
         Raises:
-            ValueError: for malformed entries, naming the entry.
+            ValueError: for malformed entries, naming the entry; when the classes mapped
+                to are not exactly ``0 .. K-1`` (``"0=0,1=5"`` leaves classes 1-4 without a
+                label) or ``names`` has a name no label maps to.
 
         Examples:
             >>> ClassMap.parse("negative=0,positive=1").names
@@ -212,7 +214,7 @@ class ClassMap:
             spec = [part for part in spec.split(",") if part.strip()]
         if isinstance(spec, Mapping):
             items = list(spec.items())
-        else:
+        elif isinstance(spec, (list, tuple)):
             items = []
             for entry in spec:
                 if not isinstance(entry, str) or entry.count("=") != 1:
@@ -224,6 +226,14 @@ class ClassMap:
                 if not src or not dst:
                     raise ValueError(f"class map entry {entry!r} has an empty side.")
                 items.append((src, int(dst) if dst.lstrip("+-").isdigit() else dst))
+        else:
+            raise ValueError(
+                f"a class map must be 'source=target' pairs ('0=0,1=1,2=0'), a dict or a preset "
+                f"name ({', '.join(sorted(CLASS_MAPS))}), got {type(spec).__name__} {spec!r}."
+            )
+        if names is not None:
+            names = [str(n) for n in names]
+        given = names is not None
         if names is None:
             targets = [d for _, d in items]
             if targets and all(isinstance(d, str) for d in targets):
@@ -236,7 +246,68 @@ class ClassMap:
                         "names can be resolved."
                     )
                 names = [f"class{i}" for i in range(max(ints) + 1 if ints else 1)]
-        return cls(dict(items), list(names))
+        cmap = cls(dict(items), list(names))
+        _check_numbering(cmap, items, given)
+        return cmap
+
+    @property
+    def used_classes(self) -> list[int]:
+        """The class indices some label maps to, ascending.
+
+        Examples:
+            >>> ClassMap({"a": 0}, ["x", "y"]).used_classes
+            [0]
+        """
+        return sorted(set(self._lookup.values()))
+
+
+def _spec_text(items: Sequence[tuple[Any, Any]]) -> str:
+    """A class map as the command line writes it: ``0=0,1=1,2=0``."""
+    return ",".join(f"{src}={dst}" for src, dst in items)
+
+
+def _check_numbering(cmap: ClassMap, items: Sequence[tuple[Any, Any]], names_given: bool) -> None:
+    """Class indices must be exactly ``0 .. K-1``, every one used, one name each.
+
+    A gap (``0=0,1=5``) would train classes no label maps to, and their F1 (no cells, no
+    detections) would read as a perfect 1.00; a surplus class name would do the same.
+    """
+    used = cmap.used_classes
+    k = cmap.num_classes
+    if used == list(range(k)):
+        return
+    unused = [i for i in range(k) if i not in used]
+    renumber = {c: i for i, c in enumerate(used)}
+    fixed = ",".join(
+        f"{src}={dst}" if isinstance(dst, str) and not dst.strip().lstrip("+-").isdigit()
+        else f"{src}={renumber[cmap._lookup[_key(src)]]}"
+        for src, dst in items
+    )
+    text = _spec_text(items)
+    what = f"class map {text} (--class-map, data.class_map)"
+    empty = (f"class {unused[0]}" if len(unused) == 1 else
+             f"classes {', '.join(map(str, unused))}")
+    if not names_given:
+        raise ValueError(
+            f"{what} uses classes {{{', '.join(map(str, used))}}}; expected classes numbered "
+            f"0..K-1 with none left out, else {empty} would be trained with no cell (and score "
+            f"F1 1.00): use {fixed}."
+        )
+    names = list(cmap.names)
+    kept = ",".join(names[c] for c in used)
+    fix = f"--class-names {kept}" if fixed == text else f"{fixed} with --class-names {kept}"
+    raise ValueError(
+        f"{what} maps onto {len(used)} class{'es' if len(used) > 1 else ''} "
+        f"{{{', '.join(map(str, used))}}}, but {k} class names were given ({', '.join(names)}); "
+        f"no label maps to {', '.join(f'{i} ({names[i]!r})' for i in unused)}, which would be "
+        f"trained with no cell. Expected classes 0..K-1 with one name each: use {fix}, or map "
+        f"a label onto {' and '.join(repr(names[i]) for i in unused)}."
+    )
+
+
+def _key(src: Any) -> Label:
+    """The lookup key of a mapping's source label (``"*"`` stays the wildcard)."""
+    return WILDCARD if str(src).strip() == WILDCARD else normalize_label(src)
 
 
 def _target_index(dst: Any, names: list[str], by_name: dict[str, int], src: Any) -> int:
@@ -257,7 +328,8 @@ def _target_index(dst: Any, names: list[str], by_name: dict[str, int], src: Any)
     if float(dst) != index or not 0 <= index < len(names):
         raise ValueError(
             f"class map entry {src!r} -> {dst!r}: the target must be an integer class index "
-            f"in 0..{len(names) - 1} (classes {names})."
+            f"in 0..{len(names) - 1} (classes {names}); map the label onto one of them, or give "
+            f"one class name per class (--class-names, data.class_names)."
         )
     return index
 

@@ -109,7 +109,7 @@ def _builtin() -> None:
         "endonuke", r._endonuke_jobs, "images/<id>.png + labels/<id>.txt (x y class)",
         class_maps={2: ENDONUKE_EPITHELIUM, 3: ENDONUKE}, group=endonuke_group))
     _register(DatasetFormat(
-        "geojson", r._geojson_jobs, "<stem>.geojson (QuPath points) beside each image"))
+        "geojson", r._geojson_jobs, "<stem>.geojson (QuPath points or cell detections) beside each image"))
 
 
 _builtin()

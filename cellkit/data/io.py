@@ -34,9 +34,12 @@ __all__ = [
     "DataError",
     "DataWarning",
     "ImageNote",
+    "WriteError",
     "atomic_write",
+    "make_folder",
     "load_image",
     "read_image",
+    "remove_stale_temporaries",
     "to_rgb_uint8",
     "write_bytes_atomic",
     "write_text_atomic",
@@ -200,7 +203,8 @@ def load_image(path: str | os.PathLike[str]) -> tuple[np.ndarray, list[ImageNote
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(
             f"{p}: cannot read the image ({type(exc).__name__}: {exc}); the file is truncated, "
-            "corrupt or not an image. Re-export it, or pass on_error='skip' to skip it."
+            "corrupt or not an image. Re-export it, or skip such images "
+            "(--skip-bad-images in cellkit predict, on_error='skip' in Python)."
         ) from exc
     return to_rgb_uint8(arr, where=str(p))
 
@@ -233,7 +237,8 @@ def _read_tiff(p: Path) -> np.ndarray:
     except Exception as exc:  # tifffile raises many types for corrupt files
         raise DataError(
             f"{p}: cannot read the TIFF ({type(exc).__name__}: {exc}); the file is truncated, "
-            "corrupt or not a TIFF. Re-export it, or pass on_error='skip' to skip it."
+            "corrupt or not a TIFF. Re-export it, or skip such images "
+            "(--skip-bad-images in cellkit predict, on_error='skip' in Python)."
         ) from exc
     arr = np.asarray(arr)
     if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (1, 2, 3, 4):
@@ -271,14 +276,149 @@ def read_image(path: str | os.PathLike[str], *, warn: bool = True) -> np.ndarray
     return arr
 
 
+class WriteError(OSError):
+    """A file cellkit was asked to write could not be written; the message names it (never a
+    temporary file) and says how to fix it."""
+
+
+#: Temporary files are named ``.<target name>.cellkit-<pid>-<random>.tmp`` beside their target.
+_TMP_MARK = ".cellkit-"
+_STALE_AFTER_S = 24 * 3600  # where the writer's process cannot be asked (other OS, old names)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # it exists (another user's), or we cannot tell
+    return True
+
+
+def _temporary_is_stale(tmp: Path, target_name: str | None) -> bool:
+    import time
+
+    name = tmp.name
+    if target_name is not None:
+        rest = name[len(target_name) + 1 :]  # ".cellkit-<pid>-<random>.tmp" (older: ".<random>.tmp")
+    else:
+        at = name.rfind(_TMP_MARK)
+        rest = name[at:] if at > 0 else ""
+    pid_text = rest[len(_TMP_MARK) :].split("-", 1)[0] if rest.startswith(_TMP_MARK) else ""
+    if pid_text.isdigit() and os.name != "nt":
+        return not _pid_alive(int(pid_text))
+    if target_name is None:
+        return False  # in a folder sweep, only files that are surely cellkit's
+    return time.time() - tmp.stat().st_mtime > _STALE_AFTER_S
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files that killed writes left behind.
+
+    A write interrupted by ``SIGKILL`` or a power cut cannot clean up after itself; its
+    temporary file (``.<name>.cellkit-<pid>-<random>.tmp``) stays. This removes those whose
+    process is gone (on Windows, and for names without a process id: those older than a
+    day). A temporary file of a write still running is left alone.
+
+    Args:
+        path: a file (its temporaries beside it), or a folder (every cellkit temporary in it).
+
+    Returns:
+        the files removed.
+
+    Examples:
+        >>> import tempfile, os
+        >>> folder = tempfile.mkdtemp()
+        >>> stale = os.path.join(folder, ".a.txt.cellkit-999999999-x.tmp")
+        >>> open(stale, "w").close()
+        >>> [p.name for p in remove_stale_temporaries(os.path.join(folder, "a.txt"))]
+        ['.a.txt.cellkit-999999999-x.tmp']
+    """
+    import glob
+
+    target = Path(path)
+    if target.is_dir():
+        folder, name, pattern = target, None, "." + "*" + _TMP_MARK + "*.tmp"
+    else:
+        folder, name, pattern = target.parent, target.name, glob.escape(f".{target.name}.") + "*.tmp"
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for tmp in folder.glob(pattern):
+        try:
+            if _temporary_is_stale(tmp, name):
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:
+            continue  # gone already, or not ours to delete
+    return removed
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_error(target: Path, err: OSError) -> WriteError:
+    """The error for a failed write of ``target``, naming it and not the temporary file."""
+    parent = target.parent
+    reason = err.strerror or str(err)
+    if isinstance(err, (FileExistsError, NotADirectoryError)) or (parent.exists() and not parent.is_dir()):
+        blocker = next((p for p in [parent, *parent.parents] if p.exists() and not p.is_dir()), parent)
+        fix = f"{blocker} is a file, not a folder: choose another output folder"
+    elif isinstance(err, PermissionError):
+        fix = f"you may not write into {parent}: choose a folder you can write to, or change its permissions"
+    elif getattr(err, "errno", None) == 28:  # ENOSPC
+        fix = f"the disk holding {parent} is full: free space or choose another folder"
+    else:
+        fix = "check that the folder exists and can be written, or choose another one"
+    return WriteError(f"Cannot write {target}: {reason}; {fix}.")
+
+
+def make_folder(path: str | os.PathLike[str]) -> Path:
+    """Create the folder ``path`` (and its parents); a failure is a :class:`WriteError` naming it.
+
+    Examples:
+        >>> import tempfile, os
+        >>> make_folder(os.path.join(tempfile.mkdtemp(), "a", "b")).is_dir()
+        True
+    """
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _write_error(folder, err) from err
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_write(
     path: str | os.PathLike[str], mode: str = "w", encoding: str | None = "utf-8", newline: str | None = None
 ) -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on success it replaces ``path`` atomically.
 
-    On an exception the temporary file is removed and ``path`` is left as it was. The
-    parent folder is created when missing.
+    The data is flushed and ``fsync``-ed before the rename, and the folder after it, so
+    after a crash ``path`` holds either its old or its new content, never a part. On an
+    exception the temporary file is removed and ``path`` is left as it was; a write killed
+    outright (``SIGKILL``) leaves its temporary file, which the next write of ``path``
+    removes (:func:`remove_stale_temporaries`). The parent folder is created when missing.
+    A failure raises :class:`WriteError` naming ``path`` and saying how to fix it.
 
     Args:
         path: the file to write.
@@ -297,8 +437,16 @@ def atomic_write(
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}.")
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        if target.is_dir():
+            raise IsADirectoryError(21, "it is a folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(target)
+        fd, tmp_name = tempfile.mkstemp(
+            dir=target.parent, prefix=f".{target.name}{_TMP_MARK}{os.getpid()}-", suffix=".tmp"
+        )
+    except OSError as err:
+        raise _write_error(target, err) from err
     tmp = Path(tmp_name)
     try:
         if mode == "wb":
@@ -311,9 +459,12 @@ def atomic_write(
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, target)
-    except BaseException:
+        _fsync_folder(target.parent)
+    except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            raise _write_error(target, err) from err
         raise
 
 

@@ -19,9 +19,15 @@ csv/endonuke/geojson readers read ``root/<split>``):
 ``endonuke`` ``images/<id>.png`` and ``labels/<id>.txt``, one ``x y class`` per line
             (``root`` may also be the folder holding ``endonuke_data/``).
 ``geojson`` ``<stem>.png|.jpg|.tif`` beside ``<stem>.geojson`` (or ``.json``), as
-            QuPath exports: Point and MultiPoint features, the class from
-            ``properties.classification.name``; other geometries are ignored.
+            QuPath exports: Point and MultiPoint features are cells; Polygon and
+            MultiPolygon *detections* (``properties.objectType`` ``"detection"`` or
+            ``"cell"``) are cells at their centroids; the class from
+            ``properties.classification.name``. Annotation polygons (regions drawn
+            by hand), tiles and other geometries are skipped and counted.
 ==========  ===================================================================
+
+A dataset in which no image has a single cell is an error naming the folder; when some
+images have no points, one :class:`DataWarning` says how many and names a few.
 
 Every file is validated: a point outside its image, a negative or non-integer class, a
 label file without an image (or the reverse), a truncated or corrupt file each raise a
@@ -70,6 +76,14 @@ ClassMapSpec = ClassMap | Mapping[Any, Any] | Sequence[str] | str | None
 GEOJSON_EXTENSIONS = (".geojson", ".json")
 UNCLASSIFIED = "Unclassified"  # QuPath's name for an object without a class
 
+#: QuPath object types (``properties.objectType``; QuPath 0.2 wrote the Java class as the
+#: feature's ``id``) whose polygons are cells, read at their centroids ...
+CELL_OBJECT_TYPES = frozenset({"detection", "cell", "pathdetectionobject", "pathcellobject"})
+#: ... and those whose polygons are not: regions drawn by hand, tiles, TMA cores.
+REGION_OBJECT_TYPES = frozenset({
+    "annotation", "tile", "tma_core", "pathannotationobject", "pathtileobject", "tmacoreobject",
+})
+
 
 @dataclass
 class PointRecords:
@@ -81,7 +95,9 @@ class PointRecords:
         scores: ``(N,)`` float32 scores when the file has them for every point, else None.
         where: for each point, where it came from (``"line 5"``, ``"feature 3"``), for
             error messages.
-        ignored: geometry type -> number of features that were not points (GeoJSON).
+        ignored: what was skipped -> number of features (GeoJSON): ``"Polygon"`` (a
+            polygon that says nothing of its object type), ``"annotation Polygon"`` (a
+            region), ``"LineString"``...
     """
 
     points: np.ndarray
@@ -373,15 +389,62 @@ def _geojson_score(props: Mapping[str, Any], name: str) -> float | None:
     return None
 
 
+def _geojson_object_type(feature: Mapping[str, Any], props: Mapping[str, Any]) -> str | None:
+    """QuPath's object type of a feature, lower case (``"detection"``, ``"annotation"``...).
+
+    ``properties.objectType`` (QuPath >= 0.3), else the feature ``id`` when it names a
+    QuPath object class (QuPath 0.2: ``"PathCellObject"``), else ``None``.
+    """
+    value = props.get("objectType", props.get("object_type"))
+    if isinstance(value, str) and value.strip():
+        return value.strip().lower()
+    ident = feature.get("id")
+    if isinstance(ident, str) and ident.strip().lower() in CELL_OBJECT_TYPES | REGION_OBJECT_TYPES:
+        return ident.strip().lower()
+    return None
+
+
+def _polygon_centroid(geometry: Mapping[str, Any], where: str) -> list[float]:
+    """``[x, y]`` of a Polygon/MultiPolygon's centroid, or a DataError naming ``where``."""
+    from shapely.geometry import shape
+
+    try:
+        geom = shape(geometry)
+        centroid = geom.centroid
+    except Exception as exc:  # shapely raises several types for malformed coordinates
+        raise DataError(
+            f"{where}: cannot read the polygon ({exc}); expected coordinates as GeoJSON writes "
+            "them: Polygon [[[x, y], ...]], MultiPolygon [[[[x, y], ...]], ...]."
+        ) from None
+    if not centroid.is_empty and not (math.isfinite(centroid.x) and math.isfinite(centroid.y)):
+        raise DataError(f"{where}: the polygon's coordinates are not finite numbers (NaN or infinity).")
+    if centroid.is_empty:
+        raise DataError(
+            f"{where}: the polygon is empty, so it has no centroid to read as the cell; "
+            "expected an outline of at least 3 points: delete the object or redraw it."
+        )
+    return [float(centroid.x), float(centroid.y)]
+
+
 def read_geojson_points(
     path: str | os.PathLike[str], class_map: ClassMap | None = None, score_name: str = "score"
 ) -> PointRecords:
-    """Read the point annotations of a GeoJSON file as QuPath writes it.
+    """Read the cells of a GeoJSON file as QuPath writes it.
 
-    Reads a FeatureCollection, a list of Features or one Feature. Point and MultiPoint
-    features are read; the class is ``properties.classification.name`` (an object
-    without a class is ``"Unclassified"``), the score ``properties.measurements.score``.
-    Other geometries (a region outline, say) are counted in ``ignored`` and skipped.
+    Reads a FeatureCollection, a list of Features or one Feature. A cell is
+
+    * each point of a Point or MultiPoint feature (QuPath's point annotations), or
+    * a Polygon or MultiPolygon *detection*, one cell at the centroid of its geometry
+      (QuPath's cell detections: ``properties.objectType`` is ``"detection"`` or
+      ``"cell"``; QuPath 0.2 wrote ``"id": "PathDetectionObject"`` / ``"PathCellObject"``).
+      For a cell object that is the centroid of the cell outline, not of its
+      ``nucleusGeometry``.
+
+    The class is ``properties.classification.name`` (an object without a class is
+    ``"Unclassified"``), the score ``properties.measurements.score``. Polygons of
+    annotations (regions drawn by hand), tiles and TMA cores, polygons that do not say
+    their object type, and other geometries are not cells: they are counted in
+    ``ignored`` and skipped.
 
     Args:
         path: the ``.geojson`` file.
@@ -391,7 +454,7 @@ def read_geojson_points(
 
     Raises:
         DataError: naming the file and the feature (or the JSON line) for invalid JSON,
-            a malformed feature or an unmapped class.
+            a malformed feature (an empty polygon detection) or an unmapped class.
 
     Examples:
         >>> import tempfile, os, json
@@ -450,6 +513,14 @@ def read_geojson_points(
             if not isinstance(coords, list):
                 raise DataError(f"{loc}: MultiPoint coordinates must be a list of [x, y].")
             coord_list = coords
+        elif kind in ("Polygon", "MultiPolygon"):
+            object_type = _geojson_object_type(feature, props)
+            if object_type not in CELL_OBJECT_TYPES:
+                named = props.get("objectType") or feature.get("id")
+                skipped = kind if object_type is None else f"{named} {kind}"
+                ignored[skipped] = ignored.get(skipped, 0) + 1
+                continue
+            coord_list = [_polygon_centroid(geometry, f"{loc} ({kind} {object_type})")]
         else:
             ignored[str(kind)] = ignored.get(str(kind), 0) + 1
             continue
@@ -457,7 +528,11 @@ def read_geojson_points(
         cls = _class_of(label, class_map, f"{loc} (class {label!r})")
         score = _geojson_score(props, score_name.lower())
         for j, c in enumerate(coord_list):
-            ploc = f"feature {i}" + (f" point {j}" if kind == "MultiPoint" else "")
+            ploc = f"feature {i}"
+            if kind == "MultiPoint":
+                ploc += f" point {j}"
+            elif kind != "Point":
+                ploc += f" ({kind} centroid)"
             if not isinstance(c, (list, tuple)) or len(c) < 2:
                 raise DataError(f"{p}: {ploc}: coordinates must be [x, y], got {c!r}.")
             points.append((_coordinate(c[0], "x", f"{p}: {ploc}"), _coordinate(c[1], "y", f"{p}: {ploc}")))
@@ -657,6 +732,74 @@ _NOTE_TEXT = {
 }
 
 
+def check_classes(
+    records: PointRecords,
+    num_classes: int,
+    path: str | os.PathLike[str],
+    class_map: ClassMap | None = None,
+) -> None:
+    """Raise a DataError naming the file and line when a class is ``num_classes`` or more."""
+    if not len(records):
+        return
+    too_big = records.classes >= num_classes
+    if not too_big.any():
+        return
+    i = int(np.flatnonzero(too_big)[0])
+    loc = records.where[i] if i < len(records.where) else f"point {i}"
+    found = sorted({int(c) for c in records.classes})
+    more = int(too_big.sum()) - 1
+    k = num_classes
+    if class_map is None:
+        example = ",".join(f"{c}={min(c, k - 1)}" for c in found)
+        how = (f"map the labels onto 0..{k - 1} with --class-map (e.g. --class-map {example}) or "
+               f"data.class_map in a config, or train {found[-1] + 1} classes")
+    else:
+        how = (f"the class map gives {class_map.num_classes} classes: train with as many classes, "
+               f"or map the labels onto 0..{k - 1} (--class-map, data.class_map)")
+    raise DataError(
+        f"{path}: {loc}: class {int(records.classes[i])}{f' ({more} more points too)' if more else ''}, "
+        f"but the model has {k} classes; expected classes 0..{k - 1} (this file has classes "
+        f"{found}). Fix: {how}."
+    )
+
+
+def _label_name(job: _Job, root: Path, fmt: str) -> str:
+    """How a warning names an image's annotations: its label file, relative to ``root``."""
+    if fmt == "bcdata" or job.label is None:
+        return job.key
+    try:
+        return str(job.label.relative_to(root))
+    except ValueError:
+        return str(job.label)
+
+
+def _ignored_hint(ignored: Mapping[str, int]) -> str:
+    kinds = set(ignored)
+    hints = []
+    if kinds & {"Polygon", "MultiPolygon"}:
+        hints.append(" A polygon is read as a cell (at its centroid) only when it is a detection: "
+                     "properties.objectType 'detection' or 'cell', as QuPath exports its cells.")
+    if any(k.lower().startswith(("annotation", "pathannotationobject")) for k in kinds):
+        hints.append(" Annotation polygons are regions drawn by hand, not cells; annotate cells as "
+                     "points, or export QuPath's cell detections.")
+    return "".join(hints)
+
+
+def _no_cells_message(root: Path, fmt: str, n_images: int, ignored: Mapping[str, int]) -> str:
+    from .formats import get_format
+
+    msg = (f"{root}: none of the {n_images} images has a cell (every annotation file is "
+           f"empty), so there is nothing to learn from; expected point annotations in the "
+           f"{fmt!r} layout: {get_format(fmt).description}.")
+    if ignored:
+        msg += (" Skipped GeoJSON features that are not cells: "
+                + ", ".join(f"{n} {kind}" for kind, n in sorted(ignored.items())) + "."
+                + _ignored_hint(ignored))
+    else:
+        msg += " Check --format and that the annotation files belong to these images."
+    return msg
+
+
 def detect_format(root: str | os.PathLike[str]) -> str:
     """Guess the layout of a dataset folder.
 
@@ -689,6 +832,9 @@ def load_dataset(
     class_map: ClassMapSpec = None,
     split: str | Sequence[str] | None = None,
     on_error: OnError = "raise",
+    *,
+    num_classes: int | None = None,
+    require_cells: bool = True,
 ) -> list[Sample]:
     """Read a dataset folder into a list of samples, one per image.
 
@@ -704,15 +850,24 @@ def load_dataset(
             subfolders) of ``root``. Default: every BCData split, or ``root`` itself.
         on_error: ``"raise"`` stops at the first bad image; ``"skip"`` leaves bad images
             out and warns once, listing them.
+        num_classes: the number of classes the data is for (a model's); a point whose
+            class is ``num_classes`` or more is then a bad input, naming its file and line.
+        require_cells: a dataset in which no image has a point is an error (it would train
+            on nothing); ``False`` reads it (the ground truth of images known to be empty).
 
     Returns:
         Samples in natural order of their keys (``"2"`` before ``"10"``). Keys are the
         file stems, prefixed by the split (``"test/3"``) for BCData or several splits.
 
+    Warns:
+        DataWarning: once when some images (not all) have no points, saying how many and
+            naming a few (they are learned as images without cells); also for images that
+            were converted, GeoJSON features that are not cells, and skipped images.
+
     Raises:
         FileNotFoundError: when ``root`` or a required subfolder is missing.
         DataError: naming the file and the line/feature/dataset of the first bad input;
-            also when nothing could be read.
+            also when nothing could be read, or (``require_cells``) no image has a cell.
 
     Examples:
         >>> from cellkit.data import bundled_endonuke
@@ -737,6 +892,9 @@ def load_dataset(
             f"{hint}Unknown dataset format {format!r}; formats are {', '.join(FORMATS)} or 'auto'."
         )
     cmap = None if class_map is None else ClassMap.parse(class_map)
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}.")
 
     jobs = get_format(fmt).jobs(r, cmap, split)
     if not jobs:
@@ -745,6 +903,7 @@ def load_dataset(
     skipped: list[str] = []
     notes: dict[str, list[str]] = {}
     ignored: dict[str, int] = {}
+    empty: list[str] = []
     for job in jobs:
         try:
             if job.error is not None:
@@ -753,6 +912,8 @@ def load_dataset(
             image, image_notes = load_image(job.image)
             records = job.read()
             check_inside(records, image.shape[:2], job.label or job.image)
+            if num_classes is not None:
+                check_classes(records, num_classes, job.label or job.image, cmap)
             sample = Sample(image, records.points, records.classes, job.key, str(job.image), records.scores)
         except (DataError, OSError) as exc:
             if on_error == "raise":
@@ -760,6 +921,8 @@ def load_dataset(
             skipped.append(str(exc))
             continue
         samples.append(sample)
+        if not len(records):
+            empty.append(_label_name(job, r, fmt))
         for note in image_notes:
             notes.setdefault(note.kind, []).append(job.image.name)
         for kind, n in records.ignored.items():
@@ -771,10 +934,22 @@ def load_dataset(
             DataWarning,
             stacklevel=2,
         )
+    if samples and require_cells and len(empty) == len(samples):
+        raise DataError(_no_cells_message(r, fmt, len(samples), ignored))
     if ignored:
         warnings.warn(
-            f"{r}: ignored GeoJSON features that are not points: "
-            + ", ".join(f"{n} {kind}" for kind, n in sorted(ignored.items())) + ".",
+            f"{r}: ignored GeoJSON features that are not cells: "
+            + ", ".join(f"{n} {kind}" for kind, n in sorted(ignored.items())) + "."
+            + _ignored_hint(ignored),
+            DataWarning,
+            stacklevel=2,
+        )
+    if empty and len(empty) < len(samples):
+        shown = ", ".join(empty[:5]) + (f", ... ({len(empty) - 5} more)" if len(empty) > 5 else "")
+        warnings.warn(
+            f"{r}: {len(empty)} of {len(samples)} images have no points and are learned as "
+            f"images without cells: {shown}. If those images do have cells, their annotations "
+            "are missing: check these files.",
             DataWarning,
             stacklevel=2,
         )

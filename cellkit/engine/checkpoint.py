@@ -1,29 +1,48 @@
-"""Checkpoints: atomic writes, and loading a model with a check against the code.
+"""Checkpoints: atomic writes, loading without running code, and a check against the code.
 
 A checkpoint is a dict saved with ``torch.save``::
 
-    {"format": 1, "cellkit_version": str, "config": CellkitConfig.to_dict(),
+    {"format": 2, "cellkit_version": str, "config": CellkitConfig.to_dict(),
      "model": state_dict, "optimizer": ..., "scheduler": ..., "scaler": ...,
-     "epoch": int (epochs completed), "best_score": float, "rng": {...},
+     "epoch": int (rounds completed), "best_score": float, "rng": {...},
      "class_names": [...], "history": [...], "stage": "train" | "pretrain"}
 
 Only ``config`` and ``model`` are needed to predict; the rest resumes training.
+
+**Loading never runs code from the file.** A ``.pt`` file is a pickle, and unpickling can
+call any Python function the file names, so a checkpoint someone sends could run a payload
+the moment it is opened. :func:`load_checkpoint` reads with ``torch.load(weights_only=True)``:
+only tensors, numbers, strings, lists, tuples and dicts are rebuilt, plus numpy arrays, scalars
+and dtypes (cellkit's format-1 checkpoints stored the numpy random state as an array; they
+still load). A file that names anything else is refused with :class:`CheckpointError`
+before any of it runs. Format 2 (this version) stores only plain data, so
+``torch.load(path, weights_only=True)`` reads it without cellkit as well.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["CheckpointError", "file_fingerprint", "load_checkpoint", "load_model", "save_checkpoint"]
+__all__ = ["CheckpointError", "file_fingerprint", "load_checkpoint", "load_model", "plain_data", "save_checkpoint"]
 
-FORMAT = 1
+FORMAT = 2
+
+#: The only non-plain objects a checkpoint may hold: what numpy arrays, scalars and dtypes
+#: pickle to (data, not code: ``_reconstruct`` makes an empty array that the file's bytes
+#: fill, ``scalar`` a number from a dtype and bytes).
+def _numpy_globals() -> list[Any]:
+    import numpy as np
+
+    reconstruct = np.array(0).__reduce__()[0]  # numpy's _reconstruct (arrays)
+    scalar = np.float64(0).__reduce__()[0]  # numpy's scalar (numbers)
+    dtype_classes = {type(np.dtype(t)) for t in (np.bool_, np.uint8, np.int8, np.uint16, np.int16, np.uint32,
+                                                 np.int32, np.uint64, np.int64, np.float16, np.float32, np.float64)}
+    return [reconstruct, scalar, np.ndarray, np.dtype, *sorted(dtype_classes, key=str)]
 
 
 class CheckpointError(RuntimeError):
@@ -31,56 +50,104 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, then rename.
+    """Write ``state`` to ``path`` atomically (:func:`cellkit.data.io.atomic_write`).
 
     An interrupted write never leaves a truncated checkpoint behind: ``path`` holds either
-    the previous checkpoint or the new one.
+    the previous checkpoint or the new one. Numpy arrays and scalars in ``state`` are
+    stored as tensors and Python numbers, so the file is plain data.
     """
+    from cellkit.data.io import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"format": FORMAT, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    state = {"format": FORMAT, **plain_data(state)}
+    with atomic_write(path, "wb") as fh:
+        torch.save(state, fh)
     return path
 
 
+def plain_data(value: Any) -> Any:
+    """``value`` with numpy arrays as tensors and numpy scalars as Python numbers (recursively).
+
+    Examples:
+        >>> import numpy as np
+        >>> plain_data({"a": np.float32(0.5), "b": (np.arange(2, dtype=np.uint32), 3)})
+        {'a': 0.5, 'b': (tensor([0, 1], dtype=torch.uint32), 3)}
+    """
+    import numpy as np
+
+    if isinstance(value, dict):
+        return type(value)((k, plain_data(v)) for k, v in value.items())  # keeps OrderedDict
+    if isinstance(value, (list, tuple)):
+        items = [plain_data(v) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`.
+    """Read a checkpoint written by :func:`save_checkpoint`, without running code from it.
+
+    Args:
+        path: a ``.pt`` file, or a run folder (its ``best.pt``, else ``last.pt``).
+        map_location: where tensors are loaded.
 
     Raises:
-        FileNotFoundError: when ``path`` does not exist (with a hint about run folders).
-        CheckpointError: when the file is not a readable cellkit checkpoint.
+        FileNotFoundError: when ``path`` does not exist, or is a folder without checkpoints.
+        CheckpointError: when the file is not a readable cellkit checkpoint, or holds Python
+            objects other than plain data (it is refused unread: see the module).
     """
     path = Path(path)
     if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / name).is_file():
-                path = path / name
-                break
+        found = [path / n for n in ("best.pt", "last.pt") if (path / n).is_file()]
+        if not found:
+            raise FileNotFoundError(
+                f"Run folder {path} holds no checkpoint (best.pt or last.pt): its training has not finished "
+                "a round yet, or the files were moved. Finish it with `cellkit train ... --resume`, or pass "
+                "the .pt file."
+            )
+        path = found[0]
     if not path.is_file():
         raise FileNotFoundError(
             f"Checkpoint {path} does not exist; pass RUN_DIR/best.pt or RUN_DIR/last.pt of a `cellkit train` run."
         )
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(_numpy_globals()):
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many kinds for corrupt files
+        text = str(err)
+        if "Unsupported global" in text or "weights_only" in text.lower() or "Weights only" in text:
+            name = text.split("GLOBAL", 1)[1].split()[0] if "GLOBAL" in text else "a Python object"
+            raise CheckpointError(
+                f"Refused {path}: it holds {name}, not only weights and plain data, and unpickling it could run "
+                "code. cellkit reads checkpoints with torch.load(weights_only=True) and never runs code from a "
+                "file. If it is your own file from another program, save its state_dict() instead; checkpoints "
+                "of `cellkit train` always load."
+            ) from None
         raise CheckpointError(f"Checkpoint {path} is corrupt or not a torch file: {err}") from err
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(
-            f"{path} is not a cellkit checkpoint: expected a dict with 'model' and 'config', got {keys}."
-        )
+        raise CheckpointError(f"{path} is not a cellkit checkpoint: {_describe(state)}")
     state["path"] = str(path)
     return state
+
+
+def _describe(state: Any) -> str:
+    """What a non-checkpoint holds, in one short line, and what to do."""
+    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        keys = list(state)
+        return (
+            f"it is a bare state dict of {len(keys)} tensors (e.g. {', '.join(map(str, keys[:3]))}), without the "
+            "config that says which model they fit. Pass a checkpoint of `cellkit train` (RUN_DIR/best.pt); to "
+            "start an encoder from such weights, name the file in model.encoder_kwargs.weights of the config."
+        )
+    if isinstance(state, dict):
+        keys = sorted(map(str, state))
+        shown = ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+        return (f"expected a dict with 'model' and 'config' (written by `cellkit train`), got a dict of "
+                f"{shown or 'nothing'}.")
+    return f"expected a dict with 'model' and 'config' (written by `cellkit train`), got {type(state).__name__}."
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Any, dict[str, Any]]:

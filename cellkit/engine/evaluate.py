@@ -110,6 +110,11 @@ def _read_meta(pred_dir: Path) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
+    if isinstance(meta, dict) and meta.get("status") == "running":
+        raise ValueError(
+            f"The predictions in {pred_dir} are unfinished ({meta_path} says the run was interrupted): "
+            "finish them with the same `cellkit predict` command plus --resume, then evaluate."
+        )
     return meta if isinstance(meta, dict) else {}
 
 
@@ -252,7 +257,7 @@ def evaluate_folder(
         cmap = ClassMap(dict(recorded), list(meta.get("class_names") or []) or [
             f"class{i}" for i in range(max(recorded.values()) + 1)
         ])
-    samples = load_dataset(data_root, format, class_map=cmap, split=split)
+    samples = load_dataset(data_root, format, class_map=cmap, split=split, require_cells=False)
 
     by_stem: dict[str, Any] = {}
     for s in samples:

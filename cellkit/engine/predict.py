@@ -446,6 +446,11 @@ class Predictor:
                 else:
                     value = list(value)
             kwargs[name] = value
+        given = {n: kwargs[n] for n, v in (("threshold", threshold), ("min_distance", min_distance)) if v is not None}
+        if cfg.postprocess.name == "peaks" and given:
+            from cellkit.postprocess.peaks import check_peak_kwargs
+
+            check_peak_kwargs(given, activation=cfg.model.activation, num_classes=num_classes, where="")
         postprocess = POSTPROCESSORS.build(cfg.postprocess.name, **kwargs)
         names = ckpt.get("class_names") or cfg.data.class_names
         if names is not None and len(names) != num_classes:

@@ -109,6 +109,7 @@ from torch import nn
 
 from cellkit.builder import build_losses, build_model, build_targets, check_config
 from cellkit.config import CellkitConfig, ConfigError, TrainConfig
+from cellkit.data.io import make_folder
 from cellkit.engine.checkpoint import file_fingerprint, load_checkpoint, load_model, save_checkpoint
 from cellkit.engine.distributed import (
     DistInfo,
@@ -210,6 +211,7 @@ def fit(
         {'other': 0.41, 'epithelium': 0.35}
     """
     check_config(cfg)
+    cfg.check()  # class maps, peak arguments (what the types alone do not say)
     _check_train(cfg.train, "train")
     if cfg.pretrain is not None:
         _check_train(cfg.pretrain.train, "pretrain.train")
@@ -223,6 +225,8 @@ def fit(
             dev = torch.device("cuda", info.local_rank)
         # Every rank checks before rank 0 writes anything (else rank 1 would see rank 0's files).
         _check_out_dir(out, resume)
+        if info.is_main and out.is_dir():
+            _remove_stale_temporaries(out)
         barrier()
         split, class_names = _resolve_splits(cfg, samples, splits)
         cfg, notes = resolve_for_data(cfg, split["train"])
@@ -232,7 +236,7 @@ def fit(
         if info.is_main and not (out / "config.yaml").exists():
             # Marks the folder as a run from the start (stage 1 can take a while); a resumed
             # run keeps its own until its config is checked against this one.
-            out.mkdir(parents=True, exist_ok=True)
+            make_folder(out)
             cfg.to_yaml(out / "config.yaml")
         common = dict(split=split, class_names=class_names, dev=dev, info=info, progress=progress,
                       max_steps=max_steps)
@@ -377,12 +381,41 @@ def _holds_run(out: Path) -> bool:
 
 
 def _check_out_dir(out: Path, resume: bool) -> None:
-    if out.exists() and not out.is_dir():
+    blocker = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
         raise NotADirectoryError(
-            f"{out} is a file; the run folder must be a directory (choose another --out)."
+            f"{blocker} is a file; the run folder {out} must be a directory (choose another --out)."
         )
     if not resume and _holds_run(out):
         raise FileExistsError(RUN_EXISTS_MESSAGE.format(out=out))
+    if resume and not _holds_run(out):
+        raise FileNotFoundError(
+            f"Nothing to resume in {out}: it holds no cellkit run (no config.yaml, last.pt or metrics.jsonl). "
+            "Drop --resume to start a new run there, or give the folder of the run to continue."
+        )
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """The temporary files of writes killed in an earlier try of this run (a checkpoint's is large)."""
+    from cellkit.data.io import remove_stale_temporaries
+
+    for folder in [out, *sorted(p for p in out.rglob("*") if p.is_dir())]:
+        remove_stale_temporaries(folder)
+
+
+def _check_resumable(out: Path, last_path: Path, best_path: Path, metrics_path: Path) -> None:
+    """Refuse to restart a stage whose ``last.pt`` is gone while its results remain."""
+    if last_path.is_file():
+        return
+    left = [p.name for p in (best_path,) if p.is_file()]
+    if metrics_path.is_file() and metrics_path.stat().st_size > 0:
+        left.append(metrics_path.name)
+    if left:
+        raise FileNotFoundError(
+            f"Cannot resume {out}: {last_path.name} is missing but {' and '.join(left)} exist, so resuming would "
+            f"start from step 0 and replace them. Put {last_path.name} back (to resume from the best round "
+            f"instead, copy {best_path.name} to {last_path.name}), or train into another folder."
+        )
 
 
 def _resolve_splits(cfg: CellkitConfig, samples: Sequence[Any] | None,
@@ -411,7 +444,8 @@ def _resolve_splits(cfg: CellkitConfig, samples: Sequence[Any] | None,
             if names is None and class_map is not None and len(class_map.names) == cfg.model.num_classes:
                 names = class_map.names
             root = cfg.data.root or data.bundled_endonuke()
-            samples = data.load_dataset(root, cfg.data.format, class_map=class_map, split=cfg.data.split)
+            samples = data.load_dataset(root, cfg.data.format, class_map=class_map, split=cfg.data.split,
+                                        num_classes=cfg.model.num_classes)
         out = _split(list(samples), cfg)
     if not out["train"]:
         raise ValueError(
@@ -421,10 +455,11 @@ def _resolve_splits(cfg: CellkitConfig, samples: Sequence[Any] | None,
     for part in ("train", "val"):
         for s in out[part]:
             if len(s.classes) and int(np.max(s.classes)) >= k:
+                where = f"{s.path} " if getattr(s, "path", None) else ""
                 raise ConfigError(
-                    f"Image {s.key!r} ({part}) has class {int(np.max(s.classes))}, but model.num_classes "
-                    f"is {k}; map the dataset's labels onto 0..{k - 1} with data.class_map (source "
-                    "label -> class), or raise model.num_classes."
+                    f"Image {s.key!r} {where}({part}) has class {int(np.max(s.classes))}, but the model has {k} "
+                    f"classes; map the dataset's labels onto 0..{k - 1} with --class-map (data.class_map: "
+                    "source label -> class), or raise model.num_classes."
                 )
     return out, _class_names(cfg, names)
 
@@ -559,7 +594,9 @@ def _set_rng_state(state: Mapping[str, Any] | None) -> None:
     if not state:
         return
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    # Format 2 stores numpy's key as a tensor (plain data); format 1 as an array.
+    kind, key, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(key.numpy() if isinstance(key, torch.Tensor) else key), *rest))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -650,9 +687,18 @@ def _run_stage(
     targets = build_targets(cfg, overrides)
 
     start_epoch, history, best_score = 0, [], float("nan")
+    if resume:
+        _check_resumable(out, last_path, best_path, metrics_path)
     ckpt = load_checkpoint(last_path, map_location="cpu") if resume and last_path.is_file() else None
     if ckpt is not None:
         _check_resume(ckpt, cfg, last_path)
+        if "max_steps" in ckpt and ckpt["max_steps"] != max_steps:
+            raise ConfigError(
+                f"Cannot resume {last_path}: it was trained with max_steps={ckpt['max_steps']} (--max-steps), "
+                f"this run asks for {max_steps}; resume with the same value, or train into another folder."
+            )
+        if info.is_main:
+            _repair_best(ckpt, last_path, best_path)
         unwrap(model).load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if use_amp and ckpt.get("scaler") is not None:
@@ -671,7 +717,7 @@ def _run_stage(
     split_keys = {k: [s.key for s in v] for k, v in split.items()}
 
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out)
         cfg.to_yaml(out / "config.yaml")
         _write_metrics(metrics_path, history)  # drops lines of an epoch whose checkpoint was not saved
     ctx = _StepContext(dev=dev, use_amp=use_amp, channels_last=bool(t.channels_last))
@@ -782,11 +828,13 @@ def _run_stage(
                 "scaler": scaler.state_dict() if use_amp else None,
                 "epoch": epoch + 1, "best_score": best_score, "rng": _rng_state(),
                 "class_names": class_names, "history": history, "stage": stage, "split": split_keys,
-                "world_size": info.world_size, "postprocess": chosen_post,
+                "world_size": info.world_size, "postprocess": chosen_post, "max_steps": max_steps,
             }
+            # last.pt first: a kill between the two leaves a last.pt whose round is the best,
+            # and the resume copies it to best.pt (_repair_best).
+            save_checkpoint(last_path, state)
             if improved:
                 save_checkpoint(best_path, state)
-            save_checkpoint(last_path, state)
             _append_metrics(metrics_path, record)
             if progress is not False:
                 print(_summary(record, stage, sum(sizes) if t.steps is not None else None), file=sys.stderr,
@@ -797,6 +845,17 @@ def _run_stage(
                            progress)
         barrier()
     return TrainResult(out, best_path, last_path, history, best_score)
+
+
+def _repair_best(ckpt: Mapping[str, Any], last_path: Path, best_path: Path) -> None:
+    """After a kill between writing last.pt and best.pt: best.pt gets last.pt's best round."""
+    history = ckpt.get("history") or []
+    if not history or not history[-1].get("best"):
+        return
+    if best_path.is_file() and int(load_checkpoint(best_path).get("epoch", -1)) == int(ckpt["epoch"]):
+        return
+    state = {k: v for k, v in ckpt.items() if k not in ("path", "format")}
+    save_checkpoint(best_path, state)
 
 
 def _final_calibration(cfg: CellkitConfig, model: nn.Module, best_path: Path, out: Path,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -178,7 +177,7 @@ class PriorMask:
         path = None if folder is None else folder / f"{_safe_name(key)}.npy"
         prior = None
         if path is not None and path.is_file():
-            loaded = np.load(path)
+            loaded = np.load(path, allow_pickle=False)
             if loaded.shape == (1, h, w):
                 prior = loaded.astype(np.float32, copy=False)
             else:
@@ -273,14 +272,8 @@ def _safe_name(name: str) -> str:
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` to ``path`` through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``array`` to ``path`` atomically (:func:`cellkit.data.io.atomic_write`)."""
+    from cellkit.data.io import atomic_write
+
+    with atomic_write(path, "wb") as handle:
+        np.save(handle, array)

@@ -14,7 +14,7 @@ On the CPU, large maps with few pixels above the threshold are tested at those p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ from scipy.spatial import cKDTree
 from cellkit.points import Detections
 from cellkit.registry import POSTPROCESSORS
 
-__all__ = ["LocalPeaks", "peaks", "window_max"]
+__all__ = ["LocalPeaks", "check_peak_kwargs", "peak_kwargs_problems", "peaks", "window_max"]
 
 #: The sparse window test (see :func:`_window_peaks`) is used on the CPU for maps of at least
 #: this many values (below, the dense window maximum is about as fast and simpler) ...
@@ -71,7 +71,7 @@ def peaks(
     Args:
         probs: ``(C, H, W)`` probability maps, a torch tensor on any device or a numpy array
             (any real dtype; integer and boolean maps are read as float32).
-        threshold: minimum value (exclusive) of a peak; one number or one per class.
+        threshold: minimum value (exclusive) of a peak, ``>= 0``; one number or one per class.
         min_distance: half-size of the peak window in pixels (an integer >= 1); one number or
             one per class.
         exclusive: settle cells found in several classes in favour of the highest score.
@@ -322,7 +322,97 @@ def _per_class(value: Any, num_classes: int, name: str, *, integer: bool) -> np.
                 "use 1 for the smallest window (3x3)."
             )
         return arr.astype(np.int64)
+    if np.any(arr < 0):
+        raise ValueError(
+            f"{name} must be >= 0, got {value!r}: a negative threshold keeps every local maximum "
+            "of the map, background included. Use a value in [0, 1] for probability maps "
+            "(0.5 is the default)."
+        )
     return arr
+
+
+def peak_kwargs_problems(
+    kwargs: Any,
+    *,
+    activation: str = "sigmoid",
+    num_classes: int | None = None,
+    where: str = "postprocess.kwargs",
+) -> list[str]:
+    """Every problem of the ``peaks`` post-processor's arguments, as messages.
+
+    ``threshold`` (one number or one per class) must lie in ``[0, 1]`` for probability maps
+    (``activation="sigmoid"``: a sigmoid never exceeds 1, so a threshold above it finds no
+    cell); density maps (``"identity"``, FCRN) take any threshold ``>= 0``, since their peaks
+    exceed 1. ``min_distance`` is an integer ``>= 1`` (pixels), one or one per class; with
+    ``num_classes`` a per-class list must have one entry per class. Each message starts with
+    ``where.<argument>`` (the bare argument name when ``where`` is empty).
+
+    Examples:
+        >>> print(*peak_kwargs_problems({"threshold": 5, "min_distance": 0}), sep="\\n")  # doctest: +ELLIPSIS
+        postprocess.kwargs.threshold: expected a value in [0, 1] (...), got 5; use e.g. 0.5
+        postprocess.kwargs.min_distance: expected an integer >= 1 (...), got 0; use 1 for ... (3x3)
+        >>> peak_kwargs_problems({"threshold": 1.2}, activation="identity")
+        []
+    """
+    if not isinstance(kwargs, Mapping):
+        return [f"{where}: expected a mapping of the peaks' arguments, got {kwargs!r}"]
+    problems: list[str] = []
+    for name, integer in (("threshold", False), ("min_distance", True)):
+        if name not in kwargs:
+            continue
+        value = kwargs[name]
+        label = f"{where}.{name}" if where else name
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        numeric = all(
+            isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+            for v in values
+        )
+        if not values or not numeric:
+            problems.append(f"{label}: expected one number or a list of one number per class, got {value!r}")
+            continue
+        per_class = isinstance(value, (list, tuple))
+        if per_class and num_classes is not None and len(values) not in (1, num_classes):
+            problems.append(f"{label}: expected one value or one per class ({num_classes} classes), got "
+                            f"{len(values)} values {list(value)!r}; give one value, or {num_classes}")
+        arr = np.asarray(values, dtype=np.float64)
+        shown = value if isinstance(value, (list, tuple)) else values[0]
+        if not np.all(np.isfinite(arr)):
+            problems.append(f"{label}: expected finite numbers, got {shown!r}")
+        elif integer:
+            if np.any(arr != np.round(arr)) or np.any(arr < 1):
+                problems.append(f"{label}: expected an integer >= 1 (pixels, the half-size of the peak "
+                                f"window), got {shown!r}; use 1 for the smallest window (3x3)")
+        elif activation == "identity":
+            if np.any(arr < 0):
+                problems.append(f"{label}: expected a value >= 0 (a peak of the density map), got {shown!r}")
+        elif np.any((arr < 0) | (arr > 1)):
+            problems.append(f"{label}: expected a value in [0, 1] (the peaks of a probability map), got "
+                            f"{shown!r}; use e.g. 0.5")
+    if "exclusive" in kwargs and not isinstance(kwargs["exclusive"], (bool, np.bool_)):
+        problems.append(f"{where}.exclusive: expected true or false, got {kwargs['exclusive']!r}")
+    return problems
+
+
+def check_peak_kwargs(
+    kwargs: Any,
+    *,
+    activation: str = "sigmoid",
+    num_classes: int | None = None,
+    where: str = "postprocess.kwargs",
+) -> None:
+    """Raise ``ValueError`` listing :func:`peak_kwargs_problems`, if any.
+
+    Examples:
+        >>> check_peak_kwargs({"threshold": [0.5, 5]}, where="")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: threshold: expected a value in [0, 1] (...), got [0.5, 5]; use e.g. 0.5
+    """
+    problems = peak_kwargs_problems(kwargs, activation=activation, num_classes=num_classes, where=where)
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def _rank(values: np.ndarray, classes: np.ndarray, rc: np.ndarray) -> np.ndarray:
@@ -408,9 +498,16 @@ class LocalPeaks:
     """Post-processor: probability maps -> cells, by :func:`peaks`.
 
     Args:
-        threshold: minimum value (exclusive) of a peak; one number or one per class.
-        min_distance: half-size of the peak window in pixels; one number or one per class.
+        threshold: minimum value (exclusive) of a peak; one number or one per class, ``>= 0``.
+            On probability maps (sigmoid models) it lies in ``[0, 1]``: a config's check
+            (:meth:`cellkit.CellkitConfig.check`, :func:`peak_kwargs_problems`) rejects other
+            values; density maps (FCRN) take thresholds above 1.
+        min_distance: half-size of the peak window in pixels, an integer ``>= 1``; one number
+            or one per class.
         exclusive: settle cells found in several classes in favour of the highest score.
+
+    Raises:
+        ValueError: for a negative or non-finite threshold, or a min_distance below 1.
 
     Examples:
         >>> post = POSTPROCESSORS.build("peaks", threshold=0.5, min_distance=2)

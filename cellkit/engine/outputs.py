@@ -1,0 +1,300 @@
+"""A folder of predictions that loses nothing: what ``cellkit predict --out DIR`` writes.
+
+:func:`write_predictions` predicts images into a folder under these rules:
+
+* **It never replaces a file it did not write.** Before any work, every file it would
+  write (``<stem>.csv``, ``<stem>.geojson``, ``<stem>_overlay.png``, ``counts.csv``,
+  ``predict.json``) is looked up; one that exists and was not written by an earlier
+  prediction run into this folder (for example the annotations ``<stem>.csv`` of a data
+  folder given as ``--out``) stops the run, naming it.
+* **An earlier run is continued or replaced only when asked.** ``predict.json`` records a
+  run's inputs and settings; a folder holding one is refused unless ``resume=True``
+  (``--resume``: the images already done are skipped; the inputs and settings must be
+  the same) or ``overwrite=True`` (``--overwrite``: the earlier run's files are deleted
+  first, and only those).
+* **A killed run resumes.** ``predict.json`` is written first (``"status": "running"``)
+  and last (``"done"``); every file is written atomically, and an image's ``.csv`` last
+  of its files, so a ``.csv`` marks the image done. A resumed run ends with the same
+  files as an uninterrupted one.
+* **Bad images are reported, not fatal, when asked.** With ``on_error="skip"``
+  (``--skip-bad-images``) an unreadable image is left out of ``counts.csv`` and listed,
+  with the reason, under ``"skipped"`` in ``predict.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+__all__ = ["PredictionRun", "write_predictions"]
+
+from cellkit.engine.evaluate import OUTPUT_STEMS, PREDICT_META, jsonable
+
+COUNTS = "counts.csv"
+
+
+@dataclass
+class PredictionRun:
+    """What :func:`write_predictions` did.
+
+    Attributes:
+        out_dir: the folder.
+        counts: per image done (input order), its stem and cells per class.
+        skipped: unreadable images left out (file name -> reason).
+        resumed: images found done by an earlier run and not predicted again.
+        removed: files of an earlier run deleted by ``overwrite=True``.
+    """
+
+    out_dir: Path
+    counts: list[tuple[str, list[int]]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    resumed: int = 0
+    removed: list[Path] = field(default_factory=list)
+
+    @property
+    def cells(self) -> int:
+        """Cells found in all images."""
+        return int(sum(sum(c) for _, c in self.counts))
+
+
+def _image_files(out: Path, stem: str, overlay: bool) -> list[Path]:
+    """An image's output files, the one that marks it done (its .csv) last."""
+    files = [out / f"{stem}_overlay.png"] if overlay else []
+    return files + [out / f"{stem}.geojson", out / f"{stem}.csv"]
+
+
+def _read_meta(out: Path) -> dict[str, Any] | None:
+    path = out / PREDICT_META
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{path} is not the record of a cellkit prediction run ({err}); cellkit will not write over "
+            "a folder it cannot read. Choose another --out."
+        ) from err
+    if not isinstance(meta, dict) or not isinstance(meta.get("inputs", meta.get("images")), list):
+        raise ValueError(
+            f"{path} is not the record of a cellkit prediction run (expected a JSON object with 'inputs'); "
+            "choose another --out."
+        )
+    return meta
+
+
+def _earlier_files(out: Path, meta: Mapping[str, Any]) -> set[Path]:
+    """Every file an earlier run recorded in ``meta`` may have written."""
+    stems = [str(s) for s in meta.get("inputs", meta.get("images", []))]
+    files = {out / COUNTS, out / PREDICT_META}
+    for stem in stems:
+        files.update(_image_files(out, stem, overlay=True))
+    return files
+
+
+def _settings_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    return [f"{k} ({old.get(k)!r} then, {new.get(k)!r} now)" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]
+
+
+def _counts_from_csv(path: Path, num_classes: int) -> list[int]:
+    """Cells per class of a ``<stem>.csv`` written by an earlier run."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    classes = np.array([int(r["class"]) for r in rows], dtype=np.int64)
+    return np.bincount(classes, minlength=num_classes)[:num_classes].astype(int).tolist()
+
+
+def counts_csv(rows: Sequence[tuple[str, Sequence[int]]], class_names: Sequence[str]) -> str:
+    """The text of ``counts.csv``: one row per image, one column per class.
+
+    Examples:
+        >>> print(counts_csv([("a", [3, 1])], ["neg", "pos"]), end="")
+        image,neg,pos
+        a,3,1
+    """
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["image", *class_names])
+    for stem, counts in rows:
+        writer.writerow([stem, *(int(c) for c in counts)])
+    return buf.getvalue()
+
+
+def write_image_files(out: Path, stem: str, image: Any, det: Any, class_names: Sequence[str], overlay: bool,
+                      radius: int) -> None:
+    """Write an image's ``.csv``, ``.geojson`` and overlay PNG, atomically, the ``.csv`` last."""
+    from cellkit.data.writers import write_csv, write_geojson
+    from cellkit.viz import class_colors, draw_points, save_png
+
+    colors = class_colors(len(class_names))
+    if overlay:
+        save_png(out / f"{stem}_overlay.png",
+                 draw_points(image, det.points, det.classes, len(class_names), radius=radius, colors=colors))
+    write_geojson(out / f"{stem}.geojson", det, list(class_names), colors=colors.tolist())
+    write_csv(out / f"{stem}.csv", det)
+
+
+def write_predictions(
+    predictor: Any,
+    inputs: Iterable[str | Path],
+    out_dir: str | Path,
+    *,
+    overlay: bool = True,
+    overlay_radius: int = 3,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_error: Literal["raise", "skip"] = "raise",
+    progress: bool | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> PredictionRun:
+    """Predict image files and folders into ``out_dir`` without losing anything (see the module).
+
+    Args:
+        predictor: a :class:`~cellkit.engine.predict.Predictor`.
+        inputs: image files and folders (:func:`~cellkit.engine.predict.list_images`).
+        out_dir: the output folder (created).
+        overlay: write ``<stem>_overlay.png`` with the cells drawn.
+        overlay_radius: radius of the overlay's dots.
+        resume: continue the earlier run recorded in ``out_dir``.
+        overwrite: delete the earlier run's files first.
+        on_error: ``"skip"`` leaves unreadable images out and lists them.
+        progress: a bar over images; ``None`` = when stderr is a terminal.
+        settings: more settings to record and to check on resume (e.g. the checkpoint).
+
+    Returns:
+        a :class:`PredictionRun`.
+
+    Raises:
+        FileExistsError: a file to write exists and is not an earlier run's, or an earlier
+            run is there and neither ``resume`` nor ``overwrite`` is given.
+        ValueError: ``resume`` with other inputs or settings than the earlier run's.
+
+    Examples:
+        >>> # run = write_predictions(Predictor.from_checkpoint("runs/x/best.pt"), ["slides/"], "out/")
+        >>> # run.counts[0]   ->  ('slide1', [412, 97])
+    """
+    from tqdm.auto import tqdm
+
+    from cellkit.data.io import (
+        DataError,
+        make_folder,
+        read_image,
+        remove_stale_temporaries,
+        write_text_atomic,
+    )
+    from cellkit.engine.predict import list_images
+
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: --resume continues a run, --overwrite replaces it.")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; give a folder (it is created when missing).")
+    paths = list_images(inputs)
+    stems = [p.stem for p in paths]
+    clash = sorted({p.name for p in paths if p.stem in OUTPUT_STEMS})
+    if clash:
+        raise ValueError(
+            f"image names {clash} clash with the summary files written to --out ({', '.join(OUTPUT_STEMS)}); "
+            "rename them."
+        )
+    cfg = getattr(predictor, "config", None)
+    post = predictor.postprocess
+    record: dict[str, Any] = {
+        **jsonable(dict(settings or {})),
+        "class_names": list(predictor.class_names),
+        "class_map": None if cfg is None else cfg.data.class_map,
+        "postprocess": {
+            "name": None if cfg is None else cfg.postprocess.name,
+            **{k: jsonable(getattr(post, k)) for k in ("threshold", "min_distance", "exclusive") if hasattr(post, k)},
+        },
+        "tile_size": predictor.tile_size,
+        "overlap": predictor.overlap,
+        "overlay": bool(overlay),
+        "overlay_radius": int(overlay_radius),
+    }
+    record = json.loads(json.dumps(record))  # as it reads back from predict.json
+
+    earlier = _read_meta(out) if out.is_dir() else None
+    ours = _earlier_files(out, earlier) if earlier is not None else set()
+    planned = [f for s in stems for f in _image_files(out, s, overlay)] + [out / COUNTS, out / PREDICT_META]
+    foreign = [f for f in planned if f.exists() and f not in ours]
+    if foreign:
+        names = ", ".join(f.name for f in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(
+            f"Cannot predict into {out}: it holds {len(foreign)} file(s) that cellkit predict did not write and would "
+            f"replace ({names}). Is --out the data folder? Its annotations would be lost. Choose an empty or new "
+            "--out."
+        )
+    run = PredictionRun(out)
+    if earlier is None and resume:
+        raise FileNotFoundError(
+            f"Nothing to resume in {out}: it holds no earlier prediction run ({PREDICT_META}). Drop --resume."
+        )
+    if earlier is not None:
+        before = [str(s) for s in earlier.get("inputs", earlier.get("images", []))]
+        if not (resume or overwrite):
+            status = earlier.get("status", "done")
+            raise FileExistsError(
+                f"{out} holds the predictions of an earlier run ({len(before)} images, {status}; see "
+                f"{out / PREDICT_META}). Pass --resume to finish it (images done are kept), --overwrite to "
+                "delete its files and predict again, or choose another --out."
+            )
+        if resume:
+            diffs = _settings_differences({k: v for k, v in earlier.items() if k in record}, record)
+            if before != stems:
+                diffs.insert(0, f"the input images ({len(before)} then, {len(stems)} now)")
+            if diffs:
+                raise ValueError(
+                    f"Cannot resume the predictions in {out}: this run differs from the earlier one in "
+                    f"{'; '.join(diffs[:6])}. Resume with the same inputs and options, pass --overwrite to "
+                    "predict again, or choose another --out."
+                )
+        else:
+            for f in sorted(ours):
+                if f.is_file():
+                    f.unlink()
+                    run.removed.append(f)
+    make_folder(out)
+    remove_stale_temporaries(out)  # of writes killed in an earlier try
+
+    def save_meta(status: str) -> None:
+        meta = {**record, "status": status, "inputs": stems, "images": [s for s, _ in run.counts],
+                "skipped": run.skipped}
+        write_text_atomic(out / PREDICT_META, json.dumps(meta, indent=2) + "\n")
+
+    save_meta("running")
+    show = sys.stderr.isatty() if progress is None else progress
+    by_stem: dict[str, list[int]] = {}
+    todo = []
+    for path in paths:
+        files = _image_files(out, path.stem, overlay)
+        if resume and all(f.is_file() for f in files):
+            by_stem[path.stem] = _counts_from_csv(files[-1], predictor.num_classes)
+            run.resumed += 1
+        else:
+            todo.append(path)
+    for path in tqdm(todo, desc="predict", unit="image", disable=not show):
+        try:
+            image = read_image(path)
+        except (DataError, OSError) as err:
+            if on_error == "raise":
+                raise
+            run.skipped[path.name] = str(err)
+            continue
+        det = predictor.predict(image)
+        write_image_files(out, path.stem, image, det, predictor.class_names, overlay, overlay_radius)
+        by_stem[path.stem] = [int(c) for c in det.counts(predictor.num_classes)]
+    run.counts = [(s, by_stem[s]) for s in stems if s in by_stem]
+    write_text_atomic(out / COUNTS, counts_csv(run.counts, predictor.class_names))
+    save_meta("done")
+    return run
