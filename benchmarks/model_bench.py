@@ -101,15 +101,18 @@ def train_step(
     num_classes = cfg.model.num_classes
     model = cellkit.build_model(cfg)
     loss_fn = cellkit.build_losses(cfg)
-    overrides = {}
-    if any(spec.name == "prior" for spec in cfg.targets.values()):
-        assert cfg.pretrain is not None
-        overrides = {
-            name: {"model": cellkit.build_model(cfg.pretrain), "device": device}
-            for name, spec in cfg.targets.items()
-            if spec.name == "prior"
-        }
-    generators = cellkit.build_targets(cfg, overrides=overrides)
+    generators = cellkit.build_targets(cfg)
+    if cfg.pretrain is not None:  # what training hands the targets that need it: the stage-1 model
+        from cellkit.engine.predict import Predictor
+        from cellkit.masks.prepare import PrepareContext
+
+        stage1 = Predictor(cellkit.build_model(cfg.pretrain), cellkit.build_postprocess(cfg.pretrain),
+                           cfg.pretrain.model.num_classes, device=device)
+        context = PrepareContext(num_classes=num_classes, device=str(device),
+                                 load_stage1=lambda: stage1.probabilities)
+        for gen in generators.values():
+            if hasattr(gen, "prepare"):
+                gen.prepare([], context)
 
     items = _batch(batch_size, crop, num_classes, seed)
     rng = np.random.default_rng(seed)

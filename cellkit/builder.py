@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from cellkit.config import CellkitConfig, ConfigError, ModelConfig
+from cellkit.lookup import look_up_option, unknown_option_message
 from cellkit.registry import DECODERS, ENCODERS, LOSSES, MASKS, POSTPROCESSORS, Registry
 
 __all__ = [
     "ACTIVATIONS",
+    "Parts",
     "apply_activation",
+    "build",
     "build_losses",
     "build_model",
     "build_postprocess",
@@ -30,14 +34,6 @@ __all__ = [
 ]
 
 ACTIVATIONS = ("sigmoid", "identity")
-
-
-def _ensure_plugins() -> None:
-    # Importing the subpackages registers cellkit's own plug-ins.
-    import cellkit.losses  # noqa: F401
-    import cellkit.masks  # noqa: F401
-    import cellkit.models  # noqa: F401
-    import cellkit.postprocess  # noqa: F401
 
 
 def _kwargs_problems(registry: Registry[Any], name: str, kwargs: Mapping[str, Any], where: str,
@@ -66,7 +62,6 @@ def _kwargs_problems(registry: Registry[Any], name: str, kwargs: Mapping[str, An
 
 def model_problems(m: ModelConfig, where: str = "model") -> list[str]:
     """Every problem of a :class:`ModelConfig` (names, kwargs, heads, classes, activation)."""
-    _ensure_plugins()
     problems = _kwargs_problems(ENCODERS, m.encoder, m.encoder_kwargs, f"{where}.encoder")
     problems += _kwargs_problems(
         DECODERS, m.decoder, m.decoder_kwargs, f"{where}.decoder",
@@ -79,7 +74,7 @@ def model_problems(m: ModelConfig, where: str = "model") -> list[str]:
     if not isinstance(m.num_classes, int) or m.num_classes < 1:
         problems.append(f"{where}.num_classes: expected an integer >= 1, got {m.num_classes!r}")
     if m.activation not in ACTIVATIONS:
-        problems.append(f"{where}.activation: expected one of {ACTIVATIONS}, got {m.activation!r}")
+        problems.append(f"{where}.activation: {unknown_option_message(m.activation, ACTIVATIONS, what='activation')}")
     return problems
 
 
@@ -120,9 +115,12 @@ def config_problems(cfg: CellkitConfig, *, _where: str = "config") -> list[str]:
             problems.append(f"{_where}.targets.{tname}: no loss uses this target; remove it or add a loss")
     problems += _kwargs_problems(POSTPROCESSORS, cfg.postprocess.name, cfg.postprocess.kwargs,
                                  f"{_where}.postprocess")
-    if any(s.name == "prior" for s in cfg.targets.values()) and cfg.pretrain is None:
-        problems.append(f"{_where}.pretrain: a 'prior' target needs a stage-1 config (pretrain) whose "
-                        f"model makes the prior; see cellkit.presets.ours_plus_plus")
+    # A generator declares that it needs a stage-1 model (the prior does): never a name test.
+    needing = [t for t, spec in cfg.targets.items()
+               if spec.name in MASKS and getattr(MASKS.get(spec.name), "needs_stage1", False)]
+    if needing and cfg.pretrain is None:
+        problems.append(f"{_where}.pretrain: each of the targets {needing} needs a stage-1 config (pretrain) "
+                        f"whose model it uses (e.g. the prior); see cellkit.presets.ours_plus_plus")
     if cfg.pretrain is not None:
         problems += config_problems(cfg.pretrain, _where=f"{_where}.pretrain")
     return problems
@@ -137,6 +135,56 @@ def check_config(cfg: CellkitConfig) -> None:
         raise ConfigError(f"Config {cfg.name!r} has {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
 
 
+@dataclass(frozen=True)
+class Parts:
+    """Everything one config builds (:func:`build`).
+
+    Attributes:
+        config: the config they were built from (checked).
+        model: the :class:`~cellkit.models.MultiDecoderModel`, carrying its activation.
+        loss: the weighted sum of the loss terms (:class:`~cellkit.losses.WeightedLoss`).
+        targets: the mask generators, by target name.
+        postprocess: maps -> :class:`~cellkit.points.Detections`.
+        format: the data format's entry (:mod:`cellkit.data.formats`), or ``None`` for a
+            format cellkit does not know (a caller passing samples itself).
+    """
+
+    config: CellkitConfig
+    model: nn.Module
+    loss: nn.Module
+    targets: dict[str, Any]
+    postprocess: Any
+    format: Any
+
+
+def build(cfg: CellkitConfig, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Parts:
+    """Check ``cfg`` once and build every part of it.
+
+    Args:
+        cfg: the config.
+        overrides: extra keyword arguments per target name (see :func:`build_targets`).
+
+    Raises:
+        ConfigError: listing every problem of the config, before anything is built.
+
+    Examples:
+        >>> parts = build(cellkit.presets.ours(size="cpu"))  # doctest: +SKIP
+        >>> parts.model.heads, parts.loss.labels, sorted(parts.targets)  # doctest: +SKIP
+        (('main', 'dynamic'), ['ce', 'iou', 'dynamic', 'consistency'], ['circle', 'random_polygon'])
+    """
+    from cellkit.data.formats import FORMATS, get_format
+
+    check_config(cfg)
+    return Parts(
+        config=cfg,
+        model=_model(cfg.model),
+        loss=_losses(cfg),
+        targets=_targets(cfg, overrides),
+        postprocess=POSTPROCESSORS.build(cfg.postprocess.name, **cfg.postprocess.kwargs),
+        format=get_format(cfg.data.format) if str(cfg.data.format).strip().lower() in FORMATS else None,
+    )
+
+
 def build_model(cfg: CellkitConfig | ModelConfig) -> nn.Module:
     """The multi-decoder model of ``cfg``: one encoder, one decoder per head.
 
@@ -147,12 +195,14 @@ def build_model(cfg: CellkitConfig | ModelConfig) -> nn.Module:
     """
     if isinstance(cfg, CellkitConfig):
         check_config(cfg)
-        m = cfg.model
-    else:
-        m = cfg
-        problems = model_problems(m)
-        if problems:
-            raise ConfigError("Model config problems:\n  - " + "\n  - ".join(problems))
+        return _model(cfg.model)
+    problems = model_problems(cfg)
+    if problems:
+        raise ConfigError("Model config problems:\n  - " + "\n  - ".join(problems))
+    return _model(cfg)
+
+
+def _model(m: ModelConfig) -> nn.Module:
     from cellkit.models import MultiDecoderModel
 
     encoder = ENCODERS.build(m.encoder, **m.encoder_kwargs)
@@ -166,14 +216,16 @@ def build_model(cfg: CellkitConfig | ModelConfig) -> nn.Module:
         )
         for head in m.heads
     }
-    model = MultiDecoderModel(encoder, decoders)
-    model.activation = m.activation
-    return model
+    return MultiDecoderModel(encoder, decoders, activation=m.activation)
 
 
 def build_losses(cfg: CellkitConfig) -> nn.Module:
     """The weighted sum of ``cfg.losses`` (a :class:`cellkit.losses.WeightedLoss`)."""
     check_config(cfg)
+    return _losses(cfg)
+
+
+def _losses(cfg: CellkitConfig) -> nn.Module:
     from cellkit.losses import LossTerm, WeightedLoss
 
     terms = [
@@ -196,9 +248,14 @@ def build_targets(cfg: CellkitConfig, overrides: Mapping[str, Mapping[str, Any]]
     Args:
         cfg: the config.
         overrides: extra keyword arguments per target name, for what a YAML file cannot
-            hold (the ``prior`` target's pre-trained ``model``, its ``cache_dir``).
+            hold (training hands the ``prior`` its stage-1 model through the generator's
+            ``prepare`` hook instead: :mod:`cellkit.masks.prepare`).
     """
     check_config(cfg)
+    return _targets(cfg, overrides)
+
+
+def _targets(cfg: CellkitConfig, overrides: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(cfg.targets))
     if unknown:
@@ -211,7 +268,6 @@ def build_targets(cfg: CellkitConfig, overrides: Mapping[str, Mapping[str, Any]]
 
 def build_postprocess(cfg: CellkitConfig) -> Any:
     """The post-processor of ``cfg`` (probability maps -> :class:`cellkit.Detections`)."""
-    _ensure_plugins()
     p = cfg.postprocess
     problems = _kwargs_problems(POSTPROCESSORS, p.name, p.kwargs, "postprocess")
     if problems:
@@ -221,8 +277,6 @@ def build_postprocess(cfg: CellkitConfig) -> Any:
 
 def apply_activation(logits: torch.Tensor, activation: str) -> torch.Tensor:
     """Probability (``sigmoid``) or density (``identity``) maps from a decoder's logits."""
-    if activation == "sigmoid":
+    if look_up_option(activation, ACTIVATIONS, what="activation") == "sigmoid":
         return torch.sigmoid(logits)
-    if activation == "identity":
-        return logits
-    raise ValueError(f"Unknown activation {activation!r}; expected one of {ACTIVATIONS}.")
+    return logits

@@ -14,7 +14,6 @@ the arguments as a list and returns the exit status, so tests call it without a 
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import sys
 import traceback
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from cellkit.data.formats import FORMATS as _FORMATS, get_format
+from cellkit.lookup import look_up_option
 from cellkit.presets import PRESETS, SIZES as _PRESET_SIZES
 
 __all__ = ["build_parser", "main"]
@@ -68,12 +68,8 @@ def _name_type(kind: str, options: Sequence[str]) -> Callable[[str], str]:
     """An argparse ``type`` accepting one of ``options``, suggesting the closest on a typo."""
 
     def parse(text: str) -> str:
-        value = text.strip().lower()
-        if value in options:
-            return value
-        close = difflib.get_close_matches(value, list(options), n=2, cutoff=0.5)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise argparse.ArgumentTypeError(f"unknown {kind} {text!r}.{hint} Available: {', '.join(options)}.")
+        name: str = look_up_option(text, options, what=kind, normalize=True, error=argparse.ArgumentTypeError)
+        return name
 
     parse.__name__ = kind  # argparse names the type in some messages
     return parse
@@ -128,7 +124,10 @@ def _number_list(kind: type) -> Callable[[str], list[Any]]:
 
     def parse(text: str) -> list[Any]:
         try:
-            values = [kind(v) for v in text.split(",") if v.strip()]
+            parts = text.split(",")
+            if any(not v.strip() for v in parts):
+                raise ValueError("an empty entry")
+            values = [kind(v) for v in parts]
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"expected one {kind.__name__} or a comma-separated list (one per class), got {text!r}"
@@ -384,7 +383,8 @@ def build_train_config(args: argparse.Namespace) -> Any:
     if args.data is not None:
         root = Path(args.data).expanduser()
         if not root.is_dir():
-            raise FileNotFoundError(f"data folder {root} does not exist.")
+            what = "is a file, not a folder" if root.exists() else "does not exist"
+            raise FileNotFoundError(f"data folder {root} {what}; pass the folder that holds the images.")
         data.root = str(root)
         data.format = args.format or data.format
     elif args.format is not None and args.format != data.format and data.root is None:
@@ -437,9 +437,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = build_train_config(args)
     if args.device is not None:
-        from cellkit.engine.predict import _resolve_device
+        from cellkit.engine.predict import resolve_device
 
-        _resolve_device(args.device)  # a clear error before any work
+        resolve_device(args.device)  # a clear error before any work
     _out(
         f"training {cfg.name} ({cfg.model.encoder}, heads {', '.join(cfg.model.heads)}, "
         f"{cfg.model.num_classes} classes) on {cfg.data.root} ({cfg.data.format}) -> {args.out}"
@@ -501,11 +501,28 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_replaceable_evaluation(path: Path) -> None:
+    """Refuse to replace a file that is not an earlier ``cellkit evaluate`` report."""
+    if not path.exists():
+        return
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        earlier = None
+    if not (isinstance(earlier, dict) and "classes" in earlier and "radius" in earlier):
+        raise FileExistsError(
+            f"--json {path} exists and is not a report of cellkit evaluate, so writing the scores there would "
+            "replace it; choose a new file name (or delete that file first if it is yours to lose)."
+        )
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from cellkit.data.io import write_text_atomic
     from cellkit.engine.evaluate import jsonable, evaluate_folder, parse_radii, write_curve_csv
 
     radii = parse_radii(args.radii) if args.radii else None  # a bad spec fails before any work
+    json_path = Path(args.json) if args.json else Path(args.pred) / "evaluation.json"
+    _check_replaceable_evaluation(json_path)
     result = evaluate_folder(
         args.pred,
         args.data,
@@ -532,7 +549,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         png_path = plot_f1_vs_radius(curve, pred_dir / "f1_vs_radius.png")
         summary["f1_vs_radius"] = jsonable(curve)
         _out(f"F1 against radius: {csv_path}, {png_path}")
-    json_path = Path(args.json) if args.json else pred_dir / "evaluation.json"
     write_text_atomic(json_path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     _out(f"scores: {json_path}")
     return 0
@@ -561,11 +577,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         cellkit 0.1.0
         0
     """
+    import warnings
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # A warning is one line for the user, not cellkit's source line (restored on return).
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"cellkit: warning: {message}\n"
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+def _main(argv: list[str]) -> int:
     from cellkit.config import ConfigError
     from cellkit.engine.checkpoint import CheckpointError
     from cellkit.registry import RegistryError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

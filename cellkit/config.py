@@ -12,7 +12,6 @@ round-trip to plain dicts and YAML, so a run's folder records exactly what was t
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from cellkit.lookup import unknown_option_message
 
 __all__ = [
     "ConfigError",
@@ -30,6 +31,8 @@ __all__ = [
     "TrainConfig",
     "DataConfig",
     "CellkitConfig",
+    "SCHEDULERS",
+    "train_problems",
 ]
 
 
@@ -286,7 +289,8 @@ class CellkitConfig:
         if isinstance(source, Path) or (("\n" not in text) and text.endswith((".yaml", ".yml"))):
             path = Path(source)
             if not path.is_file():
-                raise FileNotFoundError(f"Config file {path} does not exist.")
+                what = "is a folder, not a YAML file" if path.is_dir() else "does not exist"
+                raise FileNotFoundError(f"Config file {path} {what}; pass a .yaml file (e.g. a run's config.yaml).")
             try:
                 text = path.read_text(encoding="utf-8-sig")
             except UnicodeDecodeError as err:
@@ -296,7 +300,7 @@ class CellkitConfig:
                 ) from err
             name = str(path)
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no Python tags
         except yaml.YAMLError as err:
             raise ConfigError(_yaml_error_message(name, err)) from err
         if not isinstance(data, dict):
@@ -332,6 +336,8 @@ class CellkitConfig:
         while stage is not None:
             out += _data_problems(stage, where)
             out += _postprocess_problems(stage, where)
+            if isinstance(stage.train, TrainConfig):
+                out += train_problems(stage.train, f"{where}.train")
             stage, where = stage.pretrain, f"{where}.pretrain"
         return out
 
@@ -363,6 +369,20 @@ class CellkitConfig:
         return dataclasses.replace(self, **changes)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (else the last silently wins)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice in one mapping; keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _yaml_error_message(name: str, err: yaml.YAMLError) -> str:
     """``config.yaml line 3 column 7: <what PyYAML found>; how to fix it``."""
     mark = getattr(err, "problem_mark", None)
@@ -386,10 +406,49 @@ def _yaml_error_message(name: str, err: yaml.YAMLError) -> str:
     )
 
 
+SCHEDULERS = ("cosine", "step")
+"""Learning-rate schedules of ``TrainConfig.scheduler`` (``None`` = constant)."""
+
+
+def train_problems(t: TrainConfig, where: str = "train") -> list[str]:
+    """Every problem of a :class:`TrainConfig`'s values, as messages (``where`` prefixes each)."""
+    problems = []
+    if t.scheduler is not None and t.scheduler not in SCHEDULERS:
+        problems.append(f"{where}.scheduler: " + unknown_option_message(
+            t.scheduler, SCHEDULERS, what="scheduler", hint="Or None for a constant learning rate."))
+    for name in ("epochs", "batch_size"):
+        value = getattr(t, name)
+        if not isinstance(value, int) or value < 1:
+            problems.append(f"{where}.{name}: expected an integer >= 1, got {value!r}")
+    steps = t.steps_per_epoch
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        problems.append(f"{where}.steps_per_epoch: expected None or an integer >= 1, got {steps!r}")
+    if t.grad_clip is not None and not t.grad_clip > 0:
+        problems.append(f"{where}.grad_clip: expected None or a number > 0, got {t.grad_clip!r}")
+    if not isinstance(t.val_every, int) or t.val_every < 1:
+        problems.append(f"{where}.val_every: expected an integer >= 1, got {t.val_every!r}")
+    if t.crop_size is not None and (not isinstance(t.crop_size, int) or t.crop_size < 1):
+        problems.append(f"{where}.crop_size: expected an integer >= 1, got {t.crop_size!r}")
+    if t.steps is not None and (isinstance(t.steps, bool) or not isinstance(t.steps, int) or t.steps < 1):
+        problems.append(f"{where}.steps: expected None or an integer >= 1, got {t.steps!r}")
+    if isinstance(t.val_every_steps, bool) or not isinstance(t.val_every_steps, int) or t.val_every_steps < 1:
+        problems.append(f"{where}.val_every_steps: expected an integer >= 1, got {t.val_every_steps!r}")
+    for name in ("warmup", "cell_crop"):
+        value = getattr(t, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1 \
+                or (name == "warmup" and value >= 1):
+            bound = "[0, 1)" if name == "warmup" else "[0, 1]"
+            problems.append(f"{where}.{name}: expected a share in {bound}, got {value!r}")
+    return problems
+
+
 def _data_problems(cfg: CellkitConfig, where: str) -> list[str]:
     d, k = cfg.data, cfg.model.num_classes
     if not isinstance(d, DataConfig) or not isinstance(k, int):
         return []
+    out = _data_value_problems(d, f"{where}.data")
+    if out:
+        return out
     names = list(d.class_names) if d.class_names else None
     if d.class_map is None:
         if names is not None and len(names) != k:
@@ -407,6 +466,27 @@ def _data_problems(cfg: CellkitConfig, where: str) -> list[str]:
                 f"model.num_classes is {k}; expected the same number: set model.num_classes: "
                 f"{cmap.num_classes}, or map the labels onto 0..{k - 1}"]
     return []
+
+
+def _data_value_problems(d: DataConfig, where: str) -> list[str]:
+    out = []
+    size = d.cell_diameter
+    if not (size is None or size == "auto" or (isinstance(size, (int, float)) and not isinstance(size, bool)
+                                                and 0 < size < float("inf"))):
+        out.append(f"{where}.cell_diameter: expected 'auto', null or a number of pixels > 0, got {size!r}")
+    fractions = {}
+    for name in ("val_fraction", "test_fraction"):
+        value = getattr(d, name, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            out.append(f"{where}.{name}: expected a share in [0, 1), got {value!r}")
+        else:
+            fractions[name] = float(value)
+    if not out and sum(fractions.values()) >= 1:
+        out.append(f"{where}: val_fraction + test_fraction is {sum(fractions.values()):g}, leaving no training "
+                   "images; expected a sum below 1 (e.g. val_fraction: 0.15, test_fraction: 0)")
+    return out
 
 
 def _postprocess_problems(cfg: CellkitConfig, where: str) -> list[str]:
@@ -443,9 +523,7 @@ def _from_plain(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
         kwargs = {}
         for key, item in value.items():
             if key not in names:
-                close = difflib.get_close_matches(str(key), names, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                problems.append(f"{where}: unknown key {key!r}{hint}; known keys: {', '.join(names)}")
+                problems.append(f"{where}: {unknown_option_message(key, names, what='key')}")
                 continue
             kwargs[key] = _from_plain(hints[key], item, f"{where}.{key}", problems)
         required = [

@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +33,8 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 from scipy.spatial.distance import cdist
 
-from cellkit.points import Detections, validate_points
+from cellkit.lookup import look_up_option
+from cellkit.points import Detections, as_points, validate_points
 
 __all__ = [
     "EvaluationReport",
@@ -103,8 +103,8 @@ def match_points(
         >>> p.tolist(), t.tolist()  # one truth, two candidates: one match only
         ([0], [0])
     """
-    pred = _points(pred, "pred")
-    true = _points(true, "true")
+    pred = as_points(pred, name="pred points")
+    true = as_points(true, name="true points")
     radius = _radius(radius)
     method = _method(method)
     if scores is not None:
@@ -537,19 +537,6 @@ def _report(counts: np.ndarray, names: list[str], radius: float, method: str) ->
     )
 
 
-def _points(points: Any, name: str) -> np.ndarray:
-    arr = np.asarray(points, dtype=np.float64)
-    if arr.size == 0:
-        arr = arr.reshape(0, 2)
-    if arr.ndim != 2 or arr.shape[1] != 2:
-        raise ValueError(
-            f"{name} must have shape (N, 2) with columns (x, y), got shape {arr.shape}."
-        )
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} points must be finite, got NaN or infinity.")
-    return arr
-
-
 def _radius(radius: Any) -> float:
     try:
         r = float(radius)
@@ -561,13 +548,8 @@ def _radius(radius: Any) -> float:
 
 
 def _method(method: Any) -> str:
-    if method not in MATCHING_METHODS:
-        close = difflib.get_close_matches(str(method), MATCHING_METHODS, n=1, cutoff=0.5)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
-            f"Unknown matching method {method!r}.{hint} Available: {', '.join(MATCHING_METHODS)}."
-        )
-    return str(method)
+    name: str = look_up_option(method, MATCHING_METHODS, what="matching method")
+    return name
 
 
 def _num_classes(num_classes: Any) -> int:

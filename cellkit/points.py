@@ -12,7 +12,44 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Detections", "validate_points"]
+__all__ = ["Detections", "as_points", "validate_points"]
+
+
+def as_points(points: Any, *, name: str = "points", where: str = "") -> np.ndarray:
+    """Check an ``(N, 2)`` array of ``(x, y)`` points and return it as float64.
+
+    The one check of a point array in cellkit (readers, writers, augmentation, metrics,
+    mask generators): every caller fails with the same message.
+
+    Args:
+        points: ``(N, 2)`` array-like of ``(x, y)`` pixel coordinates. An empty array
+            of any shape is read as no points, ``(0, 2)``.
+        name: what the points are, for messages (``"pred points"``).
+        where: a prefix naming the source (a file, an image) for error messages.
+
+    Raises:
+        ValueError: for another shape, or a coordinate that is NaN or infinite.
+
+    Examples:
+        >>> as_points([[1, 2]]).tolist(), as_points([]).shape
+        ([[1.0, 2.0]], (0, 2))
+    """
+    prefix = f"{where}: " if where else ""
+    pts = np.asarray(points, dtype=np.float64)
+    if pts.size == 0:
+        return pts.reshape(0, 2)
+    if pts.ndim != 2 or pts.shape[1] != 2:
+        raise ValueError(
+            f"{prefix}{name} must have shape (N, 2) with columns (x, y), got shape {pts.shape}."
+        )
+    finite = np.isfinite(pts).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise ValueError(
+            f"{prefix}{name} must be finite, got NaN or infinity in row {row} "
+            f"(x={pts[row, 0]}, y={pts[row, 1]}); drop or fix that point."
+        )
+    return pts
 
 
 def validate_points(
@@ -25,8 +62,8 @@ def validate_points(
     """Check point annotations and return them as ``(float64 (N, 2), int64 (N,))`` arrays.
 
     Args:
-        points: ``(N, 2)`` array-like of ``(x, y)`` pixel coordinates. An empty ``(0,)``
-            array is read as no points.
+        points: ``(N, 2)`` array-like of ``(x, y)`` pixel coordinates, checked with
+            :func:`as_points` (an empty array is read as no points).
         classes: ``(N,)`` array-like of non-negative integer classes.
         shape: ``(H, W)`` of the image; when given, every point must lie in
             ``0 <= x < W`` and ``0 <= y < H``.
@@ -42,14 +79,8 @@ def validate_points(
         ((1, 2), [1])
     """
     prefix = f"{where}: " if where else ""
-    pts = np.asarray(points, dtype=np.float64)
+    pts = as_points(points, where=where)
     cls = np.asarray(classes)
-    if pts.size == 0:
-        pts = pts.reshape(0, 2)
-    if pts.ndim != 2 or pts.shape[1] != 2:
-        raise ValueError(
-            f"{prefix}points must have shape (N, 2) with columns (x, y), got shape {pts.shape}."
-        )
     if cls.size == 0:
         cls = cls.reshape(0)
     if cls.ndim != 1 or cls.shape[0] != pts.shape[0]:
@@ -62,8 +93,6 @@ def validate_points(
             bad = cls[~(np.isfinite(as_float) & (as_float == np.round(as_float)))][:3]
             raise ValueError(f"{prefix}classes must be integers, got {bad.tolist()}.")
     cls = cls.astype(np.int64)
-    if not np.all(np.isfinite(pts)):
-        raise ValueError(f"{prefix}points must be finite, got NaN or infinity.")
     if cls.size and cls.min() < 0:
         raise ValueError(f"{prefix}classes must be >= 0, got {int(cls.min())}.")
     if num_classes is not None and cls.size and cls.max() >= num_classes:

@@ -41,6 +41,7 @@ from cellkit.config import (
     TargetSpec,
     TrainConfig,
 )
+from cellkit.lookup import look_up_option
 
 __all__ = [
     "PRESETS",
@@ -96,11 +97,9 @@ def _base(name: str, size: str, heads: tuple[str, ...], num_classes: int, radius
     """The shared config; with no size given, the geometry is estimated from the points."""
     from cellkit.geometry import Geometry
 
-    if size not in SIZES:
-        raise ValueError(f"Unknown size {size!r}; expected one of {sorted(SIZES)}.")
+    s = copy.deepcopy(look_up_option(size, SIZES, what="size"))
     if radius is not None and cell_diameter is not None:
         raise ValueError("Give the circle radius or the cell diameter, not both (radius = diameter / 2).")
-    s = copy.deepcopy(SIZES[size])
     train = {**s["train"], **RECIPE}
     if steps is not None:
         train["steps"] = int(steps)
@@ -283,11 +282,13 @@ PRESETS: dict[str, Callable[..., CellkitConfig]] = {
 
 
 def get_preset(name: str, **kwargs: Any) -> CellkitConfig:
-    """The preset ``name`` built with ``kwargs``; an unknown name lists the close ones."""
-    if name not in PRESETS:
-        import difflib
+    """The preset ``name`` built with ``kwargs``.
 
-        close = difflib.get_close_matches(name, list(PRESETS), n=2)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"Unknown preset {name!r}.{hint} Available: {', '.join(PRESETS)}.")
-    return PRESETS[name](**kwargs)
+    Raises:
+        UnknownOptionError: (a ``ValueError``) for an unknown name, listing the close ones.
+
+    Examples:
+        >>> get_preset("ours", size="cpu").name
+        'ours'
+    """
+    return look_up_option(name, PRESETS, what="preset")(**kwargs)

@@ -15,10 +15,17 @@ from their own modules the same way, without editing cellkit::
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from collections.abc import Callable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from cellkit.lookup import UnknownOptionError, look_up_option, unknown_option_message
+
+if TYPE_CHECKING:  # the plug-in protocols live with their kind; nothing imports them at run time
+    from torch import nn
+
+    from cellkit.masks.base import MaskGenerator
+    from cellkit.postprocess import PostProcessor
 
 __all__ = ["Registry", "RegistryError"]
 
@@ -26,11 +33,15 @@ T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class RegistryError(KeyError, ValueError):
-    """An unknown or duplicate name. Subclasses both KeyError and ValueError."""
+class RegistryError(UnknownOptionError):
+    """An unknown name, or a name registered twice. Subclasses both KeyError and ValueError.
 
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
+    An :class:`~cellkit.lookup.UnknownOptionError`, so one ``except`` catches a typo in any
+    name cellkit looks up.
+    """
+
+
+_REGISTER_HINT = "Register your own with the registry's .register(name) decorator."
 
 
 class Registry(Generic[T]):
@@ -38,6 +49,9 @@ class Registry(Generic[T]):
 
     Args:
         kind: what the registry holds, used in error messages (``"mask generator"``).
+
+    ``T`` is what the factories build: ``Registry[MaskGenerator]`` for the mask generators,
+    so ``MASKS.build(...)`` is typed as a :class:`~cellkit.masks.base.MaskGenerator`.
 
     Examples:
         >>> reg = Registry("widget")
@@ -72,6 +86,7 @@ class Registry(Generic[T]):
                     f"unregister({name!r}) first to replace it on purpose."
                 )
             self._factories[name] = factory
+            self._factories = dict(sorted(self._factories.items()))  # errors list them sorted
             return factory
 
         return decorator
@@ -83,7 +98,7 @@ class Registry(Generic[T]):
 
     def names(self, pattern: str | None = None) -> list[str]:
         """Sorted registered names, optionally filtered by a shell-style ``pattern``."""
-        names = sorted(self._factories)
+        names = list(self._factories)
         if pattern is not None:
             names = [n for n in names if fnmatch.fnmatch(n, pattern)]
         return names
@@ -94,19 +109,14 @@ class Registry(Generic[T]):
         Raises:
             RegistryError: for an unknown name, with the closest names and every available one.
         """
-        try:
-            return self._factories[name]
-        except (KeyError, TypeError):
-            raise RegistryError(self.unknown_message(name)) from None
+        factory: Callable[..., T] = look_up_option(
+            name, self._factories, what=self.kind, hint=_REGISTER_HINT, error=RegistryError
+        )
+        return factory
 
     def unknown_message(self, name: object) -> str:
         """The message for an unknown ``name``: close matches and the available names."""
-        close = difflib.get_close_matches(str(name), list(self._factories), n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        return (
-            f"Unknown {self.kind} {name!r}.{hint} Available: {', '.join(self.names()) or '(none)'}. "
-            "Register your own with the registry's .register(name) decorator."
-        )
+        return unknown_option_message(name, self._factories, what=self.kind, hint=_REGISTER_HINT)
 
     def build(self, spec: str | T | dict[str, Any], /, **kwargs: Any) -> T:
         """Build a plug-in from a name and keyword arguments, or pass a built one through.
@@ -160,10 +170,17 @@ class Registry(Generic[T]):
 
 # One instance per kind of plug-in. The plug-ins register themselves where they are
 # defined (cellkit.masks, cellkit.losses, cellkit.models, cellkit.postprocess).
-MASKS: Registry[Any] = Registry("mask generator")
-LOSSES: Registry[Any] = Registry("loss")
-ENCODERS: Registry[Any] = Registry("encoder")
-DECODERS: Registry[Any] = Registry("decoder")
-POSTPROCESSORS: Registry[Any] = Registry("post-processor")
+# Encoders and decoders are ``nn.Module``s that also follow cellkit.models.base.Encoder
+# and .Decoder; losses are ``nn.Module``s that follow cellkit.losses.LossModule.
+MASKS: Registry[MaskGenerator] = Registry("mask generator")
+"""Mask generators, point annotations -> training targets (:class:`~cellkit.masks.base.MaskGenerator`)."""
+LOSSES: Registry[nn.Module] = Registry("loss")
+"""Losses, ``loss(logits, reference) -> scalar`` (:class:`~cellkit.losses.modules.LossModule`)."""
+ENCODERS: Registry[nn.Module] = Registry("encoder")
+"""Encoders, images -> features (:class:`~cellkit.models.base.Encoder`)."""
+DECODERS: Registry[nn.Module] = Registry("decoder")
+"""Decoders, features -> class logits (:class:`~cellkit.models.base.Decoder`)."""
+POSTPROCESSORS: Registry[PostProcessor] = Registry("post-processor")
+"""Post-processors, probability maps -> detections (:class:`~cellkit.postprocess.PostProcessor`)."""
 
 __all__ += ["MASKS", "LOSSES", "ENCODERS", "DECODERS", "POSTPROCESSORS"]

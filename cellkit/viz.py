@@ -19,15 +19,24 @@ from typing import Any
 
 import numpy as np
 
-from cellkit.data.writers import DEFAULT_COLORS
 from cellkit.imaging import check_image
 
 __all__ = ["BASE_COLORS", "class_colors", "draw_points", "plot_f1_vs_radius", "save_png"]
 
-#: Colours of the first classes (RGB), the same as in the GeoJSON files cellkit writes
-#: (:data:`cellkit.data.writers.DEFAULT_COLORS`): class 0 ("other cells") grey-blue,
-#: class 1 (the class of interest) red, then distinct hues.
-BASE_COLORS: tuple[tuple[int, int, int], ...] = tuple(DEFAULT_COLORS)
+BASE_COLORS: tuple[tuple[int, int, int], ...] = (
+    (112, 112, 225),
+    (200, 0, 0),
+    (0, 160, 0),
+    (230, 160, 0),
+    (150, 0, 200),
+    (0, 170, 200),
+    (140, 90, 40),
+    (230, 0, 150),
+)
+"""Colours of the first classes (RGB): class 0 ("other cells") grey-blue, class 1 (the class of
+interest, like QuPath's "Positive") red, then distinct hues. The GeoJSON files cellkit writes use
+the same table (:data:`cellkit.data.writers.DEFAULT_COLORS`).
+"""
 
 
 def class_colors(num_classes: int) -> np.ndarray:

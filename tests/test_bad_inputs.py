@@ -217,7 +217,7 @@ def test_empty_endonuke_label_files_are_counted_in_one_warning(tmp_path: Path) -
     assert len(messages) == 1, messages
     assert messages[0].startswith(f"{tmp_path}: 6 of 8 images have no points")
     assert "labels/2.txt, labels/3.txt, labels/5.txt, labels/6.txt, labels/7.txt, ... (1 more)" in messages[0]
-    assert "learned as images without cells" in messages[0]
+    assert "read as images without cells" in messages[0]
     assert [len(s.points) for s in samples] == [1, 0, 0, 1, 0, 0, 0, 0]
     # No warning when every image has its points.
     for i in range(1, 9):

@@ -6,7 +6,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
 
 import cellkit
 from cellkit import CellkitConfig, ConfigError, LossSpec, TargetSpec
@@ -36,9 +35,9 @@ def test_from_dict_reports_every_problem():
     with pytest.raises(ConfigError) as info:
         CellkitConfig.from_dict({"modle": {}, "train": {"epochs": "ten", "lrr": 0.1}})
     msg = str(info.value)
-    assert "unknown key 'modle' (did you mean 'model'?)" in msg
+    assert "config: Unknown key 'modle'. Did you mean 'model'?" in msg
     assert "config.train.epochs: expected an integer, got 'ten'" in msg
-    assert "unknown key 'lrr' (did you mean 'lr'?)" in msg
+    assert "config.train: Unknown key 'lrr'. Did you mean 'lr'?" in msg
 
 
 def test_from_yaml_errors(tmp_path):
@@ -111,44 +110,6 @@ def test_paper_variants_heads_and_weights():
     assert cellkit.presets.ours(size="paper").model.encoder == "resnet101"
 
 
-def _batch(cfg: CellkitConfig, rng: np.random.Generator, size: int = 33):
-    """A batch of two random images with points, and the config's targets for it."""
-    images, targets = [], {name: [] for name in cfg.targets}
-    prior_model = cellkit.build_model(cfg.pretrain) if cfg.pretrain is not None else None
-    overrides = {"prior": {"model": prior_model}} if prior_model is not None else {}
-    generators = cellkit.build_targets(cfg, overrides=overrides)
-    for _ in range(2):
-        image = rng.integers(0, 255, size=(size, size, 3), dtype=np.uint8)
-        points = rng.uniform(0, size - 1, size=(5, 2))
-        classes = rng.integers(0, 2, size=5)
-        images.append(cellkit.imaging.image_to_tensor(image))
-        for name, gen in generators.items():
-            mask = gen(points, classes, shape=(size, size), num_classes=2, image=image, rng=rng)
-            targets[name].append(torch.from_numpy(mask))
-    return torch.stack(images), {k: torch.stack(v) for k, v in targets.items()}
-
-
-@pytest.mark.parametrize("name", list(PRESETS))
-def test_every_preset_builds_and_trains_one_step(name):
-    torch.manual_seed(0)
-    cfg = tiny(get_preset(name, size="cpu"))
-    model = cellkit.build_model(cfg)
-    loss_fn = cellkit.build_losses(cfg)
-    images, targets = _batch(cfg, np.random.default_rng(0))
-    outputs = model(images)
-    assert set(outputs) == set(cfg.model.heads)
-    for logits in outputs.values():
-        assert logits.shape == (2, cfg.model.num_classes, 33, 33)
-    total, terms = loss_fn(outputs, targets)
-    assert set(terms) == {spec.resolved_label for spec in cfg.losses}
-    assert torch.isfinite(total)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    before = [p.detach().clone() for p in model.encoder.parameters()]
-    total.backward()
-    optimizer.step()
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.encoder.parameters()))
-
-
 def test_cpu_preset_is_ten_times_cheaper_than_paper():
     from cellkit.models.flops import flops_per_megapixel
 
@@ -194,7 +155,7 @@ def test_build_model_from_a_model_config_reports_its_problems():
     msg = str(info.value)
     assert "Unknown encoder 'resnet181'" in msg
     assert "model.heads: 'main' is required" in msg
-    assert "model.activation: expected one of ('sigmoid', 'identity'), got 'softmax'" in msg
+    assert "model.activation: Unknown activation 'softmax'. Available: sigmoid, identity." in msg
     model = cellkit.build_model(cellkit.ModelConfig(encoder_kwargs={"width_multiplier": 0.25},
                                                     decoder_kwargs={"width": 16, "low_level_width": 8}))
     assert list(model.heads) == ["main"]

@@ -57,9 +57,12 @@ def test_tiled_inference_on_cuda_matches_cpu_and_runs_with_amp():
 def test_prior_target_on_cuda():
     model = cellkit.build_model(tiny(cellkit.presets.ours(size="cpu")))
     image = np.random.default_rng(1).integers(0, 255, size=(64, 80, 3), dtype=np.uint8)
-    on_gpu = cellkit.MASKS.build("prior", model=model, device="cuda")(
+    from cellkit.engine.predict import Predictor
+
+    post = cellkit.build_postprocess(tiny(cellkit.presets.ours(size="cpu")))
+    on_gpu = cellkit.MASKS.build("prior", predictor=Predictor(model, post, 2, device="cuda").probabilities)(
         np.zeros((0, 2)), np.zeros(0, int), shape=(64, 80), num_classes=2, image=image)
-    on_cpu = cellkit.MASKS.build("prior", model=model, device="cpu")(
+    on_cpu = cellkit.MASKS.build("prior", predictor=Predictor(model, post, 2, device="cpu").probabilities)(
         np.zeros((0, 2)), np.zeros(0, int), shape=(64, 80), num_classes=2, image=image)
     assert on_gpu.shape == (1, 64, 80)
     np.testing.assert_allclose(on_gpu, on_cpu, atol=1e-3)

@@ -233,7 +233,7 @@ def test_class_map_bad_specs(spec, names, match):
 
 
 def test_class_map_unknown_preset_suggests():
-    with pytest.raises(ValueError, match="did you mean 'endonuke_epithelium'"):
+    with pytest.raises(ValueError, match="Did you mean 'endonuke_epithelium'"):
         get_class_map("endonuke_epitelium")
 
 
@@ -334,7 +334,7 @@ def test_skip_mode_skips_corrupt_images_and_bad_labels(tmp_path):
 def test_load_dataset_argument_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such dataset folder"):
         load_dataset(tmp_path / "missing", "csv")
-    with pytest.raises(ValueError, match="did you mean 'geojson'"):
+    with pytest.raises(ValueError, match="Did you mean 'geojson'"):
         load_dataset(tmp_path, "geojsn")
     with pytest.raises(ValueError, match="on_error must be"):
         load_dataset(tmp_path, "csv", on_error="ignore")
@@ -537,9 +537,9 @@ def test_bcdata_reader_reads_empty_float_arrays(tmp_path):
         (lambda f: f.create_dataset("points", data=np.zeros((1, 2))),
          r"0\.h5: no dataset 'coordinates' in the HDF5 file \(it holds \['points'\]\)"),
         (lambda f: f.create_dataset("coordinates", data=np.zeros((3, 3))),
-         r"0\.h5: dataset 'coordinates' has shape \(3, 3\), expected \(N, 2\)"),
+         r"0\.h5: dataset 'coordinates': points must have shape \(N, 2\) .*got shape \(3, 3\)"),
         (lambda f: f.create_dataset("coordinates", data=np.array([[1.0, np.nan]])),
-         r"0\.h5: dataset 'coordinates' row 0: the point is not finite"),
+         r"0\.h5: dataset 'coordinates': points must be finite, got NaN or infinity in row 0"),
         (lambda f: f.create_dataset("coordinates", data=np.array([[1, 20]])),
          r"0\.h5 dataset 'coordinates' row 0: point \(x=1, y=20\) lies outside"),
     ],

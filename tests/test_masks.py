@@ -56,21 +56,15 @@ class TinyModel(torch.nn.Module):
         self.calls += 1
         return self.conv(x)
 
-
-class NoInferModel(torch.nn.Module):
-    """A model with only ``forward`` returning named outputs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 2, kernel_size=1)
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"main": self.conv(x), "other": self.conv(x) * 0}
+    def probabilities(self, image: np.ndarray) -> np.ndarray:
+        """What the engine hands the prior: image -> (C, H, W) probabilities."""
+        with torch.inference_mode():
+            return torch.sigmoid(self.infer(image_to_tensor(image)[None]))[0].numpy()
 
 
 # Construction arguments of generators that need some (default: none).
 BUILD_KWARGS: dict[str, Callable[[], dict[str, Any]]] = {
-    "prior": lambda: {"model": TinyModel(num_classes=2)},
+    "prior": lambda: {"predictor": TinyModel(num_classes=2).probabilities},
 }
 # Generators whose target does not come from the points (an empty point set is no zero mask).
 IMAGE_ONLY = {"prior"}
@@ -231,7 +225,7 @@ def test_docstring_examples(module: Any) -> None:
         (lambda: RandomPolygonMask(min_vertices=3, angle_jitter=0.6), "angle_jitter must be below"),
         (lambda: GaussianMask(sigma=-1), "sigma"),
         (lambda: EstimatedMask(num_clusters=1), "num_clusters"),
-        (lambda: PriorMask(model=TinyModel(), class_index=-1), "class_index"),
+        (lambda: PriorMask(predictor=TinyModel().probabilities, class_index=-1), "class_index"),
         (lambda: PriorMask(predictor=lambda im: im, cache_dir="x"), "explicit fingerprint"),
     ],
 )
@@ -454,20 +448,19 @@ def prior_call(prior: PriorMask, image: np.ndarray, key: str | None) -> np.ndarr
     return prior([], [], shape=image.shape[:2], num_classes=2, image=image, key=key)
 
 
-def test_prior_is_the_sigmoid_of_the_main_output() -> None:
+def test_prior_is_the_class_channel_of_the_predictor() -> None:
     model = TinyModel()
-    model.train()
     image = contract_image()
-    out = PriorMask(model=model, class_index=1)(POINTS, CLASSES, shape=SHAPE, num_classes=3, image=image)
+    out = PriorMask(predictor=model.probabilities, class_index=1)(POINTS, CLASSES, shape=SHAPE, num_classes=3,
+                                                                  image=image)
     expected = torch.sigmoid(model.conv(image_to_tensor(image)[None]))[0, 1:2].detach().numpy()
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
     assert out.shape == (1, *SHAPE) and out.dtype == np.float32
-    assert model.training  # the training flag is restored
 
 
 def test_prior_memory_cache_calls_the_model_once_per_key() -> None:
     model, image = TinyModel(), contract_image()
-    prior = PriorMask(model=model)
+    prior = PriorMask(predictor=model.probabilities)
     first = prior_call(prior, image, key="a")
     first[:] = -1  # the caller's copy, not the cache
     second = prior_call(prior, image, key="a")
@@ -480,36 +473,32 @@ def test_prior_memory_cache_calls_the_model_once_per_key() -> None:
 
 def test_prior_disk_cache_is_shared_by_fingerprint(tmp_path: Any) -> None:
     image = contract_image()
-    writer = PriorMask(model=TinyModel(seed=0), cache_dir=tmp_path, fingerprint="early-stop")
+    writer = PriorMask(predictor=TinyModel(seed=0).probabilities, cache_dir=tmp_path, fingerprint="early-stop")
     written = prior_call(writer, image, key="slides/img 1")
     files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     assert len(files) == 1 and files[0].parts[0] == "early-stop" and files[0].suffix == ".npy"
     assert not list(tmp_path.rglob("*.tmp"))
 
     reader_model = TinyModel(seed=1)
-    reader = PriorMask(model=reader_model, cache_dir=tmp_path, fingerprint="early-stop")
+    reader = PriorMask(predictor=reader_model.probabilities, cache_dir=tmp_path, fingerprint="early-stop")
     np.testing.assert_array_equal(prior_call(reader, image, key="slides/img 1"), written)
     assert reader_model.calls == 0
 
     other_model = TinyModel(seed=1)
-    other = PriorMask(model=other_model, cache_dir=tmp_path, fingerprint="another-model")
+    other = PriorMask(predictor=other_model.probabilities, cache_dir=tmp_path, fingerprint="another-model")
     recomputed = prior_call(other, image, key="slides/img 1")
     assert other_model.calls == 1
     assert not np.array_equal(recomputed, written)
 
 
-def test_prior_derives_the_fingerprint_from_the_weights(tmp_path: Any) -> None:
-    same_a = PriorMask(model=TinyModel(seed=0), cache_dir=tmp_path)
-    same_b = PriorMask(model=TinyModel(seed=0), cache_dir=tmp_path)
-    different = PriorMask(model=TinyModel(seed=5), cache_dir=tmp_path)
-    other_class = PriorMask(model=TinyModel(seed=0), class_index=0, cache_dir=tmp_path)
-    assert same_a.cache_folder == same_b.cache_folder
-    assert len({same_a.cache_folder, different.cache_folder, other_class.cache_folder}) == 3
+def test_a_disk_cache_needs_a_fingerprint(tmp_path: Any) -> None:
+    with pytest.raises(ValueError, match="explicit fingerprint"):
+        PriorMask(predictor=TinyModel().probabilities, cache_dir=tmp_path)
 
 
 def test_prior_recomputes_a_cached_entry_of_the_wrong_size(tmp_path: Any) -> None:
     model = TinyModel()
-    prior = PriorMask(model=model, cache_dir=tmp_path, fingerprint="fp", memory_cache=False)
+    prior = PriorMask(predictor=model.probabilities, cache_dir=tmp_path, fingerprint="fp", memory_cache=False)
     prior_call(prior, contract_image((5, 6)), key="k")
     with pytest.warns(UserWarning, match="recomputing"):
         out = prior_call(prior, contract_image(), key="k")
@@ -518,15 +507,8 @@ def test_prior_recomputes_a_cached_entry_of_the_wrong_size(tmp_path: Any) -> Non
 
 def test_prior_without_a_model_says_what_is_needed() -> None:
     prior = MASKS.build("prior")
-    with pytest.raises(ValueError, match="needs the pre-trained .*model or a checkpoint"):
+    with pytest.raises(ValueError, match="needs the pre-trained .*model.*prepare"):
         prior_call(prior, contract_image(), key="a")
-
-
-def test_prior_falls_back_to_the_main_output() -> None:
-    model, image = NoInferModel(), contract_image()
-    out = prior_call(PriorMask(model=model), image, key=None)
-    expected = torch.sigmoid(model.conv(image_to_tensor(image)[None]))[0, 1:2].detach().numpy()
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_prior_uses_the_predictor() -> None:
@@ -547,12 +529,12 @@ def test_prior_uses_the_predictor() -> None:
 
 
 def test_prior_rejects_a_class_index_beyond_the_output() -> None:
-    with pytest.raises(ValueError, match="class_index=4 but model.infer"):
-        prior_call(PriorMask(model=TinyModel(num_classes=2), class_index=4), contract_image(), key=None)
+    with pytest.raises(ValueError, match=r"class_index=4 but predictor\(image\)"):
+        prior_call(PriorMask(predictor=TinyModel(num_classes=2).probabilities, class_index=4), contract_image(), key=None)
 
 
 def test_prior_leaves_no_temporary_files(tmp_path: Any) -> None:
-    prior = PriorMask(model=TinyModel(), cache_dir=tmp_path, fingerprint="fp")
+    prior = PriorMask(predictor=TinyModel().probabilities, cache_dir=tmp_path, fingerprint="fp")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for key in ["a", "b", "../escape", ".hidden"]:
@@ -561,3 +543,32 @@ def test_prior_leaves_no_temporary_files(tmp_path: Any) -> None:
     assert len(names) == 4 and all(n.endswith(".npy") and not n.startswith(".") for n in names)
     assert [p for p in tmp_path.iterdir()] == [tmp_path / "fp"]
 
+
+
+def test_prior_prepare_takes_the_stage1_model_and_fills_the_cache(tmp_path: Any) -> None:
+    from cellkit.data import Sample
+    from cellkit.masks.prepare import PrepareContext
+
+    model, loads = TinyModel(), []
+
+    def load_stage1():
+        loads.append(1)
+        return model.probabilities
+
+    samples = [Sample(contract_image(), np.zeros((0, 2)), np.zeros(0, int), key=f"s{i}") for i in range(3)]
+    context = PrepareContext(num_classes=2, cache_dir=tmp_path, is_main=True, fingerprint="ckpt-hash",
+                             stage1=tmp_path / "last.pt", load_stage1=load_stage1)
+    prior = MASKS.build("prior")
+    assert type(prior).needs_stage1
+    prior.prepare(samples, context)
+    assert loads == [1] and model.calls == 3
+    assert sorted(p.name for p in (tmp_path / "ckpt-hash").iterdir()) == ["s0.npy", "s1.npy", "s2.npy"]
+    # Another process (not the main one) reads the cache the main one filled: no model call.
+    other = MASKS.build("prior")
+    other.prepare(samples, PrepareContext(num_classes=2, cache_dir=tmp_path, is_main=False,
+                                          fingerprint="ckpt-hash", load_stage1=lambda: TinyModel(seed=3).probabilities))
+    np.testing.assert_array_equal(prior_call(other, contract_image(), key="s1"),
+                                  prior_call(prior, contract_image(), key="s1"))
+    # Without a stage 1 the hook says what is missing.
+    with pytest.raises(ValueError, match="no stage 1"):
+        MASKS.build("prior").prepare(samples, PrepareContext(num_classes=2))

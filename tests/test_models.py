@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from cellkit.models import (
+    Decoder,
     DeepLabV3PlusDecoder,
+    Encoder,
     MultiDecoderModel,
     flops_per_megapixel,
     load_torchvision_weights,
@@ -65,6 +67,7 @@ def torchvision_resnet_keys(layers, bottleneck: bool) -> set[str]:
 @pytest.mark.parametrize("name", ENCODERS.names())
 def test_encoder_contract(name):
     enc = tiny_encoder(name).eval()
+    assert isinstance(enc, Encoder) and isinstance(enc, torch.nn.Module)
     x = torch.randn(1, 3, 37, 53)
     with torch.no_grad():
         feats = enc(x)
@@ -186,6 +189,20 @@ def test_weights_shape_mismatch_and_wrong_depth(tmp_path):
         resnet18(width_multiplier=TINY, weights=str(tmp_path / "list.pth"))
 
 
+def test_weights_that_do_not_fit_leave_the_encoder_unchanged(tmp_path):
+    state = dict(resnet18(width_multiplier=TINY).state_dict())
+    state["conv1.weight"] = torch.zeros(8, 3, 5, 5)  # one wrong shape among weights that fit
+    torch.save(state, tmp_path / "bad.pth")
+    encoder = resnet18(width_multiplier=TINY)
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    with pytest.raises(ValueError) as err:
+        load_torchvision_weights(encoder, tmp_path / "bad.pth")
+    assert "shape mismatches (1): conv1.weight: file (8, 3, 5, 5) vs model (16, 3, 7, 7)" in str(err.value)
+    assert "missing keys" not in str(err.value)  # a wrong shape is reported once
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 # --- decoders -------------------------------------------------------------------------
 
 
@@ -194,6 +211,7 @@ def test_weights_shape_mismatch_and_wrong_depth(tmp_path):
 def test_decoder_contract(name, num_classes):
     enc = tiny_encoder().eval()
     dec = tiny_decoder(enc, num_classes, name).eval()
+    assert isinstance(dec, Decoder) and isinstance(dec, torch.nn.Module)
     assert dec.num_classes == num_classes
     with torch.no_grad():
         feats = enc(torch.randn(2, 3, 64, 96))

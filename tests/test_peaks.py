@@ -200,6 +200,25 @@ def test_local_peaks_registered_and_agrees_with_function():
         LocalPeaks(min_distance=-1)
 
 
+@pytest.mark.parametrize("name", POSTPROCESSORS.names())
+def test_every_registered_postprocessor_follows_the_contract(name):
+    """Built with its defaults, it turns (C, H, W) maps, numpy or torch, into detections of that image."""
+    post = POSTPROCESSORS.build(name)
+    assert isinstance(post, PostProcessor)
+    maps = smooth_maps(3, (2, 29, 37), 2.0)
+    maps[1, 20, 30] = 1.0  # at least one clear cell
+    found = post(maps)
+    assert isinstance(found, Detections) and len(found) >= 1
+    assert found.points.shape == (len(found), 2) and found.classes.shape == found.scores.shape == (len(found),)
+    assert np.all((found.points >= 0) & (found.points <= [36, 28])), "a detection outside the image"
+    assert np.all((found.classes >= 0) & (found.classes < 2))
+    assert np.all(np.isfinite(found.scores))
+    again = post(torch.from_numpy(maps))
+    np.testing.assert_array_equal(again.points, found.points)
+    np.testing.assert_array_equal(again.classes, found.classes)
+    assert len(post(np.zeros((2, 29, 37), np.float32))) == 0, "cells found in an empty map"
+
+
 # --- agreement with skimage ------------------------------------------------------------------
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 import cellkit
+from cellkit.lookup import UnknownOptionError, look_up_option
 from cellkit.registry import Registry, RegistryError
 
 
@@ -62,6 +65,23 @@ def test_typo_suggests_close_names_and_lists_all():
     assert "Did you mean 'circle'" in message
     assert "Available: circle, square" in message
     assert isinstance(info.value, KeyError) and isinstance(info.value, ValueError)
+
+
+def test_look_up_option_returns_the_entry_or_fails_helpfully():
+    assert look_up_option("b", {"a": 1, "b": 2}) == 2
+    assert look_up_option(" B ", ("a", "b"), normalize=True) == "b"
+    assert look_up_option("B", ("a", "b"), default=None) is None  # case matters unless normalize
+    assert look_up_option("z", ["a"], default="a") == "a"
+    with pytest.raises(UnknownOptionError) as info:
+        look_up_option("circel", ["circle", "square"], what="shape", hint="Or draw one.")
+    expected = "Unknown shape 'circel'. Did you mean 'circle'? Available: circle, square. Or draw one."
+    assert str(info.value) == expected
+    assert isinstance(info.value, KeyError) and isinstance(info.value, ValueError)
+    with pytest.raises(UnknownOptionError, match=r"Unknown option \['x'\]\. Available: a\."):
+        look_up_option(["x"], {"a": 1})  # unhashable: not found, not a TypeError
+    with pytest.raises(argparse.ArgumentTypeError, match="Did you mean 'circle'"):
+        look_up_option("Circel", ["circle"], error=argparse.ArgumentTypeError)
+    assert issubclass(RegistryError, UnknownOptionError)
 
 
 def test_unknown_kwarg_names_the_plugin():

@@ -413,3 +413,149 @@ def test_predict_killed_again_and_again_resumes_to_the_same_files(checkpoint: Pa
                             ["write:3", "write:7", "write:1"])
     assert len(died) == 3, died
     assert _files(killed) == _files(baseline)  # no temporary left, every file the same
+
+
+# --------------------------------------------------------------------------- found by a hostile try
+
+
+def test_evaluate_json_never_replaces_a_file_that_is_not_a_report(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    data = _images(tmp_path / "data", n=1, annotations=True)
+    before = _files(data)
+    assert main(["evaluate", "--pred", str(data), "--data", str(data), "--format", "csv",
+                 "--json", str(data / "img0.csv")]) == 2
+    assert "is not a report of cellkit evaluate" in _error(capsys)
+    assert _files(data) == before
+
+
+def test_predict_does_not_read_its_own_overlays(checkpoint: Path, tmp_path: Path) -> None:
+    data = _images(tmp_path / "data", n=2)
+    assert _predict(checkpoint, data, data) == 0  # into the image folder (no annotations there)
+    assert _predict(checkpoint, tmp_path / "out", data) == 0
+    rows = (tmp_path / "out" / "counts.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == ["img0", "img1"]
+
+
+def test_a_full_disk_during_a_checkpoint_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(*args, **kwargs):
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 48576 vs 48470")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(WriteError, match=r"Cannot write .*last.pt: No space left on device; the disk .* full"):
+        save_checkpoint(tmp_path / "last.pt", {"model": {}})
+    assert not list(tmp_path.iterdir())
+
+
+def test_encoder_weights_with_a_payload_are_refused_unread(tmp_path: Path) -> None:
+    from cellkit.models.encoders import load_torchvision_weights
+    from cellkit.registry import ENCODERS
+
+    marker = tmp_path / "pwned"
+    torch.save({"conv1.weight": _Payload(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match="refused unread"):
+        load_torchvision_weights(ENCODERS.build("resnet18", width_multiplier=0.25), tmp_path / "evil.pth")
+    assert not marker.exists()
+
+
+def test_training_warns_about_a_class_without_cells(tmp_path: Path) -> None:
+    sys.path.insert(0, str(TESTS))
+    from test_train import SPLITS
+
+    from cellkit.data import Sample
+    from cellkit.data.io import DataWarning
+
+    one_class = [Sample(s.image, s.points, np.zeros_like(s.classes), s.key) for s in SPLITS["train"]]
+    with pytest.warns(DataWarning, match=r"no cell of class\(es\) 1 \(class1\)"):
+        fit(_tiny_cfg(), tmp_path / "run", splits={"train": one_class, "val": SPLITS["val"]}, device="cpu",
+            progress=False, max_steps=1)
+
+
+def test_resume_before_the_first_checkpoint_checks_the_config(tmp_path: Path) -> None:
+    sys.path.insert(0, str(TESTS))
+    from test_train import SPLITS, tiny
+
+    run = tmp_path / "run"
+    run.mkdir()
+    first = tiny("ours", epochs=2)
+    first.data.cell_diameter = 8.0
+    first.to_yaml(run / "config.yaml")  # a run killed before its first checkpoint
+    with pytest.raises(Exception, match="train.lr"):
+        fit(tiny("ours", epochs=2, lr=0.05), run, splits=SPLITS, device="cpu", progress=False, resume=True)
+
+
+def test_a_config_error_leaves_no_run_folder_behind(tmp_path: Path) -> None:
+    sys.path.insert(0, str(TESTS))
+    from test_train import SPLITS
+
+    cfg = _tiny_cfg()
+    cfg.data.cell_diameter = None  # keep the config's own (bad) radius
+    cfg.targets["circle"].kwargs["radius"] = -4.0
+    with pytest.raises((ValueError, TypeError), match="radius"):
+        fit(cfg, tmp_path / "run", splits=SPLITS, device="cpu", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_refuses_a_corrupt_record_and_a_class_map_the_model_does_not_have(tmp_path: Path) -> None:
+    from cellkit.engine.evaluate import evaluate_folder
+
+    data = _images(tmp_path / "data", n=1, annotations=True)
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    (pred / "img0.csv").write_text("x,y,class\n3,5,1\n")
+    (pred / "predict.json").write_text("{garbage")
+    with pytest.raises(ValueError, match="not readable JSON"):
+        evaluate_folder(pred, data, "csv", 5.0)
+    (pred / "predict.json").write_text(json.dumps({"inputs": ["img0"], "class_names": ["neg", "pos"],
+                                                   "class_map": None, "status": "done"}))
+    with pytest.raises(ValueError, match="predicts 2"):
+        evaluate_folder(pred, data, "csv", 5.0, class_map="0=0,1=1,2=2")
+    (data / "img0.csv").write_text("x,y,class\n")
+    from cellkit.data.io import DataWarning
+
+    with pytest.warns(DataWarning, match="no image has an annotated cell"):
+        evaluate_folder(pred, data, "csv", 5.0)
+
+
+def test_yaml_training_values_are_errors_naming_the_file(tmp_path: Path) -> None:
+    from cellkit.config import CellkitConfig, ConfigError
+
+    cfg = _tiny_cfg()
+    cfg.train.steps = -3
+    cfg.data.val_fraction = 1.5
+    path = tmp_path / "bad.yaml"
+    cfg.to_yaml(path)
+    with pytest.raises(ConfigError) as err:
+        CellkitConfig.from_yaml(path)
+    message = str(err.value)
+    assert "bad.yaml" in message and "train.steps" in message and "val_fraction" in message
+
+
+def test_class_names_with_a_preset_class_map_are_used_or_refused() -> None:
+    from cellkit.data.classes import ClassMap
+
+    assert ClassMap.parse("endonuke_epithelium", names=["x", "y"]).names == ("x", "y")
+    with pytest.raises(ValueError, match="maps onto 3 classes"):
+        ClassMap.parse("endonuke", names=["a", "b"])
+
+
+def test_a_yaml_key_given_twice_is_an_error() -> None:
+    from cellkit.config import CellkitConfig, ConfigError
+
+    text = _tiny_cfg().to_yaml()
+    with pytest.raises(ConfigError, match="the key 'name' is given twice"):
+        CellkitConfig.from_yaml(text + "name: again\n")
+
+
+def test_a_threshold_list_with_an_empty_entry_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["predict", "--checkpoint", "x.pt", "--out", "o", "--threshold", "0.5,", "a.png"]) == 2
+    assert "expected one float or a comma-separated list" in _error(capsys)
+
+
+def test_resume_accepts_the_same_checkpoint_named_another_way(checkpoint: Path, tmp_path: Path) -> None:
+    data, out = _images(tmp_path / "data", n=1), tmp_path / "out"
+    assert _predict(checkpoint, out, data) == 0
+    assert main(["predict", "--checkpoint", str(checkpoint.parent), "--out", str(out), "--device", "cpu",
+                 "--tile-size", "32", "--overlap", "8", "--resume", str(data)]) == 0

@@ -224,6 +224,11 @@ def test_every_preset_trains_one_step(name, tmp_path, capsys) -> None:
     assert all(np.isfinite(v) for v in record["train"].values())
     assert set(record["f1"]) == {"class0", "class1"}
     assert (tmp_path / name / "best.pt").is_file()
+    # The one step moved the shared encoder (every preset's losses reach it).
+    torch.manual_seed(cfg.train.seed)
+    initial = cellkit.build_model(cfg).state_dict()
+    trained = load_checkpoint(result.last_path)["model"]
+    assert any(not torch.equal(initial[k], trained[k]) for k in initial if k.startswith("encoder."))
     err = capsys.readouterr().err
     assert "epoch 1/1  loss " in err and "val F1 class0" in err
 
@@ -256,7 +261,7 @@ def test_default_data_is_read_and_split_by_group(tmp_path) -> None:
 def test_bad_arguments_fail_clearly(tmp_path) -> None:
     with pytest.raises(ValueError, match="'train' and 'val'"):
         fit(tiny(), tmp_path / "a", splits={"train": SPLITS["train"]}, device="cpu")
-    with pytest.raises(ConfigError, match="did you mean 'cosine'"):
+    with pytest.raises(ConfigError, match="Did you mean 'cosine'"):
         fit(tiny(scheduler="cosin"), tmp_path / "b", splits=SPLITS, device="cpu")
     with pytest.raises(ValueError, match="max_steps"):
         fit(tiny(), tmp_path / "c", splits=SPLITS, device="cpu", max_steps=0)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from cellkit.imaging import check_image
+from cellkit.points import as_points
 
 __all__ = [
     "Augment",
@@ -33,15 +34,6 @@ __all__ = [
 # skimage.color.rgb2hed scales optical density by log(1e-6); hed_jitter uses the same
 # scale so its strengths read like skimage's HED values (about 0 .. 0.25 on IHC tiles).
 _LOG_ADJUST = float(np.log(1e-6))
-
-
-def _as_points(points: Any) -> np.ndarray:
-    pts = np.asarray(points, dtype=np.float64)
-    if pts.size == 0:
-        return pts.reshape(0, 2)
-    if pts.ndim != 2 or pts.shape[1] != 2:
-        raise ValueError(f"points must have shape (N, 2) with columns (x, y), got {pts.shape}.")
-    return pts
 
 
 def _check_maps(maps: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray | None:
@@ -68,7 +60,7 @@ def flip_points(points: Any, shape: tuple[int, int], axis: int) -> np.ndarray:
         >>> flip_points([[0, 2]], (3, 4), axis=1).tolist()
         [[3.0, 2.0]]
     """
-    pts = _as_points(points).copy()
+    pts = as_points(points).copy()
     if axis == 1:
         pts[:, 0] = shape[1] - 1 - pts[:, 0]
     elif axis == 0:
@@ -88,7 +80,7 @@ def rot90_points(points: Any, shape: tuple[int, int], k: int = 1) -> np.ndarray:
         >>> rot90_points([[0, 2]], (3, 4), k=1).tolist()
         [[2.0, 3.0]]
     """
-    pts = _as_points(points).copy()
+    pts = as_points(points).copy()
     h, w = int(shape[0]), int(shape[1])
     for _ in range(int(k) % 4):
         pts = np.column_stack([pts[:, 1], w - 1 - pts[:, 0]])
@@ -296,7 +288,7 @@ class Augment:
         """
         gen = np.random.default_rng(rng)
         img = check_image(image, where="Augment")
-        pts = _as_points(points)
+        pts = as_points(points)
         m = _check_maps(maps, img.shape[:2])
         if self.flip_p and gen.random() < self.flip_p:
             img, pts, m = flip(img, pts, axis=1, maps=m)

@@ -13,12 +13,13 @@ The key ``"*"`` maps every label that is not listed.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 import numpy as np
+
+from cellkit.lookup import did_you_mean, look_up_option
 
 __all__ = [
     "BCDATA",
@@ -130,11 +131,9 @@ class ClassMap:
 
             prefix = f"{where}: " if where else ""
             mapped = self.labels()
-            close = difflib.get_close_matches(str(label), mapped, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
             raise DataError(
                 f"{prefix}label {label!r} is not in the class map; mapped labels are "
-                f"{mapped}.{hint} Add it to the class map (--class-map, or data.class_map in "
+                f"{mapped}.{did_you_mean(label, mapped)} Add it to the class map (--class-map, or data.class_map in "
                 f"a config; e.g. '{label}=0'), or map every other label with '*=0'."
             )
         return index
@@ -206,11 +205,19 @@ class ClassMap:
             >>> ClassMap.parse("negative=0,positive=1").names
             ('class0', 'class1')
         """
-        if isinstance(spec, ClassMap):
-            return spec
+        if isinstance(spec, (ClassMap, str)) and (isinstance(spec, ClassMap) or "=" not in spec):
+            preset = spec if isinstance(spec, ClassMap) else get_class_map(spec)
+            if names is None:
+                return preset
+            names = [str(n) for n in names]
+            if len(names) != preset.num_classes:
+                raise ValueError(
+                    f"class names {names} for the class map {spec if isinstance(spec, str) else 'given'}, which maps "
+                    f"onto {preset.num_classes} classes {list(preset.names)}; expected one name per class: give "
+                    f"{preset.num_classes} names, or leave the names out."
+                )
+            return cls(dict(preset.mapping), names)
         if isinstance(spec, str):
-            if "=" not in spec:
-                return get_class_map(spec)
             spec = [part for part in spec.split(",") if part.strip()]
         if isinstance(spec, Mapping):
             items = list(spec.items())
@@ -334,22 +341,23 @@ def _target_index(dst: Any, names: list[str], by_name: dict[str, int], src: Any)
     return index
 
 
-#: BCData: ``negative`` (Ki-67 negative tumour cells) -> 0, ``positive`` -> 1.
 BCDATA = ClassMap({"negative": 0, "positive": 1}, ["negative", "positive"])
+"""BCData: ``negative`` (Ki-67 negative tumour cells) -> 0, ``positive`` -> 1."""
 
-#: EndoNuke as the paper's two-class task: epithelium (1) is the class of interest;
-#: stroma (0) and other (2) nuclei are "other cells".
 ENDONUKE_EPITHELIUM = ClassMap({0: 0, 1: 1, 2: 0}, ["other", "epithelium"])
+"""EndoNuke as the paper's two-class task: epithelium (1) is the class of interest; stroma (0) and
+other (2) nuclei are "other cells".
+"""
 
-#: EndoNuke's own three classes.
 ENDONUKE = ClassMap({0: 0, 1: 1, 2: 2}, ["stroma", "epithelium", "other"])
+"""EndoNuke's own three classes."""
 
-#: Presets by name, for configs and the command line.
 CLASS_MAPS: dict[str, ClassMap] = {
     "bcdata": BCDATA,
     "endonuke": ENDONUKE,
     "endonuke_epithelium": ENDONUKE_EPITHELIUM,
 }
+"""Presets by name, for configs and the command line."""
 
 
 def get_class_map(name: str) -> ClassMap:
@@ -362,12 +370,8 @@ def get_class_map(name: str) -> ClassMap:
         >>> get_class_map("bcdata").names
         ('negative', 'positive')
     """
-    key = name.strip().lower()
-    if key in CLASS_MAPS:
-        return CLASS_MAPS[key]
-    close = difflib.get_close_matches(key, list(CLASS_MAPS), n=1)
-    hint = f"By {name!r}, did you mean {close[0]!r}? " if close else ""
-    raise ValueError(
-        f"{hint}Unknown class map preset {name!r}; presets are {sorted(CLASS_MAPS)}, or give "
-        "'source=target' pairs such as '0=0,1=1,2=0'."
+    cmap: ClassMap = look_up_option(
+        name, CLASS_MAPS, what="class map preset", normalize=True,
+        hint="Or give 'source=target' pairs such as '0=0,1=1,2=0'.",
     )
+    return cmap

@@ -71,8 +71,8 @@ class DatasetFormat:
         return list(cmap.names) if cmap is not None else None
 
 
-#: Dataset formats by name.
 FORMATS: Registry[DatasetFormat] = Registry("dataset format")
+"""Dataset formats by name."""
 
 
 def _register(fmt: DatasetFormat) -> None:

@@ -45,8 +45,8 @@ __all__ = [
     "write_text_atomic",
 ]
 
-#: Image file extensions the folder readers look for, in order of preference.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+"""Image file extensions the folder readers look for, in order of preference."""
 
 
 class DataError(ValueError):

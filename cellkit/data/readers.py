@@ -42,7 +42,6 @@ cellkit reads and writes QuPath coordinates unchanged (immaterial for cells ~10 
 from __future__ import annotations
 
 import csv
-import difflib
 import io as _io
 import json
 import math
@@ -55,6 +54,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from cellkit.lookup import look_up_option
+from cellkit.points import as_points
 
 from .classes import BCDATA, ClassMap
 from .dataset import Sample
@@ -345,19 +347,12 @@ def read_bcdata_h5(path: str | os.PathLike[str], dataset: str = "coordinates") -
         raise DataError(
             f"{p}: cannot open the HDF5 file ({exc}); the file is truncated, corrupt or not HDF5."
         ) from exc
-    if arr.size == 0:
-        return np.zeros((0, 2), np.float64)
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+    if arr.size and not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise DataError(f"{p}: dataset {dataset!r} holds {arr.dtype}, expected numbers.")
-    if arr.ndim != 2 or arr.shape[1] != 2:
-        raise DataError(
-            f"{p}: dataset {dataset!r} has shape {arr.shape}, expected (N, 2) with columns (x, y)."
-        )
-    arr = arr.astype(np.float64)
-    if not np.all(np.isfinite(arr)):
-        row = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
-        raise DataError(f"{p}: dataset {dataset!r} row {row}: the point is not finite.")
-    return arr
+    try:
+        return as_points(arr, where=f"{p}: dataset {dataset!r}")
+    except ValueError as err:
+        raise DataError(str(err)) from None
 
 
 def _geojson_label(props: Mapping[str, Any]) -> str:
@@ -861,7 +856,7 @@ def load_dataset(
 
     Warns:
         DataWarning: once when some images (not all) have no points, saying how many and
-            naming a few (they are learned as images without cells); also for images that
+            naming a few (they are read as images without cells); also for images that
             were converted, GeoJSON features that are not cells, and skipped images.
 
     Raises:
@@ -882,15 +877,9 @@ def load_dataset(
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
     from .formats import FORMATS, get_format
 
-    fmt = format.lower().strip()
-    if fmt == "auto":
-        fmt = detect_format(r)
-    if fmt not in FORMATS:
-        close = difflib.get_close_matches(fmt, list(FORMATS), n=1)
-        hint = f"By {format!r}, did you mean {close[0]!r}? " if close else ""
-        raise ValueError(
-            f"{hint}Unknown dataset format {format!r}; formats are {', '.join(FORMATS)} or 'auto'."
-        )
+    fmt = detect_format(r) if format.lower().strip() == "auto" else format
+    fmt = look_up_option(fmt, FORMATS.names(), what="dataset format", normalize=True,
+                         hint="Or pass 'auto' to detect the layout of the folder.")
     cmap = None if class_map is None else ClassMap.parse(class_map)
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                     or num_classes < 1):
@@ -947,7 +936,7 @@ def load_dataset(
     if empty and len(empty) < len(samples):
         shown = ", ".join(empty[:5]) + (f", ... ({len(empty) - 5} more)" if len(empty) > 5 else "")
         warnings.warn(
-            f"{r}: {len(empty)} of {len(samples)} images have no points and are learned as "
+            f"{r}: {len(empty)} of {len(samples)} images have no points and are read as "
             f"images without cells: {shown}. If those images do have cells, their annotations "
             "are missing: check these files.",
             DataWarning,

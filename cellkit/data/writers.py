@@ -26,22 +26,17 @@ from typing import Any
 
 import numpy as np
 
+from cellkit.points import validate_points
+from cellkit.viz import BASE_COLORS
+
 from .io import atomic_write
 
 __all__ = ["DEFAULT_COLORS", "write_csv", "write_geojson"]
 
-#: Class colours (RGB) by class index: a grey-blue for class 0 ("other cells"), a red
-#: for class 1 (the class of interest, like QuPath's "Positive"), then distinct hues.
-DEFAULT_COLORS: tuple[tuple[int, int, int], ...] = (
-    (112, 112, 225),
-    (200, 0, 0),
-    (0, 160, 0),
-    (230, 160, 0),
-    (150, 0, 200),
-    (0, 170, 200),
-    (140, 90, 40),
-    (230, 0, 150),
-)
+DEFAULT_COLORS: tuple[tuple[int, int, int], ...] = BASE_COLORS
+"""The class colours written into GeoJSON files: :data:`cellkit.viz.BASE_COLORS`, the colours of the
+overlays (the same table, owned by :mod:`cellkit.viz`), cycled when there are more classes.
+"""
 
 
 def _unpack(
@@ -55,19 +50,7 @@ def _unpack(
         scores = getattr(detections, "scores", None)
     if points is None or classes is None:
         raise ValueError("write needs detections, or points and classes.")
-    pts = np.asarray(points, dtype=np.float64)
-    pts = pts.reshape(0, 2) if pts.size == 0 else pts
-    cls = np.asarray(classes).reshape(-1)
-    if pts.ndim != 2 or pts.shape[1] != 2:
-        raise ValueError(f"points must have shape (N, 2) with columns (x, y), got {pts.shape}.")
-    if len(cls) != len(pts):
-        raise ValueError(f"{len(cls)} classes for {len(pts)} points.")
-    if cls.size and not np.issubdtype(cls.dtype, np.integer):
-        if not np.all(np.asarray(cls, dtype=np.float64) % 1 == 0):
-            raise ValueError(f"classes must be integers, got {cls[:3].tolist()}.")
-    cls = cls.astype(np.int64)
-    if cls.size and cls.min() < 0:
-        raise ValueError(f"classes must be >= 0, got {int(cls.min())}.")
+    pts, cls = validate_points(points, np.asarray(classes).reshape(-1))
     sc = None
     if scores is not None:
         sc = np.asarray(scores, dtype=np.float64).reshape(-1)
@@ -108,7 +91,8 @@ def write_csv(
         scores: optional ``(N,)``.
 
     Raises:
-        ValueError: for mismatched lengths, non-integer or negative classes.
+        ValueError: for points that are not ``(N, 2)`` and finite, mismatched lengths,
+            non-integer or negative classes.
 
     Examples:
         >>> import tempfile, os
@@ -158,8 +142,8 @@ def write_geojson(
         indent: JSON indentation (None: compact).
 
     Raises:
-        ValueError: for mismatched lengths, bad classes, a class without a name, or an
-            unknown ``object_type``.
+        ValueError: for points that are not ``(N, 2)`` and finite, mismatched lengths,
+            bad classes, a class without a name, or an unknown ``object_type``.
 
     Examples:
         >>> import tempfile, os, json

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+from cellkit.config import SCHEDULERS
 from cellkit.engine.checkpoint import (
     CheckpointError,
     file_fingerprint,
@@ -27,7 +28,7 @@ from cellkit.engine.checkpoint import (
 from cellkit.engine.distributed import DistInfo, dist_info
 from cellkit.engine.evaluate import EvaluationResult, evaluate_folder
 from cellkit.engine.predict import Predictor, predict_image, predict_probabilities
-from cellkit.engine.train import RUN_EXISTS_MESSAGE, SCHEDULERS, TrainResult, fit, run_score
+from cellkit.engine.train import RUN_EXISTS_MESSAGE, TrainResult, fit, run_score
 
 __all__ = [
     "RUN_EXISTS_MESSAGE",

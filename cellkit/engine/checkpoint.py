@@ -60,8 +60,17 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
 
     path = Path(path)
     state = {"format": FORMAT, **plain_data(state)}
-    with atomic_write(path, "wb") as fh:
-        torch.save(state, fh)
+    try:
+        with atomic_write(path, "wb") as fh:
+            torch.save(state, fh)
+    except RuntimeError as err:  # torch's writer reports a failed write (a full disk) as RuntimeError
+        from cellkit.data.io import WriteError
+
+        cause = err.__context__ if isinstance(err.__context__, OSError) else err
+        raise WriteError(
+            f"Cannot write {path}: {getattr(cause, 'strerror', None) or cause}; the disk holding {path.parent} may "
+            "be full: free space or choose another --out."
+        ) from err
     return path
 
 
@@ -126,7 +135,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                 "file. If it is your own file from another program, save its state_dict() instead; checkpoints "
                 "of `cellkit train` always load."
             ) from None
-        raise CheckpointError(f"Checkpoint {path} is corrupt or not a torch file: {err}") from err
+        reason = "the file is empty" if path.stat().st_size == 0 else (str(err).strip() or type(err).__name__)
+        raise CheckpointError(
+            f"Checkpoint {path} is corrupt or not a torch file ({reason}); pass a best.pt or last.pt written by "
+            "cellkit train."
+        ) from err
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path} is not a cellkit checkpoint: {_describe(state)}")
     state["path"] = str(path)
@@ -175,13 +188,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
         ) from err
     own = model.state_dict()
     saved = ckpt["model"]
-    missing = sorted(set(own) - set(saved))
-    unexpected = sorted(set(saved) - set(own))
-    shapes = [
-        f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(saved))
-        if tuple(own[k].shape) != tuple(saved[k].shape)
-    ]
+    # load_state_dict stops at a shape mismatch even with strict=False: set those aside (to
+    # report them all) and let it report the missing and unexpected weights.
+    wrong_shape = {k for k in set(own) & set(saved) if tuple(own[k].shape) != tuple(saved[k].shape)}
+    shapes = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(wrong_shape)]
+    result = model.load_state_dict({k: v for k, v in saved.items() if k not in wrong_shape}, strict=False)
+    missing = sorted(set(result.missing_keys) - wrong_shape)
+    unexpected = sorted(result.unexpected_keys)
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -195,7 +209,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
             f"its config builds with cellkit {__version__}: " + "; ".join(parts)
             + ". Retrain, or use the cellkit version that wrote it."
         )
-    model.load_state_dict(saved)
     model.to(device).eval()
     return model, cfg, ckpt
 

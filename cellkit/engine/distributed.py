@@ -35,7 +35,6 @@ __all__ = [
     "all_gather_objects",
     "all_reduce_sum",
     "barrier",
-    "broadcast_object",
     "dist_info",
     "init_distributed",
     "shutdown_distributed",
@@ -179,15 +178,6 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` on every rank (``obj`` itself on one process)."""
-    if not _active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -108,8 +108,11 @@ def _read_meta(pred_dir: Path) -> dict[str, Any]:
         return {}
     try:
         meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{meta_path} is not readable JSON ({err}); it should be the record cellkit predict wrote. Predict "
+            "the images again into a new folder, or delete that file to score the .csv files without it."
+        ) from err
     if isinstance(meta, dict) and meta.get("status") == "running":
         raise ValueError(
             f"The predictions in {pred_dir} are unfinished ({meta_path} says the run was interrupted): "
@@ -127,9 +130,13 @@ def _default_names(format: str, num_classes: int) -> list[str] | None:
 def jsonable(value: Any) -> Any:
     """``value`` for ``json.dumps(allow_nan=False)``: NaN/inf -> None, numpy -> builtins.
 
+    The one conversion of the JSON files cellkit writes (``metrics.jsonl``,
+    ``calibration.json``, ``predict.json``, ``evaluation.json``): mappings (keys as strings),
+    sequences and arrays recursively; numpy numbers and booleans as Python ones.
+
     Examples:
-        >>> jsonable({"f1": np.array([0.5, np.nan]), "n": np.int64(3)})
-        {'f1': [0.5, None], 'n': 3}
+        >>> jsonable({"f1": np.array([0.5, np.nan]), "n": np.int64(3), "ok": np.bool_(True)})
+        {'f1': [0.5, None], 'n': 3, 'ok': True}
     """
     if isinstance(value, Mapping):
         return {str(k): jsonable(v) for k, v in value.items()}
@@ -139,6 +146,8 @@ def jsonable(value: Any) -> Any:
         return float(value) if math.isfinite(float(value)) else None
     if isinstance(value, np.integer):
         return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
     return value
 
 
@@ -240,7 +249,6 @@ def evaluate_folder(
         ValueError: when images have no prediction file (listing them), two images share a
             stem, or predicted classes do not fit the data's classes.
     """
-    from cellkit.data.classes import ClassMap
     from cellkit.data.readers import load_dataset
     from cellkit.metrics import evaluate
 
@@ -249,15 +257,22 @@ def evaluate_folder(
         raise FileNotFoundError(f"{pred_dir}: no such predictions folder; pass the --out folder of cellkit predict.")
     meta = _read_meta(pred_dir)
     names: list[str] | None = None
-    cmap: ClassMap | None = None
-    if class_map is not None:
-        cmap = ClassMap.parse(class_map)
-    elif isinstance(meta.get("class_map"), Mapping):
-        recorded = meta["class_map"]
-        cmap = ClassMap(dict(recorded), list(meta.get("class_names") or []) or [
-            f"class{i}" for i in range(max(recorded.values()) + 1)
-        ])
+    cmap = _class_map_of(class_map, meta)
+    recorded_names = meta.get("class_names") if isinstance(meta.get("class_names"), list) else None
+    if class_map is not None and cmap is not None and recorded_names and cmap.num_classes != len(recorded_names):
+        raise ValueError(
+            f"--class-map {class_map} maps the data onto {cmap.num_classes} classes {list(cmap.names)}, but the "
+            f"model that made {pred_dir} predicts {len(recorded_names)} ({', '.join(map(str, recorded_names))}; "
+            f"see {pred_dir / PREDICT_META}); give a class map onto those classes."
+        )
     samples = load_dataset(data_root, format, class_map=cmap, split=split, require_cells=False)
+    if samples and not any(len(s.points) for s in samples):
+        import warnings
+
+        from cellkit.data.io import DataWarning
+
+        warnings.warn(f"{data_root}: no image has an annotated cell, so every prediction counts as a false "
+                      "positive and recall is undefined.", DataWarning, stacklevel=2)
 
     by_stem: dict[str, Any] = {}
     for s in samples:
@@ -301,6 +316,20 @@ def evaluate_folder(
         )
     report = evaluate(predictions, truths, radius, len(names), names, method)
     return EvaluationResult(report, keys, predictions, truths, names, missing, unmatched)
+
+
+def _class_map_of(class_map: Any, meta: Mapping[str, Any]) -> Any:
+    """The class map given, else the one ``cellkit predict`` recorded in predict.json, else None."""
+    from cellkit.data.classes import ClassMap
+
+    if class_map is not None:
+        return ClassMap.parse(class_map)
+    if isinstance(meta.get("class_map"), Mapping):
+        recorded = meta["class_map"]
+        return ClassMap(dict(recorded), list(meta.get("class_names") or []) or [
+            f"class{i}" for i in range(max(recorded.values()) + 1)
+        ])
+    return None
 
 
 def write_curve_csv(path: str | Path, curve: Mapping[str, Any]) -> Path:

@@ -99,6 +99,21 @@ def _earlier_files(out: Path, meta: Mapping[str, Any]) -> set[Path]:
     return files
 
 
+def _without_own_outputs(paths: list[Path]) -> list[Path]:
+    """The inputs less the overlays of earlier prediction runs (a folder predicted into itself)."""
+    own: dict[Path, set[Path]] = {}
+    for folder in {p.parent for p in paths}:
+        try:
+            meta = _read_meta(folder)
+        except ValueError:
+            meta = None
+        own[folder] = {f.resolve() for f in _earlier_files(folder, meta)} if meta is not None else set()
+    kept = [p for p in paths if p.resolve() not in own[p.parent]]
+    if not kept:
+        raise ValueError("The inputs hold only the overlays of earlier cellkit predict runs; pass the images.")
+    return kept
+
+
 def _settings_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return [f"{k} ({old.get(k)!r} then, {new.get(k)!r} now)" for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k)]
@@ -181,15 +196,7 @@ def write_predictions(
         >>> # run = write_predictions(Predictor.from_checkpoint("runs/x/best.pt"), ["slides/"], "out/")
         >>> # run.counts[0]   ->  ('slide1', [412, 97])
     """
-    from tqdm.auto import tqdm
-
-    from cellkit.data.io import (
-        DataError,
-        make_folder,
-        read_image,
-        remove_stale_temporaries,
-        write_text_atomic,
-    )
+    from cellkit.data.io import make_folder, remove_stale_temporaries, write_text_atomic
     from cellkit.engine.predict import list_images
 
     if resume and overwrite:
@@ -199,7 +206,7 @@ def write_predictions(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; give a folder (it is created when missing).")
-    paths = list_images(inputs)
+    paths = _without_own_outputs(list_images(inputs))
     stems = [p.stem for p in paths]
     clash = sorted({p.name for p in paths if p.stem in OUTPUT_STEMS})
     if clash:
@@ -207,6 +214,28 @@ def write_predictions(
             f"image names {clash} clash with the summary files written to --out ({', '.join(OUTPUT_STEMS)}); "
             "rename them."
         )
+    record = _record(predictor, overlay, overlay_radius, settings)
+    run = PredictionRun(out)
+    run.removed = _claim_folder(out, stems, overlay, record, resume, overwrite)
+    make_folder(out)
+    remove_stale_temporaries(out)  # of writes killed in an earlier try
+
+    def save_meta(status: str) -> None:
+        meta = {**record, "status": status, "inputs": stems, "images": [s for s, _ in run.counts],
+                "skipped": run.skipped}
+        write_text_atomic(out / PREDICT_META, json.dumps(meta, indent=2) + "\n")
+
+    save_meta("running")
+    by_stem = _predict_images(predictor, paths, out, run, overlay=overlay, overlay_radius=overlay_radius,
+                              resume=resume, on_error=on_error, progress=progress)
+    run.counts = [(s, by_stem[s]) for s in stems if s in by_stem]
+    write_text_atomic(out / COUNTS, counts_csv(run.counts, predictor.class_names))
+    save_meta("done")
+    return run
+
+
+def _record(predictor: Any, overlay: bool, overlay_radius: int, settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The settings a run records in predict.json (and a resume must repeat), as JSON reads them back."""
     cfg = getattr(predictor, "config", None)
     post = predictor.postprocess
     record: dict[str, Any] = {
@@ -222,8 +251,12 @@ def write_predictions(
         "overlay": bool(overlay),
         "overlay_radius": int(overlay_radius),
     }
-    record = json.loads(json.dumps(record))  # as it reads back from predict.json
+    return json.loads(json.dumps(record))
 
+
+def _claim_folder(out: Path, stems: list[str], overlay: bool, record: Mapping[str, Any], resume: bool,
+                  overwrite: bool) -> list[Path]:
+    """Refuse a folder whose files are not ours or whose earlier run was not named; returns files removed."""
     earlier = _read_meta(out) if out.is_dir() else None
     ours = _earlier_files(out, earlier) if earlier is not None else set()
     planned = [f for s in stems for f in _image_files(out, s, overlay)] + [out / COUNTS, out / PREDICT_META]
@@ -235,45 +268,46 @@ def write_predictions(
             f"replace ({names}). Is --out the data folder? Its annotations would be lost. Choose an empty or new "
             "--out."
         )
-    run = PredictionRun(out)
-    if earlier is None and resume:
-        raise FileNotFoundError(
-            f"Nothing to resume in {out}: it holds no earlier prediction run ({PREDICT_META}). Drop --resume."
-        )
-    if earlier is not None:
-        before = [str(s) for s in earlier.get("inputs", earlier.get("images", []))]
-        if not (resume or overwrite):
-            status = earlier.get("status", "done")
-            raise FileExistsError(
-                f"{out} holds the predictions of an earlier run ({len(before)} images, {status}; see "
-                f"{out / PREDICT_META}). Pass --resume to finish it (images done are kept), --overwrite to "
-                "delete its files and predict again, or choose another --out."
-            )
+    if earlier is None:
         if resume:
-            diffs = _settings_differences({k: v for k, v in earlier.items() if k in record}, record)
-            if before != stems:
-                diffs.insert(0, f"the input images ({len(before)} then, {len(stems)} now)")
-            if diffs:
-                raise ValueError(
-                    f"Cannot resume the predictions in {out}: this run differs from the earlier one in "
-                    f"{'; '.join(diffs[:6])}. Resume with the same inputs and options, pass --overwrite to "
-                    "predict again, or choose another --out."
-                )
-        else:
-            for f in sorted(ours):
-                if f.is_file():
-                    f.unlink()
-                    run.removed.append(f)
-    make_folder(out)
-    remove_stale_temporaries(out)  # of writes killed in an earlier try
+            raise FileNotFoundError(
+                f"Nothing to resume in {out}: it holds no earlier prediction run ({PREDICT_META}). Drop --resume."
+            )
+        return []
+    before = [str(s) for s in earlier.get("inputs", earlier.get("images", []))]
+    if not (resume or overwrite):
+        raise FileExistsError(
+            f"{out} holds the predictions of an earlier run ({len(before)} images, {earlier.get('status', 'done')}; "
+            f"see {out / PREDICT_META}). Pass --resume to finish it (images done are kept), --overwrite to "
+            "delete its files and predict again, or choose another --out."
+        )
+    if resume:
+        same = {k: v for k, v in earlier.items() if k in record}
+        if same.get("checkpoint_sha256") and same.get("checkpoint_sha256") == record.get("checkpoint_sha256"):
+            same["checkpoint"] = record.get("checkpoint")  # the same file, named another way
+        diffs = _settings_differences(same, record)
+        if before != stems:
+            diffs.insert(0, f"the input images ({len(before)} then, {len(stems)} now)")
+        if diffs:
+            raise ValueError(
+                f"Cannot resume the predictions in {out}: this run differs from the earlier one in "
+                f"{'; '.join(diffs[:6])}. Resume with the same inputs and options, pass --overwrite to "
+                "predict again, or choose another --out."
+            )
+        return []
+    removed = [f for f in sorted(ours) if f.is_file()]
+    for f in removed:
+        f.unlink()
+    return removed
 
-    def save_meta(status: str) -> None:
-        meta = {**record, "status": status, "inputs": stems, "images": [s for s, _ in run.counts],
-                "skipped": run.skipped}
-        write_text_atomic(out / PREDICT_META, json.dumps(meta, indent=2) + "\n")
 
-    save_meta("running")
-    show = sys.stderr.isatty() if progress is None else progress
+def _predict_images(predictor: Any, paths: list[Path], out: Path, run: PredictionRun, *, overlay: bool,
+                    overlay_radius: int, resume: bool, on_error: str, progress: bool | None) -> dict[str, list[int]]:
+    """Predict and write every image not done yet; the cells per class of every image done."""
+    from tqdm.auto import tqdm
+
+    from cellkit.data.io import DataError, read_image
+
     by_stem: dict[str, list[int]] = {}
     todo = []
     for path in paths:
@@ -283,6 +317,7 @@ def write_predictions(
             run.resumed += 1
         else:
             todo.append(path)
+    show = sys.stderr.isatty() if progress is None else progress
     for path in tqdm(todo, desc="predict", unit="image", disable=not show):
         try:
             image = read_image(path)
@@ -294,7 +329,4 @@ def write_predictions(
         det = predictor.predict(image)
         write_image_files(out, path.stem, image, det, predictor.class_names, overlay, overlay_radius)
         by_stem[path.stem] = [int(c) for c in det.counts(predictor.num_classes)]
-    run.counts = [(s, by_stem[s]) for s in stems if s in by_stem]
-    write_text_atomic(out / COUNTS, counts_csv(run.counts, predictor.class_names))
-    save_meta("done")
-    return run
+    return by_stem

@@ -46,6 +46,7 @@ __all__ = [
     "list_images",
     "predict_image",
     "predict_probabilities",
+    "resolve_device",
     "tile_starts",
 ]
 
@@ -124,16 +125,32 @@ def _model_device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` -> CUDA when available, else the CPU; a string is checked."""
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on: ``None`` -> CUDA when available, else the CPU; a name is checked.
+
+    Training (:func:`cellkit.engine.fit`), inference and the command line all resolve their
+    ``device`` argument here, so a bad one fails the same way everywhere, before any work.
+
+    Raises:
+        ValueError: for a name torch does not know, or CUDA asked for where there is none.
+
+    Examples:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"Unknown device {device!r}; expected 'cpu', 'cuda' or 'cuda:N'.") from err
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"Unknown device {device!r}; expected 'cpu', 'cuda' or 'cuda:N' (or None: CUDA when available)."
+        ) from err
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"Device {device!r} was asked for, but CUDA is not available here; use --device cpu.")
+        raise ValueError(
+            f"Device {str(device)!r} was asked for, but CUDA is not available here; "
+            "use device='cpu' (--device cpu)."
+        )
     return dev
 
 
@@ -185,7 +202,7 @@ def predict_probabilities(
     _check_tiling(tile_size, overlap, batch_size)
     from cellkit.builder import apply_activation
 
-    dev = _model_device(model) if device is None else _resolve_device(device)
+    dev = _model_device(model) if device is None else resolve_device(device)
     if isinstance(model, nn.Module):
         model.to(dev)
     activation = getattr(model, "activation", "sigmoid")
@@ -377,7 +394,7 @@ class Predictor:
         config: Any = None,
     ) -> None:
         _check_tiling(tile_size, overlap, batch_size)
-        self.device = _model_device(model) if device is None else _resolve_device(device)
+        self.device = _model_device(model) if device is None else resolve_device(device)
         self.model = model.to(self.device).eval() if isinstance(model, nn.Module) else model
         self.postprocess = postprocess
         self.num_classes = int(num_classes)
@@ -427,7 +444,7 @@ class Predictor:
         from cellkit.registry import POSTPROCESSORS
         import cellkit.postprocess  # noqa: F401  registers "peaks"
 
-        dev = _resolve_device(device)
+        dev = resolve_device(device)
         model, cfg, ckpt = load_model(path, device=dev)
         num_classes = int(cfg.model.num_classes)
         # The thresholds calibrated on the validation images at training time, when stored.

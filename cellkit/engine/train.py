@@ -107,10 +107,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellkit.builder import build_losses, build_model, build_targets, check_config
-from cellkit.config import CellkitConfig, ConfigError, TrainConfig
+from cellkit.builder import build, build_losses, build_postprocess, build_targets, check_config
+from cellkit.config import CellkitConfig, ConfigError, TrainConfig, train_problems
 from cellkit.data.io import make_folder
-from cellkit.engine.checkpoint import file_fingerprint, load_checkpoint, load_model, save_checkpoint
+from cellkit.engine.checkpoint import file_fingerprint, load_checkpoint, save_checkpoint
 from cellkit.engine.distributed import (
     DistInfo,
     all_gather_objects,
@@ -122,17 +122,16 @@ from cellkit.engine.distributed import (
     unwrap,
     wrap_model,
 )
+from cellkit.engine.evaluate import jsonable
+from cellkit.engine.predict import resolve_device
 
-__all__ = ["RUN_EXISTS_MESSAGE", "SCHEDULERS", "TrainResult", "fit", "run_score"]
+__all__ = ["RUN_EXISTS_MESSAGE", "TrainResult", "fit", "run_score"]
 
-#: Learning-rate schedules of ``TrainConfig.scheduler`` (``None`` = constant).
-SCHEDULERS = ("cosine", "step")
-
-#: The error for a folder that already holds a run (``{out}`` is the folder).
 RUN_EXISTS_MESSAGE = (
     "{out} already holds a run; pass --resume to continue it or choose another --out "
     "(in Python: fit(..., resume=True) or another out_dir)."
 )
+"""The error for a folder that already holds a run (``{out}`` is the folder)."""
 
 # Config keys that may change between an interrupted run and its resumption.
 _RESUMABLE_CHANGES = (
@@ -218,7 +217,7 @@ def fit(
     if max_steps is not None and (isinstance(max_steps, bool) or int(max_steps) < 1):
         raise ValueError(f"max_steps must be a positive integer or None, got {max_steps!r}.")
     out = Path(out_dir).expanduser()
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     info, created = init_distributed(dev.type)
     try:
         if info.enabled and dev.type == "cuda":
@@ -233,6 +232,9 @@ def fit(
         if info.is_main and progress is not False:
             for note in notes:
                 print(note, file=sys.stderr, flush=True)
+        _check_stored_config(out, cfg, resume)
+        for stage_cfg in cfg.stages():  # argument errors of every part before the folder becomes a run
+            build_losses(stage_cfg), build_targets(stage_cfg), build_postprocess(stage_cfg)
         if info.is_main and not (out / "config.yaml").exists():
             # Marks the folder as a run from the start (stage 1 can take a while); a resumed
             # run keeps its own until its config is checked against this one.
@@ -242,13 +244,12 @@ def fit(
                       max_steps=max_steps)
 
         pre_result = None
-        overrides: dict[str, dict[str, Any]] | None = None
         if cfg.pretrain is not None:
             # Stage 1 resumes or is skipped when finished: out_dir was checked above.
-            pre_result = _run_stage(cfg.pretrain, out / "pretrain", stage="pretrain", resume=True,
-                                    overrides=None, **common)
-            overrides = _prior_overrides(cfg, pre_result.last_path, out / "prior_cache", dev)
-        result = _run_stage(cfg, out, stage="train", resume=resume, overrides=overrides, **common)
+            pre_result = _run_stage(cfg.pretrain, out / "pretrain", stage="pretrain", resume=True, **common)
+        # Stage 2's targets get the stage-1 model through their prepare() hook.
+        stage1 = pre_result.last_path if pre_result is not None else None
+        result = _run_stage(cfg, out, stage="train", resume=resume, stage1=stage1, **common)
         result.pretrain = pre_result
         barrier()
         return result
@@ -328,51 +329,9 @@ def run_score(f1: Mapping[str, float | None] | None) -> float:
 
 
 def _check_train(t: TrainConfig, where: str) -> None:
-    problems = []
-    if t.scheduler is not None and t.scheduler not in SCHEDULERS:
-        import difflib
-
-        close = difflib.get_close_matches(str(t.scheduler), SCHEDULERS, n=1)
-        hint = f"By {t.scheduler!r}, did you mean {close[0]!r}? " if close else ""
-        problems.append(
-            f"{where}.scheduler: {hint}expected None or one of {SCHEDULERS}, got {t.scheduler!r}"
-        )
-    for name in ("epochs", "batch_size"):
-        value = getattr(t, name)
-        if not isinstance(value, int) or value < 1:
-            problems.append(f"{where}.{name}: expected an integer >= 1, got {value!r}")
-    steps = t.steps_per_epoch
-    if steps is not None and (not isinstance(steps, int) or steps < 1):
-        problems.append(f"{where}.steps_per_epoch: expected None or an integer >= 1, got {steps!r}")
-    if t.grad_clip is not None and not t.grad_clip > 0:
-        problems.append(f"{where}.grad_clip: expected None or a number > 0, got {t.grad_clip!r}")
-    if not isinstance(t.val_every, int) or t.val_every < 1:
-        problems.append(f"{where}.val_every: expected an integer >= 1, got {t.val_every!r}")
-    if t.crop_size is not None and (not isinstance(t.crop_size, int) or t.crop_size < 1):
-        problems.append(f"{where}.crop_size: expected an integer >= 1, got {t.crop_size!r}")
-    if t.steps is not None and (isinstance(t.steps, bool) or not isinstance(t.steps, int) or t.steps < 1):
-        problems.append(f"{where}.steps: expected None or an integer >= 1, got {t.steps!r}")
-    if isinstance(t.val_every_steps, bool) or not isinstance(t.val_every_steps, int) or t.val_every_steps < 1:
-        problems.append(f"{where}.val_every_steps: expected an integer >= 1, got {t.val_every_steps!r}")
-    for name in ("warmup", "cell_crop"):
-        value = getattr(t, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1 \
-                or (name == "warmup" and value >= 1):
-            bound = "[0, 1)" if name == "warmup" else "[0, 1]"
-            problems.append(f"{where}.{name}: expected a share in {bound}, got {value!r}")
+    problems = train_problems(t, where)
     if problems:
         raise ConfigError("Invalid training config:\n  - " + "\n  - ".join(problems))
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"device={str(device)!r} was asked for, but CUDA is not available; pass device='cpu'."
-        )
-    return dev
 
 
 def _holds_run(out: Path) -> bool:
@@ -401,6 +360,15 @@ def _remove_stale_temporaries(out: Path) -> None:
 
     for folder in [out, *sorted(p for p in out.rglob("*") if p.is_dir())]:
         remove_stale_temporaries(folder)
+
+
+def _check_stored_config(out: Path, cfg: CellkitConfig, resume: bool) -> None:
+    """A resumed run's config.yaml must be this config (also before its first checkpoint)."""
+    path = out / "config.yaml"
+    if not resume or not path.is_file() or (out / "last.pt").is_file():
+        return  # last.pt's own config is checked when it is loaded
+    stored = CellkitConfig.from_yaml(path)
+    _check_resume({"config": stored.to_dict()}, cfg, path)
 
 
 def _check_resumable(out: Path, last_path: Path, best_path: Path, metrics_path: Path) -> None:
@@ -452,6 +420,17 @@ def _resolve_splits(cfg: CellkitConfig, samples: Sequence[Any] | None,
             "The training split is empty; pass more images or lower data.val_fraction/test_fraction."
         )
     k = cfg.model.num_classes
+    counts = np.bincount(np.concatenate([np.asarray(s.classes, dtype=np.int64) for s in out["train"]] + [
+        np.zeros(0, np.int64)]), minlength=k)
+    empty = [i for i in range(k) if counts[i] == 0]
+    if empty:
+        from cellkit.data.io import DataWarning
+
+        names_now = _class_names(cfg, names)
+        warnings.warn(
+            f"The training images have no cell of class(es) {', '.join(f'{i} ({names_now[i]})' for i in empty)}: "
+            "the model cannot learn them and their F1 is n/a. Check the class map (--class-map) or the "
+            "annotations, or train with fewer classes.", DataWarning, stacklevel=3)
     for part in ("train", "val"):
         for s in out[part]:
             if len(s.classes) and int(np.max(s.classes)) >= k:
@@ -508,20 +487,6 @@ def _class_names(cfg: CellkitConfig, names: Sequence[str] | None) -> list[str]:
             "give one name per class."
         )
     return [str(n) for n in names]
-
-
-def _prior_overrides(cfg: CellkitConfig, stage1: Path, cache_dir: Path,
-                     dev: torch.device) -> dict[str, dict[str, Any]]:
-    """Keyword arguments of every ``prior`` target: the stage-1 model and its cache."""
-    names = [name for name, spec in cfg.targets.items() if spec.name == "prior"]
-    if not names:
-        return {}
-    model, _, _ = load_model(stage1, device=dev)
-    fingerprint = file_fingerprint(stage1)
-    return {
-        name: {"model": model, "cache_dir": str(cache_dir), "fingerprint": fingerprint, "device": str(dev)}
-        for name in names
-    }
 
 
 def schedule_factor(step: int, total: int, warmup: float, scheduler: str | None) -> float:
@@ -626,27 +591,15 @@ def _check_resume(ckpt: Mapping[str, Any], cfg: CellkitConfig, path: Path) -> No
         )
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(float(value)) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
 def _write_metrics(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
     from cellkit.data.io import write_text_atomic
 
-    write_text_atomic(path, "".join(json.dumps(_jsonable(r)) + "\n" for r in history))
+    write_text_atomic(path, "".join(json.dumps(jsonable(r)) + "\n" for r in history))
 
 
 def _append_metrics(path: Path, record: Mapping[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(_jsonable(record)) + "\n")
+        fh.write(json.dumps(jsonable(record)) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -655,93 +608,174 @@ def _append_metrics(path: Path, record: Mapping[str, Any]) -> None:
 # one stage
 
 
-def _run_stage(
-    cfg: CellkitConfig,
-    out: Path,
-    *,
-    split: dict[str, list[Any]],
-    class_names: list[str],
-    stage: str,
-    resume: bool,
-    overrides: Mapping[str, Mapping[str, Any]] | None,
-    dev: torch.device,
-    info: DistInfo,
-    progress: bool | None,
-    max_steps: int | None,
-) -> TrainResult:
-    from cellkit import __version__
-    from cellkit.data import Augment, PointDataset, collate
+@dataclass
+class _Stage:
+    """One training stage: its built parts, its files, and where it stands (see :func:`_run_stage`)."""
 
+    cfg: CellkitConfig
+    out: Path
+    name: str  # "train" | "pretrain"
+    split: dict[str, list[Any]]
+    class_names: list[str]
+    info: DistInfo
+    ctx: _StepContext
+    progress: bool | None
+    max_steps: int | None
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loss_fn: nn.Module
+    targets: dict[str, Any]
+    ckpt: dict[str, Any] | None = None  # the resumed last.pt
+    start: int = 0  # rounds done
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_score: float = float("nan")
+    chosen_post: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def last_path(self) -> Path:
+        return self.out / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.out / "best.pt"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    def result(self) -> TrainResult:
+        return TrainResult(self.out, self.best_path, self.last_path, self.history, self.best_score)
+
+
+def _run_stage(cfg: CellkitConfig, out: Path, *, stage1: Path | None = None, **kwargs: Any) -> TrainResult:
+    """Train one stage into ``out``: set up (or resume), prepare the targets, run the rounds, calibrate.
+
+    Every round is ``_train_epoch`` (its steps), then validation, then the checkpoints.
+    """
+    st = _set_up_stage(cfg, out, **kwargs)
+    finished = st.start >= _plan(cfg.train, 1, st.max_steps)[0]
+    if not finished:
+        _prepare_targets(st, stage1)
+        loader, train_ds, val_ds, sampler, sampler_gen = _loaders(st)
+        rounds, sizes = _plan(cfg.train, len(loader), st.max_steps)
+        scheduler = _build_scheduler(st.optimizer, cfg.train, sum(sizes))
+        if scheduler is not None and st.ckpt is not None and st.ckpt.get("scheduler") is not None:
+            scheduler.load_state_dict(st.ckpt["scheduler"])
+        unused = bool(set(unwrap(st.model).heads) - set(st.loss_fn.required_outputs))
+        ddp_model = wrap_model(st.model, st.info, st.ctx.dev, unused_heads=unused)
+        for epoch in range(st.start, rounds):
+            _seed_round(cfg.train.seed, epoch, sampler_gen, sampler, train_ds)
+            record, improved = _round(st, ddp_model, loader, val_ds, scheduler, epoch, sizes)
+            _save_round(st, record, improved, scheduler, sum(sizes) if cfg.train.steps is not None else None)
+        barrier()
+    if (cfg.train.calibrate and st.split["val"] and st.best_path.is_file()
+            and not (finished and "calibration" in load_checkpoint(st.best_path, map_location="cpu"))):
+        _final_calibration(cfg, unwrap(st.model), st.best_path, out, st.split["val"], st.class_names, st.ctx,
+                           st.info, st.progress)
+    barrier()
+    return st.result()
+
+
+def _set_up_stage(cfg: CellkitConfig, out: Path, *, split: dict[str, list[Any]], class_names: list[str],
+                  stage: str, resume: bool, dev: torch.device, info: DistInfo, progress: bool | None,
+                  max_steps: int | None) -> _Stage:
+    """Build the stage's parts; with ``resume``, load ``last.pt`` into them; write config.yaml."""
     t = cfg.train
-    last_path, best_path, metrics_path = out / "last.pt", out / "best.pt", out / "metrics.jsonl"
     use_amp = dev.type == "cuda" and bool(t.amp)
-
     _seed_all(t.seed)
-    model = build_model(cfg).to(dev)
+    parts = build(cfg)  # the config is checked once, every part built
+    model = parts.model.to(dev)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=tuple(t.betas),
-                                 weight_decay=t.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    loss_fn = build_losses(cfg).to(dev)
-    targets = build_targets(cfg, overrides)
-
-    start_epoch, history, best_score = 0, [], float("nan")
+    st = _Stage(
+        cfg=cfg, out=out, name=stage, split=split, class_names=class_names, info=info, progress=progress,
+        max_steps=max_steps, ctx=_StepContext(dev=dev, use_amp=use_amp, channels_last=bool(t.channels_last)),
+        model=model, optimizer=torch.optim.Adam(model.parameters(), lr=t.lr, betas=tuple(t.betas),
+                                                weight_decay=t.weight_decay),
+        scaler=torch.amp.GradScaler("cuda", enabled=use_amp), loss_fn=parts.loss.to(dev),
+        targets=parts.targets, chosen_post=dict(cfg.postprocess.kwargs),
+    )
     if resume:
-        _check_resumable(out, last_path, best_path, metrics_path)
-    ckpt = load_checkpoint(last_path, map_location="cpu") if resume and last_path.is_file() else None
-    if ckpt is not None:
-        _check_resume(ckpt, cfg, last_path)
-        if "max_steps" in ckpt and ckpt["max_steps"] != max_steps:
-            raise ConfigError(
-                f"Cannot resume {last_path}: it was trained with max_steps={ckpt['max_steps']} (--max-steps), "
-                f"this run asks for {max_steps}; resume with the same value, or train into another folder."
-            )
-        if info.is_main:
-            _repair_best(ckpt, last_path, best_path)
-        unwrap(model).load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if use_amp and ckpt.get("scaler") is not None:
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = int(ckpt["epoch"])
-        history = list(ckpt.get("history", []))
-        best_score = float(ckpt.get("best_score", float("nan")))
-        _set_rng_state(ckpt.get("rng"))
-        stored = ckpt.get("split") or {}
-        if any(k in stored and stored[k] != [s.key for s in split[k]] for k in ("train", "val")):
-            warnings.warn(
-                f"Resuming {last_path} with a different train/val split than it was trained on; "
-                "the result will differ from an uninterrupted run.",
-                stacklevel=3,
-            )
-    split_keys = {k: [s.key for s in v] for k, v in split.items()}
-
+        _check_resumable(out, st.last_path, st.best_path, st.metrics_path)
+        if st.last_path.is_file():
+            _resume(st, load_checkpoint(st.last_path, map_location="cpu"))
     if info.is_main:
         make_folder(out)
         cfg.to_yaml(out / "config.yaml")
-        _write_metrics(metrics_path, history)  # drops lines of an epoch whose checkpoint was not saved
-    ctx = _StepContext(dev=dev, use_amp=use_amp, channels_last=bool(t.channels_last))
-    rounds = _plan(t, 1, max_steps)[0]
-    if start_epoch >= rounds:
-        if t.calibrate and split["val"] and best_path.is_file():
-            if "calibration" not in load_checkpoint(best_path, map_location="cpu"):
-                _final_calibration(cfg, unwrap(model), best_path, out, split["val"], class_names, ctx, info,
-                           progress)
-        barrier()
-        return TrainResult(out, best_path, last_path, history, best_score)
+        _write_metrics(st.metrics_path, st.history)  # drops lines of a round whose checkpoint was not saved
+    return st
 
-    _warm_per_image_cache(cfg, targets, split, info)
 
-    augment = Augment(**t.augment) if t.augment is not None else None
+def _resume(st: _Stage, ckpt: dict[str, Any]) -> None:
+    """Continue from ``last.pt``: weights, optimizer, scaler, random state and history."""
+    _check_resume(ckpt, st.cfg, st.last_path)
+    if "max_steps" in ckpt and ckpt["max_steps"] != st.max_steps:
+        raise ConfigError(
+            f"Cannot resume {st.last_path}: it was trained with max_steps={ckpt['max_steps']} (--max-steps), "
+            f"this run asks for {st.max_steps}; resume with the same value, or train into another folder."
+        )
+    if st.info.is_main:
+        _repair_best(ckpt, st.last_path, st.best_path)
+    unwrap(st.model).load_state_dict(ckpt["model"])
+    st.optimizer.load_state_dict(ckpt["optimizer"])
+    if st.ctx.use_amp and ckpt.get("scaler") is not None:
+        st.scaler.load_state_dict(ckpt["scaler"])
+    st.ckpt, st.start = ckpt, int(ckpt["epoch"])
+    st.history = list(ckpt.get("history", []))
+    st.best_score = float(ckpt.get("best_score", float("nan")))
+    st.chosen_post = dict(ckpt.get("postprocess") or st.cfg.postprocess.kwargs)
+    _set_rng_state(ckpt.get("rng"))
+    stored = ckpt.get("split") or {}
+    if any(k in stored and stored[k] != [s.key for s in st.split[k]] for k in ("train", "val")):
+        warnings.warn(
+            f"Resuming {st.last_path} with a different train/val split than it was trained on; "
+            "the result will differ from an uninterrupted run.",
+            stacklevel=4,
+        )
+
+
+def _prepare_targets(st: _Stage, stage1: Path | None) -> None:
+    """Call every target's ``prepare(samples, context)`` hook (:mod:`cellkit.masks.prepare`)."""
+    from cellkit.masks.prepare import PrepareContext
+
+    preparing = [g for g in st.targets.values() if callable(getattr(g, "prepare", None))]
+    if not preparing:
+        return
+    dev = st.ctx.dev
+
+    def load_stage1() -> Any:
+        from cellkit.engine.predict import Predictor
+
+        assert stage1 is not None
+        return Predictor.from_checkpoint(stage1, device=dev).probabilities
+
+    context = PrepareContext(
+        num_classes=st.cfg.model.num_classes, run_dir=st.out, cache_dir=st.out / "prior_cache",
+        is_main=st.info.is_main, device=str(dev), stage1=stage1,
+        fingerprint=file_fingerprint(stage1) if stage1 is not None else "",
+        load_stage1=load_stage1 if stage1 is not None else None,
+    )
+    samples = list(st.split["train"]) + list(st.split["val"])
+    for generator in preparing:
+        generator.prepare(samples, context)
+    barrier()  # the main process has filled the shared caches
+
+
+def _loaders(st: _Stage) -> tuple[Any, Any, Any, Any, torch.Generator]:
+    """The training loader (with its dataset, sampler and the sampler's generator) and the validation set."""
+    from cellkit.data import Augment, PointDataset, collate
+
+    t, info, k = st.cfg.train, st.info, st.cfg.model.num_classes
     per_round = t.val_every_steps if t.steps is not None else t.steps_per_epoch
     length = per_round * t.batch_size * info.world_size if per_round else None
-    ds_kwargs: dict[str, Any] = {"length": length} if length is not None else {}
-    train_ds = PointDataset(split["train"], targets=targets, num_classes=cfg.model.num_classes,
-                            crop_size=t.crop_size, augment=augment, seed=t.seed, cell_bias=float(t.cell_crop),
-                            balance_classes=bool(t.balance_classes), **ds_kwargs)
-    val_ds = (PointDataset(split["val"], targets=targets, num_classes=cfg.model.num_classes,
-                           crop_size=None, augment=None, seed=t.seed) if split["val"] else None)
-    # The sampler's order comes from (seed, epoch): its own generator, reseeded every epoch
+    train_ds = PointDataset(st.split["train"], targets=st.targets, num_classes=k, crop_size=t.crop_size,
+                            augment=Augment(**t.augment) if t.augment is not None else None, seed=t.seed,
+                            cell_bias=float(t.cell_crop), balance_classes=bool(t.balance_classes),
+                            **({"length": length} if length is not None else {}))
+    val_ds = (PointDataset(st.split["val"], targets=st.targets, num_classes=k, crop_size=None, augment=None,
+                           seed=t.seed) if st.split["val"] else None)
+    # The sampler's order comes from (seed, epoch): its own generator, reseeded every round
     # (DistributedSampler seeds itself from seed + epoch).
     sampler_gen = torch.Generator()
     sampler: torch.utils.data.Sampler[int]
@@ -753,98 +787,100 @@ def _run_stage(
         sampler = torch.utils.data.RandomSampler(train_ds, generator=sampler_gen)
     loader = torch.utils.data.DataLoader(
         train_ds, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers, collate_fn=collate,
-        drop_last=True, pin_memory=dev.type == "cuda", persistent_workers=t.num_workers > 0,
+        drop_last=True, pin_memory=st.ctx.dev.type == "cuda", persistent_workers=t.num_workers > 0,
     )
     if len(loader) == 0:
         per = " per process" if info.enabled else ""
         raise ValueError(
-            f"{stage}: the training split ({len(split['train'])} images, {len(train_ds)} items per "
+            f"{st.name}: the training split ({len(st.split['train'])} images, {len(train_ds)} items per "
             f"epoch) gives no full batch of {t.batch_size}{per}; lower train.batch_size or set "
             "train.steps_per_epoch."
         )
-    rounds, sizes = _plan(t, len(loader), max_steps)
-    scheduler = _build_scheduler(optimizer, t, sum(sizes))
-    if scheduler is not None and ckpt is not None and ckpt.get("scheduler") is not None:
-        scheduler.load_state_dict(ckpt["scheduler"])
-    heads_used = set(loss_fn.required_outputs)
-    ddp_model = wrap_model(model, info, dev, unused_heads=bool(set(unwrap(model).heads) - heads_used))
-    show_bar = bool(progress) if progress is not None else sys.stderr.isatty()
-    show_bar = show_bar and info.is_main
-    chosen_post = dict(ckpt.get("postprocess") or cfg.postprocess.kwargs) if ckpt is not None else \
-        dict(cfg.postprocess.kwargs)
+    return loader, train_ds, val_ds, sampler, sampler_gen
 
-    for epoch in range(start_epoch, rounds):
-        steps = sizes[epoch]
-        started = time.perf_counter()
-        seed = _epoch_seed(t.seed, epoch)
-        _seed_all(seed)
-        sampler_gen.manual_seed(seed)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        if hasattr(train_ds, "set_epoch"):
-            train_ds.set_epoch(epoch)
-        lr = float(optimizer.param_groups[0]["lr"])
-        done = sum(sizes[:epoch])
-        desc = (f"{'pretrain ' if stage == 'pretrain' else ''}steps {done + 1}-{done + steps}/{sum(sizes)}"
-                if t.steps is not None else f"{'pretrain ' if stage == 'pretrain' else ''}epoch {epoch + 1}/{rounds}")
-        train_terms = _train_epoch(ddp_model, loader, steps, loss_fn, optimizer, scaler, t.grad_clip, ctx,
-                                   desc=desc, show_bar=show_bar, scheduler=scheduler)
-        # The sums were reduced over ranks, so every rank raises together (no rank left waiting).
-        if not all(math.isfinite(v) for v in train_terms.values()):
-            raise FloatingPointError(
-                f"{stage} epoch {epoch + 1}: the training loss is not finite ({train_terms}); lower "
-                "train.lr or set train.grad_clip."
-            )
-        sync_buffers(ddp_model)
-        every = 1 if t.steps is not None else t.val_every
-        validate = bool(split["val"]) and ((epoch + 1) % every == 0 or epoch + 1 == rounds)
-        val_terms, f1, mean_f1, post_kwargs = None, None, None, None
-        if validate:
-            assert val_ds is not None
-            val_terms, f1, mean_f1, post_kwargs = _validate(unwrap(model), val_ds, split["val"], loss_fn, cfg,
-                                                            class_names, ctx, info)
-        score = run_score(f1) if validate else float("nan")
-        if validate:
-            # The first validated epoch is the best so far; later ones must beat it.
-            improved = _better(score, best_score) or not any(r.get("best") for r in history)
-        else:
-            improved = not split["val"]  # no validation images: the last epoch is the best
-        if improved:
-            best_score = score
-            if post_kwargs is not None:
-                chosen_post = post_kwargs
-        record = {
-            "stage": stage, "epoch": epoch + 1, "epochs": rounds, "steps": steps, "step": done + steps,
-            "lr": lr, "time": round(time.perf_counter() - started, 3), "train": train_terms, "val": val_terms,
-            "f1": f1, "mean_f1": mean_f1, "score": score if validate else None, "best": bool(improved),
-            "postprocess": post_kwargs,
-        }
-        history.append(record)
-        if info.is_main:
-            state = {
-                "cellkit_version": __version__, "config": cfg.to_dict(),
-                "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "scaler": scaler.state_dict() if use_amp else None,
-                "epoch": epoch + 1, "best_score": best_score, "rng": _rng_state(),
-                "class_names": class_names, "history": history, "stage": stage, "split": split_keys,
-                "world_size": info.world_size, "postprocess": chosen_post, "max_steps": max_steps,
-            }
-            # last.pt first: a kill between the two leaves a last.pt whose round is the best,
-            # and the resume copies it to best.pt (_repair_best).
-            save_checkpoint(last_path, state)
-            if improved:
-                save_checkpoint(best_path, state)
-            _append_metrics(metrics_path, record)
-            if progress is not False:
-                print(_summary(record, stage, sum(sizes) if t.steps is not None else None), file=sys.stderr,
-                      flush=True)
-    barrier()
-    if t.calibrate and split["val"]:
-        _final_calibration(cfg, unwrap(model), best_path, out, split["val"], class_names, ctx, info,
-                           progress)
-        barrier()
-    return TrainResult(out, best_path, last_path, history, best_score)
+
+def _seed_round(seed: int, epoch: int, sampler_gen: torch.Generator, sampler: Any, dataset: Any) -> None:
+    """Every source of randomness of a round from ``(seed, round)``, so a resumed round is the same."""
+    round_seed = _epoch_seed(seed, epoch)
+    _seed_all(round_seed)
+    sampler_gen.manual_seed(round_seed)
+    for part in (sampler, dataset):
+        if hasattr(part, "set_epoch"):
+            part.set_epoch(epoch)
+
+
+def _round(st: _Stage, ddp_model: nn.Module, loader: Any, val_ds: Any, scheduler: Any, epoch: int,
+           sizes: list[int]) -> tuple[dict[str, Any], bool]:
+    """Train one round's steps and validate; returns its metrics record and whether it is the best."""
+    t, steps, done = st.cfg.train, sizes[epoch], sum(sizes[:epoch])
+    started = time.perf_counter()
+    lr = float(st.optimizer.param_groups[0]["lr"])
+    prefix = "pretrain " if st.name == "pretrain" else ""
+    desc = (f"{prefix}steps {done + 1}-{done + steps}/{sum(sizes)}" if t.steps is not None
+            else f"{prefix}epoch {epoch + 1}/{len(sizes)}")
+    train_terms = _train_epoch(ddp_model, loader, steps, st.loss_fn, st.optimizer, st.scaler, t.grad_clip, st.ctx,
+                               desc=desc, show_bar=_show_bar(st), scheduler=scheduler)
+    # The sums were reduced over ranks, so every rank raises together (no rank left waiting).
+    if not all(math.isfinite(v) for v in train_terms.values()):
+        raise FloatingPointError(
+            f"{st.name} epoch {epoch + 1}: the training loss is not finite ({train_terms}); lower "
+            "train.lr or set train.grad_clip."
+        )
+    sync_buffers(ddp_model)
+    every = 1 if t.steps is not None else t.val_every
+    validate = bool(st.split["val"]) and ((epoch + 1) % every == 0 or epoch + 1 == len(sizes))
+    val_terms, f1, mean_f1, post_kwargs = None, None, None, None
+    if validate:
+        val_terms, f1, mean_f1, post_kwargs = _validate(unwrap(st.model), val_ds, st.split["val"], st.loss_fn,
+                                                        st.cfg, st.class_names, st.ctx, st.info)
+    score = run_score(f1) if validate else float("nan")
+    if validate:  # the first validated round is the best so far; later ones must beat it
+        improved = _better(score, st.best_score) or not any(r.get("best") for r in st.history)
+    else:
+        improved = not st.split["val"]  # no validation images: the last round is the best
+    if improved:
+        st.best_score = score
+        st.chosen_post = post_kwargs if post_kwargs is not None else st.chosen_post
+    record = {
+        "stage": st.name, "epoch": epoch + 1, "epochs": len(sizes), "steps": steps, "step": done + steps,
+        "lr": lr, "time": round(time.perf_counter() - started, 3), "train": train_terms, "val": val_terms,
+        "f1": f1, "mean_f1": mean_f1, "score": score if validate else None, "best": bool(improved),
+        "postprocess": post_kwargs,
+    }
+    st.history.append(record)
+    return record, bool(improved)
+
+
+def _show_bar(st: _Stage) -> bool:
+    shown = bool(st.progress) if st.progress is not None else sys.stderr.isatty()
+    return shown and st.info.is_main
+
+
+def _save_round(st: _Stage, record: Mapping[str, Any], improved: bool, scheduler: Any,
+                total_steps: int | None) -> None:
+    """Write last.pt (and best.pt when the round is the best), then its metrics line."""
+    from cellkit import __version__
+
+    if not st.info.is_main:
+        return
+    state = {
+        "cellkit_version": __version__, "config": st.cfg.to_dict(),
+        "model": unwrap(st.model).state_dict(), "optimizer": st.optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": st.scaler.state_dict() if st.ctx.use_amp else None,
+        "epoch": record["epoch"], "best_score": st.best_score, "rng": _rng_state(),
+        "class_names": st.class_names, "history": st.history, "stage": st.name,
+        "split": {k: [s.key for s in v] for k, v in st.split.items()},
+        "world_size": st.info.world_size, "postprocess": st.chosen_post, "max_steps": st.max_steps,
+    }
+    # last.pt first: a kill between the two leaves a last.pt whose round is the best,
+    # and the resume copies it to best.pt (_repair_best).
+    save_checkpoint(st.last_path, state)
+    if improved:
+        save_checkpoint(st.best_path, state)
+    _append_metrics(st.metrics_path, record)
+    if st.progress is not False:
+        print(_summary(record, st.name, total_steps), file=sys.stderr, flush=True)
 
 
 def _repair_best(ckpt: Mapping[str, Any], last_path: Path, best_path: Path) -> None:
@@ -888,7 +924,7 @@ def _final_calibration(cfg: CellkitConfig, model: nn.Module, best_path: Path, ou
         best["postprocess"] = cal.kwargs
         best["calibration"] = cal.to_dict()
         save_checkpoint(best_path, best)
-        write_text_atomic(out / "calibration.json", json.dumps(_jsonable(cal.to_dict()), indent=2) + "\n")
+        write_text_atomic(out / "calibration.json", json.dumps(jsonable(cal.to_dict()), indent=2) + "\n")
         if progress is not False:
             thresholds = cal.kwargs.get("threshold")
             per = [f"{n} threshold {thresholds[c]:.3g}" if isinstance(thresholds, list) else n
@@ -903,26 +939,6 @@ def _better(score: float, best: float) -> bool:
     if not math.isfinite(score):
         return False
     return not math.isfinite(best) or score > best
-
-
-def _warm_per_image_cache(cfg: CellkitConfig, targets: Mapping[str, Any],
-                          split: Mapping[str, list[Any]], info: DistInfo) -> None:
-    """Compute the ``prior`` targets once, on rank 0, so the disk cache is full before training.
-
-    Other ranks and DataLoader workers then read the cache instead of each running the
-    stage-1 model.
-    """
-    names = [n for n, spec in cfg.targets.items() if spec.name == "prior"]
-    if not names:
-        return
-    if info.is_main:
-        samples = list(split["train"]) + list(split["val"])
-        for name in names:
-            gen = targets[name]
-            for s in samples:
-                gen(s.points, s.classes, shape=tuple(s.image.shape[:2]),
-                    num_classes=cfg.model.num_classes, image=s.image, key=s.key)
-    barrier()
 
 
 @dataclass

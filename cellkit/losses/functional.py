@@ -14,13 +14,14 @@ step); the mask generators in :mod:`cellkit.masks` produce such targets.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from cellkit.lookup import look_up_option
 
 __all__ = [
     "NORMS",
@@ -34,8 +35,10 @@ __all__ = [
 ]
 
 Norm = Literal["l1", "l2", "smooth_l1"]
-#: The pointwise norms accepted by ``dynamic_loss``, ``consistency_loss`` and ``prior_loss``.
+"""The name of a pointwise norm (the type of the ``norm`` arguments), one of :data:`NORMS`."""
+
 NORMS: tuple[str, ...] = ("l1", "l2", "smooth_l1")
+"""The pointwise norms accepted by ``dynamic_loss``, ``consistency_loss`` and ``prior_loss``."""
 
 # ---------------------------------------------------------------------------------------
 # Validation helpers
@@ -116,25 +119,18 @@ def _norm(diff: Tensor, norm: str) -> Tensor:
         >>> _norm(torch.tensor([-0.5, 0.25]), "l1")
         tensor([0.5000, 0.2500])
     """
+    norm = _check_norm(norm)
     if norm == "l1":
         return diff.abs()
     if norm == "l2":
         return diff.square()
-    if norm == "smooth_l1":
-        return F.smooth_l1_loss(diff, torch.zeros_like(diff), reduction="none", beta=1.0)
-    raise ValueError(_unknown_norm_message(norm))
+    return F.smooth_l1_loss(diff, torch.zeros_like(diff), reduction="none", beta=1.0)
 
 
-def _unknown_norm_message(norm: object) -> str:
-    close = difflib.get_close_matches(str(norm).lower(), NORMS, n=1, cutoff=0.5)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return f"Unknown norm {norm!r}.{hint} Expected one of: {', '.join(repr(n) for n in NORMS)}."
-
-
-def _check_norm(norm: object) -> str:
-    if norm not in NORMS:
-        raise ValueError(_unknown_norm_message(norm))
-    return str(norm)
+def _check_norm(norm: object) -> Norm:
+    """``norm`` when it is one of :data:`NORMS` (case matters); a ``ValueError`` naming the closest."""
+    name: Norm = look_up_option(norm, NORMS, what="norm")
+    return name
 
 
 def _pos_weight_tensor(

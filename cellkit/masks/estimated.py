@@ -10,7 +10,10 @@ to it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -30,11 +33,11 @@ def kmeans(
     max_iter: int = 30,
     sample_size: int | None = 20000,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Plain k-means (k-means++ seeding, Lloyd iterations), deterministic for a seed.
+    """k-means with k-means++ seeding (:func:`scipy.cluster.vq.kmeans2`), deterministic for a seed.
 
-    The centres are fitted on at most ``sample_size`` rows drawn at random (all rows when
-    None), then every row is assigned to its nearest centre. Empty clusters keep their
-    previous centre, so constant data does not fail.
+    The centres are fitted with ``max_iter`` Lloyd iterations on at most ``sample_size``
+    rows drawn at random (all rows when None), then every row is assigned to its nearest
+    centre. Empty clusters keep their previous centre, so constant data does not fail.
 
     Shapes:
         data ``(N, D)`` -> centres ``(k, D)`` float64, labels ``(N,)`` int64.
@@ -48,6 +51,8 @@ def kmeans(
         >>> sorted(np.round(centres[:, 0], 2).tolist()), labels.tolist() in ([0, 0, 1, 1], [1, 1, 0, 0])
         ([0.05, 5.1], True)
     """
+    from scipy.cluster.vq import kmeans2, vq
+
     x = np.asarray(data, dtype=np.float64)
     if x.ndim != 2 or len(x) == 0:
         raise ValueError(f"kmeans: data must be a non-empty (N, D) array, got shape {x.shape}.")
@@ -57,29 +62,22 @@ def kmeans(
     fit = x
     if sample_size is not None and len(x) > sample_size:
         fit = x[np.sort(gen.choice(len(x), size=int(sample_size), replace=False))]
-    centres = np.empty((int(k), x.shape[1]))
-    centres[0] = fit[gen.integers(len(fit))]
-    d2 = np.sum((fit - centres[0]) ** 2, axis=1)
-    for j in range(1, int(k)):
-        total = d2.sum()
-        pick = gen.choice(len(fit), p=d2 / total) if total > 0 else 0
-        centres[j] = fit[pick]
-        d2 = np.minimum(d2, np.sum((fit - centres[j]) ** 2, axis=1))
-    for _ in range(int(max_iter)):
-        labels = _nearest_centre(fit, centres)
-        sums = np.zeros_like(centres)
-        np.add.at(sums, labels, fit)
-        counts = np.bincount(labels, minlength=len(centres))
-        updated = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centres)
-        if np.allclose(updated, centres, rtol=0.0, atol=1e-10):
-            break
-        centres = updated
-    return centres, _nearest_centre(x, centres)
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        # Data with fewer distinct rows than k: k-means++ divides 0 by 0 (and picks the
+        # first row) and some clusters stay empty, keeping their centre (missing="warn").
+        warnings.filterwarnings("ignore", message="One of the clusters is empty")
+        centres, _ = kmeans2(fit, int(k), iter=int(max_iter), minit="++", missing="warn",
+                             **{_kmeans2_rng_keyword(): gen})
+    labels, _ = vq(x, centres, check_finite=False)
+    return centres, labels.astype(np.int64)
 
 
-def _nearest_centre(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    d2 = np.sum(x * x, axis=1)[:, None] - 2.0 * x @ centres.T + np.sum(centres * centres, axis=1)[None, :]
-    return np.argmin(d2, axis=1).astype(np.int64)
+@functools.cache
+def _kmeans2_rng_keyword() -> str:
+    # scipy >= 1.15 names the generator `rng`; older versions (cellkit allows 1.10) `seed`.
+    from scipy.cluster.vq import kmeans2
+
+    return "rng" if "rng" in inspect.signature(kmeans2).parameters else "seed"
 
 
 @MASKS.register("estimated")

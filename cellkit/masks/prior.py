@@ -4,6 +4,11 @@ The target is the class-of-interest probability map of a pre-trained model (same
 architecture as encoder + main decoder, trained with circle masks and stopped early, so
 that it outputs a rough map of where tumour cells cluster). It depends only on the image,
 so it is computed once per image and cached, in memory and optionally on disk.
+
+The network runs on the engine's side: training hands the generator the stage-1 model
+as a predictor (``image -> (C, H, W)`` probabilities, tiled like ``cellkit predict``)
+through its :meth:`PriorMask.prepare` hook (:mod:`cellkit.masks.prepare`), which also
+fills the cache before the first step.
 """
 
 from __future__ import annotations
@@ -12,15 +17,15 @@ import hashlib
 import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from cellkit.imaging import image_to_tensor
 from cellkit.masks.base import check_call
+from cellkit.masks.prepare import PrepareContext
 from cellkit.registry import MASKS
 
 __all__ = ["PriorMask"]
@@ -30,114 +35,117 @@ _WHERE = "prior mask"
 
 @MASKS.register("prior")
 class PriorMask:
-    """The pre-trained model's probability map of one class: ``(1, H, W)`` in ``[0, 1]``.
+    """A pre-trained model's probability map of one class: ``(1, H, W)`` in ``[0, 1]``.
 
-    The prior is ``sigmoid(model.infer(x))[0, class_index]`` for the normalised image
-    ``x = image_to_tensor(image)[None]`` (``model(x)["main"]`` when the model has no
-    ``infer``), computed on ``device`` with ``model.eval()`` under
-    ``torch.inference_mode`` (the model's training flag is restored afterwards; the model
-    is moved to ``device``). With ``predictor``, the prior is ``predictor(image)[class_index]``
-    instead: the engine passes one for tiled inference on big images.
+    The prior is ``predictor(image)[class_index]``, where ``predictor`` maps an
+    ``(H, W, 3)`` uint8 image to ``(C, H, W)`` probabilities (numpy or torch), e.g.
+    ``cellkit.engine.predict.Predictor.from_checkpoint(path).probabilities``. In training
+    the engine gives the stage-1 model's predictor through :meth:`prepare`; a YAML config
+    names only ``class_index``.
 
     The points are validated but not used: the prior depends on the image only, and an
     image without annotations still gets the model's output. ``per_image`` is True.
 
     Caching (only when the call gets a ``key``, an id of the image): results are kept in
     memory by key, and with ``cache_dir`` also on disk as
-    ``<cache_dir>/<fingerprint>/<key>.npy``, written atomically (a temporary file in the
-    same folder, then ``os.replace``), so several processes can share the folder. The
-    fingerprint names the model: pass one (e.g. the checkpoint's hash); left empty, it is
-    derived from the model's weights and ``class_index``. Keys with characters other than
-    letters, digits, ``.``, ``_`` and ``-`` are made safe (plus a hash of the key). A cached
-    entry of the wrong size is recomputed with a warning.
+    ``<cache_dir>/<fingerprint>/<key>.npy``, written atomically, so several processes can
+    share the folder. The fingerprint names the model (the engine gives the stage-1
+    checkpoint's hash), so priors of different models never mix. Keys with characters
+    other than letters, digits, ``.``, ``_`` and ``-`` are made safe (plus a hash of the
+    key). A cached entry of the wrong size is recomputed with a warning.
 
     Args:
-        model: the pre-trained cellkit model (any ``nn.Module`` with ``infer(x)`` returning
-            logits ``(1, C, H, W)``, or returning ``{"main": logits}``).
+        predictor: ``image -> (C, H, W)`` probabilities (None until :meth:`prepare`).
         class_index: the channel used as prior (1: the class of interest).
         cache_dir: folder of the disk cache (None: memory only).
-        fingerprint: name of the model's cache folder ("" derives it from the weights).
-        device: where the model runs.
-        predictor: optional ``predictor(image) -> (C, H, W)`` probabilities (numpy or
-            torch), used instead of running ``model`` on the whole image.
+        fingerprint: name of the model's cache folder (required with ``cache_dir``).
         memory_cache: keep results in memory by key.
 
     Shapes:
         image ``(H, W, 3)`` uint8 -> ``(1, H, W)`` float32.
 
     Raises:
-        ValueError: on call, with no model or predictor, a missing or mismatched image,
-            invalid points, or a model output of an unexpected shape.
+        ValueError: on call, with no predictor, a missing or mismatched image, invalid
+            points, or a predictor output of an unexpected shape.
 
     Examples:
-        >>> class Halves(torch.nn.Module):
-        ...     def infer(self, x):  # class 1 logit: +9 on the right half, -9 on the left
-        ...         logits = torch.full((1, 2, *x.shape[-2:]), -9.0)
-        ...         logits[:, 1, :, x.shape[-1] // 2:] = 9.0
-        ...         return logits
-        >>> prior = PriorMask(model=Halves())
+        >>> def halves(image):  # class 1: 1 on the right half, 0 on the left
+        ...     probs = np.zeros((2, *image.shape[:2]), np.float32)
+        ...     probs[1, :, image.shape[1] // 2:] = 1.0
+        ...     return probs
+        >>> prior = PriorMask(predictor=halves)
         >>> target = prior([], [], shape=(2, 4), num_classes=2, image=np.zeros((2, 4, 3), np.uint8))
-        >>> print(np.round(target).astype(int))
+        >>> print(target.astype(int))
         [[[0 0 1 1]
           [0 0 1 1]]]
     """
 
     per_image: ClassVar[bool] = True
+    #: The engine must train a stage 1 (``pretrain``) whose model makes the prior.
+    needs_stage1: ClassVar[bool] = True
 
     def __init__(
         self,
-        model: torch.nn.Module | None = None,
+        predictor: Callable[[np.ndarray], Any] | None = None,
         class_index: int = 1,
         cache_dir: str | os.PathLike[str] | None = None,
         fingerprint: str = "",
-        device: str | torch.device = "cpu",
-        predictor: Callable[[np.ndarray], Any] | None = None,
         memory_cache: bool = True,
     ) -> None:
         if isinstance(class_index, bool) or int(class_index) != class_index or class_index < 0:
             raise ValueError(f"{_WHERE}: class_index must be an integer >= 0, got {class_index!r}.")
         if predictor is not None and not callable(predictor):
             raise ValueError(f"{_WHERE}: predictor must be callable image -> (C, H, W), got {predictor!r}.")
-        if model is not None and not callable(getattr(model, "infer", None)) and not callable(model):
-            raise ValueError(
-                f"{_WHERE}: model must be an nn.Module with an infer(x) method, got {type(model).__name__}."
-            )
         if not isinstance(fingerprint, str):
             raise ValueError(f"{_WHERE}: fingerprint must be a string, got {fingerprint!r}.")
-        if cache_dir is not None and not fingerprint and model is None and predictor is not None:
+        if cache_dir is not None and not fingerprint and predictor is not None:
             raise ValueError(
-                f"{_WHERE}: a disk cache (cache_dir) with only a predictor needs an explicit "
-                "fingerprint naming the model (e.g. the checkpoint's hash), so that priors of "
-                "different models never mix."
+                f"{_WHERE}: a disk cache (cache_dir) needs an explicit fingerprint naming the model (e.g. the "
+                "checkpoint's hash), so that priors of different models never mix."
             )
-        self.model = model
+        self.predictor = predictor
         self.class_index = int(class_index)
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.fingerprint = fingerprint
-        self.device = torch.device(device)
-        self.predictor = predictor
         self.memory_cache = bool(memory_cache)
         self._memory: dict[str, np.ndarray] = {}
-        self._auto_fingerprint: str | None = None
 
     def __repr__(self) -> str:
-        model = None if self.model is None else type(self.model).__name__
         return (
-            f"PriorMask(model={model}, class_index={self.class_index}, cache_dir={self.cache_dir}, "
-            f"fingerprint={self.fingerprint!r}, device={str(self.device)!r}, "
-            f"predictor={self.predictor is not None})"
+            f"PriorMask(class_index={self.class_index}, cache_dir={self.cache_dir}, "
+            f"fingerprint={self.fingerprint!r}, predictor={self.predictor is not None})"
         )
 
     def channels(self, num_classes: int) -> int:
         """Always 1: the prior of one class."""
         return 1
 
+    def prepare(self, samples: Sequence[Any], context: PrepareContext) -> None:
+        """Take the stage-1 model and the run's cache from the engine; fill the cache.
+
+        Without a predictor of its own, the generator uses ``context.stage1_predictor()``
+        and the stage-1 checkpoint's fingerprint; without a ``cache_dir``, the run's. In
+        the main process every sample's prior is computed (or read) once, so the other
+        processes and the data loader's workers only read the cache.
+        """
+        if self.predictor is None:
+            self.predictor = context.stage1_predictor()
+            self.fingerprint = self.fingerprint or context.fingerprint
+        if self.cache_dir is None and context.cache_dir is not None and self.fingerprint:
+            self.cache_dir = Path(context.cache_dir)
+        if context.is_main:
+            for s in samples:
+                self(s.points, s.classes, shape=tuple(s.image.shape[:2]), num_classes=context.num_classes,
+                     image=s.image, key=s.key)
+
     @property
     def cache_folder(self) -> Path | None:
         """``<cache_dir>/<fingerprint>``, or None without a disk cache."""
         if self.cache_dir is None:
             return None
-        return self.cache_dir / _safe_name(self.fingerprint or self._weights_fingerprint())
+        if not self.fingerprint:
+            raise ValueError(f"{_WHERE}: a disk cache needs a fingerprint naming the model.")
+        return self.cache_dir / _safe_name(self.fingerprint)
 
     def clear_memory(self) -> None:
         """Forget the priors cached in memory (the disk cache stays)."""
@@ -159,12 +167,12 @@ class PriorMask:
             points, classes, shape, num_classes, image, where=_WHERE, need_image=True
         )
         assert img is not None
-        if self.model is None and self.predictor is None:
+        if self.predictor is None:
             raise ValueError(
                 f"{_WHERE}: no model to compute the prior with. The prior needs the pre-trained "
-                "(early-stopped) model or a checkpoint loaded into one: pass "
-                "PriorMask(model=<nn.Module with infer(x)>) or predictor=<callable image -> "
-                "(C, H, W) probabilities>."
+                "(early-stopped) model: train with a stage 1 (cellkit.presets.ours_plus_plus), which hands it "
+                "over through prepare(), or pass PriorMask(predictor=<callable image -> (C, H, W) "
+                "probabilities>), e.g. Predictor.from_checkpoint(path).probabilities."
             )
         if key is None:
             return self._predict(img)
@@ -195,42 +203,13 @@ class PriorMask:
         return prior.copy()
 
     def _predict(self, image: np.ndarray) -> np.ndarray:
-        h, w = image.shape[:2]
-        if self.predictor is not None:
-            probs = self.predictor(image)
-            if isinstance(probs, torch.Tensor):
-                probs = probs.detach().float().cpu().numpy()
-            probs = np.asarray(probs)
-            self._check_output(probs.shape, (h, w), "predictor(image)", batched=False)
-            return np.ascontiguousarray(probs[self.class_index][None], dtype=np.float32)
-        model = self.model
-        assert model is not None
-        was_training = bool(getattr(model, "training", False))
-        if isinstance(model, torch.nn.Module):
-            model.to(self.device)
-            model.eval()
-        try:
-            with torch.inference_mode():
-                x = image_to_tensor(image)[None].to(self.device)
-                infer = getattr(model, "infer", None)
-                logits = infer(x) if callable(infer) else model(x)
-                if isinstance(logits, dict):
-                    if "main" not in logits:
-                        raise ValueError(
-                            f"{_WHERE}: the model returned outputs {sorted(logits)} without 'main'; "
-                            "give it an infer(x) method or a 'main' output."
-                        )
-                    logits = logits["main"]
-                if not isinstance(logits, torch.Tensor):
-                    raise ValueError(
-                        f"{_WHERE}: the model returned {type(logits).__name__}, expected a logits tensor."
-                    )
-                self._check_output(tuple(logits.shape), (h, w), "model.infer(x)", batched=True)
-                prob = torch.sigmoid(logits[0, self.class_index : self.class_index + 1].float())
-                return np.ascontiguousarray(prob.cpu().numpy(), dtype=np.float32)
-        finally:
-            if isinstance(model, torch.nn.Module):
-                model.train(was_training)
+        assert self.predictor is not None
+        probs = self.predictor(image)
+        if isinstance(probs, torch.Tensor):
+            probs = probs.detach().float().cpu().numpy()
+        probs = np.asarray(probs)
+        self._check_output(probs.shape, tuple(image.shape[:2]), "predictor(image)", batched=False)
+        return np.ascontiguousarray(probs[self.class_index][None], dtype=np.float32)
 
     def _check_output(self, got: tuple[int, ...], hw: tuple[int, int], what: str, batched: bool) -> None:
         expected = "(1, C, H, W)" if batched else "(C, H, W)"
@@ -246,21 +225,6 @@ class PriorMask:
                 f"{_WHERE}: class_index={self.class_index} but {what} has only {channels} "
                 f"channel(s); pass a class_index below {channels}."
             )
-
-    def _weights_fingerprint(self) -> str:
-        if self._auto_fingerprint is None:
-            if not isinstance(self.model, torch.nn.Module):
-                raise ValueError(
-                    f"{_WHERE}: cannot derive a cache fingerprint without an nn.Module model; "
-                    "pass fingerprint=<a name for the model>."
-                )
-            digest = hashlib.sha256(f"class_index={self.class_index}".encode())
-            for name, tensor in self.model.state_dict().items():
-                t = tensor.detach().cpu().contiguous()
-                digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-                digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-            self._auto_fingerprint = f"weights-{digest.hexdigest()[:16]}"
-        return self._auto_fingerprint
 
 
 def _safe_name(name: str) -> str:

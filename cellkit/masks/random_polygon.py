@@ -28,6 +28,7 @@ from cellkit.masks.base import (
     rasterize,
     window_pixels,
 )
+from cellkit.points import as_points
 from cellkit.registry import MASKS
 
 __all__ = ["PolygonDraw", "RandomPolygonMask"]
@@ -208,11 +209,7 @@ class RandomPolygonMask:
         """
         import shapely
 
-        pts = np.asarray(points, dtype=np.float64)
-        if pts.size == 0:
-            pts = pts.reshape(0, 2)
-        if pts.ndim != 2 or pts.shape[1] != 2:
-            raise ValueError(f"points must have shape (N, 2) with columns (x, y), got shape {pts.shape}.")
+        pts = as_points(points, where="random_polygon mask")
         draw = self.draw(len(pts), rng)
         result = []
         for i, (x, y) in enumerate(pts):

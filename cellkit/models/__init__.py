@@ -2,7 +2,8 @@
 
 Importing this package registers the encoders ``resnet18``, ``resnet34``, ``resnet50``,
 ``resnet101`` in :data:`cellkit.registry.ENCODERS` and the decoder ``deeplabv3plus`` in
-:data:`cellkit.registry.DECODERS`.
+:data:`cellkit.registry.DECODERS`; every encoder and decoder follows the protocols of
+:mod:`cellkit.models.base` (:class:`Encoder`, :class:`Decoder`).
 
 Example:
     >>> from cellkit.registry import DECODERS, ENCODERS
@@ -16,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+from cellkit.models.base import Decoder, Encoder
 from cellkit.models.decoders import ASPP, DeepLabV3PlusDecoder
 from cellkit.models.encoders import (
     BasicBlock,
@@ -34,7 +36,9 @@ __all__ = [
     "ASPP",
     "BasicBlock",
     "Bottleneck",
+    "Decoder",
     "DeepLabV3PlusDecoder",
+    "Encoder",
     "MultiDecoderModel",
     "ResNetEncoder",
     "flops_per_megapixel",

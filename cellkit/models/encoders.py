@@ -293,18 +293,31 @@ def load_torchvision_weights(encoder: nn.Module, path: str | os.PathLike[str]) -
             "a torchvision state dict there first, e.g. torch.save(torchvision.models."
             "resnet101(weights='IMAGENET1K_V1').state_dict(), path), or pass weights=None."
         )
-    state = _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # an unpickling refusal, a corrupt file: torch raises many kinds
+        unsafe = "weights_only" in str(err).lower() or "Unsupported global" in str(err)
+        reason = ("it holds Python objects other than tensors, and unpickling them could run code, so it is "
+                  "refused unread" if unsafe else f"it is corrupt or not a torch file ({type(err).__name__})")
+        raise ValueError(
+            f"Encoder weights {path}: {reason}. Give a file written by torch.save(model.state_dict(), path), "
+            "or pass weights=None (model.encoder_kwargs.weights: null)."
+        ) from None
+    state = _unwrap_state_dict(loaded, path)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     own = encoder.state_dict()
-
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
+    # load_state_dict stops at a shape mismatch even with strict=False: set those aside
+    # (to report them all) and let it report the missing and unexpected keys.
+    wrong_shape = {k for k in own if k in state and state[k].shape != own[k].shape}
+    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in wrong_shape]
+    before = {k: v.detach().clone() for k, v in own.items()}
+    result = encoder.load_state_dict({k: v for k, v in state.items() if k not in wrong_shape}, strict=False)
+    # Old checkpoints lack the num_batches_tracked counters: this model's own are kept.
+    missing = [k for k in result.missing_keys if k not in wrong_shape and not k.endswith("num_batches_tracked")]
+    unexpected = list(result.unexpected_keys)
     if missing or unexpected or mismatched:
+        encoder.load_state_dict(before)  # leave the encoder as it was
         problems = []
         if missing:
             problems.append(f"missing keys ({len(missing)}): {_format_names(missing)}")
@@ -319,10 +332,6 @@ def load_torchvision_weights(encoder: nn.Module, path: str | os.PathLike[str]) -
             "width_multiplier=1.0 and in_channels=3 (a checkpoint of the same encoder "
             "configuration also works)."
         )
-    for k, v in own.items():  # keep this model's counters where the file has none
-        if k not in state:
-            state[k] = v
-    encoder.load_state_dict(state, strict=True)
 
 
 @ENCODERS.register("resnet18")

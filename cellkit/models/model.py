@@ -6,13 +6,13 @@ the main decoder only (:meth:`MultiDecoderModel.infer`), as in the paper.
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Mapping, Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from cellkit.lookup import look_up_option
 
 __all__ = ["MultiDecoderModel"]
 
@@ -27,14 +27,20 @@ class MultiDecoderModel(nn.Module):
 
     Args:
         encoder: a module with ``channels`` and ``strides`` whose ``forward(x)`` returns a
-            list of features, e.g. ``ENCODERS.build("resnet101")``.
+            list of features (an :class:`~cellkit.models.base.Encoder`), e.g.
+            ``ENCODERS.build("resnet101")``.
         decoders: named decoders, each with ``num_classes`` and ``forward(features) ->
-            logits``; the paper's are ``main``, ``dynamic`` and ``prior``.
+            logits`` (a :class:`~cellkit.models.base.Decoder`); the paper's are ``main``,
+            ``dynamic`` and ``prior``.
         main: the name of the decoder used by :meth:`infer`.
+        activation: what turns the main head's logits into the maps the peaks are taken
+            on: ``"sigmoid"`` (probabilities, the paper's) or ``"identity"`` (density
+            regression, FCRN). Inference (``cellkit predict``) applies it.
 
     Attributes:
         heads: the decoder names, in order.
         main: the main decoder's name.
+        activation: ``"sigmoid"`` or ``"identity"`` (see Args).
         output_stride: the multiple the input is padded to (the deepest encoder stride).
         num_classes: the main decoder's number of classes.
         in_channels: the channels expected in the input.
@@ -63,8 +69,10 @@ class MultiDecoderModel(nn.Module):
         encoder: nn.Module,
         decoders: Mapping[str, nn.Module] | nn.ModuleDict,
         main: str = "main",
+        activation: str = "sigmoid",
     ) -> None:
         super().__init__()
+        self.activation = look_up_option(activation, ("sigmoid", "identity"), what="activation")
         strides = getattr(encoder, "strides", None)
         if not strides or not hasattr(encoder, "channels"):
             raise ValueError(
@@ -129,10 +137,7 @@ class MultiDecoderModel(nn.Module):
         if not heads:
             raise ValueError(f"heads must name at least one decoder of {list(self.heads)}, or be None.")
         for head in heads:
-            if head not in self.decoders:
-                close = difflib.get_close_matches(str(head), list(self.heads), n=1, cutoff=0.5)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"Unknown head {head!r}.{hint} Available: {list(self.heads)}.")
+            look_up_option(head, self.heads, what="head")
         return heads
 
     def _pad(self, x: Tensor) -> Tensor:
