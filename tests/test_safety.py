@@ -559,3 +559,14 @@ def test_resume_accepts_the_same_checkpoint_named_another_way(checkpoint: Path, 
     assert _predict(checkpoint, out, data) == 0
     assert main(["predict", "--checkpoint", str(checkpoint.parent), "--out", str(out), "--device", "cpu",
                  "--tile-size", "32", "--overlap", "8", "--resume", str(data)]) == 0
+
+
+def test_evaluate_refuses_a_prediction_outside_its_image(tmp_path: Path) -> None:
+    from cellkit.engine.evaluate import evaluate_folder
+
+    data = _images(tmp_path / "data", n=1, annotations=True)
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    (pred / "img0.csv").write_text("x,y,class\n-5,5,1\n")
+    with pytest.raises(ValueError, match=r"img0.csv: row 1 \(x=-5, y=5\) lies outside its 48x40"):
+        evaluate_folder(pred, data, "csv", 5.0)

@@ -295,6 +295,8 @@ def evaluate_folder(
 
     keys = list(by_stem)
     predictions = [read_prediction_csv(files[k]) if k in files else Detections() for k in keys]
+    for k, det in zip(keys, predictions):
+        _check_inside_image(det, by_stem[k], files.get(k))
     truths = [(np.asarray(by_stem[k].points), np.asarray(by_stem[k].classes)) for k in keys]
 
     if cmap is not None:
@@ -316,6 +318,22 @@ def evaluate_folder(
         )
     report = evaluate(predictions, truths, radius, len(names), names, method)
     return EvaluationResult(report, keys, predictions, truths, names, missing, unmatched)
+
+
+def _check_inside_image(det: Any, sample: Any, path: Path | None) -> None:
+    """A prediction outside its image is not a cell: an error naming the file and the point."""
+    if not len(det) or getattr(sample, "image", None) is None:
+        return
+    h, w = sample.image.shape[:2]
+    x, y = det.points[:, 0], det.points[:, 1]
+    outside = (x < 0) | (y < 0) | (x > w) | (y > h)
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        raise ValueError(
+            f"{path}: row {i + 1} (x={x[i]:g}, y={y[i]:g}) lies outside its {h}x{w} (HxW) image "
+            f"{getattr(sample, 'path', None) or sample.key}; expected 0 <= x <= {w} and 0 <= y <= {h}. Is it the "
+            "prediction file of another image?"
+        )
 
 
 def _class_map_of(class_map: Any, meta: Mapping[str, Any]) -> Any:
