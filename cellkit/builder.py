@@ -28,6 +28,7 @@ __all__ = [
     "build_model",
     "build_postprocess",
     "build_targets",
+    "check_buildable",
     "check_config",
     "config_problems",
     "model_problems",
@@ -183,6 +184,21 @@ def build(cfg: CellkitConfig, overrides: Mapping[str, Mapping[str, Any]] | None 
         postprocess=POSTPROCESSORS.build(cfg.postprocess.name, **cfg.postprocess.kwargs),
         format=get_format(cfg.data.format) if str(cfg.data.format).strip().lower() in FORMATS else None,
     )
+
+
+def check_buildable(cfg: CellkitConfig) -> None:
+    """:func:`check_config`, then build every part but the model of each stage (cheap).
+
+    Catches what only a factory can say (a circle radius of -4) before a run starts.
+
+    Raises:
+        ConfigError: listing every problem of the config.
+        ValueError, TypeError: what a part's constructor raises, naming the part.
+    """
+    check_config(cfg)
+    for stage in cfg.stages():
+        _losses(stage), _targets(stage, None)
+        POSTPROCESSORS.build(stage.postprocess.name, **stage.postprocess.kwargs)
 
 
 def build_model(cfg: CellkitConfig | ModelConfig) -> nn.Module:

@@ -23,6 +23,7 @@ from PIL import Image
 
 from cellkit.builder import build_model
 from cellkit.cli import main
+from cellkit.config import ConfigError
 from cellkit.data.io import WriteError, atomic_write, remove_stale_temporaries, write_text_atomic
 from cellkit.engine import fit
 from cellkit.engine.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
@@ -208,7 +209,7 @@ def test_resume_with_another_max_steps_is_refused(finished_run: Path, tmp_path: 
 
     assert load_checkpoint(finished_run / "last.pt")["max_steps"] is None
     before = _files(finished_run)
-    with pytest.raises(Exception, match="max_steps=None"):
+    with pytest.raises(ConfigError, match="max_steps=None"):
         fit(_tiny_cfg(), finished_run, splits=SPLITS, device="cpu", progress=False, resume=True, max_steps=1)
     assert _files(finished_run) == before
 
@@ -482,7 +483,7 @@ def test_resume_before_the_first_checkpoint_checks_the_config(tmp_path: Path) ->
     first = tiny("ours", epochs=2)
     first.data.cell_diameter = 8.0
     first.to_yaml(run / "config.yaml")  # a run killed before its first checkpoint
-    with pytest.raises(Exception, match="train.lr"):
+    with pytest.raises(ConfigError, match="train.lr"):
         fit(tiny("ours", epochs=2, lr=0.05), run, splits=SPLITS, device="cpu", progress=False, resume=True)
 
 

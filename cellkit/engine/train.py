@@ -107,8 +107,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellkit.builder import build, build_losses, build_postprocess, build_targets, check_config
-from cellkit.config import CellkitConfig, ConfigError, TrainConfig, train_problems
+from cellkit.builder import build, check_buildable, check_config
+from cellkit.config import CellkitConfig, ConfigError, TrainConfig
 from cellkit.data.io import make_folder
 from cellkit.engine.checkpoint import file_fingerprint, load_checkpoint, save_checkpoint
 from cellkit.engine.distributed import (
@@ -210,10 +210,7 @@ def fit(
         {'other': 0.41, 'epithelium': 0.35}
     """
     check_config(cfg)
-    cfg.check()  # class maps, peak arguments (what the types alone do not say)
-    _check_train(cfg.train, "train")
-    if cfg.pretrain is not None:
-        _check_train(cfg.pretrain.train, "pretrain.train")
+    cfg.check()  # class maps, peak arguments, training values: what the types alone do not say
     if max_steps is not None and (isinstance(max_steps, bool) or int(max_steps) < 1):
         raise ValueError(f"max_steps must be a positive integer or None, got {max_steps!r}.")
     out = Path(out_dir).expanduser()
@@ -233,8 +230,7 @@ def fit(
             for note in notes:
                 print(note, file=sys.stderr, flush=True)
         _check_stored_config(out, cfg, resume)
-        for stage_cfg in cfg.stages():  # argument errors of every part before the folder becomes a run
-            build_losses(stage_cfg), build_targets(stage_cfg), build_postprocess(stage_cfg)
+        check_buildable(cfg)  # a factory's argument errors before the folder becomes a run
         if info.is_main and not (out / "config.yaml").exists():
             # Marks the folder as a run from the start (stage 1 can take a while); a resumed
             # run keeps its own until its config is checked against this one.
@@ -326,12 +322,6 @@ def run_score(f1: Mapping[str, float | None] | None) -> float:
 
 # ---------------------------------------------------------------------------------------
 # set-up
-
-
-def _check_train(t: TrainConfig, where: str) -> None:
-    problems = train_problems(t, where)
-    if problems:
-        raise ConfigError("Invalid training config:\n  - " + "\n  - ".join(problems))
 
 
 def _holds_run(out: Path) -> bool:
