@@ -5,7 +5,14 @@
   from the preset's own mask generators, and reports the step's peak memory.
 * :func:`inference` times tiled prediction of a large image with
   :func:`cellkit.engine.predict.predict_probabilities` and relates the model's FLOPs per
-  second to the machine's measured matrix-multiply rate.
+  second to the machine's measured matrix-multiply rate and, on a known GPU, to the card's
+  bfloat16 dense peak (:data:`PEAK_BF16_TFLOPS`). ``precision`` and ``fold_bn`` are those of
+  ``predict_probabilities``.
+
+Run alone, this file measures one inference configuration and prints its JSON, e.g. on a GPU::
+
+    python benchmarks/model_bench.py --size paper --precision auto --fold-bn --device cuda
+    python benchmarks/model_bench.py --size cpu --image-size 256 --repeats 1   # a quick CPU check
 
 Both read the memory high-water mark of their own process: on the CPU the resident set
 (``VmHWM``, :func:`harness.peak_rss_mb`; ``baseline_rss_mb`` is the mark after imports and
@@ -16,8 +23,11 @@ before the model, so
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -35,7 +45,40 @@ from torch import nn  # noqa: E402
 import synthetic  # noqa: E402
 from harness import matmul_rate, measure, peak_rss_mb, synchronize  # noqa: E402
 
-__all__ = ["TimedModel", "calibrate_batchnorm", "inference", "train_step"]
+__all__ = [
+    "PEAK_BF16_TFLOPS",
+    "TimedModel",
+    "calibrate_batchnorm",
+    "inference",
+    "main",
+    "peak_bf16_tflops",
+    "train_step",
+]
+
+#: Dense (no sparsity) bfloat16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets, by a
+#: pattern of ``torch.cuda.get_device_name``; the first match wins (so "H100 PCIe" before "H100").
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    (r"\bH200\b", 989.0),
+    (r"\bH100\b.*\bPCIe\b", 756.0),
+    (r"\bH100\b", 989.0),  # SXM (e.g. "NVIDIA H100 80GB HBM3")
+    (r"\bA100\b", 312.0),
+    (r"\bL4\b", 121.0),  # not L40 / L40S
+)
+
+
+def peak_bf16_tflops(device_name: str | None) -> float | None:
+    """The card's dense bfloat16 peak in TFLOP/s (:data:`PEAK_BF16_TFLOPS`), ``None`` when unknown.
+
+    Examples:
+        >>> peak_bf16_tflops("NVIDIA H100 80GB HBM3"), peak_bf16_tflops("NVIDIA L40S"), peak_bf16_tflops(None)
+        (989.0, None, None)
+    """
+    if not device_name:
+        return None
+    for pattern, tflops in PEAK_BF16_TFLOPS:
+        if re.search(pattern, device_name):
+            return tflops
+    return None
 
 
 def _setup(threads: int | None, device: str, seed: int) -> float:
@@ -232,23 +275,40 @@ class TimedModel(nn.Module):
     """Wraps a cellkit model and adds up the time spent in ``infer`` (the network's share).
 
     ``predict_probabilities`` calls ``infer`` once per batch of tiles; the rest of its time
-    is cutting tiles, normalising them and blending the maps.
+    is cutting tiles, uploading and normalising them and blending the maps. On CUDA the
+    time is that of CUDA events around each call, read at the end (:attr:`seconds`), so
+    timing does not stop the host from queueing the next batch while the GPU works.
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
         self.activation = getattr(model, "activation", "sigmoid")
-        self.seconds = 0.0
+        self._host_seconds = 0.0
+        self._events: list[tuple[Any, Any]] = []
         self.calls = 0
 
+    @property
+    def seconds(self) -> float:
+        """Seconds spent in ``infer`` so far (on CUDA, waits for the queued work first)."""
+        total = self._host_seconds
+        if self._events:
+            torch.cuda.synchronize()
+            total += sum(start.elapsed_time(end) for start, end in self._events) / 1e3
+        return total
+
     def infer(self, x: torch.Tensor) -> torch.Tensor:
-        synchronize(x.device)
-        start = time.perf_counter()
-        out = self.model.infer(x)
-        synchronize(x.device)
-        self.seconds += time.perf_counter() - start
         self.calls += 1
+        if x.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = self.model.infer(x)
+            end.record()
+            self._events.append((start, end))
+            return out
+        begin = time.perf_counter()
+        out = self.model.infer(x)
+        self._host_seconds += time.perf_counter() - begin
         return out
 
 
@@ -265,20 +325,37 @@ def inference(
     channels_last: bool = False,
     threads: int | None = None,
     seed: int = 0,
+    precision: str | None = None,
+    fold_bn: bool = False,
+    cudnn_benchmark: bool = False,
 ) -> dict[str, Any]:
     """Tiled prediction of an ``image_size`` square image with the ``ours`` model of ``size``.
 
     Warm-up runs ``warmup`` forward passes of one batch of tiles (the shapes of the timed
-    run) rather than whole images. The model FLOPs are those of one tile
+    run) and one whole prediction when ``warmup > 0``. The model FLOPs are those of one tile
     (:func:`cellkit.models.flops.flops_per_megapixel`, ``FlopCounterMode``) times the number
     of tiles, so the overlap's extra work counts as work done; ``share_of_matmul`` divides
     the FLOPs per second by the measured rate of a large ``torch.mm`` in the same process.
+
+    ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``, ``"auto"``) and ``fold_bn`` are
+    :func:`~cellkit.engine.predict.predict_probabilities`'s (the model is folded once,
+    before timing, as :class:`~cellkit.engine.predict.Predictor` does); ``amp`` is the older
+    float16 flag. ``share_of_peak`` relates the work done (tile megapixels times
+    :data:`cellkit.presets.MEASURED_GFLOPS_PER_MEGAPIXEL` of ``size``) per second to the
+    card's dense bfloat16 peak (:func:`peak_bf16_tflops`; ``None`` on the CPU and on cards
+    not in the table). ``cudnn_benchmark`` sets ``torch.backends.cudnn.benchmark`` (cuDNN
+    then times its algorithms for each tile shape during warm-up).
     """
     import cellkit
-    from cellkit.engine.predict import predict_probabilities, tile_starts
+    from cellkit.engine.predict import predict_probabilities, resolve_precision, tile_starts
     from cellkit.models.flops import flops_per_megapixel
+    from cellkit.models.fuse import fold_batchnorm
+    from cellkit.presets import MEASURED_GFLOPS_PER_MEGAPIXEL
 
     baseline = _setup(threads, device, seed)
+    resolved = resolve_precision(precision, device, amp)
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
     tile_image = synthetic.ihc_image(
         (synthetic.BCDATA_TILE,) * 2, *synthetic.cell_points((synthetic.BCDATA_TILE,) * 2, rng=seed), rng=seed
     )
@@ -302,22 +379,29 @@ def inference(
     starts = tile_starts(image_size, tile_size, overlap)
     num_tiles = len(starts) ** 2
     flops_per_tile = flops_per_megapixel(model, size=tile) * tile * tile / 1e6
+    if fold_bn:
+        model = fold_batchnorm(model)  # once, before timing (as Predictor does)
     rates = {"float32": matmul_rate(device)}
+    device_name = None
     if device.startswith("cuda"):
         rates["float16"] = matmul_rate(device, dtype=torch.float16)
+        rates["bfloat16"] = matmul_rate(device, dtype=torch.bfloat16)
+        device_name = torch.cuda.get_device_name(torch.device(device))
 
     timed = TimedModel(model)
-    use_amp = bool(amp and device.startswith("cuda"))
-    ctx = torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
+    use_amp = resolved == "fp16"
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolved)
+    ctx = (
+        torch.autocast(torch.device(device).type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
     warm = torch.randn(min(batch_size, num_tiles), 3, tile, tile, device=device)
     warm = warm.contiguous(memory_format=memory_format)
     for _ in range(max(warmup, 0)):
         with torch.inference_mode(), ctx:
             model.infer(warm)
     del warm
-    synchronize(device)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(device)
 
     def run() -> np.ndarray:
         return predict_probabilities(
@@ -327,8 +411,15 @@ def inference(
             overlap=overlap,
             batch_size=batch_size,
             device=device,
-            amp=use_amp,
+            precision=resolved,
         )
+
+    if warmup > 0 and device.startswith("cuda"):
+        run()  # every shape of the timed run (the last, smaller batch too), pinned memory warmed
+    synchronize(device)
+    timed = TimedModel(model)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
 
     stats, probs = measure(run, repeats=repeats, warmup=0, device=device)
     seconds = stats["median_ms"] / 1e3
@@ -349,11 +440,17 @@ def inference(
         # At a constant time per tile, what a 4096 x 4096 image would take (for smaller runs).
         "estimated_seconds_at_4096": seconds / num_tiles * tiles_4096,
         "device": device,
+        "device_name": device_name,
         "amp": use_amp,
+        "precision": resolved,
+        "fold_bn": bool(fold_bn),
+        "cudnn_benchmark": bool(cudnn_benchmark) if device.startswith("cuda") else None,
         "channels_last": bool(channels_last),
         "predict": stats,
         "seconds_per_image": seconds,
         "megapixels_per_s": image_size**2 / 1e6 / seconds,
+        # Tile pixels through the network per second (image megapixels/s times tile_overhead).
+        "tile_megapixels_per_s": num_tiles * tile * tile / 1e6 / seconds,
         "gflops_per_tile": flops_per_tile / 1e9,
         "gflops_per_image": flops / 1e9,
         "gflops_per_s": achieved / 1e9,
@@ -367,5 +464,71 @@ def inference(
     }
     if "float16" in rates:
         result["share_of_matmul_float16"] = achieved / rates["float16"]["flops_per_s"]
+    if "bfloat16" in rates:
+        result["share_of_matmul_bfloat16"] = achieved / rates["bfloat16"]["flops_per_s"]
+    # The card's share: the work done, at the measured FLOPs per megapixel of this size.
+    peak = peak_bf16_tflops(device_name)
+    measured = MEASURED_GFLOPS_PER_MEGAPIXEL.get(size)
+    work_per_s = None if measured is None else measured * 1e9 * result["tile_megapixels_per_s"]
+    result["measured_gflops_per_megapixel"] = measured
+    result["measured_tflops_per_s"] = None if work_per_s is None else work_per_s / 1e12
+    result["peak_bf16_tflops"] = peak
+    result["share_of_peak"] = None if peak is None or work_per_s is None else work_per_s / (peak * 1e12)
     result.update(_memory(device, baseline))
     return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Measure one :func:`inference` configuration and print its JSON (with the machine's description)."""
+    from harness import machine_info
+
+    p = argparse.ArgumentParser(description="Time tiled inference of one configuration; print its JSON.")
+    p.add_argument("--size", default="paper", choices=("cpu", "paper"), help="model size (default paper)")
+    p.add_argument("--image-size", type=int, default=4096, help="side of the square image (default 4096)")
+    p.add_argument("--tile-size", type=int, default=512)
+    p.add_argument("--overlap", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--precision", default=None, help="fp32, bf16, fp16 or auto (default: fp32)")
+    p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the convolutions")
+    p.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="write the JSON here instead of stdout")
+    args = p.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    result = inference(
+        args.size,
+        image_size=args.image_size,
+        tile_size=args.tile_size,
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        device=device,
+        channels_last=args.channels_last,
+        threads=args.threads,
+        precision=args.precision,
+        fold_bn=args.fold_bn,
+        cudnn_benchmark=args.cudnn_benchmark,
+    )
+    report = {"machine": machine_info(_HERE.parent), "inference": result}
+    text = json.dumps(report, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    else:
+        print(text)
+    print(
+        f"{result['size']} {result['precision']}{' +fold_bn' if result['fold_bn'] else ''} on "
+        f"{result['device_name'] or device}: {result['megapixels_per_s']:.2f} MP/s, "
+        f"{result['seconds_per_image']:.3f} s per {args.image_size}^2 image, share of bf16 peak "
+        f"{'n/a' if result['share_of_peak'] is None else format(result['share_of_peak'], '.1%')}",
+        file=sys.stderr,
+    )
+    return report
+
+
+if __name__ == "__main__":
+    main()

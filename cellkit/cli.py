@@ -246,13 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Predict cells in images of any size (tiled). Writes, per image, OUT_DIR/<stem>.csv "
         "(x,y,class,score), OUT_DIR/<stem>.geojson (QuPath) and OUT_DIR/<stem>_overlay.png, and "
         "OUT_DIR/counts.csv with the number of cells per class per image, and OUT_DIR/predict.json (what "
-        "was done). It never replaces a file it did not write; a folder of an earlier run needs --resume or "
+        "was done). A whole slide (SVS, NDPI, MRXS, pyramidal TIFF...) is predicted in chunks where there is "
+        "tissue, at the model's pixel size, and leaves <stem>.csv and <stem>.geojson in slide coordinates, "
+        "<stem>.summary.json/.csv (counts, index, cells per mm2, per region) and <stem>.thumbnail.png. It never replaces a file it did not write; a folder of an earlier run needs --resume or "
         "--overwrite.",
         formatter_class=_Formatter,
-        epilog="example: cellkit predict --checkpoint runs/ours/best.pt --out out/ slides/ extra.png",
+        epilog="examples: cellkit predict --checkpoint runs/ours/best.pt --out out/ images/ extra.png;  "
+               "cellkit predict --checkpoint runs/ours/best.pt --out out/ slide.svs --regions slide.geojson",
     )
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
-                   help="image files, or folders whose png/jpg/jpeg/tif/tiff images are all taken")
+                   help="image or slide files, or folders whose images and slides are all taken")
     p.add_argument("--checkpoint", required=True, metavar="FILE.pt",
                    help="checkpoint of a training run (RUN_DIR/best.pt), or the run folder")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder")
@@ -264,7 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=_nonneg_int, default=64, help="overlap of neighbouring tiles, pixels")
     p.add_argument("--batch-size", type=_positive_int, default=4, help="tiles per forward pass")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
-    p.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
+    p.add_argument("--amp", action="store_true", help="float16 autocast on CUDA (the same as --precision fp16)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="arithmetic of the network: auto = bfloat16 on CUDA cards that have it (else float16), "
+                        "float32 on the CPU")
+    p.add_argument("--no-fold-bn", action="store_true",
+                   help="keep BatchNorm layers as they are (by default they are folded into the convolutions "
+                        "before inference: the same maps within 1e-5, faster)")
     p.add_argument("--no-overlay", action="store_true", help="do not write the overlay PNGs")
     p.add_argument("--overlay-radius", type=_positive_int, default=3, help="radius of the overlay's dots")
     p.add_argument("--resume", action="store_true",
@@ -274,6 +283,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "never replaced)")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="leave unreadable images out (listed in predict.json) instead of stopping")
+    w = p.add_argument_group("whole slides (SVS, NDPI, MRXS, SCN, BIF, pyramidal TIFF: read by OpenSlide)")
+    w.add_argument("--mpp", type=_positive_float,
+                   help="micrometres per pixel of the inputs' full resolution (default: what the files record); "
+                        "inputs are resampled to the model's pixel size when both are known")
+    slide_mode = w.add_mutually_exclusive_group()
+    slide_mode.add_argument("--slide", dest="slide", action="store_true", default=None,
+                            help="read every input as a whole slide (default: slides by their format)")
+    slide_mode.add_argument("--no-slide", dest="slide", action="store_false", default=None,
+                            help="read every input whole, as an image")
+    w.add_argument("--regions", metavar="FILE.geojson", type=Path,
+                   help="QuPath GeoJSON of annotation polygons: count only inside them, per region")
+    w.add_argument("--no-tissue-mask", action="store_true",
+                   help="predict the whole slide, not only where the tissue mask finds tissue")
+    w.add_argument("--chunk-size", type=_positive_int,
+                   help="side of the chunks a slide is predicted in, model pixels (default 2048; 4096 on CUDA)")
+    w.add_argument("--workers", type=_nonneg_int, default=2, help="threads reading slide chunks ahead")
+    w.add_argument("--index-class", metavar="NAME",
+                   help="the class whose share is reported per slide and region (default: a class named positive)")
     _add_common(p)
     p.set_defaults(func=_cmd_predict)
 
@@ -289,7 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--pred", required=True, metavar="OUT_DIR", help="output folder of cellkit predict")
     _add_data_options(e, required=True)
-    e.add_argument("--radius", type=_positive_float, default=6.0, help="matching radius, pixels")
+    e.add_argument("--radius", type=_length,
+                   help="matching radius in pixels (default 6), or in micrometres with the suffix um (e.g. 3um: needs --mpp "
+                        "or a prediction run that recorded its pixel size)")
+    e.add_argument("--mpp", type=_positive_float, help="micrometres per pixel of the images (for a radius in um)")
     e.add_argument("--radii", metavar="START:STOP[:STEP]",
                    help="also compute F1 against the radius, e.g. 2:20 or 2:20:2 (stop included) or 2,4,8")
     e.add_argument("--json", metavar="FILE", help="where to write the scores (default OUT_DIR/evaluation.json)")
@@ -475,6 +505,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         overlap=args.overlap,
         batch_size=args.batch_size,
         amp=args.amp,
+        precision=None if args.amp else args.precision,
+        fold_bn=not args.no_fold_bn,
     )
     ckpt_file = load_checkpoint(args.checkpoint)["path"] if Path(args.checkpoint).is_dir() else args.checkpoint
     run = write_predictions(
@@ -487,6 +519,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         on_error="skip" if args.skip_bad_images else "raise",
         settings={"checkpoint": str(Path(args.checkpoint)), "checkpoint_sha256": file_fingerprint(ckpt_file)},
+        slide=args.slide,
+        mpp=args.mpp,
+        slide_options={"regions": args.regions, "tissue": not args.no_tissue_mask, "chunk_size": args.chunk_size,
+                       "workers": args.workers, "index_class": args.index_class},
     )
     out_dir = run.out_dir
     if run.removed:
@@ -516,6 +552,27 @@ def _check_replaceable_evaluation(path: Path) -> None:
         )
 
 
+def _radius_in_pixels(args: argparse.Namespace) -> float:
+    """``--radius`` in pixels: as given, or micrometres over ``--mpp`` (else the prediction run's mpp)."""
+    if args.radius is None:
+        return 6.0
+    value, unit = args.radius if isinstance(args.radius, tuple) else (float(args.radius), "px")
+    if unit == "px":
+        return float(value)
+    mpp = args.mpp
+    if mpp is None:
+        meta = Path(args.pred) / "predict.json"
+        try:
+            mpp = json.loads(meta.read_text(encoding="utf-8")).get("mpp")
+        except (OSError, ValueError, AttributeError):
+            mpp = None
+    if not mpp:
+        raise ValueError(f"--radius {value:g}um needs the images' pixel size: pass --mpp (micrometres per pixel).")
+    pixels = float(value) / float(mpp)
+    _out(f"matching radius {value:g} um = {pixels:.2f} px at {float(mpp):g} um/px")
+    return pixels
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from cellkit.data.io import write_text_atomic
     from cellkit.engine.evaluate import jsonable, evaluate_folder, parse_radii, write_curve_csv
@@ -523,11 +580,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     radii = parse_radii(args.radii) if args.radii else None  # a bad spec fails before any work
     json_path = Path(args.json) if args.json else Path(args.pred) / "evaluation.json"
     _check_replaceable_evaluation(json_path)
+    radius = _radius_in_pixels(args)
     result = evaluate_folder(
         args.pred,
         args.data,
         args.format,
-        args.radius,
+        radius,
         class_map=args.class_map,
         split=args.split,
         allow_missing=args.allow_missing,

@@ -1,5 +1,6 @@
 """The CUDA code paths: peaks on the GPU, tiled inference, the prior target, and a training run
-with mixed precision and channels_last. They run where CUDA is available (the device machine
+with mixed precision and channels_last; fast inference (bf16, folded BatchNorm, uint8 upload,
+blending and peaks on the device). They run where CUDA is available (the device machine
 lent to some sessions); elsewhere they are skipped with this reason shown by ``pytest -ra``."""
 
 from __future__ import annotations
@@ -11,6 +12,11 @@ import torch
 import cellkit
 from cellkit.engine.predict import predict_probabilities
 from cellkit.postprocess.peaks import peaks, window_max
+
+try:
+    from tests.test_fast_inference import CELLS, ConvBlobModel, blob_image
+except ImportError:  # tests/ is not a package: pytest put it on sys.path
+    from test_fast_inference import CELLS, ConvBlobModel, blob_image  # type: ignore[no-redef]
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA: run on a machine with a GPU (python -m pytest tests/test_cuda.py)"
@@ -84,3 +90,111 @@ def test_training_on_cuda_with_amp_and_channels_last(tmp_path):
     assert result.best_path.is_file()
     model, _, _ = load_model(result.best_path, device="cpu")  # a CUDA checkpoint loads on the CPU
     assert next(model.parameters()).device.type == "cpu"
+
+
+# ----------------------------------------------------------------------------- fast inference
+
+
+def calibrated(cfg: cellkit.CellkitConfig, seed: int = 0) -> torch.nn.Module:
+    """A seeded model whose BatchNorm statistics come from training-mode passes (as a trained one's)."""
+    torch.manual_seed(seed)
+    model = cellkit.build_model(cfg)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(2, 3, 128, 128))
+    return model.eval()
+
+
+def test_upload_and_blending_on_cuda_match_the_cpu():
+    from cellkit.engine.predict import _RowBandBlender, _TorchRowBandBlender, blend_window, tiles_to_tensor
+    from cellkit.imaging import image_to_tensor
+
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 256, size=(3, 33, 47, 3), dtype=np.uint8)
+    on_gpu = tiles_to_tensor(tiles, "cuda")
+    assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.float32
+    expected = torch.stack([image_to_tensor(t) for t in tiles])
+    torch.testing.assert_close(on_gpu.cpu(), expected, rtol=0, atol=1e-6)
+
+    window = blend_window(32, 32, 8)
+    cpu, gpu = _RowBandBlender(2, 70, 93, window), _TorchRowBandBlender(2, 70, 93, window, "cuda")
+    for y in (0, 24, 38):
+        for x in (0, 24, 48, 61):
+            probs = rng.random((2, 32, 32), dtype=np.float32)
+            cpu.add(y, x, probs)
+            gpu.add(y, x, torch.from_numpy(probs).cuda())
+    np.testing.assert_array_equal(gpu.finish().cpu().numpy(), cpu.finish())  # float64 sums on both
+
+
+def test_bf16_and_folded_batchnorm_on_cuda_match_cpu_fp32():
+    from cellkit.engine.predict import resolve_precision
+
+    model = calibrated(tiny(cellkit.presets.ours(size="cpu")))
+    image = np.random.default_rng(0).integers(0, 255, size=(300, 260, 3), dtype=np.uint8)
+    cpu = predict_probabilities(model, image, tile_size=128, overlap=32, device="cpu")
+    folded = predict_probabilities(model, image, tile_size=128, overlap=32, device="cuda", fold_bn=True)
+    np.testing.assert_allclose(folded, cpu, atol=1e-3)  # TF32 convolutions (cuDNN's default) and folding
+    fast = predict_probabilities(model, image, tile_size=128, overlap=32, device="cuda", precision="bf16",
+                                 fold_bn=True, as_tensor=True)
+    assert isinstance(fast, torch.Tensor) and fast.device.type == "cuda" and fast.dtype == torch.float32
+    diff = np.abs(fast.cpu().numpy() - cpu)
+    # On the CPU, bf16 autocast differs from fp32 by at most 0.0065 (mean 0.0012) for such a
+    # model (tests/test_fast_inference.py); the GPU's bf16 convolutions accumulate in float32 too.
+    assert diff.max() < 0.05 and diff.mean() < 0.01, (diff.max(), diff.mean())
+    assert resolve_precision("auto", "cuda") == ("bf16" if torch.cuda.is_bf16_supported(False) else "fp16")
+    auto = predict_probabilities(model, image, tile_size=128, overlap=32, device="cuda", precision="auto",
+                                 fold_bn=True)
+    assert np.isfinite(auto).all() and np.abs(auto - cpu).max() < 0.05
+    half = predict_probabilities(model, image, tile_size=128, overlap=32, device="cuda", precision="fp16")
+    assert np.abs(half - cpu).max() < 0.05
+
+
+def test_predictor_on_cuda_finds_the_cells_the_cpu_finds():
+    """Detections of a fixed random model on CUDA (peaks on the device) and on the CPU.
+
+    The random model's maps are noise-like, with many shallow local maxima: the GPU's TF32
+    convolutions (about 1e-3 relative) can move a peak between two near-equal neighbours or
+    make one appear or vanish at the threshold. So the CUDA points must match the CPU points
+    of the same class within 2 px for at least 95 % of them, and their counts agree within
+    5 % (+ 2). On trained-looking maps (one bump per cell, neighbours 0.02 below the peak,
+    20x the bf16 error) the points are the same, also in bf16 with folded BatchNorm.
+    """
+    from scipy.spatial import cKDTree
+
+    from cellkit.engine.predict import Predictor
+    from cellkit.registry import POSTPROCESSORS
+
+    cfg = tiny(cellkit.presets.ours(size="cpu"))
+    model = calibrated(cfg)
+    post = POSTPROCESSORS.build("peaks", threshold=0.5, min_distance=3)
+    image = np.random.default_rng(2).integers(0, 255, size=(320, 290, 3), dtype=np.uint8)
+    on_cpu = Predictor(model, post, 2, tile_size=128, overlap=32, device="cpu").predict(image)
+    gpu = Predictor(model, post, 2, tile_size=128, overlap=32, device="cuda")
+    assert gpu.probabilities(image, as_tensor=True).device.type == "cuda"
+    on_gpu = gpu.predict(image)
+    det, probs = gpu.predict_with_probabilities(image)
+    assert isinstance(probs, np.ndarray) and probs.shape == (2, 320, 290)
+    np.testing.assert_array_equal(det.points, on_gpu.points)
+    assert len(on_cpu) > 20
+    assert abs(len(on_gpu) - len(on_cpu)) <= 0.05 * len(on_cpu) + 2
+    matched = 0
+    for c in (0, 1):
+        a, b = on_cpu.points[on_cpu.classes == c], on_gpu.points[on_gpu.classes == c]
+        if len(a) and len(b):
+            dist, _ = cKDTree(b).query(a, p=np.inf)
+            matched += int((dist <= 2).sum())
+    assert matched >= 0.95 * len(on_cpu), (matched, len(on_cpu))
+
+    blobs = blob_image(70, 93, CELLS)
+    expected = Predictor(ConvBlobModel(), post, 2, tile_size=32, overlap=8, device="cpu").predict(blobs)
+    fast = Predictor(ConvBlobModel(), post, 2, tile_size=32, overlap=8, device="cuda", precision="auto",
+                     fold_bn=True)
+    assert fast.precision in ("bf16", "fp16")
+    got = fast.predict(blobs)
+    assert len(expected) == len(CELLS)
+    np.testing.assert_array_equal(got.points, expected.points)
+    np.testing.assert_array_equal(got.classes, expected.classes)

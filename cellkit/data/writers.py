@@ -167,8 +167,8 @@ def write_geojson(
     palette = [tuple(int(v) for v in c) for c in (colors if colors is not None else DEFAULT_COLORS)]
     if not palette:
         raise ValueError("colors must hold at least one (r, g, b) colour.")
-    features = []
-    for i in range(len(pts)):
+
+    def feature(i: int) -> dict[str, Any]:
         c = int(cls[i])
         props: dict[str, Any] = {
             "objectType": object_type,
@@ -176,16 +176,22 @@ def write_geojson(
         }
         if sc is not None:
             props["measurements"] = {score_name: float(_num(np.float32(sc[i])))}
-        features.append(
-            {
-                "type": "Feature",
-                "geometry": {
-                    "type": "Point",
-                    "coordinates": [float(_num(pts_out[i, 0])), float(_num(pts_out[i, 1]))],
-                },
-                "properties": props,
-            }
-        )
+        return {
+            "type": "Feature",
+            "geometry": {
+                "type": "Point",
+                "coordinates": [float(_num(pts_out[i, 0])), float(_num(pts_out[i, 1]))],
+            },
+            "properties": props,
+        }
+
     with atomic_write(path, "w") as f:
-        json.dump({"type": "FeatureCollection", "features": features}, f, indent=indent)
+        if indent is not None:
+            json.dump({"type": "FeatureCollection", "features": [feature(i) for i in range(len(pts))]}, f,
+                      indent=indent)
+        else:  # streamed, one feature at a time: a slide's million cells never sit in memory as dicts
+            f.write('{"type": "FeatureCollection", "features": [')
+            for i in range(len(pts)):
+                f.write((", " if i else "") + json.dumps(feature(i)))
+            f.write("]}")
         f.write("\n")

@@ -26,15 +26,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["PredictionRun", "write_predictions"]
+__all__ = ["PredictionRun", "predict_at_pixel_size", "write_predictions"]
 
 from cellkit.engine.evaluate import OUTPUT_STEMS, PREDICT_META, jsonable
 
@@ -65,8 +66,12 @@ class PredictionRun:
         return int(sum(sum(c) for _, c in self.counts))
 
 
-def _image_files(out: Path, stem: str, overlay: bool) -> list[Path]:
+def _image_files(out: Path, stem: str, overlay: bool, slide: bool = False) -> list[Path]:
     """An image's output files, the one that marks it done (its .csv) last."""
+    if slide:
+        from cellkit.wsi.pipeline import slide_files
+
+        return slide_files(out, stem)
     files = [out / f"{stem}_overlay.png"] if overlay else []
     return files + [out / f"{stem}.geojson", out / f"{stem}.csv"]
 
@@ -96,6 +101,7 @@ def _earlier_files(out: Path, meta: Mapping[str, Any]) -> set[Path]:
     files = {out / COUNTS, out / PREDICT_META}
     for stem in stems:
         files.update(_image_files(out, stem, overlay=True))
+        files.update(_image_files(out, stem, overlay=True, slide=True))
     return files
 
 
@@ -169,8 +175,17 @@ def write_predictions(
     on_error: Literal["raise", "skip"] = "raise",
     progress: bool | None = None,
     settings: Mapping[str, Any] | None = None,
+    slide: bool | None = None,
+    slide_options: Mapping[str, Any] | None = None,
+    mpp: float | None = None,
 ) -> PredictionRun:
     """Predict image files and folders into ``out_dir`` without losing anything (see the module).
+
+    Whole slides (:func:`~cellkit.wsi.is_whole_slide`: SVS, NDPI, MRXS, pyramidal TIFF...)
+    go through :func:`~cellkit.wsi.predict_slide` (chunks, tissue only, slide coordinates) and
+    leave ``<stem>.csv``, ``.geojson``, ``.summary.json``, ``.summary.csv`` and
+    ``.thumbnail.png``; other images are read whole and leave ``<stem>.csv``, ``.geojson``
+    and the overlay.
 
     Args:
         predictor: a :class:`~cellkit.engine.predict.Predictor`.
@@ -183,6 +198,12 @@ def write_predictions(
         on_error: ``"skip"`` leaves unreadable images out and lists them.
         progress: a bar over images; ``None`` = when stderr is a terminal.
         settings: more settings to record and to check on resume (e.g. the checkpoint).
+        slide: read every input as a whole slide (``True``), none (``False``), or decide per
+            file (``None``).
+        slide_options: keywords of :func:`~cellkit.wsi.predict_slide` (``regions``,
+            ``tissue``, ``chunk_size``, ``workers``, ``index_class``...).
+        mpp: micrometres per pixel of the inputs, overriding what the files record. When the
+            model records the pixel size it was trained at, images are resampled to it.
 
     Returns:
         a :class:`PredictionRun`.
@@ -208,15 +229,21 @@ def write_predictions(
         raise FileExistsError(f"--out {out} is a file; give a folder (it is created when missing).")
     paths = _without_own_outputs(list_images(inputs))
     stems = [p.stem for p in paths]
+    slides = _slide_stems(paths, slide)
     clash = sorted({p.name for p in paths if p.stem in OUTPUT_STEMS})
     if clash:
         raise ValueError(
             f"image names {clash} clash with the summary files written to --out ({', '.join(OUTPUT_STEMS)}); "
             "rename them."
         )
-    record = _record(predictor, overlay, overlay_radius, settings)
+    slide_options = dict(slide_options or {})
+    extra = {**dict(settings or {}), "mpp": mpp, "slides": sorted(slides),
+             **({"slide_options": {k: str(v) if isinstance(v, Path) else v for k, v in slide_options.items()
+                                   if k != "workers"}}
+                if slides else {})}
+    record = _record(predictor, overlay, overlay_radius, extra)
     run = PredictionRun(out)
-    run.removed = _claim_folder(out, stems, overlay, record, resume, overwrite)
+    run.removed = _claim_folder(out, stems, overlay, record, resume, overwrite, slides)
     make_folder(out)
     remove_stale_temporaries(out)  # of writes killed in an earlier try
 
@@ -227,7 +254,8 @@ def write_predictions(
 
     save_meta("running")
     by_stem = _predict_images(predictor, paths, out, run, overlay=overlay, overlay_radius=overlay_radius,
-                              resume=resume, on_error=on_error, progress=progress)
+                              resume=resume, on_error=on_error, progress=progress, slides=slides,
+                              slide_options={**slide_options, "mpp": mpp})
     run.counts = [(s, by_stem[s]) for s in stems if s in by_stem]
     write_text_atomic(out / COUNTS, counts_csv(run.counts, predictor.class_names))
     save_meta("done")
@@ -254,12 +282,24 @@ def _record(predictor: Any, overlay: bool, overlay_radius: int, settings: Mappin
     return json.loads(json.dumps(record))
 
 
+def _slide_stems(paths: list[Path], slide: bool | None) -> set[str]:
+    """The stems of the inputs read as whole slides."""
+    if slide is False:
+        return set()
+    if slide:
+        return {p.stem for p in paths}
+    from cellkit.wsi.reader import is_whole_slide
+
+    return {p.stem for p in paths if is_whole_slide(p)}
+
+
 def _claim_folder(out: Path, stems: list[str], overlay: bool, record: Mapping[str, Any], resume: bool,
-                  overwrite: bool) -> list[Path]:
+                  overwrite: bool, slides: Collection[str] = ()) -> list[Path]:
     """Refuse a folder whose files are not ours or whose earlier run was not named; returns files removed."""
     earlier = _read_meta(out) if out.is_dir() else None
     ours = _earlier_files(out, earlier) if earlier is not None else set()
-    planned = [f for s in stems for f in _image_files(out, s, overlay)] + [out / COUNTS, out / PREDICT_META]
+    planned = [f for s in stems for f in _image_files(out, s, overlay, s in slides)] + [out / COUNTS,
+                                                                                       out / PREDICT_META]
     foreign = [f for f in planned if f.exists() and f not in ours]
     if foreign:
         names = ", ".join(f.name for f in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
@@ -298,27 +338,50 @@ def _claim_folder(out: Path, stems: list[str], overlay: bool, record: Mapping[st
     removed = [f for f in sorted(ours) if f.is_file()]
     for f in removed:
         f.unlink()
+    from cellkit.wsi.pipeline import PARTS_SUFFIX
+
+    for stem in before:  # the finished chunks of an interrupted slide
+        parts = out / f".{stem}{PARTS_SUFFIX}"
+        if parts.is_dir():
+            shutil.rmtree(parts)
+            removed.append(parts)
     return removed
 
 
 def _predict_images(predictor: Any, paths: list[Path], out: Path, run: PredictionRun, *, overlay: bool,
-                    overlay_radius: int, resume: bool, on_error: str, progress: bool | None) -> dict[str, list[int]]:
+                    overlay_radius: int, resume: bool, on_error: str, progress: bool | None,
+                    slides: Collection[str] = (),
+                    slide_options: Mapping[str, Any] | None = None) -> dict[str, list[int]]:
     """Predict and write every image not done yet; the cells per class of every image done."""
     from tqdm.auto import tqdm
 
     from cellkit.data.io import DataError, read_image
+    from cellkit.wsi.reader import SlideError
 
+    options = dict(slide_options or {})
     by_stem: dict[str, list[int]] = {}
     todo = []
     for path in paths:
-        files = _image_files(out, path.stem, overlay)
+        files = _image_files(out, path.stem, overlay, path.stem in slides)
         if resume and all(f.is_file() for f in files):
             by_stem[path.stem] = _counts_from_csv(files[-1], predictor.num_classes)
             run.resumed += 1
         else:
             todo.append(path)
     show = sys.stderr.isatty() if progress is None else progress
-    for path in tqdm(todo, desc="predict", unit="image", disable=not show):
+    plain = [p for p in todo if p.stem not in slides]
+    for path in [p for p in todo if p.stem in slides]:
+        from cellkit.wsi.pipeline import predict_slide
+
+        try:
+            result = predict_slide(predictor, path, out, stem=path.stem, resume=resume, progress=progress, **options)
+        except (SlideError, DataError, OSError) as err:
+            if on_error == "raise":
+                raise
+            run.skipped[path.name] = str(err)
+            continue
+        by_stem[path.stem] = [int(c) for c in result.detections.counts(predictor.num_classes)]
+    for path in tqdm(plain, desc="predict", unit="image", disable=not show or not plain):
         try:
             image = read_image(path)
         except (DataError, OSError) as err:
@@ -326,7 +389,36 @@ def _predict_images(predictor: Any, paths: list[Path], out: Path, run: Predictio
                 raise
             run.skipped[path.name] = str(err)
             continue
-        det = predictor.predict(image)
+        det = predict_at_pixel_size(predictor, image, options.get("mpp"))
         write_image_files(out, path.stem, image, det, predictor.class_names, overlay, overlay_radius)
         by_stem[path.stem] = [int(c) for c in det.counts(predictor.num_classes)]
     return by_stem
+
+
+def predict_at_pixel_size(predictor: Any, image: np.ndarray, mpp: float | None) -> Any:
+    """The cells of a whole image, resampled to the model's pixel size when both are known.
+
+    With ``mpp`` (the image's micrometres per pixel) and a model that records the pixel size
+    it was trained at, the image is resized by ``mpp / model_mpp`` (area averaging when it
+    shrinks), predicted, and the points are mapped back to the image's pixels.
+
+    Examples:
+        >>> # det = predict_at_pixel_size(predictor, image, mpp=0.25)  # a 40x scan, model at 0.5
+    """
+    from PIL import Image
+
+    from cellkit.points import Detections
+
+    cfg = getattr(predictor, "config", None)
+    model_mpp = getattr(getattr(cfg, "data", None), "mpp", None)
+    if not mpp or not model_mpp or abs(float(model_mpp) / float(mpp) - 1.0) < 1e-6:
+        return predictor.predict(image)
+    scale = float(model_mpp) / float(mpp)
+    h, w = image.shape[:2]
+    ow, oh = max(1, int(round(w / scale))), max(1, int(round(h / scale)))
+    resample = Image.Resampling.BOX if scale > 1 else Image.Resampling.BILINEAR
+    small = np.asarray(Image.fromarray(image).resize((ow, oh), resample=resample))
+    det = predictor.predict(small)
+    sx, sy = w / ow, h / oh
+    pts = (det.points.astype(np.float64) + 0.5) * np.array([sx, sy]) - 0.5
+    return Detections(pts.astype(np.float32), det.classes, det.scores)

@@ -14,12 +14,21 @@ its borders (never to 0). The blended map is ``sum / weight``. So:
 
 Only one batch of tiles is held at a time, and the weighted sums (in float64, so tiles that
 agree blend back to exactly their value) cover one band of rows, one tile high; the float32
-output is the only full-size array. Example::
+output is the only full-size array.
+
+On a GPU the work stays on the device: each batch of tiles is uploaded once, as uint8 (a
+quarter of the bytes of float32, from pinned memory, without waiting), and normalised there
+(:func:`tiles_to_tensor`); the tiles are blended on the device, in float64 as on the CPU;
+the map comes back to the host once, at the end (or not at all with ``as_tensor=True``, and
+:meth:`Predictor.predict` takes the peaks on the device). ``precision`` runs the network in
+bfloat16 or float16 (autocast) and ``fold_bn`` folds every BatchNorm into its convolution
+(:func:`cellkit.models.fuse.fold_batchnorm`). Example::
 
     from cellkit.engine.predict import Predictor
 
     predictor = Predictor.from_checkpoint("runs/ours/best.pt", threshold=0.5)
     detections = predictor.predict(image)            # (H, W, 3) uint8
+    fast = Predictor.from_checkpoint("runs/ours/best.pt", precision="auto", fold_bn=True)  # on a GPU
     for path, det in predictor.predict_paths(["slides/"]):
         print(path, det.counts(predictor.num_classes))
 """
@@ -36,18 +45,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellkit.imaging import check_image, image_to_tensor
+from cellkit.imaging import IMAGENET_MEAN, IMAGENET_STD, check_image
+from cellkit.lookup import look_up_option
 from cellkit.points import Detections
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "PRECISIONS",
     "Predictor",
     "blend_window",
     "list_images",
     "predict_image",
     "predict_probabilities",
     "resolve_device",
+    "resolve_precision",
     "tile_starts",
+    "tiles_to_tensor",
 ]
 
 #: File suffixes taken from a folder by :func:`list_images` (the formats' own, so every
@@ -55,6 +68,15 @@ __all__ = [
 from cellkit.data.formats import IMAGE_SUFFIXES  # noqa: E402
 
 PostProcess = Callable[[Any], Detections]
+
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "auto")
+"""The ``precision`` choices of inference (see :func:`resolve_precision`)."""
+
+_AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -154,6 +176,179 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def resolve_precision(precision: str | None, device: str | torch.device, amp: bool = False) -> str:
+    """The precision inference runs in on ``device``: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+
+    * ``None``: ``"fp32"``; with ``amp=True``, ``"fp16"`` on CUDA (``amp`` is the older
+      spelling of ``precision="fp16"``, and is ignored on the CPU, as it always was).
+    * ``"auto"``: on CUDA, ``"bf16"`` where the card computes in bfloat16 natively
+      (``torch.cuda.is_bf16_supported(including_emulation=False)``: Ampere and later), else
+      ``"fp16"``; ``"fp32"`` on the CPU and other devices.
+    * ``"fp32"``, ``"bf16"``, ``"fp16"``: as named. ``"bf16"`` also runs on the CPU
+      (autocast), but is fast only on CPUs with bfloat16 instructions (AVX512-BF16, AMX);
+      elsewhere it is emulated, tens of times slower than fp32. ``"fp16"`` is for GPUs.
+
+    ``bf16`` and ``fp16`` run the network under ``torch.autocast`` (convolutions and matrix
+    products in 16 bits, the maps returned in float32). bfloat16 keeps float32's range, so
+    nothing overflows; float16 has 3 more bits of mantissa but overflows above 65504.
+
+    Args:
+        precision: one of :data:`PRECISIONS` (any case), or ``None``.
+        device: where the network runs.
+        amp: the older ``amp=True`` flag (float16 autocast on CUDA).
+
+    Returns:
+        ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+
+    Raises:
+        ValueError: for a precision that is not one of :data:`PRECISIONS` (the message
+            lists them), ``"fp16"`` on the CPU, or ``amp=True`` with another precision.
+
+    Examples:
+        >>> resolve_precision(None, "cpu"), resolve_precision("auto", "cpu"), resolve_precision("BF16", "cpu")
+        ('fp32', 'fp32', 'bf16')
+    """
+    dev = torch.device(device)
+    if precision is None:
+        return "fp16" if amp and dev.type == "cuda" else "fp32"
+    name = look_up_option(
+        precision,
+        PRECISIONS,
+        what="precision",
+        normalize=True,
+        hint="Use 'auto' for the fastest one of the device (bf16 or fp16 on CUDA, fp32 on the CPU), or None.",
+    )
+    if amp and name != "fp16":
+        raise ValueError(
+            f"amp=True (float16 autocast) and precision={precision!r} disagree; pass only one of them "
+            "(amp=True is precision='fp16')."
+        )
+    if name == "auto":
+        if dev.type != "cuda":
+            return "fp32"
+        return "bf16" if _native_bf16(dev) else "fp16"
+    if name == "fp16" and dev.type == "cpu":
+        raise ValueError(
+            "precision='fp16' needs a GPU (float16 on the CPU is slower than float32); on the CPU use "
+            "precision='bf16' or 'fp32' (or 'auto', which picks fp32 there)."
+        )
+    return name
+
+
+def _native_bf16(dev: torch.device) -> bool:
+    """Whether the CUDA card ``dev`` computes in bfloat16 natively (not emulated)."""
+    with torch.cuda.device(dev):
+        try:
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+        except TypeError:  # torch < 2.3 has no including_emulation (and reports native support)
+            return bool(torch.cuda.is_bf16_supported())
+
+
+def _autocast(dev: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    dtype = _AUTOCAST_DTYPES[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=dev.type, dtype=dtype)
+
+
+def _normaliser(dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as ``(1, 3, 1, 1)`` float32 tensors on ``dev``."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
+    return mean.to(dev), std.to(dev)
+
+
+def _normalise(tiles: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+               memory_format: torch.memory_format) -> torch.Tensor:
+    """``(B, h, w, 3)`` uint8 on the device -> ``(B, 3, h, w)`` float32 (see :func:`tiles_to_tensor`)."""
+    # The same operations in the same order as image_to_tensor: the same float32 numbers.
+    x = tiles.permute(0, 3, 1, 2).float().div_(255.0)
+    return ((x - mean) / std).contiguous(memory_format=memory_format)
+
+
+def _upload(tiles: np.ndarray | torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """uint8 tiles onto ``dev``: on CUDA from pinned memory, without waiting for the copy."""
+    host = torch.from_numpy(tiles) if isinstance(tiles, np.ndarray) else tiles
+    if dev.type != "cuda":
+        return host.to(dev)
+    if not host.is_pinned():
+        host = host.pin_memory()
+    # Safe to let `host` go after this call: the caching host allocator keeps the pinned block
+    # until the copy has run.
+    return host.to(dev, non_blocking=True)
+
+
+def tiles_to_tensor(
+    tiles: np.ndarray | torch.Tensor,
+    device: str | torch.device | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
+    """A batch of uint8 RGB tiles as normalised network inputs, made on ``device``.
+
+    The tiles travel as uint8 (a quarter of float32's bytes; on CUDA from pinned memory,
+    without waiting) and are converted there with the same operations as
+    :func:`cellkit.imaging.image_to_tensor` (``/ 255``, then ImageNet mean and std), so
+    the numbers are the same (bit for bit on the CPU).
+
+    Args:
+        tiles: ``(B, h, w, 3)`` uint8 tiles, a numpy array or a CPU tensor.
+        device: where the inputs are made; ``None`` = the CPU.
+        memory_format: of the result, e.g. ``torch.channels_last`` for a model in that format.
+
+    Returns:
+        ``(B, 3, h, w)`` float32 on ``device``.
+
+    Shapes:
+        tiles: ``(B, h, w, 3)`` -> ``(B, 3, h, w)``.
+
+    Raises:
+        ValueError: for tiles that are not ``(B, h, w, 3)`` uint8.
+
+    Examples:
+        >>> tiles_to_tensor(np.zeros((2, 4, 5, 3), np.uint8)).shape
+        torch.Size([2, 3, 4, 5])
+    """
+    dev = torch.device("cpu") if device is None else resolve_device(device)
+    if isinstance(tiles, np.ndarray):
+        if not tiles.flags.writeable or not tiles.flags.c_contiguous:
+            tiles = np.ascontiguousarray(tiles).copy()  # torch warns about read-only arrays
+        ok = tiles.ndim == 4 and tiles.shape[3] == 3 and tiles.dtype == np.uint8
+        got = (tiles.shape, tiles.dtype)
+    elif isinstance(tiles, torch.Tensor):
+        ok = tiles.ndim == 4 and tiles.shape[3] == 3 and tiles.dtype == torch.uint8
+        got = (tuple(tiles.shape), tiles.dtype)
+    else:
+        ok, got = False, type(tiles).__name__
+    if not ok:
+        raise ValueError(
+            f"tiles_to_tensor expects (B, h, w, 3) uint8 RGB tiles, got {got}; stack (h, w, 3) uint8 "
+            "tiles with np.stack (cellkit.data.read_image gives uint8 RGB images)."
+        )
+    mean, std = _normaliser(dev)
+    return _normalise(_upload(tiles, dev), mean, std, memory_format)
+
+
+def _input_memory_format(model: Any) -> torch.memory_format:
+    """``channels_last`` for a model whose first 4-D weight is in that format, else contiguous."""
+    params = model.parameters() if isinstance(model, nn.Module) else ()
+    for p in params:
+        if p.ndim == 4:
+            if p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous():
+                return torch.channels_last
+            break
+    return torch.contiguous_format
+
+
+def _blends_on_device(dev: torch.device) -> bool:
+    """Blend tiles where the network ran (GPUs), or on the host in numpy (the CPU)."""
+    return dev.type != "cpu"
+
+
+def _blend_dtype(dev: torch.device) -> torch.dtype:
+    """float64 sums where the device has float64 (as the numpy blender), else float32 (MPS)."""
+    return torch.float64 if dev.type in ("cpu", "cuda") else torch.float32
+
+
 def predict_probabilities(
     model: nn.Module,
     image: np.ndarray,
@@ -162,14 +357,23 @@ def predict_probabilities(
     batch_size: int = 4,
     device: str | torch.device | None = None,
     amp: bool = False,
-) -> np.ndarray:
+    *,
+    precision: str | None = None,
+    fold_bn: bool = False,
+    as_tensor: bool = False,
+) -> np.ndarray | torch.Tensor:
     """Per-class probability (or density) maps of a whole image of any size, by tiles.
 
     Tiles go through ``model.infer`` (encoder + main decoder) in batches under
     ``torch.inference_mode``; ``model.activation`` (``sigmoid`` by default, ``identity``
-    for density models) is applied to each tile's logits, and the tiles are blended with
-    :func:`blend_window` into one map. The model is put in eval mode for the call (its
-    mode is restored after).
+    for density models) is applied to each tile's logits (in float32), and the tiles are
+    blended with :func:`blend_window` into one map. The model is put in eval mode for the
+    call (its mode is restored after).
+
+    Each batch of tiles is uploaded to the device as uint8 and normalised there
+    (:func:`tiles_to_tensor`). On the CPU the tiles are blended in numpy; on a GPU on the
+    device, with the same float64 sums (float32 where a device has no float64), so the
+    blend adds nothing to the difference between devices, and the map comes back once.
 
     Args:
         model: a cellkit model (anything with ``infer(x (B, 3, h, w)) -> (B, C, h, w)``).
@@ -181,66 +385,101 @@ def predict_probabilities(
         batch_size: tiles per forward pass.
         device: where to run; ``None`` = where the model's weights are. The model is
             moved there.
-        amp: autocast to float16 on CUDA (ignored on the CPU).
+        amp: autocast to float16 on CUDA (ignored on the CPU); the same as
+            ``precision="fp16"`` on CUDA.
+        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"auto"`` (see
+            :func:`resolve_precision`); ``None`` = fp32, or fp16 with ``amp`` on CUDA.
+        fold_bn: run a copy of the model with its BatchNorms folded into the convolutions
+            (:func:`cellkit.models.fuse.fold_batchnorm`: the same maps within float32
+            rounding, fewer layers). The copy is made at every call and moved to the
+            device; ``model`` itself is then neither moved nor changed. To fold once for
+            many images, use :class:`Predictor` or pass a folded model.
+        as_tensor: return the maps as a torch tensor on the device (no copy to the host;
+            :func:`cellkit.postprocess.peaks.peaks` takes them there).
 
     Returns:
-        ``(C, H, W)`` float32 maps.
+        ``(C, H, W)`` float32 maps: a numpy array, or a tensor on the device with
+        ``as_tensor``.
 
     Shapes:
         image: ``(H, W, 3)`` -> ``(C, H, W)``.
 
     Raises:
-        ValueError: for a malformed image or tiling arguments.
+        ValueError: for a malformed image, tiling arguments or precision, or
+            ``fold_bn`` with a model that is not an ``nn.Module``.
 
     Examples:
         >>> import cellkit
         >>> model = cellkit.build_model(cellkit.presets.ours(size="cpu"))
         >>> predict_probabilities(model, np.zeros((40, 70, 3), np.uint8), tile_size=32, overlap=8).shape
         (2, 40, 70)
+        >>> fast = predict_probabilities(model, np.zeros((40, 70, 3), np.uint8), tile_size=32, overlap=8,
+        ...                              precision="auto", fold_bn=True, as_tensor=True)
+        >>> type(fast).__name__, tuple(fast.shape)
+        ('Tensor', (2, 40, 70))
     """
     image = check_image(image, "predict_probabilities")
     _check_tiling(tile_size, overlap, batch_size)
     from cellkit.builder import apply_activation
 
     dev = _model_device(model) if device is None else resolve_device(device)
+    precision = resolve_precision(precision, dev, amp)
+    if fold_bn:
+        if not isinstance(model, nn.Module):
+            raise ValueError(
+                f"fold_bn=True needs an nn.Module whose BatchNorms can be folded, got "
+                f"{type(model).__name__}; pass fold_bn=False."
+            )
+        from cellkit.models.fuse import fold_batchnorm
+
+        model = fold_batchnorm(model)
     if isinstance(model, nn.Module):
         model.to(dev)
     activation = getattr(model, "activation", "sigmoid")
     height, width = image.shape[:2]
     th, tw = min(tile_size, height), min(tile_size, width)
     tiles = [(y, x) for y in tile_starts(height, tile_size, overlap) for x in tile_starts(width, tile_size, overlap)]
-    blender: _RowBandBlender | None = None
+    on_device = _blends_on_device(dev)
+    blender: _RowBandBlender | _TorchRowBandBlender | None = None
+    mean, std = _normaliser(dev)
+    memory_format = _input_memory_format(model)
+    pinned = dev.type == "cuda"
 
     was_training = bool(getattr(model, "training", False))
     if hasattr(model, "eval"):
         model.eval()
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.float16)
-        if amp and dev.type == "cuda"
-        else contextlib.nullcontext()
-    )
     try:
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), _autocast(dev, precision):
             for i in range(0, len(tiles), batch_size):
                 batch = tiles[i : i + batch_size]
-                # .copy(): a writable tile (torch warns about read-only arrays, e.g. from PIL).
-                inputs = torch.stack([image_to_tensor(image[y : y + th, x : x + tw].copy()) for y, x in batch])
-                probs = apply_activation(model.infer(inputs.to(dev)).float(), activation)
+                # One uint8 copy of the batch's tiles (into pinned memory for CUDA), one upload.
+                host = torch.empty((len(batch), th, tw, 3), dtype=torch.uint8, pin_memory=pinned)
+                np.stack([image[y : y + th, x : x + tw] for y, x in batch], out=host.numpy())
+                inputs = _normalise(_upload(host, dev), mean, std, memory_format)
+                probs = apply_activation(model.infer(inputs).float(), activation)
                 if probs.ndim != 4 or probs.shape[0] != len(batch) or tuple(probs.shape[-2:]) != (th, tw):
                     raise ValueError(
                         f"model.infer returned shape {tuple(probs.shape)} for tiles of shape "
                         f"{tuple(inputs.shape)}; expected (B, C, {th}, {tw}) logits at input resolution."
                     )
-                out = probs.cpu().numpy()
                 if blender is None:
-                    blender = _RowBandBlender(out.shape[1], height, width, blend_window(th, tw, overlap))
+                    window = blend_window(th, tw, overlap)
+                    blender = (
+                        _TorchRowBandBlender(probs.shape[1], height, width, window, dev, _blend_dtype(dev))
+                        if on_device
+                        else _RowBandBlender(probs.shape[1], height, width, window)
+                    )
+                out = probs if on_device else probs.cpu().numpy()
                 for (y, x), tile_probs in zip(batch, out):
                     blender.add(y, x, tile_probs)
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
     assert blender is not None  # there is at least one tile
-    return blender.finish()
+    result = blender.finish()
+    if isinstance(result, torch.Tensor):
+        return result if as_tensor else result.cpu().numpy()
+    return torch.from_numpy(result) if as_tensor else result
 
 
 class _RowBandBlender:
@@ -284,6 +523,69 @@ class _RowBandBlender:
         return self.out
 
 
+class _TorchRowBandBlender:
+    """:class:`_RowBandBlender` in torch, on the tiles' device (a GPU), into a float32 tensor.
+
+    The same operations in the same order: with ``dtype=torch.float64`` (the default, used
+    on CPUs and CUDA) it gives the numpy blender's map bit for bit, plateaus included.
+    ``torch.float32`` sums (for devices without float64, e.g. Apple's MPS) differ from it by
+    a few float32 rounding steps (about 1e-7 relative), so where tiles agree on a value the
+    blend may be an ulp off it, and a flat plateau may then show a peak more or less.
+    """
+
+    def __init__(self, channels: int, height: int, width: int, window: np.ndarray,
+                 device: torch.device | str, dtype: torch.dtype = torch.float64) -> None:
+        self.dtype = dtype
+        self.tile_h, self.tile_w = window.shape
+        # Normal tensors even when made under inference_mode (as predict_probabilities does):
+        # they are updated in place after it ends, and the map is handed to the caller.
+        with torch.inference_mode(False):
+            # window is float32; like numpy's astype(float64), the conversion is exact.
+            self.window = torch.from_numpy(np.ascontiguousarray(window)).to(device=device, dtype=dtype)
+            self.out = torch.empty((channels, height, width), dtype=torch.float32, device=device)
+            self.total = torch.zeros((channels, self.tile_h, width), dtype=dtype, device=device)
+            self.weight = torch.zeros((self.tile_h, width), dtype=dtype, device=device)
+        self.top = 0  # the image row of the band's first row
+
+    def add(self, y: int, x: int, probs: torch.Tensor) -> None:
+        if y != self.top:
+            self._flush(y - self.top)
+        self.total[:, :, x : x + self.tile_w] += probs.to(self.dtype) * self.window
+        self.weight[:, x : x + self.tile_w] += self.window
+
+    def _flush(self, rows: int) -> None:
+        """Write the band's first ``rows`` rows out and move the band down by ``rows``."""
+        if not 0 < rows <= self.tile_h:
+            raise AssertionError(f"tiles must come in row-major order (band moved by {rows}).")
+        self.out[:, self.top : self.top + rows] = self.total[:, :rows] / self.weight[:rows]
+        keep = self.tile_h - rows
+        self.total[:, :keep] = self.total[:, rows:].clone()
+        self.total[:, keep:] = 0.0
+        self.weight[:keep] = self.weight[rows:].clone()
+        self.weight[keep:] = 0.0
+        self.top += rows
+
+    def finish(self) -> torch.Tensor:
+        self._flush(self.tile_h)
+        return self.out
+
+
+def _takes_tensors(postprocess: Any) -> bool:
+    """Whether ``postprocess`` is known to take maps as torch tensors on their device."""
+    from cellkit.postprocess.peaks import LocalPeaks
+
+    return isinstance(postprocess, LocalPeaks) or bool(getattr(postprocess, "accepts_tensors", False))
+
+
+def _postprocess_maps(postprocess: PostProcess, maps: torch.Tensor) -> tuple[Detections, np.ndarray]:
+    """Detections of maps made as a tensor (on the device when they were), and the maps in numpy."""
+    if maps.device.type != "cpu" and _takes_tensors(postprocess):
+        detections = postprocess(maps)  # the peaks on the device: only candidates travel
+        return detections, maps.cpu().numpy()
+    probs = maps.cpu().numpy()
+    return postprocess(probs), probs
+
+
 def predict_image(
     model: nn.Module,
     image: np.ndarray,
@@ -293,18 +595,23 @@ def predict_image(
     batch_size: int = 4,
     device: str | torch.device | None = None,
     amp: bool = False,
+    *,
+    precision: str | None = None,
+    fold_bn: bool = False,
 ) -> tuple[Detections, np.ndarray]:
     """Cells of one image: :func:`predict_probabilities`, then ``postprocess`` on the full map.
 
     Peaks are taken on the blended full-image map, so a cell in the overlap of two tiles
-    is found once.
+    is found once. On a GPU, a ``peaks`` post-processor (or one with ``accepts_tensors =
+    True``) runs on the map where it was made; any other gets the numpy map.
 
     Args:
         model: a cellkit model.
         image: ``(H, W, 3)`` uint8 RGB.
         postprocess: maps -> :class:`Detections`, e.g. ``POSTPROCESSORS.build("peaks",
             threshold=0.5, min_distance=3)``; ``None`` = ``peaks`` with its defaults.
-        tile_size, overlap, batch_size, device, amp: see :func:`predict_probabilities`.
+        tile_size, overlap, batch_size, device, amp, precision, fold_bn: see
+            :func:`predict_probabilities`.
 
     Returns:
         ``(detections, probs)`` with ``probs`` the ``(C, H, W)`` float32 maps.
@@ -317,14 +624,19 @@ def predict_image(
         import cellkit.postprocess  # noqa: F401  registers "peaks"
 
         postprocess = POSTPROCESSORS.build("peaks")
-    probs = predict_probabilities(model, image, tile_size, overlap, batch_size, device, amp)
-    return postprocess(probs), probs
+    maps = predict_probabilities(
+        model, image, tile_size, overlap, batch_size, device, amp, precision=precision, fold_bn=fold_bn,
+        as_tensor=True,
+    )
+    assert isinstance(maps, torch.Tensor)
+    return _postprocess_maps(postprocess, maps)
 
 
 def list_images(inputs: Iterable[str | Path]) -> list[Path]:
     """Image files from files and folders: a folder gives its images (sorted, not recursive).
 
-    A folder's images are the files whose suffix is in :data:`IMAGE_SUFFIXES` (any case);
+    A folder's images are the files whose suffix is in :data:`IMAGE_SUFFIXES` or
+    :data:`cellkit.wsi.SLIDE_SUFFIXES` (any case);
     a file given by name is taken whatever its suffix.
 
     Raises:
@@ -339,10 +651,13 @@ def list_images(inputs: Iterable[str | Path]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            from cellkit.wsi.reader import SLIDE_SUFFIXES
+
+            suffixes = tuple(dict.fromkeys((*IMAGE_SUFFIXES, *SLIDE_SUFFIXES)))
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in suffixes)
             if not found:
                 raise ValueError(
-                    f"Folder {p} holds no images (expected files ending in {', '.join(IMAGE_SUFFIXES)})."
+                    f"Folder {p} holds no images (expected files ending in {', '.join(suffixes)})."
                 )
             paths.extend(found)
         elif p.is_file():
@@ -365,18 +680,37 @@ def list_images(inputs: Iterable[str | Path]) -> list[Path]:
 class Predictor:
     """A model ready to predict images and folders, with its post-processing and tiling.
 
+    On a GPU, :meth:`predict` keeps the maps on the device and takes the peaks there (a
+    ``peaks`` post-processor, or any with an ``accepts_tensors = True`` attribute; any other
+    gets numpy maps); only the detections come back.
+
     Args:
         model: a cellkit model (in eval mode on ``device``).
         postprocess: maps -> :class:`Detections`.
         num_classes: output channels of the model.
         class_names: a name per class (default ``class0``, ``class1``...).
-        tile_size, overlap, batch_size, amp: see :func:`predict_probabilities`.
+        tile_size, overlap, batch_size, amp, precision: see :func:`predict_probabilities`.
+        fold_bn: fold the BatchNorms into the convolutions once, here
+            (:func:`cellkit.models.fuse.fold_batchnorm`), and predict with the folded copy
+            (:attr:`inference_model`); ``model`` is kept unchanged. A later change to
+            ``model``'s weights does not reach the copy: make a new Predictor.
         device: where the model runs.
         config: the :class:`~cellkit.config.CellkitConfig` it was built from, if known.
+
+    Attributes:
+        model: the model given, on ``device``, in eval mode.
+        inference_model: the model that predicts: ``model``, or its folded copy with ``fold_bn``.
+        precision: the precision inference runs in, resolved for ``device`` (``"fp32"``,
+            ``"bf16"`` or ``"fp16"``, see :func:`resolve_precision`).
+
+    Raises:
+        ValueError: for bad tiling arguments, device or precision, class names that do not
+            fit ``num_classes``, or ``fold_bn`` with a model that is not an ``nn.Module``.
 
     Examples:
         >>> # predictor = Predictor.from_checkpoint("runs/ours/best.pt", threshold=[0.5, 0.4])
         >>> # det = predictor.predict(image); det.counts(predictor.num_classes)
+        >>> # fast = Predictor.from_checkpoint("runs/ours/best.pt", precision="auto", fold_bn=True)
     """
 
     def __init__(
@@ -392,9 +726,17 @@ class Predictor:
         device: str | torch.device | None = None,
         amp: bool = False,
         config: Any = None,
+        precision: str | None = None,
+        fold_bn: bool = False,
     ) -> None:
         _check_tiling(tile_size, overlap, batch_size)
         self.device = _model_device(model) if device is None else resolve_device(device)
+        self.precision = resolve_precision(precision, self.device, amp)
+        if fold_bn and not isinstance(model, nn.Module):
+            raise ValueError(
+                f"fold_bn=True needs an nn.Module whose BatchNorms can be folded, got "
+                f"{type(model).__name__}; pass fold_bn=False."
+            )
         self.model = model.to(self.device).eval() if isinstance(model, nn.Module) else model
         self.postprocess = postprocess
         self.num_classes = int(num_classes)
@@ -405,6 +747,12 @@ class Predictor:
             )
         self.class_names = [str(n) for n in names]
         self.tile_size, self.overlap, self.batch_size, self.amp = tile_size, overlap, batch_size, amp
+        self.fold_bn = bool(fold_bn)
+        self.inference_model: Any = self.model
+        if self.fold_bn:
+            from cellkit.models.fuse import fold_batchnorm
+
+            self.inference_model = fold_batchnorm(self.model)  # once: every image reuses it
         self.config = config
 
     @classmethod
@@ -419,6 +767,8 @@ class Predictor:
         overlap: int = 64,
         batch_size: int = 4,
         amp: bool = False,
+        precision: str | None = None,
+        fold_bn: bool = False,
     ) -> Predictor:
         """Load a checkpoint (``RUN_DIR/best.pt``, or a run folder) and its post-processing.
 
@@ -432,19 +782,21 @@ class Predictor:
                 calibrated on the validation images, stored in the checkpoint, else the
                 config's).
             min_distance: peak minimum distance in pixels, one or one per class.
-            tile_size, overlap, batch_size, amp: see :func:`predict_probabilities`.
+            tile_size, overlap, batch_size, amp, precision: see :func:`predict_probabilities`.
+            fold_bn: fold the BatchNorms into the convolutions once (see :class:`Predictor`).
 
         Raises:
             FileNotFoundError: for a missing checkpoint.
             CheckpointError: for a corrupt checkpoint, or one whose config and weights do
                 not match the code, saying what differs.
-            ValueError: for a threshold or min_distance of the wrong length.
+            ValueError: for a threshold or min_distance of the wrong length, or a bad precision.
         """
         from cellkit.engine.checkpoint import load_model
         from cellkit.registry import POSTPROCESSORS
         import cellkit.postprocess  # noqa: F401  registers "peaks"
 
         dev = resolve_device(device)
+        resolve_precision(precision, dev, amp)  # a bad one fails before the checkpoint is read
         model, cfg, ckpt = load_model(path, device=dev)
         num_classes = int(cfg.model.num_classes)
         # The thresholds calibrated on the validation images at training time, when stored.
@@ -483,22 +835,43 @@ class Predictor:
             device=dev,
             amp=amp,
             config=cfg,
+            precision=precision,
+            fold_bn=fold_bn,
         )
 
-    def probabilities(self, image: np.ndarray) -> np.ndarray:
-        """``(C, H, W)`` float32 maps of an ``(H, W, 3)`` uint8 image (see :func:`predict_probabilities`)."""
+    def probabilities(self, image: np.ndarray, *, as_tensor: bool = False) -> np.ndarray | torch.Tensor:
+        """``(C, H, W)`` float32 maps of an ``(H, W, 3)`` uint8 image (see :func:`predict_probabilities`).
+
+        Args:
+            image: ``(H, W, 3)`` uint8 RGB.
+            as_tensor: return a torch tensor on :attr:`device` instead of a numpy array.
+        """
         return predict_probabilities(
-            self.model, image, self.tile_size, self.overlap, self.batch_size, self.device, self.amp
+            self.inference_model, image, self.tile_size, self.overlap, self.batch_size, self.device,
+            precision=self.precision, as_tensor=as_tensor,
         )
 
     def predict_with_probabilities(self, image: np.ndarray) -> tuple[Detections, np.ndarray]:
-        """``(detections, probs)`` of an ``(H, W, 3)`` uint8 image."""
-        probs = self.probabilities(image)
-        return self.postprocess(probs), probs
+        """``(detections, probs)`` of an ``(H, W, 3)`` uint8 image; ``probs`` is a numpy array.
+
+        On a GPU the peaks are taken on the device's map (see :class:`Predictor`) before it
+        is copied to the host.
+        """
+        maps = self.probabilities(image, as_tensor=True)
+        assert isinstance(maps, torch.Tensor)
+        return _postprocess_maps(self.postprocess, maps)
 
     def predict(self, image: np.ndarray) -> Detections:
-        """The cells of an ``(H, W, 3)`` uint8 image."""
-        return self.predict_with_probabilities(image)[0]
+        """The cells of an ``(H, W, 3)`` uint8 image.
+
+        On a GPU with a ``peaks`` post-processor the maps never leave the device: only the
+        detections come back.
+        """
+        maps = self.probabilities(image, as_tensor=True)
+        assert isinstance(maps, torch.Tensor)
+        if maps.device.type != "cpu" and _takes_tensors(self.postprocess):
+            return self.postprocess(maps)
+        return self.postprocess(maps.cpu().numpy())
 
     def predict_file(self, path: str | Path) -> Detections:
         """The cells of an image file (read with :func:`cellkit.data.io.read_image`)."""

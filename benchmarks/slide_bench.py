@@ -1,0 +1,163 @@
+"""Whole-slide throughput: megapixels of tissue per second, end to end.
+
+Times :func:`cellkit.wsi.predict_slide` as ``cellkit predict slide --checkpoint ...`` runs it:
+opening the slide, the thumbnail and tissue mask, reading chunks (worker threads), the
+network, blending, peaks, and writing the CSV, GeoJSON, summary and thumbnail. The model is a
+cellkit preset at ``--size`` (``cpu`` or ``paper``) with random weights whose BatchNorm
+statistics are set from real tiles (``model_bench.calibrate_batchnorm``; timing does not
+depend on the weights' values). The slide is a tiled pyramidal TIFF written from the bundled
+EndoNuke tiles (real IHC tissue, 0.5 um/px) as a mosaic of ``--side`` pixels with a white
+border, or a slide file given with ``--slide`` (e.g. ``../shared/data/wsi/CMU-1-Small-Region.svs``).
+
+The figure is ``tissue_mp_per_s``: the level-0 megapixels the tissue mask covers divided by
+the wall time of the whole call (the first call, after one untimed warm-up on a small slide).
+Issue targets: CPU ``cpu`` size >= 2 MP/s; GPU ``paper`` size >= 300 MP/s end to end.
+
+Usage::
+
+    python benchmarks/slide_bench.py --size cpu                          # the mosaic, 2 CPU threads
+    python benchmarks/slide_bench.py --size paper --device cuda --precision auto --fold-bn --side 16384
+    python benchmarks/slide_bench.py --slide ../shared/data/wsi/CMU-1-Small-Region.svs
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import cellkit  # noqa: E402
+from harness import machine_info  # noqa: E402
+from model_bench import calibrate_batchnorm  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", choices=("cpu", "paper"), default="cpu")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--side", type=int, default=4096, help="side of the mosaic slide, pixels")
+    p.add_argument("--slide", type=Path, help="a slide file instead of the mosaic")
+    p.add_argument("--tile-size", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--chunk-size", type=int, default=None)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--precision", default=None, help="fp32, bf16, fp16 or auto (when the Predictor has it)")
+    p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into convolutions (when available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--json", type=Path, help="also write the JSON here")
+    return p.parse_args(argv)
+
+
+def write_mosaic(path: Path, side: int) -> Path:
+    """A pyramidal TIFF of real IHC tiles (0.5 um/px): tissue in the middle, white around it."""
+    import tifffile
+
+    from cellkit.data.bundled import bundled_endonuke
+
+    tiles = [np.asarray(Image.open(f).convert("RGB")) for f in sorted((bundled_endonuke() / "images").glob("*.png"))]
+    image = np.full((side, side, 3), 255, np.uint8)
+    border = side // 8
+    rng = np.random.default_rng(0)
+    for y in range(border, side - border - 200 + 1, 200):
+        for x in range(border, side - border - 200 + 1, 200):
+            image[y : y + 200, x : x + 200] = tiles[int(rng.integers(len(tiles)))]
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        level, down = image, 1
+        while True:
+            res = 1e4 / (0.5 * down)
+            tif.write(level, tile=(256, 256), photometric="rgb", compression="deflate",
+                      resolution=(res, res), resolutionunit="CENTIMETER", subfiletype=0 if down == 1 else 1)
+            if max(level.shape[:2]) <= 1024:
+                break
+            level, down = level[::2, ::2], down * 2
+    return path
+
+
+def build_predictor(args: argparse.Namespace) -> Any:
+    from cellkit.engine.predict import Predictor
+    from cellkit.imaging import image_to_tensor
+    from cellkit.data.bundled import bundled_endonuke
+    import cellkit.postprocess  # noqa: F401
+    from cellkit.registry import POSTPROCESSORS
+
+    torch.manual_seed(0)
+    cfg = cellkit.presets.ours(size=args.size, num_classes=2)
+    cfg.data.mpp = 0.5
+    model = cellkit.build_model(cfg)
+    files = sorted((bundled_endonuke() / "images").glob("*.png"))[:4]
+    calibrate_batchnorm(model, torch.stack([image_to_tensor(np.asarray(Image.open(f).convert("RGB"))) for f in files]))
+    extra = {}
+    params = inspect.signature(Predictor.__init__).parameters
+    if args.precision and "precision" in params:
+        extra["precision"] = args.precision
+    if args.fold_bn and "fold_bn" in params:
+        extra["fold_bn"] = True
+    post = POSTPROCESSORS.build("peaks", threshold=0.5, min_distance=3)
+    return Predictor(model.eval(), post, 2, ["negative", "positive"], tile_size=args.tile_size, overlap=64,
+                     batch_size=args.batch_size, device=args.device, config=cfg, **extra), extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from cellkit.wsi import open_slide
+    from cellkit.wsi.pipeline import predict_slide
+
+    predictor, extra = build_predictor(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmpdir = Path(tmp)
+        slide = args.slide or write_mosaic(tmpdir / "mosaic.tif", args.side)
+        warm = write_mosaic(tmpdir / "warm.tif", 1024)
+        predict_slide(predictor, warm, tmpdir / "warm", progress=False, workers=args.workers)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        result = predict_slide(predictor, slide, tmpdir / "out", progress=False, workers=args.workers,
+                               chunk_size=args.chunk_size)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        with open_slide(slide) as s:
+            level0_mp = s.dimensions[0] * s.dimensions[1] / 1e6
+        tissue_mm2 = result.summary.get("tissue_area_mm2")
+        mpp = result.summary.get("mpp") or 0.5
+        tissue_mp = tissue_mm2 * 1e6 / (mpp * mpp) / 1e6 if tissue_mm2 else None
+    out = {
+        "benchmark": "slide",
+        "size": args.size,
+        "device": args.device,
+        "options": {"tile_size": args.tile_size, "batch_size": args.batch_size, "chunk_size": args.chunk_size,
+                    "workers": args.workers, **extra},
+        "slide": str(args.slide) if args.slide else f"mosaic {args.side} x {args.side} (pyramidal deflate TIFF)",
+        "slide_mp": round(level0_mp, 2),
+        "tissue_mp": round(tissue_mp, 2) if tissue_mp else None,
+        "chunks": result.chunks,
+        "cells": int(len(result.detections)),
+        "seconds": round(seconds, 2),
+        "tissue_mp_per_s": round(tissue_mp / seconds, 3) if tissue_mp else None,
+        "slide_mp_per_s": round(level0_mp / seconds, 3),
+        "machine": machine_info(HERE.parent),
+    }
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

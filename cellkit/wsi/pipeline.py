@@ -1,0 +1,477 @@
+"""A whole slide, predicted in bounded memory: what ``cellkit predict slide.svs`` runs.
+
+:func:`predict_slide` goes through a slide in **chunks** of the model's resolution:
+
+1. **Resolution.** The model's pixel size (``mpp`` recorded in its checkpoint when it was
+   trained with ``--mpp``) and the slide's (from the file, or ``--mpp``) give the scale:
+   level-0 pixels per model pixel. Each chunk is read from the coarsest pyramid level at
+   least as fine as that and resampled the rest of the way (:meth:`Slide.read`). When
+   either pixel size is unknown the slide is read at level 0 as it is (and a warning says so
+   when only one is known).
+2. **Tissue only.** A tissue mask is computed on a thumbnail (:func:`~cellkit.wsi.tissue.tissue_mask`);
+   chunks without tissue are not read. With ``regions`` (a QuPath GeoJSON of annotation
+   polygons) only chunks that meet a region are read and only cells inside one are kept,
+   counted per region.
+3. **Chunks and seams.** The slide, at the model's resolution, is cut into a grid of square
+   *cores* of ``chunk_size`` pixels. Each core is read with a margin around it (the tiling
+   overlap plus twice the peak distance), predicted with the :class:`~cellkit.engine.predict.Predictor`
+   (its tiles, blending and peaks, as for any image) and only the cells whose point falls
+   in the core are kept. Cores partition the slide, so a cell on a seam is kept by one chunk
+   only; the margin gives the pixels near a seam the same context as anywhere else, so the
+   maps near a seam differ from a whole-image prediction only by the tiles' different
+   placement. Measured tolerance (``tests/test_wsi.py``): cells farther than the peak
+   distance from a seam are found exactly; on a seam a cell's point may move by a pixel or
+   two, or, rarely, a cell whose two peaks straddle the seam is reported twice or missed.
+4. **Memory.** One chunk's image and maps are held at a time (plus the chunks being read
+   ahead by ``workers`` threads), never a full-slide map; cells are kept as arrays.
+5. **Resume.** Each finished chunk's cells are written atomically into
+   ``OUT/.STEM.cellkit-parts/``; a run killed part-way and started again with ``resume=True``
+   (``--resume``) reads them back and predicts only the chunks left. The folder is deleted
+   once the slide's files are written.
+6. **Output**, in level-0 slide coordinates (``x`` the column): ``STEM.geojson`` (QuPath
+   detections: import onto the same slide in QuPath with *File > Import objects*),
+   ``STEM.csv`` (``x,y,class,score``; written last, it marks the slide done),
+   ``STEM.summary.json`` / ``.csv`` (counts per class, the share of the class of interest
+   such as the Ki-67 index, cells per mm², per slide and per region) and
+   ``STEM.thumbnail.png`` (the tissue mask and a cell density heat map).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+import warnings
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellkit.points import Detections
+from cellkit.wsi.reader import Slide, open_slide
+
+__all__ = ["MASK_UM_PER_PX", "PARTS_SUFFIX", "SlideResult", "chunk_grid", "predict_slide", "slide_files"]
+
+PARTS_SUFFIX = ".cellkit-parts"
+"""The folder ``OUT/.STEM.cellkit-parts/`` holds the finished chunks of a slide being predicted."""
+
+MASK_UM_PER_PX = 8.0
+"""The tissue mask's resolution when the slide's pixel size is known (micrometres per mask pixel):
+fine enough for the tissue's outline, coarse enough that pale gaps between cells do not split it."""
+
+
+@dataclass
+class SlideResult:
+    """What :func:`predict_slide` did.
+
+    Attributes:
+        path: the slide file.
+        stem: the name of its output files.
+        detections: every cell kept, in level-0 slide pixels.
+        summary: the summary written to ``STEM.summary.json``.
+        files: the files written.
+        chunks: chunks with tissue (predicted or resumed); ``chunks_resumed`` of them were
+            done by an earlier run.
+        scale: level-0 pixels per model pixel.
+        seconds: wall time of this call.
+        megapixels: level-0 megapixels of the chunks' cores predicted by this call.
+    """
+
+    path: Path
+    stem: str
+    detections: Detections
+    summary: dict[str, Any]
+    files: list[Path] = field(default_factory=list)
+    chunks: int = 0
+    chunks_resumed: int = 0
+    scale: float = 1.0
+    seconds: float = 0.0
+    megapixels: float = 0.0
+
+
+def slide_files(out: Path, stem: str) -> list[Path]:
+    """A slide's output files, the one that marks it done (its ``.csv``) last."""
+    return [out / f"{stem}.thumbnail.png", out / f"{stem}.summary.json", out / f"{stem}.summary.csv",
+            out / f"{stem}.geojson", out / f"{stem}.csv"]
+
+
+def chunk_grid(width: int, height: int, chunk_size: int) -> list[tuple[int, int, int, int]]:
+    """Square cores ``(x, y, w, h)`` of ``chunk_size`` covering a ``width x height`` image, row-major.
+
+    Examples:
+        >>> chunk_grid(5, 3, 4)
+        [(0, 0, 4, 3), (4, 0, 1, 3)]
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    return [(x, y, min(chunk_size, width - x), min(chunk_size, height - y))
+            for y in range(0, height, chunk_size) for x in range(0, width, chunk_size)]
+
+
+def _max_min_distance(predictor: Any) -> int:
+    value = getattr(predictor.postprocess, "min_distance", 3)
+    return int(np.max(np.atleast_1d(np.asarray(value, dtype=np.float64))))
+
+
+def _model_mpp(predictor: Any) -> float | None:
+    cfg = getattr(predictor, "config", None)
+    mpp = getattr(getattr(cfg, "data", None), "mpp", None)
+    return float(mpp) if mpp else None
+
+
+def _default_chunk(predictor: Any) -> int:
+    dev = getattr(predictor, "device", None)
+    return 4096 if getattr(dev, "type", "cpu") == "cuda" else 2048
+
+
+class _Progress:
+    """A bar on a terminal; elsewhere a line now and then with the rate and the time left."""
+
+    def __init__(self, total: int, name: str, show: bool | None, every_s: float = 30.0) -> None:
+        from tqdm.auto import tqdm
+
+        self.total, self.name, self.every_s = total, name, every_s
+        self.tty = sys.stderr.isatty() if show is None else bool(show)
+        self.lines = show is None and not self.tty
+        self.bar = tqdm(total=total, desc=name, unit="chunk", disable=not self.tty, leave=False)
+        self.done, self.mp, self.start, self.last = 0, 0.0, time.perf_counter(), time.perf_counter()
+
+    def update(self, megapixels: float) -> None:
+        self.done += 1
+        self.mp += megapixels
+        self.bar.update(1)
+        now = time.perf_counter()
+        if self.lines and (now - self.last >= self.every_s or self.done == self.total):
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            left = (self.total - self.done) / rate if rate > 0 else float("nan")
+            print(f"{self.name}: {self.done}/{self.total} chunks, {self.mp / max(now - self.start, 1e-9):.2f} MP/s, "
+                  f"{_duration(left)} left", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def predict_slide(
+    predictor: Any,
+    path: str | Path,
+    out_dir: str | Path,
+    *,
+    stem: str | None = None,
+    mpp: float | None = None,
+    regions: str | Path | Sequence[Any] | None = None,
+    tissue: bool = True,
+    chunk_size: int | None = None,
+    workers: int = 2,
+    resume: bool = False,
+    progress: bool | None = None,
+    thumbnail_size: int = 1024,
+    index_class: str | None = None,
+) -> SlideResult:
+    """Predict a whole slide (or a large image) chunk by chunk into ``out_dir`` (see the module).
+
+    Args:
+        predictor: a :class:`~cellkit.engine.predict.Predictor`.
+        path: the slide (any format :func:`~cellkit.wsi.open_slide` reads).
+        out_dir: the output folder (created).
+        stem: the output files' name (default: the slide's file stem).
+        mpp: micrometres per level-0 pixel of the slide; overrides the file's.
+        regions: a QuPath GeoJSON file of annotation polygons (or a list of
+            :class:`~cellkit.wsi.regions.Region`): count only inside them, per region.
+        tissue: skip chunks without tissue (:func:`~cellkit.wsi.tissue.tissue_mask`).
+        chunk_size: side of a chunk's core in model pixels (default 2048 on the CPU, 4096 on CUDA).
+        workers: threads reading chunks ahead of the model.
+        resume: keep the chunks an earlier, interrupted run of the same settings finished.
+        progress: a bar; ``None`` = a bar on a terminal, a line every 30 s otherwise.
+        thumbnail_size: longer side of the thumbnail (tissue mask and picture), pixels.
+        index_class: the class whose share is reported (default: a class named ``positive``).
+
+    Returns:
+        a :class:`SlideResult`.
+
+    Raises:
+        FileNotFoundError, SlideError: for a slide that cannot be read.
+        ValueError: for regions that cannot be read, or ``resume`` with other settings.
+
+    Examples:
+        >>> # result = predict_slide(Predictor.from_checkpoint("runs/x/best.pt"), "slide.svs", "out/")
+        >>> # result.summary["counts"], result.summary["index"]
+    """
+    from cellkit.data.io import make_folder, remove_stale_temporaries
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    make_folder(out)
+    remove_stale_temporaries(out)
+    with open_slide(path, mpp=mpp) as slide:
+        stem = stem or slide.path.stem
+        model_mpp = _model_mpp(predictor)
+        scale = _scale(slide, model_mpp)
+        thumb, _ = slide.thumbnail(thumbnail_size)
+        # Thumbnail pixels per level-0 pixel along x and y (the sides round differently).
+        thumb_scale = (thumb.shape[1] / slide.dimensions[0], thumb.shape[0] / slide.dimensions[1])
+        mask = _tissue(slide, thumb, tissue)
+        region_list = _regions(regions)
+        chunk = int(chunk_size or _default_chunk(predictor))
+        margin = int(getattr(predictor, "overlap", 64)) + 2 * _max_min_distance(predictor) + 2
+        work_w = max(1, int(math.ceil(slide.dimensions[0] / scale)))
+        work_h = max(1, int(math.ceil(slide.dimensions[1] / scale)))
+        cores = chunk_grid(work_w, work_h, chunk)
+        wanted = [i for i, c in enumerate(cores) if _wanted(c, scale, mask, thumb_scale, region_list)]
+        settings = {"slide": str(slide.path.resolve()), "dimensions": list(slide.dimensions), "mpp": slide.mpp,
+                    "model_mpp": model_mpp, "scale": scale, "chunk_size": chunk, "margin": margin,
+                    "tissue": bool(tissue), "regions": [r.name for r in region_list],
+                    "postprocess": _jsonable_post(predictor)}
+        parts = _Parts(out / f".{stem}{PARTS_SUFFIX}", settings, resume)
+        done = parts.done()
+        todo = [i for i in wanted if i not in done]
+        bar = _Progress(len(todo), f"predict {slide.path.name}", progress)
+        mp = 0.0
+        try:
+            for index, (image, box) in _read_ahead(slide, cores, todo, scale, margin, work_w, work_h, workers):
+                det = predictor.predict(image)
+                kept = _in_core(det, box, cores[index], scale)
+                parts.save(index, kept)
+                core_mp = cores[index][2] * cores[index][3] * scale * scale / 1e6
+                mp += core_mp
+                bar.update(core_mp)
+        finally:
+            bar.close()
+        cells = parts.load_all(wanted)
+        region_index = None
+        if region_list:
+            from cellkit.wsi.regions import assign_regions
+
+            region_index = assign_regions(cells.points, region_list)
+            inside = region_index >= 0
+            cells = Detections(cells.points[inside], cells.classes[inside], cells.scores[inside])
+            region_index = region_index[inside]
+        files = _write_outputs(out, stem, predictor, slide, cells, thumb, thumb_scale, mask, region_list,
+                               region_index, index_class, settings)
+        parts.remove()
+        result = SlideResult(slide.path, stem, cells, json.loads(files[1].read_text(encoding="utf-8")), files,
+                             chunks=len(wanted), chunks_resumed=len(wanted) - len(todo), scale=scale,
+                             seconds=time.perf_counter() - t0, megapixels=mp)
+    return result
+
+
+def _scale(slide: Slide, model_mpp: float | None) -> float:
+    if slide.mpp is None and model_mpp is not None:
+        warnings.warn(
+            f"{slide.path} records no pixel size and none was given (--mpp); the model was trained at "
+            f"{model_mpp:g} um/px, so the slide is read as if it were at that resolution. Give --mpp to be sure.",
+            stacklevel=3,
+        )
+    if slide.mpp is not None and model_mpp is None:
+        warnings.warn(
+            f"The model records no pixel size (train it with --mpp), so {slide.path} is read at its full "
+            f"resolution ({slide.mpp:g} um/px); a model trained at another resolution sees cells of another size.",
+            stacklevel=3,
+        )
+    if slide.mpp is None or model_mpp is None:
+        return 1.0
+    return float(model_mpp) / float(slide.mpp)
+
+
+def _tissue(slide: Slide, thumb: np.ndarray, tissue: bool) -> np.ndarray:
+    """The tissue mask on the thumbnail's grid, computed at about :data:`MASK_UM_PER_PX` when the pixel size is known."""
+    if not tissue:
+        return np.ones(thumb.shape[:2], bool)
+    from PIL import Image
+    from scipy import ndimage
+
+    from cellkit.wsi.tissue import tissue_mask
+
+    low = thumb
+    if slide.mpp:
+        side = int(round(max(slide.dimensions) * slide.mpp / MASK_UM_PER_PX))
+        if 64 <= side < max(thumb.shape[:2]):
+            low = slide.thumbnail(side)[0]
+    mask = tissue_mask(low)
+    if low.shape != thumb.shape:
+        mask = np.asarray(Image.fromarray(mask).resize((thumb.shape[1], thumb.shape[0]), Image.Resampling.NEAREST))
+    # One thumbnail pixel of dilation: a chunk that only touches tissue is still read.
+    return ndimage.binary_dilation(mask, iterations=1)
+
+
+def _regions(regions: Any) -> list[Any]:
+    if regions is None:
+        return []
+    if isinstance(regions, (str, Path)):
+        from cellkit.wsi.regions import read_regions
+
+        return list(read_regions(regions))
+    return list(regions)
+
+
+def _wanted(core: tuple[int, int, int, int], scale: float, mask: np.ndarray, thumb_scale: tuple[float, float],
+            regions: Sequence[Any]) -> bool:
+    from cellkit.wsi.tissue import mask_fraction
+
+    x, y, w, h = core
+    box = (x * scale, y * scale, w * scale, h * scale)
+    if mask_fraction(mask, box, thumb_scale) <= 0:
+        return False
+    if regions:
+        import shapely
+
+        rect = shapely.box(box[0], box[1], box[0] + box[2], box[1] + box[3])
+        return any(r.geometry.intersects(rect) for r in regions)
+    return True
+
+
+def _read_ahead(slide: Slide, cores: Sequence[tuple[int, int, int, int]], todo: Sequence[int], scale: float,
+                margin: int, work_w: int, work_h: int, workers: int
+                ) -> Iterator[tuple[int, tuple[np.ndarray, tuple[float, float, float, float]]]]:
+    """``(index, (image, box))`` per chunk in order, read by ``workers`` threads ahead of the caller.
+
+    ``box = (x0, y0, sx, sy)``: the level-0 position of the chunk image's pixel (0, 0)'s corner
+    and level-0 pixels per image pixel along x and y.
+    """
+
+    def read(index: int) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+        x, y, w, h = cores[index]
+        wx0, wy0 = max(0, x - margin), max(0, y - margin)
+        wx1, wy1 = min(work_w, x + w + margin), min(work_h, y + h + margin)
+        lx0, ly0 = int(round(wx0 * scale)), int(round(wy0 * scale))
+        lw = max(1, int(round(wx1 * scale)) - lx0)
+        lh = max(1, int(round(wy1 * scale)) - ly0)
+        image = slide.read(lx0, ly0, lw, lh, scale=scale)
+        return image, (float(lx0), float(ly0), lw / image.shape[1], lh / image.shape[0])
+
+    if workers <= 0:
+        for index in todo:
+            yield index, read(index)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cellkit-read") as pool:
+        queue: deque[tuple[int, Future[Any]]] = deque()
+        pending = iter(todo)
+        for index in pending:
+            queue.append((index, pool.submit(read, index)))
+            if len(queue) > workers:
+                break
+        while queue:
+            index, fut = queue.popleft()
+            nxt = next(pending, None)
+            if nxt is not None:
+                queue.append((nxt, pool.submit(read, nxt)))
+            yield index, fut.result()
+
+
+def _in_core(det: Detections, box: tuple[float, float, float, float], core: tuple[int, int, int, int],
+             scale: float) -> Detections:
+    """The chunk's cells in level-0 coordinates, keeping those whose point falls in the core."""
+    lx0, ly0, sx, sy = box
+    pts = det.points.astype(np.float64)
+    # A chunk pixel j covers level-0 [x0 + j sx, x0 + (j + 1) sx): its centre is at x0 + (j + 0.5) sx - 0.5.
+    gx = lx0 + (pts[:, 0] + 0.5) * sx - 0.5
+    gy = ly0 + (pts[:, 1] + 0.5) * sy - 0.5
+    x, y, w, h = core
+    # The core in level-0 pixel-centre coordinates: [x scale - 0.5, (x + w) scale - 0.5).
+    cx0, cy0 = x * scale - 0.5, y * scale - 0.5
+    keep = (gx >= cx0) & (gx < cx0 + w * scale) & (gy >= cy0) & (gy < cy0 + h * scale)
+    return Detections(np.stack([gx, gy], axis=1)[keep].astype(np.float32), det.classes[keep], det.scores[keep])
+
+
+def _jsonable_post(predictor: Any) -> dict[str, Any]:
+    from cellkit.engine.evaluate import jsonable
+
+    post = predictor.postprocess
+    return json.loads(json.dumps({k: jsonable(getattr(post, k)) for k in ("threshold", "min_distance", "exclusive")
+                                  if hasattr(post, k)}))
+
+
+class _Parts:
+    """The finished chunks of one slide, one ``.npz`` each, written atomically."""
+
+    def __init__(self, folder: Path, settings: Mapping[str, Any], resume: bool) -> None:
+        from cellkit.data.io import make_folder, write_text_atomic
+
+        self.folder = folder
+        record = folder / "settings.json"
+        settings = json.loads(json.dumps(settings))
+        if folder.is_dir():
+            earlier = None
+            try:
+                earlier = json.loads(record.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                earlier = None
+            if resume and earlier is not None and earlier != settings:
+                diffs = [k for k in sorted(set(earlier) | set(settings)) if earlier.get(k) != settings.get(k)]
+                raise ValueError(
+                    f"Cannot resume {folder.parent}: the interrupted prediction of this slide used other settings "
+                    f"({', '.join(diffs)}). Resume with the same options, or pass --overwrite to predict again."
+                )
+            if not resume or earlier is None:
+                shutil.rmtree(folder)  # ours: a killed run's chunks, not asked to be kept
+        make_folder(folder)
+        write_text_atomic(record, json.dumps(settings, indent=2) + "\n")
+
+    def _file(self, index: int) -> Path:
+        return self.folder / f"chunk-{index:07d}.npz"
+
+    def done(self) -> set[int]:
+        return {int(p.stem.split("-")[1]) for p in self.folder.glob("chunk-*.npz")}
+
+    def save(self, index: int, det: Detections) -> None:
+        import io
+
+        from cellkit.data.io import atomic_write
+
+        buf = io.BytesIO()
+        np.savez(buf, points=det.points, classes=det.classes, scores=det.scores)
+        with atomic_write(self._file(index), "wb") as f:
+            f.write(buf.getvalue())
+
+    def load_all(self, indices: Sequence[int]) -> Detections:
+        points, classes, scores = [np.zeros((0, 2), np.float32)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
+        for index in indices:
+            path = self._file(index)
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    points.append(z["points"]), classes.append(z["classes"]), scores.append(z["scores"])
+            except (OSError, ValueError, KeyError) as err:
+                raise ValueError(
+                    f"{path} (a finished chunk of an earlier run) cannot be read ({err}); pass --overwrite to "
+                    "predict the slide again."
+                ) from err
+        return Detections(np.concatenate(points), np.concatenate(classes), np.concatenate(scores))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _write_outputs(out: Path, stem: str, predictor: Any, slide: Slide, cells: Detections, thumb: np.ndarray,
+                   thumb_scale: tuple[float, float], mask: np.ndarray, regions: Sequence[Any], region_index: np.ndarray | None,
+                   index_class: str | None, settings: Mapping[str, Any]) -> list[Path]:
+    from cellkit.data.writers import write_csv, write_geojson
+    from cellkit.viz import class_colors
+    from cellkit.wsi.summary import draw_thumbnail, summarize, write_summary
+
+    names = list(predictor.class_names)
+    files = slide_files(out, stem)
+    tissue_px = float(mask.sum()) / (thumb_scale[0] * thumb_scale[1])
+    summary = summarize(cells.classes, names, mpp=slide.mpp, tissue_area_px=tissue_px, index_class=index_class,
+                        region_index=region_index, regions=list(regions) or None)
+    summary = {"slide": str(slide.path), "dimensions": list(slide.dimensions), "mpp": slide.mpp,
+               "model_mpp": settings.get("model_mpp"), "scale": settings.get("scale"), **summary}
+    draw_thumbnail(thumb, files[0], tissue=mask, points=(cells.points + 0.5) * np.array(thumb_scale, np.float32) - 0.5,
+                   classes=cells.classes, class_names=names)
+    write_summary(out, stem, summary)
+    colors = class_colors(len(names))
+    write_geojson(files[3], cells, names, colors=colors.tolist())
+    write_csv(files[4], cells)
+    return files

@@ -1,0 +1,405 @@
+"""Fast inference, checked on the CPU: BatchNorm folding, bf16 autocast, uint8 upload, the torch blender.
+
+The GPU runs of the same code paths are in ``tests/test_cuda.py``. Tolerances, measured on
+the CPU (torch 2.13, oneDNN):
+
+* folding: the folded model's logits differ from the original's by about 1e-5 (float32
+  rounding of ``w * g / sqrt(var + eps)`` against BatchNorm's own sequence of operations),
+  probabilities by about 1e-6; the tests allow 1e-4.
+* bf16: a random model with calibrated BatchNorm (probabilities in 0.25-0.65) differs from
+  float32 by at most 0.0065 (mean 0.0012); scaled to probabilities spanning 0-1 (logits to
+  +-10, so bfloat16's 8-bit mantissa costs more), by at most 0.054 (mean 0.006) over six
+  seeds. The tests allow 0.02 and 0.1 (means 0.005 and 0.015). On maps shaped like a
+  trained model's (one smooth bump per cell) the peaks are the same points.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import cellkit
+from cellkit.engine import predict as predict_module
+from cellkit.engine.predict import (
+    PRECISIONS,
+    Predictor,
+    _RowBandBlender,
+    _TorchRowBandBlender,
+    blend_window,
+    predict_image,
+    predict_probabilities,
+    resolve_precision,
+    tiles_to_tensor,
+)
+from cellkit.imaging import image_to_tensor
+from cellkit.models.fuse import fold_batchnorm, remaining_batchnorm
+from cellkit.registry import POSTPROCESSORS
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def randomise_batchnorm(model: nn.Module, seed: int = 0, passes: int = 3, size: int = 64) -> nn.Module:
+    """Random BatchNorm scales and shifts, and running statistics from training-mode passes."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # a cumulative average: the statistics of the passes below
+            m.reset_running_stats()
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=gen) * 0.4 - 0.2)
+    model.train()
+    with torch.no_grad():
+        for _ in range(passes):
+            model(torch.randn(2, 3, size, size, generator=gen))
+    return model.eval()
+
+
+def calibrated_model(seed: int = 0) -> nn.Module:
+    """The ``cpu``-size ``ours`` model with BatchNorm statistics of real-looking tiles."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import model_bench
+
+    torch.manual_seed(seed)
+    model = cellkit.build_model(cellkit.presets.ours(size="cpu"))
+    image = noise_image(seed)
+    tiles = torch.stack([image_to_tensor(image[:64, :64]), image_to_tensor(image[-64:, -64:])])
+    model_bench.calibrate_batchnorm(model, tiles)
+    return model.eval()
+
+
+def noise_image(seed: int = 0, height: int = 70, width: int = 93) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def blob_image(height: int, width: int, centres: list[tuple[int, int]], sigma: float = 2.5) -> np.ndarray:
+    """White background with dark Gaussian blobs at ``(x, y)`` centres."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    dark = np.zeros((height, width))
+    for cx, cy in centres:
+        dark = np.maximum(dark, np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma**2)))
+    grey = (235 - 200 * dark).round().astype(np.uint8)
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
+class ConvBlobModel(nn.Module):
+    """A conv-BN-ReLU-conv model whose maps look trained: one smooth bump per dark blob.
+
+    Its convolutions run in bfloat16 under autocast, as a real model's do, and its
+    BatchNorm (with set statistics) is folded by ``fold_batchnorm``.
+    """
+
+    activation = "sigmoid"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 2, 7, padding=3, bias=False), nn.BatchNorm2d(2), nn.ReLU(), nn.Conv2d(2, 2, 1)
+        )
+        r = torch.arange(-3, 4, dtype=torch.float32)
+        blur = torch.exp(-(r[:, None] ** 2 + r[None] ** 2) / (2 * 1.5**2))
+        blur = blur / blur.sum() / 3
+        with torch.no_grad():
+            # Channel 0 = darkness (a cell), channel 1 = brightness (background), blurred.
+            self.net[0].weight.copy_(torch.stack([-blur.expand(3, 7, 7), blur.expand(3, 7, 7)]))
+            bn = self.net[1]
+            bn.running_mean.copy_(torch.tensor([-1.0, 1.0]))
+            bn.running_var.copy_(torch.tensor([0.8, 1.2]))
+            bn.weight.copy_(torch.tensor([1.2, 0.9]))
+            bn.bias.copy_(torch.tensor([0.1, -0.1]))
+            # Class 1 ("positive") follows the darkness; class 0 only a weak copy of it.
+            self.net[3].weight.copy_(torch.tensor([[1.0, -0.5], [2.5, -0.5]]).view(2, 2, 1, 1))
+            self.net[3].bias.copy_(torch.tensor([-3.0, -2.0]))
+        self.eval()
+
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+CELLS = [(10, 12), (31, 20), (52, 9), (75, 40), (24, 55), (60, 60), (85, 24), (45, 38)]
+
+
+# ----------------------------------------------------------------------------- folding
+
+
+@pytest.mark.parametrize("preset", ["ours", "ours_plus_plus"])
+def test_folded_model_infers_the_same_and_has_no_batchnorm(preset: str) -> None:
+    torch.manual_seed(0)
+    model = randomise_batchnorm(cellkit.build_model(cellkit.presets.get_preset(preset, size="cpu")))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    folded = fold_batchnorm(model)
+    assert model.training, "the original keeps its mode"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the original is unchanged"
+    assert remaining_batchnorm(model) and remaining_batchnorm(folded) == []
+    assert not folded.training
+    gen = torch.Generator().manual_seed(1)
+    for shape in ((1, 3, 37, 53), (2, 3, 65, 31)):
+        x = torch.randn(*shape, generator=gen)
+        with torch.no_grad():
+            expected = model.eval().infer(x)
+            got = folded.infer(x)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+def test_fold_keeps_what_it_cannot_fold() -> None:
+    class Reordered(nn.Sequential):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # BN before conv: not a foldable pair
+            return self[0](self[1](x))
+
+    class Declared(nn.Module):
+        conv_bn_pairs = (("conv", "norm"),)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(self.conv(x))
+
+    model = nn.Sequential(
+        Reordered(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)),
+        nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False)),
+        Declared(),
+        nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU(), nn.BatchNorm2d(4)),  # not adjacent
+    )
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d) and m.track_running_stats:
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    model.eval()
+    folded = fold_batchnorm(model)
+    assert remaining_batchnorm(folded) == ["0.1", "1.1", "3.2"]  # Declared's norm is folded
+    x = torch.randn(2, 4, 9, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=0, atol=1e-5)
+
+
+def test_fold_keeps_channels_last_and_rejects_non_modules() -> None:
+    model = cellkit.build_model(cellkit.presets.ours(size="cpu")).to(memory_format=torch.channels_last)
+    folded = fold_batchnorm(model)
+    assert folded.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(TypeError, match="nn.Module"):
+        fold_batchnorm(object())  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- uint8 upload
+
+
+def test_tiles_to_tensor_equals_image_to_tensor() -> None:
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 256, size=(3, 17, 23, 3), dtype=np.uint8)
+    expected = torch.stack([image_to_tensor(t) for t in tiles])
+    got = tiles_to_tensor(tiles)
+    assert got.dtype == torch.float32 and got.shape == (3, 3, 17, 23) and got.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert torch.equal(got, expected)  # on the CPU: the same operations, the same numbers
+    last = tiles_to_tensor(torch.from_numpy(tiles), "cpu", memory_format=torch.channels_last)
+    assert last.is_contiguous(memory_format=torch.channels_last) and torch.equal(last, expected)
+    read_only = tiles.copy()
+    read_only.flags.writeable = False
+    assert torch.equal(tiles_to_tensor(read_only), expected)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((4, 5, 3), np.uint8), np.zeros((1, 4, 5, 3), np.float32), [1, 2]])
+def test_tiles_to_tensor_rejects_other_inputs(bad: object) -> None:
+    with pytest.raises(ValueError, match=r"\(B, h, w, 3\) uint8"):
+        tiles_to_tensor(bad)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def test_precision_choices() -> None:
+    assert PRECISIONS == ("fp32", "bf16", "fp16", "auto")
+    assert resolve_precision(None, "cpu") == "fp32"
+    assert resolve_precision(None, "cpu", amp=True) == "fp32"  # amp is ignored on the CPU, as before
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision(" BF16", "cpu") == "bf16"
+    assert resolve_precision("fp32", "cpu") == "fp32"
+
+
+@pytest.mark.parametrize("bad", ["fp8", "float16", "", 16])
+def test_bad_precision_names_the_choices(bad: object) -> None:
+    image = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match="precision.*fp32, bf16, fp16, auto"):
+        predict_probabilities(ConvBlobModel(), image, precision=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="fp32, bf16, fp16, auto"):
+        Predictor(ConvBlobModel(), POSTPROCESSORS.build("peaks"), 2, precision=bad)  # type: ignore[arg-type]
+
+
+def test_fp16_on_the_cpu_and_amp_with_another_precision_are_errors() -> None:
+    image = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match="needs a GPU.*'bf16'"):
+        predict_probabilities(ConvBlobModel(), image, device="cpu", precision="fp16")
+    with pytest.raises(ValueError, match="amp=True.*disagree"):
+        predict_probabilities(ConvBlobModel(), image, amp=True, precision="bf16")
+
+
+def test_fold_bn_matches_fp32() -> None:
+    model = calibrated_model()
+    image = noise_image()
+    reference = predict_probabilities(model, image, tile_size=32, overlap=8)
+    folded = predict_probabilities(model, image, tile_size=32, overlap=8, fold_bn=True)
+    assert folded.shape == (2, 70, 93) and folded.dtype == np.float32
+    np.testing.assert_allclose(folded, reference, rtol=0, atol=1e-4)
+    assert remaining_batchnorm(model), "predict_probabilities folds a copy, not the model"
+
+
+def test_bf16_on_the_cpu_is_close_to_fp32() -> None:
+    model = calibrated_model()
+    image = noise_image()
+    reference = predict_probabilities(model, image, tile_size=32, overlap=8)
+    for fold_bn in (False, True):
+        low = predict_probabilities(model, image, tile_size=32, overlap=8, precision="bf16", fold_bn=fold_bn)
+        assert low.dtype == np.float32 and np.isfinite(low).all()
+        diff = np.abs(low - reference)
+        assert diff.max() < 0.02 and diff.mean() < 0.005, (diff.max(), diff.mean())
+        assert diff.max() > 0, "bf16 autocast did not run"
+    # Probabilities spanning 0-1 (logits to +-10) lose more to bfloat16's 8-bit mantissa.
+    with torch.no_grad():
+        model.decoders["main"].classifier.weight.mul_(8)
+    reference = predict_probabilities(model, image, tile_size=32, overlap=8)
+    assert reference.min() < 0.01 and reference.max() > 0.99
+    diff = np.abs(predict_probabilities(model, image, tile_size=32, overlap=8, precision="bf16") - reference)
+    assert diff.max() < 0.1 and diff.mean() < 0.015, (diff.max(), diff.mean())
+
+
+def test_bf16_finds_the_same_cells_on_trained_looking_maps() -> None:
+    model = ConvBlobModel()
+    image = blob_image(70, 93, CELLS)
+    post = POSTPROCESSORS.build("peaks", threshold=0.5, min_distance=3)
+    det32, maps32 = predict_image(model, image, post, tile_size=32, overlap=8)
+    assert sorted(map(tuple, det32.points[det32.classes == 1].tolist())) == sorted(
+        (float(x), float(y)) for x, y in CELLS
+    )
+    for fold_bn in (False, True):
+        det16, maps16 = predict_image(model, image, post, tile_size=32, overlap=8, precision="bf16",
+                                      fold_bn=fold_bn)
+        assert 0 < np.abs(maps16 - maps32).max() < 0.05
+        np.testing.assert_array_equal(det16.points, det32.points)
+        np.testing.assert_array_equal(det16.classes, det32.classes)
+
+
+# ----------------------------------------------------------------------------- blending on the device
+
+
+def test_torch_blender_equals_numpy_blender() -> None:
+    rng = np.random.default_rng(0)
+    channels, height, width, tile, overlap = 3, 70, 93, 32, 8
+    starts_y = predict_module.tile_starts(height, tile, overlap)
+    starts_x = predict_module.tile_starts(width, tile, overlap)
+    window = blend_window(tile, tile, overlap)
+    tiles = {(y, x): rng.random((channels, tile, tile), dtype=np.float32) for y in starts_y for x in starts_x}
+    reference = _RowBandBlender(channels, height, width, window)
+    exact = _TorchRowBandBlender(channels, height, width, window, "cpu", torch.float64)
+    single = _TorchRowBandBlender(channels, height, width, window, "cpu", torch.float32)
+    for (y, x), probs in tiles.items():
+        reference.add(y, x, probs)
+        exact.add(y, x, torch.from_numpy(probs))
+        single.add(y, x, torch.from_numpy(probs))
+    expected = reference.finish()
+    got64, got32 = exact.finish(), single.finish()
+    assert got64.dtype == got32.dtype == torch.float32 and tuple(got64.shape) == (channels, height, width)
+    np.testing.assert_array_equal(got64.numpy(), expected)  # float64 sums: bit for bit
+    np.testing.assert_allclose(got32.numpy(), expected, rtol=0, atol=1e-5)
+
+
+def test_the_device_path_run_on_the_cpu_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU's code path (blending in torch, maps as a tensor), forced on the CPU."""
+    model = ConvBlobModel()
+    image = blob_image(70, 93, CELLS)
+    expected = predict_probabilities(model, image, tile_size=32, overlap=8, batch_size=3)
+    monkeypatch.setattr(predict_module, "_blends_on_device", lambda dev: True)
+    on_device = predict_probabilities(model, image, tile_size=32, overlap=8, batch_size=3, as_tensor=True)
+    assert isinstance(on_device, torch.Tensor) and on_device.dtype == torch.float32
+    np.testing.assert_array_equal(on_device.numpy(), expected)
+    assert not on_device.is_inference()  # a normal tensor: the caller may change it in place
+    on_device.clamp_(0, 1)
+    as_numpy = predict_probabilities(model, image, tile_size=32, overlap=8, batch_size=3)
+    assert isinstance(as_numpy, np.ndarray)
+    np.testing.assert_array_equal(as_numpy, expected)
+
+
+def test_as_tensor_on_the_cpu() -> None:
+    model = ConvBlobModel()
+    image = blob_image(40, 50, CELLS[:2])
+    maps = predict_probabilities(model, image, tile_size=32, overlap=8, as_tensor=True)
+    assert isinstance(maps, torch.Tensor) and maps.device.type == "cpu"
+    np.testing.assert_array_equal(maps.numpy(), predict_probabilities(model, image, tile_size=32, overlap=8))
+
+
+def test_channels_last_model_gets_channels_last_inputs() -> None:
+    seen = []
+
+    class Spy(ConvBlobModel):
+        def infer(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+            return super().infer(x)
+
+    image = blob_image(40, 50, CELLS[:2])
+    contiguous = predict_probabilities(Spy(), image, tile_size=32, overlap=8)
+    last = predict_probabilities(Spy().to(memory_format=torch.channels_last), image, tile_size=32, overlap=8)
+    assert seen[0] is False and seen[-1] is True
+    np.testing.assert_allclose(last, contiguous, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the Predictor
+
+
+def test_predictor_folds_once_and_finds_the_same_cells() -> None:
+    model = ConvBlobModel()
+    post = POSTPROCESSORS.build("peaks", threshold=0.5, min_distance=3)
+    plain = Predictor(model, post, 2, tile_size=32, overlap=8)
+    fast = Predictor(model, post, 2, tile_size=32, overlap=8, fold_bn=True, precision="auto")
+    assert fast.precision == "fp32" and plain.inference_model is plain.model  # "auto" is fp32 on the CPU
+    assert remaining_batchnorm(fast.inference_model) == [] and remaining_batchnorm(fast.model) == ["net.1"]
+    folded = fast.inference_model
+    image = blob_image(70, 93, CELLS)
+    det, probs = fast.predict_with_probabilities(image)
+    assert isinstance(probs, np.ndarray) and fast.inference_model is folded  # folded once
+    expected_det, expected_probs = plain.predict_with_probabilities(image)
+    np.testing.assert_allclose(probs, expected_probs, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(det.points, expected_det.points)
+    np.testing.assert_array_equal(fast.predict(image).points, expected_det.points)
+    bf16 = Predictor(model, post, 2, tile_size=32, overlap=8, fold_bn=True, precision="bf16")
+    np.testing.assert_array_equal(bf16.predict(image).points, expected_det.points)
+
+
+def test_predictor_from_checkpoint_with_precision_and_fold(tmp_path) -> None:
+    from cellkit.engine.checkpoint import save_checkpoint
+
+    cfg = cellkit.presets.ours(size="cpu")
+    cfg.model.encoder_kwargs["width_multiplier"] = 0.125
+    cfg.model.decoder_kwargs.update(width=8, low_level_width=8)
+    torch.manual_seed(0)
+    model = randomise_batchnorm(cellkit.build_model(cfg))
+    path = save_checkpoint(tmp_path / "best.pt", {"config": cfg.to_dict(), "model": model.state_dict()})
+    with pytest.raises(ValueError, match="fp32, bf16, fp16, auto"):
+        Predictor.from_checkpoint(path, device="cpu", precision="half")
+    fast = Predictor.from_checkpoint(path, device="cpu", precision="bf16", fold_bn=True, tile_size=32,
+                                     overlap=8)
+    plain = Predictor.from_checkpoint(path, device="cpu", tile_size=32, overlap=8)
+    assert fast.precision == "bf16" and remaining_batchnorm(fast.inference_model) == []
+    image = noise_image(3, 48, 80)
+    diff = np.abs(fast.probabilities(image) - plain.probabilities(image))
+    assert 0 < diff.max() < 0.02
+
+
+def test_fold_bn_needs_a_module() -> None:
+    class Duck:
+        activation = "sigmoid"
+
+        def infer(self, x: torch.Tensor) -> torch.Tensor:
+            return x[:, :2]
+
+    with pytest.raises(ValueError, match="fold_bn=True needs an nn.Module"):
+        predict_probabilities(Duck(), np.zeros((8, 8, 3), np.uint8), fold_bn=True)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="fold_bn=True needs an nn.Module"):
+        Predictor(Duck(), POSTPROCESSORS.build("peaks"), 2, fold_bn=True)  # type: ignore[arg-type]
