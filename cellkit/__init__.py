@@ -39,6 +39,7 @@ from cellkit.config import (  # noqa: E402
     TrainConfig,
 )
 from cellkit.points import Detections, validate_points  # noqa: E402
+from cellkit.zoo import model_card, pretrained  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -69,8 +70,10 @@ __all__ = [
     "check_config",
     "losses",
     "masks",
+    "model_card",
     "models",
     "postprocess",
     "presets",
+    "pretrained",
     "validate_points",
 ]

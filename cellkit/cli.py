@@ -1,10 +1,13 @@
-"""The ``cellkit`` command line: ``train``, ``predict`` and ``evaluate``.
+"""The ``cellkit`` command line: ``train``, ``predict``, ``evaluate``, ``plot`` and ``export``.
 
 ::
 
     cellkit train --preset ours_plus --data data/bcdata --format bcdata --out runs/ours_plus
-    cellkit predict --checkpoint runs/ours_plus/best.pt --out out/ slides/
+    cellkit predict --checkpoint runs/ours_plus/best.pt --out out/ images/ slide.svs
+    cellkit predict --model endonuke-epithelium --out out/ images/
     cellkit evaluate --pred out/ --data data/bcdata --format bcdata --split test --radius 6 --radii 2:20
+    cellkit plot runs/ours_plus
+    cellkit export --checkpoint runs/ours_plus/best.pt --out model.onnx
 
 A wrong path, format or name prints one line, ``cellkit <command>: error: <message>``, to
 stderr and exits with status 2; ``--debug`` also prints the traceback. :func:`main` takes
@@ -140,6 +143,11 @@ def _number_list(kind: type) -> Callable[[str], list[Any]]:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugins", metavar="MODULE[,MODULE...]", action="append",
+                   help="import these plug-in modules (names, or paths of .py files) first: their registered "
+                        "mask generators, losses, encoders, decoders and post-processors become usable by "
+                        "name. Importing runs their code. Installed packages' cellkit.plugins entry points "
+                        "are always loaded")
     p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
 
 
@@ -218,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "every size (targets, peak distance, validation radius) follows from it. Default: "
                    "estimated from the training points")
     t.add_argument("--mpp", type=_positive_float, help="micrometres per pixel of the images")
+    t.add_argument("--init-from", metavar="MODEL_OR_CHECKPOINT",
+                   help="start from trained weights: a shipped model (e.g. endonuke-epithelium) or a checkpoint; "
+                        "the encoder is kept, the heads too when the classes agree (else re-made)")
     t.add_argument("--steps", type=_positive_int, help="optimizer steps in all (default: the preset's)")
     t.add_argument("--val-every-steps", type=_positive_int, help="validate and checkpoint every this many steps")
     t.add_argument("--pretrain-fraction", type=_positive_float, metavar="F",
@@ -256,8 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
                    help="image or slide files, or folders whose images and slides are all taken")
-    p.add_argument("--checkpoint", required=True, metavar="FILE.pt",
-                   help="checkpoint of a training run (RUN_DIR/best.pt), or the run folder")
+    model_source = p.add_mutually_exclusive_group(required=True)
+    model_source.add_argument("--checkpoint", metavar="FILE.pt",
+                              help="checkpoint of a training run (RUN_DIR/best.pt), or the run folder")
+    model_source.add_argument("--model", metavar="NAME",
+                              help="a model shipped with cellkit, e.g. endonuke-epithelium (see cellkit.zoo)")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder")
     p.add_argument("--threshold", type=_number_list(float), metavar="T[,T...]",
                    help="peak threshold, one value or one per class (default: the checkpoint's config)")
@@ -329,6 +343,50 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hungarian (maximum matching) or greedy (by score)")
     _add_common(e)
     e.set_defaults(func=_cmd_evaluate)
+
+    # -- plot ---------------------------------------------------------------------------
+    g = sub.add_parser(
+        "plot",
+        help="draw the training curves of a run",
+        description="Draw every loss term (training solid, validation dashed) and the validation F1 per "
+        "class against the steps, from RUN_DIR/metrics.jsonl (and RUN_DIR/pretrain/metrics.jsonl), into "
+        "RUN_DIR/curves.png. cellkit train draws it at the end; this redraws it, also while a run trains.",
+        formatter_class=_Formatter,
+        epilog="example: cellkit plot runs/ours",
+    )
+    g.add_argument("run_dir", metavar="RUN_DIR", help="the run folder of cellkit train")
+    g.add_argument("--out", metavar="FILE.png",
+                   help="where to write the picture (default RUN_DIR/curves.png)")
+    _add_common(g)
+    g.set_defaults(func=_cmd_plot)
+
+    # -- export -------------------------------------------------------------------------
+    x = sub.add_parser(
+        "export",
+        help="export a model to ONNX or TorchScript",
+        description="Write the inference model of a checkpoint (encoder, main decoder and activation, BatchNorm "
+        "folded) as an ONNX or TorchScript file taking (B, 3, H, W) normalised images of any size and returning "
+        "the (B, C, H, W) maps, with the class names, peak thresholds and minimum distances, pixel size, input "
+        "normalisation and cellkit version stored in it. It is checked against PyTorch on odd-sized inputs "
+        "before it is written. ONNX needs pip install 'cellkit[export]'.",
+        formatter_class=_Formatter,
+        epilog="examples: cellkit export --checkpoint runs/ours/best.pt --out model.onnx;  "
+               "cellkit export --checkpoint runs/ours/best.pt --format torchscript --out model.pt",
+    )
+    x.add_argument("--checkpoint", required=True, metavar="FILE.pt",
+                   help="checkpoint of a training run (RUN_DIR/best.pt), or the run folder")
+    x.add_argument("--out", required=True, metavar="FILE", help="the file to write (model.onnx, model.pt)")
+    x.add_argument("--format", type=_name_type("export format", ("onnx", "torchscript")), metavar="{onnx,torchscript}",
+                   help="default: from the suffix of --out (.onnx: onnx; .pt, .pth, .ts: torchscript)")
+    x.add_argument("--opset", type=_positive_int, help="ONNX opset version, 18 or later (default: torch's)")
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace --out when it is a model exported by cellkit (any other file is never replaced)")
+    x.add_argument("--no-check", action="store_true",
+                   help="do not compare the exported model with PyTorch before writing it (for ONNX, the check "
+                        "needs onnxruntime)")
+    _add_common(x)
+    x.set_defaults(func=_cmd_export)
+    sub.metavar = "{" + ",".join(sub.choices) + "}"  # every command, whoever added it
     return parser
 
 
@@ -378,6 +436,10 @@ def build_train_config(args: argparse.Namespace) -> Any:
         if args.size is not None:
             raise ValueError("--size chooses a preset's model; with --config, set the model in the file.")
         cfg = CellkitConfig.from_yaml(Path(args.config))
+        if cfg.plugins:  # the user's own file names them: imported before anything is checked
+            from cellkit.plugins import load_plugins
+
+            load_plugins(cfg.plugins, entry_points=False, origin=f"{args.config}'s plugins: list")
         if diameter is not None:
             cfg = apply_geometry(cfg, Geometry(diameter, "given", args.mpp))
         if args.steps is not None:
@@ -402,6 +464,8 @@ def build_train_config(args: argparse.Namespace) -> Any:
     for stage in cfg.stages():
         if args.mpp is not None:
             stage.data.mpp = args.mpp
+        if args.init_from is not None:
+            stage.train.init_from = args.init_from
         if args.no_balance_classes:
             stage.train.balance_classes = False
     if args.val_every_steps is not None:
@@ -457,8 +521,18 @@ def build_train_config(args: argparse.Namespace) -> Any:
         if value is not None:
             setattr(tr, attr, value)
     from cellkit.builder import check_config
+    from cellkit.config import ConfigError
+    from cellkit.plugins import missing_plugin_hint, split_plugin_names
 
-    check_config(cfg)
+    # The run records its plug-ins (config.yaml, checkpoints): --config of it loads them again.
+    cfg.plugins = split_plugin_names([*cfg.plugins, *(getattr(args, "plugins", None) or [])])
+    try:
+        check_config(cfg)
+    except ConfigError as err:
+        hint = missing_plugin_hint(cfg, "train")
+        if hint is None:
+            raise
+        raise ConfigError(f"{err}\n  - {hint}") from err
     return cfg
 
 
@@ -496,6 +570,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from cellkit.engine.predict import Predictor, list_images
 
     list_images(args.inputs)  # path errors before the model loads
+    if args.model is not None:
+        from cellkit.zoo import model_path
+
+        args.checkpoint = str(model_path(args.model))
     predictor = Predictor.from_checkpoint(
         args.checkpoint,
         device=args.device,
@@ -518,7 +596,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         on_error="skip" if args.skip_bad_images else "raise",
-        settings={"checkpoint": str(Path(args.checkpoint)), "checkpoint_sha256": file_fingerprint(ckpt_file)},
+        settings={"checkpoint": args.model or str(Path(args.checkpoint)),
+                  "checkpoint_sha256": file_fingerprint(ckpt_file)},
         slide=args.slide,
         mpp=args.mpp,
         slide_options={"regions": args.regions, "tissue": not args.no_tissue_mask, "chunk_size": args.chunk_size,
@@ -609,6 +688,40 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         _out(f"F1 against radius: {csv_path}, {png_path}")
     write_text_atomic(json_path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     _out(f"scores: {json_path}")
+    try:  # a picture never costs the scores: unreadable images are a warning
+        from cellkit.engine.plots import plot_errors
+
+        _out(f"errors of the worst images: {plot_errors(result, pred_dir / 'errors.png')}")
+    except Exception as err:  # noqa: BLE001
+        import warnings
+
+        warnings.warn(f"errors.png was not drawn ({type(err).__name__}: {err})", stacklevel=1)
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from cellkit.engine.plots import plot_training
+
+    _out(f"training curves: {plot_training(args.run_dir, args.out)}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from cellkit.export import ExportError, export_model, load_exported_metadata
+
+    try:
+        path = export_model(args.checkpoint, args.out, args.format, args.opset, overwrite=args.overwrite,
+                            check=not args.no_check)
+    except (ExportError, ImportError) as err:  # not among the errors _main reports
+        if args.debug:
+            traceback.print_exc()
+        print(f"cellkit export: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    meta = load_exported_metadata(path)
+    kind = f"ONNX opset {meta.get('opset')}" if meta["format"] == "onnx" else "TorchScript"
+    checked = "not checked (--no-check)" if args.no_check else "matches PyTorch on odd sizes"
+    _out(f"exported {meta['model']} -> {path} ({kind}, any image size, {meta['num_classes']} classes "
+         f"{', '.join(meta['class_names'])}, {meta['activation']} maps; {checked})")
     return 0
 
 
@@ -665,9 +778,15 @@ def _main(argv: list[str]) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    from cellkit.plugins import PluginError, load_plugins
+
     try:
+        # Plug-ins first (--plugins, then installed packages' entry points): every name they
+        # register is known before a config is checked or a checkpoint's model is rebuilt.
+        load_plugins(getattr(args, "plugins", None) or [], entry_points=True)
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, KeyError, ConfigError, CheckpointError, RegistryError, OSError) as err:
+    except (FileNotFoundError, ValueError, KeyError, ConfigError, CheckpointError, RegistryError, OSError,
+            PluginError) as err:
         if args.debug:
             traceback.print_exc()
         print(f"cellkit {args.command}: error: {_one_line(err)}", file=sys.stderr)

@@ -160,6 +160,9 @@ class TrainConfig:
         augment: keyword arguments of :class:`cellkit.data.Augment` (``{}`` = defaults,
             ``None`` = no augmentation).
         val_every: validate every this many epochs (when ``steps`` is None).
+        init_from: start from trained weights: a shipped model's name (:mod:`cellkit.zoo`)
+            or a checkpoint; every weight whose name and shape fit is copied (the encoder, and
+            the heads when the classes agree), the rest is initialised as usual. ``None`` = no.
     """
 
     steps: int | None = None
@@ -184,6 +187,7 @@ class TrainConfig:
     radius: float = 6.0
     augment: dict[str, Any] | None = field(default_factory=dict)
     val_every: int = 1
+    init_from: str | None = None
 
 
 @dataclass
@@ -234,6 +238,10 @@ class CellkitConfig:
         data: the data.
         pretrain: stage 1 (the paper's early-stopped pre-trained model whose class-1 output
             is the ``prior`` target), itself a config; ``None`` when no target needs it.
+        plugins: the plug-in modules the parts come from (see `cellkit.plugins`), top
+            level only. `cellkit train --config` imports them before checking the config,
+            and nothing else does (not `from_yaml`, not a checkpoint): elsewhere it is a
+            record. Written to YAML and dicts only when not empty.
     """
 
     name: str = "custom"
@@ -244,11 +252,16 @@ class CellkitConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: CellkitConfig | None = None
+    plugins: list[str] = field(default_factory=list)
 
     # -- conversions -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """A plain dict of builtins (tuples become lists), the inverse of :meth:`from_dict`."""
-        return _to_plain(dataclasses.asdict(self))
+        """A plain dict of builtins (tuples become lists), the inverse of :meth:`from_dict`.
+
+        `plugins` comes first when it is not empty and is left out when it is, so configs
+        without plug-ins read (and compare) as before it existed.
+        """
+        return _plugins_first(_to_plain(dataclasses.asdict(self)))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CellkitConfig:
@@ -334,6 +347,9 @@ class CellkitConfig:
         stage: CellkitConfig | None = self
         where = "config"
         while stage is not None:
+            if where != "config" and stage.plugins:
+                out.append(f"{where}.plugins: plug-ins are loaded for the whole run; list them in the "
+                           f"top-level plugins: of the config, got {list(stage.plugins)!r} under pretrain")
             out += _data_problems(stage, where)
             out += _postprocess_problems(stage, where)
             if isinstance(stage.train, TrainConfig):
@@ -498,6 +514,14 @@ def _postprocess_problems(cfg: CellkitConfig, where: str) -> list[str]:
     k = cfg.model.num_classes if isinstance(cfg.model.num_classes, int) else None
     return peak_kwargs_problems(p.kwargs, activation=cfg.model.activation, num_classes=k,
                                 where=f"{where}.postprocess.kwargs")
+
+
+def _plugins_first(data: dict[str, Any]) -> dict[str, Any]:
+    """`plugins` first when not empty, dropped when empty (at every stage)."""
+    if isinstance(data.get("pretrain"), dict):
+        data["pretrain"] = _plugins_first(data["pretrain"])
+    plugins = data.pop("plugins", None)
+    return {"plugins": plugins, **data} if plugins else data
 
 
 def _to_plain(value: Any) -> Any:

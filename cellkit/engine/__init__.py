@@ -7,6 +7,8 @@
 - :mod:`cellkit.engine.predict`: tiled inference (:func:`predict_image`, :class:`Predictor`).
 - :mod:`cellkit.engine.evaluate`: scoring a folder of predictions (:func:`evaluate_folder`).
 - :mod:`cellkit.engine.checkpoint`: atomic checkpoints and :func:`load_model`.
+- `cellkit.engine.plots`: the training curves (`plot_training`) and the errors of an
+  evaluation (`plot_errors`).
 
 Example:
     >>> import cellkit
@@ -27,6 +29,7 @@ from cellkit.engine.checkpoint import (
 )
 from cellkit.engine.distributed import DistInfo, dist_info
 from cellkit.engine.evaluate import EvaluationResult, evaluate_folder
+from cellkit.engine.plots import plot_errors, plot_training
 from cellkit.engine.predict import Predictor, predict_image, predict_probabilities
 from cellkit.engine.train import RUN_EXISTS_MESSAGE, TrainResult, fit, run_score
 
@@ -44,6 +47,8 @@ __all__ = [
     "fit",
     "load_checkpoint",
     "load_model",
+    "plot_errors",
+    "plot_training",
     "predict_image",
     "predict_probabilities",
     "run_score",

@@ -169,19 +169,30 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     Returns:
         ``(model, config, checkpoint)``.
 
+    A part the config names that is not registered (a plug-in's encoder or decoder whose
+    module is not imported) is an error naming it and the `--plugins` to pass; loading a
+    checkpoint never imports a plug-in by itself.
+
     Raises:
         CheckpointError: when the checkpoint's config no longer builds with this version
-            of cellkit, or the weights do not fit the model it builds, saying what differs.
+            of cellkit, names a part that is not registered, or the weights do not fit
+            the model it builds, saying what differs.
     """
     from cellkit import __version__
     from cellkit.builder import build_model
     from cellkit.config import CellkitConfig, ConfigError
 
     ckpt = load_checkpoint(path)
+    cfg: CellkitConfig | None = None
     try:
         cfg = CellkitConfig.from_dict(ckpt["config"])
         model = build_model(cfg)
     except (ConfigError, TypeError, ValueError) as err:
+        from cellkit.plugins import missing_plugin_hint
+
+        hint = missing_plugin_hint(cfg, "predict") if cfg is not None else None
+        if hint is not None:  # a plug-in's part, not an old checkpoint: say which and how to load it
+            raise CheckpointError(f"The model stored in {ckpt['path']} does not build: {hint} ({err})") from err
         raise CheckpointError(
             f"The config stored in {ckpt['path']} (written by cellkit {ckpt.get('cellkit_version', '?')}) "
             f"does not build with cellkit {__version__}: {err}"

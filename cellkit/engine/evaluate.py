@@ -164,6 +164,8 @@ class EvaluationResult:
         class_names: a name per class.
         missing: stems of images without a prediction file (counted as empty).
         unmatched: prediction files without a ground-truth image (ignored).
+        image_paths: the image file of each image, in order (`None` where unknown), for
+            pictures of the errors (`cellkit.engine.plots.plot_errors`).
     """
 
     report: Any
@@ -173,6 +175,7 @@ class EvaluationResult:
     class_names: list[str]
     missing: list[str] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
+    image_paths: list[str | None] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -317,7 +320,8 @@ def evaluate_folder(
             "(e.g. endonuke_epithelium, or '0=0,1=1,2=0')."
         )
     report = evaluate(predictions, truths, radius, len(names), names, method)
-    return EvaluationResult(report, keys, predictions, truths, names, missing, unmatched)
+    paths = [str(by_stem[k].path) if getattr(by_stem[k], "path", None) else None for k in keys]
+    return EvaluationResult(report, keys, predictions, truths, names, missing, unmatched, paths)
 
 
 def _check_inside_image(det: Any, sample: Any, path: Path | None) -> None:

@@ -42,6 +42,7 @@ The run folder::
     <run>/last.pt          the state after the last finished round (resumes training)
     <run>/best.pt          the state of the best validated round, with the calibrated peaks
     <run>/calibration.json the peak arguments chosen on the validation images (train.calibrate)
+    <run>/curves.png       the loss terms and validation F1 against the steps (cellkit.engine.plots)
     <run>/pretrain/...     stage 1, same layout (ours_plus_plus only)
     <run>/prior_cache/     the cached prior targets (ours_plus_plus only)
 
@@ -98,7 +99,7 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,7 @@ RUN_EXISTS_MESSAGE = (
 # Config keys that may change between an interrupted run and its resumption.
 _RESUMABLE_CHANGES = (
     "train.epochs", "train.num_workers", "pretrain.train.epochs", "pretrain.train.num_workers",
+    "plugins",  # a record of the modules loaded (cellkit.plugins), not of what is trained
 )
 
 
@@ -188,8 +190,13 @@ def fit(
             returned as is unless ``cfg.train.epochs`` was raised.
         device: ``"cuda"``, ``"cpu"``, ``"cuda:1"``...; default ``"cuda"`` when available.
             Under ``torchrun`` a CUDA process uses ``cuda:<LOCAL_RANK>``.
-        progress: show a progress bar per epoch (``None``: only when stderr is a terminal)
-            and print a summary line per epoch (unless ``False``).
+        progress: what is printed to stderr while training. `None` (the default, and
+            `cellkit train`'s): a progress bar on a terminal; elsewhere (a log file, a
+            notebook, a batch job) a plain line every 10% of the steps or 30 seconds,
+            whichever comes first, with the step, the rate (steps/s) and the time left.
+            `True`: always the bar (a widget in notebooks, through `tqdm.auto`).
+            `False`: nothing. Unless `False`, also the lines of what was chosen, one
+            summary line per round and the path of `curves.png`.
         max_steps: at most this many steps per epoch (for smoke tests).
 
     Returns:
@@ -247,6 +254,8 @@ def fit(
         stage1 = pre_result.last_path if pre_result is not None else None
         result = _run_stage(cfg, out, stage="train", resume=resume, stage1=stage1, **common)
         result.pretrain = pre_result
+        if info.is_main:
+            _draw_curves(out, progress)
         barrier()
         return result
     finally:
@@ -621,6 +630,7 @@ class _Stage:
     history: list[dict[str, Any]] = field(default_factory=list)
     best_score: float = float("nan")
     chosen_post: dict[str, Any] = field(default_factory=dict)
+    lines: _ProgressLines | None = None  # progress lines when stderr is not a terminal
 
     @property
     def last_path(self) -> Path:
@@ -675,6 +685,12 @@ def _set_up_stage(cfg: CellkitConfig, out: Path, *, split: dict[str, list[Any]],
     use_amp = dev.type == "cuda" and bool(t.amp)
     _seed_all(t.seed)
     parts = build(cfg)  # the config is checked once, every part built
+    if t.init_from and not (resume and (out / "last.pt").is_file()):
+        from cellkit.zoo import initial_weights
+
+        report = initial_weights(parts.model, t.init_from)
+        if info.is_main and progress is not False:
+            print(f"{stage}: {report.summary()}", file=sys.stderr, flush=True)
     model = parts.model.to(dev)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -809,7 +825,8 @@ def _round(st: _Stage, ddp_model: nn.Module, loader: Any, val_ds: Any, scheduler
     desc = (f"{prefix}steps {done + 1}-{done + steps}/{sum(sizes)}" if t.steps is not None
             else f"{prefix}epoch {epoch + 1}/{len(sizes)}")
     train_terms = _train_epoch(ddp_model, loader, steps, st.loss_fn, st.optimizer, st.scaler, t.grad_clip, st.ctx,
-                               desc=desc, show_bar=_show_bar(st), scheduler=scheduler)
+                               desc=desc, show_bar=_show_bar(st), scheduler=scheduler,
+                               log=_progress_log(st, done, sum(sizes)))
     # The sums were reduced over ranks, so every rank raises together (no rank left waiting).
     if not all(math.isfinite(v) for v in train_terms.values()):
         raise FloatingPointError(
@@ -844,6 +861,68 @@ def _round(st: _Stage, ddp_model: nn.Module, loader: Any, val_ds: Any, scheduler
 def _show_bar(st: _Stage) -> bool:
     shown = bool(st.progress) if st.progress is not None else sys.stderr.isatty()
     return shown and st.info.is_main
+
+
+def _progress_log(st: _Stage, done: int, total: int) -> Callable[[int, float], None] | None:
+    """What ``_train_epoch`` calls after each step: progress lines when stderr is no terminal (and no bar)."""
+    if not (st.info.is_main and st.progress is None and not sys.stderr.isatty()):
+        return None
+    if st.lines is None:
+        st.lines = _ProgressLines(st.name, total, done)
+    lines = st.lines
+    return lambda step, loss: lines(done + step, loss)
+
+
+def _draw_curves(out: Path, progress: bool | None) -> None:
+    """``<run>/curves.png`` at the end of a run; a picture that fails warns and never fails the run."""
+    try:
+        from cellkit.engine.plots import plot_training
+
+        path = plot_training(out)
+    except Exception as err:  # noqa: BLE001  matplotlib missing, a full disk...: the weights are saved
+        warnings.warn(f"the training curves were not drawn ({type(err).__name__}: {err}); draw them later "
+                      f"with `cellkit plot {out}`.", RuntimeWarning, stacklevel=3)
+        return
+    if progress is not False:
+        print(f"training curves: {path}", file=sys.stderr, flush=True)
+
+
+class _ProgressLines:
+    """Progress as plain lines, for a stderr that is not a terminal (a log file, a batch job).
+
+    A line every 10% of the stage's steps or every ``every_s`` seconds, whichever comes first:
+    ``step 120/400 (30%)  2.41 steps/s  ETA 1m56s  loss 0.4123``. The rate counts the steps
+    this process has run since the stage (re)started, over the time since then, validation
+    included, so the ETA includes the validations to come.
+    """
+
+    def __init__(self, name: str, total: int, start: int, every_s: float = 30.0) -> None:
+        self.prefix = "pretrain " if name == "pretrain" else ""
+        self.total, self.start, self.every_s = max(1, int(total)), int(start), float(every_s)
+        self.every_steps = max(1, math.ceil(self.total / 10))
+        self.started = self.last = time.perf_counter()
+
+    def __call__(self, step: int, loss: float) -> None:
+        """After optimizer step ``step`` (1-based, of the stage) with the round's mean ``loss`` so far."""
+        now = time.perf_counter()
+        if step % self.every_steps and now - self.last < self.every_s:
+            return
+        self.last = now
+        done = step - self.start
+        rate = done / max(now - self.started, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        print(f"{self.prefix}step {step}/{self.total} ({step / self.total:.0%})  {rate:.3g} steps/s  "
+              f"ETA {_duration(eta)}  loss {loss:.4f}", file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    """``"1h02m"``, ``"3m05s"``, ``"12s"``; ``"?"`` when unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(max(0.0, seconds)))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def _save_round(st: _Stage, record: Mapping[str, Any], improved: bool, scheduler: Any,
@@ -955,8 +1034,12 @@ class _StepContext:
 
 def _train_epoch(model: nn.Module, loader: Any, steps: int, loss_fn: nn.Module,
                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float | None,
-                 ctx: _StepContext, *, desc: str, show_bar: bool, scheduler: Any = None) -> dict[str, float]:
-    """One epoch; returns the mean of every loss term (and ``total``) over all ranks."""
+                 ctx: _StepContext, *, desc: str, show_bar: bool, scheduler: Any = None,
+                 log: Callable[[int, float], None] | None = None) -> dict[str, float]:
+    """One epoch; returns the mean of every loss term (and ``total``) over all ranks.
+
+    ``log(step, mean_loss)`` is called after each step (1-based, of this round) when given.
+    """
     from tqdm.auto import tqdm
 
     model.train()
@@ -985,6 +1068,8 @@ def _train_epoch(model: nn.Module, loader: Any, steps: int, loss_fn: nn.Module,
             count += 1
             bar.update(1)
             bar.set_postfix(loss=f"{sums[0].item() / count:.4f}")
+            if log is not None:
+                log(count, sums[0].item() / count)
     finally:
         bar.close()
     # nccl reduces CUDA tensors only; gloo takes CPU tensors.

@@ -160,7 +160,7 @@ class DeepLabV3PlusDecoder(nn.Module):
         )
         self.classifier = nn.Conv2d(width, num_classes, 1)
 
-    def forward(self, features: Sequence[Tensor]) -> Tensor:
+    def forward(self, features: list[Tensor]) -> Tensor:  # list, not Sequence: torch.jit.script
         if len(features) != self.num_features:
             raise ValueError(
                 f"expected {self.num_features} encoder features (as given by encoder_channels), "
