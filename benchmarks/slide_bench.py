@@ -15,7 +15,7 @@ Issue targets: CPU ``cpu`` size >= 2 MP/s; GPU ``paper`` size >= 300 MP/s end to
 
 Usage::
 
-    python benchmarks/slide_bench.py --size cpu                          # the mosaic, 2 CPU threads
+    python benchmarks/slide_bench.py --size cpu                          # the mosaic, as cellkit predict runs
     python benchmarks/slide_bench.py --size paper --device cuda --precision auto --fold-bn --side 16384
     python benchmarks/slide_bench.py --slide ../shared/data/wsi/CMU-1-Small-Region.svs
 """
@@ -54,8 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--precision", default=None, help="fp32, bf16, fp16 or auto (when the Predictor has it)")
-    p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into convolutions (when available)")
+    p.add_argument("--precision", default="auto", help="fp32, bf16, fp16 or auto (as cellkit predict: the default)")
+    p.add_argument("--fold-bn", action="store_true", default=True,
+                   help="fold BatchNorm into convolutions (as cellkit predict: the default)")
+    p.add_argument("--no-fold-bn", dest="fold_bn", action="store_false", help="keep BatchNorm layers")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, help="also write the JSON here")
     return p.parse_args(argv)
