@@ -110,7 +110,7 @@ def calibrated(cfg: cellkit.CellkitConfig, seed: int = 0) -> torch.nn.Module:
 
 
 def test_upload_and_blending_on_cuda_match_the_cpu():
-    from cellkit.engine.predict import _RowBandBlender, _TorchRowBandBlender, blend_window, tiles_to_tensor
+    from cellkit.engine.predict import _RowBandBlender, blend_window, tiles_to_tensor
     from cellkit.imaging import image_to_tensor
 
     rng = np.random.default_rng(0)
@@ -121,13 +121,13 @@ def test_upload_and_blending_on_cuda_match_the_cpu():
     torch.testing.assert_close(on_gpu.cpu(), expected, rtol=0, atol=1e-6)
 
     window = blend_window(32, 32, 8)
-    cpu, gpu = _RowBandBlender(2, 70, 93, window), _TorchRowBandBlender(2, 70, 93, window, "cuda")
+    cpu, gpu = _RowBandBlender(2, 70, 93, window, "cpu"), _RowBandBlender(2, 70, 93, window, "cuda")
     for y in (0, 24, 38):
         for x in (0, 24, 48, 61):
             probs = rng.random((2, 32, 32), dtype=np.float32)
-            cpu.add(y, x, probs)
+            cpu.add(y, x, torch.from_numpy(probs))
             gpu.add(y, x, torch.from_numpy(probs).cuda())
-    np.testing.assert_array_equal(gpu.finish().cpu().numpy(), cpu.finish())  # float64 sums on both
+    np.testing.assert_array_equal(gpu.finish().cpu().numpy(), cpu.finish().numpy())  # float64 sums on both
 
 
 def test_bf16_and_folded_batchnorm_on_cuda_match_cpu_fp32():

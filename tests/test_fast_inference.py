@@ -26,7 +26,6 @@ from cellkit.engine.predict import (
     PRECISIONS,
     Predictor,
     _RowBandBlender,
-    _TorchRowBandBlender,
     blend_window,
     predict_image,
     predict_probabilities,
@@ -290,49 +289,42 @@ def test_bf16_finds_the_same_cells_on_trained_looking_maps() -> None:
 # ----------------------------------------------------------------------------- blending on the device
 
 
-def test_torch_blender_equals_numpy_blender() -> None:
+def test_blender_equals_a_whole_image_weighted_average() -> None:
+    """The row-band blender gives the full-size weighted average of the tiles (float64: bit for bit)."""
     rng = np.random.default_rng(0)
     channels, height, width, tile, overlap = 3, 70, 93, 32, 8
     starts_y = predict_module.tile_starts(height, tile, overlap)
     starts_x = predict_module.tile_starts(width, tile, overlap)
     window = blend_window(tile, tile, overlap)
     tiles = {(y, x): rng.random((channels, tile, tile), dtype=np.float32) for y in starts_y for x in starts_x}
-    reference = _RowBandBlender(channels, height, width, window)
-    exact = _TorchRowBandBlender(channels, height, width, window, "cpu", torch.float64)
-    single = _TorchRowBandBlender(channels, height, width, window, "cpu", torch.float32)
+    total = np.zeros((channels, height, width))
+    weight = np.zeros((height, width))
+    exact = _RowBandBlender(channels, height, width, window, "cpu", torch.float64)
+    single = _RowBandBlender(channels, height, width, window, "cpu", torch.float32)
     for (y, x), probs in tiles.items():
-        reference.add(y, x, probs)
+        total[:, y : y + tile, x : x + tile] += probs * window.astype(np.float64)
+        weight[y : y + tile, x : x + tile] += window
         exact.add(y, x, torch.from_numpy(probs))
         single.add(y, x, torch.from_numpy(probs))
-    expected = reference.finish()
+    expected = (total / weight).astype(np.float32)
     got64, got32 = exact.finish(), single.finish()
     assert got64.dtype == got32.dtype == torch.float32 and tuple(got64.shape) == (channels, height, width)
-    np.testing.assert_array_equal(got64.numpy(), expected)  # float64 sums: bit for bit
+    np.testing.assert_array_equal(got64.numpy(), expected)
     np.testing.assert_allclose(got32.numpy(), expected, rtol=0, atol=1e-5)
+    with pytest.raises(AssertionError, match="row-major"):
+        exact.add(0, 0, torch.from_numpy(tiles[(0, 0)]))  # back to a band already written out
 
 
-def test_the_device_path_run_on_the_cpu_matches(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The GPU's code path (blending in torch, maps as a tensor), forced on the CPU."""
+def test_as_tensor_gives_a_normal_tensor_of_the_same_map() -> None:
     model = ConvBlobModel()
     image = blob_image(70, 93, CELLS)
     expected = predict_probabilities(model, image, tile_size=32, overlap=8, batch_size=3)
-    monkeypatch.setattr(predict_module, "_blends_on_device", lambda dev: True)
-    on_device = predict_probabilities(model, image, tile_size=32, overlap=8, batch_size=3, as_tensor=True)
-    assert isinstance(on_device, torch.Tensor) and on_device.dtype == torch.float32
-    np.testing.assert_array_equal(on_device.numpy(), expected)
-    assert not on_device.is_inference()  # a normal tensor: the caller may change it in place
-    on_device.clamp_(0, 1)
-    as_numpy = predict_probabilities(model, image, tile_size=32, overlap=8, batch_size=3)
-    assert isinstance(as_numpy, np.ndarray)
-    np.testing.assert_array_equal(as_numpy, expected)
-
-
-def test_as_tensor_on_the_cpu() -> None:
-    model = ConvBlobModel()
-    image = blob_image(40, 50, CELLS[:2])
-    maps = predict_probabilities(model, image, tile_size=32, overlap=8, as_tensor=True)
-    assert isinstance(maps, torch.Tensor) and maps.device.type == "cpu"
-    np.testing.assert_array_equal(maps.numpy(), predict_probabilities(model, image, tile_size=32, overlap=8))
+    assert isinstance(expected, np.ndarray) and expected.dtype == np.float32
+    maps = predict_probabilities(model, image, tile_size=32, overlap=8, batch_size=3, as_tensor=True)
+    assert isinstance(maps, torch.Tensor) and maps.device.type == "cpu" and maps.dtype == torch.float32
+    np.testing.assert_array_equal(maps.numpy(), expected)
+    assert not maps.is_inference()  # a normal tensor: the caller may change it in place
+    maps.clamp_(0, 1)
 
 
 def test_channels_last_model_gets_channels_last_inputs() -> None:

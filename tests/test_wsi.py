@@ -375,3 +375,18 @@ def test_evaluate_radius_in_micrometres(tmp_path: Path) -> None:
     assert radius("--radius", "3um") == pytest.approx(12.0)  # the prediction run's pixel size
     with pytest.raises(_UsageError, match="positive length"):
         radius("--radius", "0um")
+
+
+def test_predict_slide_never_replaces_files_unasked(tmp_path: Path) -> None:
+    image, _ = mosaic(1, 1)
+    path = write_pyramid(tmp_path / "m.tif", [image], MPP)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "m.csv").write_text("x,y,class\n1,2,0\n")  # the user's annotations of m.tif
+    kwargs: dict[str, Any] = {"tissue": False, "progress": False}
+    with pytest.raises(FileExistsError, match="m.csv exists"):
+        predict_slide(stain_predictor(), path, out, **kwargs)
+    assert (out / "m.csv").read_text() == "x,y,class\n1,2,0\n"
+    assert not (out / "m.geojson").exists()  # refused before any work
+    predict_slide(stain_predictor(), path, out, overwrite=True, **kwargs)
+    assert (out / "m.csv").read_text().startswith("x,y,class,score")

@@ -65,6 +65,8 @@ from .io import IMAGE_EXTENSIONS, DataError, DataWarning, load_image
 __all__ = [
     "PointRecords",
     "detect_format",
+    "geojson_classification",
+    "geojson_features",
     "load_dataset",
     "read_bcdata_h5",
     "read_csv_points",
@@ -355,7 +357,48 @@ def read_bcdata_h5(path: str | os.PathLike[str], dataset: str = "coordinates") -
         raise DataError(str(err)) from None
 
 
-def _geojson_label(props: Mapping[str, Any]) -> str:
+def geojson_features(path: str | os.PathLike[str]) -> list[Any]:
+    """The features of a GeoJSON file, as QuPath writes them: a FeatureCollection, one Feature or a list.
+
+    Raises:
+        DataError: naming the file, for text that is not UTF-8 or not JSON, or JSON that is none
+            of the three.
+    """
+    p = Path(path)
+    text = _read_text(p)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{p}: line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg}); the file is "
+            "truncated, corrupt or not GeoJSON."
+        ) from exc
+    if isinstance(data, list):
+        return data
+    if isinstance(data, Mapping) and data.get("type") == "FeatureCollection":
+        features = data.get("features")
+        if not isinstance(features, list):
+            raise DataError(f"{p}: the FeatureCollection has no 'features' list.")
+        return features
+    if isinstance(data, Mapping) and data.get("type") == "Feature":
+        return [data]
+    got = data.get("type") if isinstance(data, Mapping) else type(data).__name__
+    raise DataError(
+        f"{p}: expected a GeoJSON FeatureCollection, Feature or list of Features, got {got!r}; "
+        "export the objects from QuPath with File > Export objects as GeoJSON."
+    )
+
+
+def geojson_classification(props: Mapping[str, Any]) -> str | None:
+    """The class name of a QuPath GeoJSON feature's ``properties``, or ``None`` when unclassified.
+
+    Takes ``classification.name``, QuPath's derived classes ``classification.names``
+    (joined with ``": "``) or a plain string.
+
+    Examples:
+        >>> geojson_classification({"classification": {"name": "Tumor"}}), geojson_classification({})
+        ('Tumor', None)
+    """
     cls = props.get("classification")
     if isinstance(cls, Mapping):
         if cls.get("name"):
@@ -363,10 +406,14 @@ def _geojson_label(props: Mapping[str, Any]) -> str:
         names = cls.get("names")
         if isinstance(names, list) and names:
             return ": ".join(str(n) for n in names)  # QuPath's derived classes
-        return UNCLASSIFIED
+        return None
     if isinstance(cls, str) and cls:
         return cls
-    return UNCLASSIFIED
+    return None
+
+
+def _geojson_label(props: Mapping[str, Any]) -> str:
+    return geojson_classification(props) or UNCLASSIFIED
 
 
 def _geojson_score(props: Mapping[str, Any], name: str) -> float | None:
@@ -461,27 +508,7 @@ def read_geojson_points(
         array([1])
     """
     p = Path(path)
-    text = _read_text(p)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(
-            f"{p}: line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg}); the file is "
-            "truncated or corrupt."
-        ) from exc
-    if isinstance(data, list):
-        features = data
-    elif isinstance(data, Mapping) and data.get("type") == "FeatureCollection":
-        features = data.get("features")
-        if not isinstance(features, list):
-            raise DataError(f"{p}: the FeatureCollection has no 'features' list.")
-    elif isinstance(data, Mapping) and data.get("type") == "Feature":
-        features = [data]
-    else:
-        got = data.get("type") if isinstance(data, Mapping) else type(data).__name__
-        raise DataError(
-            f"{p}: expected a GeoJSON FeatureCollection, Feature or list of Features, got {got!r}."
-        )
+    features = geojson_features(p)
     points: list[tuple[float, float]] = []
     classes: list[int] = []
     scores: list[float | None] = []

@@ -374,7 +374,9 @@ def _predict_images(predictor: Any, paths: list[Path], out: Path, run: Predictio
         from cellkit.wsi.pipeline import predict_slide
 
         try:
-            result = predict_slide(predictor, path, out, stem=path.stem, resume=resume, progress=progress, **options)
+            # The folder was claimed above: what exists now is an earlier run's, ours to replace.
+            result = predict_slide(predictor, path, out, stem=path.stem, resume=resume, progress=progress,
+                                   overwrite=True, **options)
         except (SlideError, DataError, OSError) as err:
             if on_error == "raise":
                 raise

@@ -339,13 +339,8 @@ def _input_memory_format(model: Any) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _blends_on_device(dev: torch.device) -> bool:
-    """Blend tiles where the network ran (GPUs), or on the host in numpy (the CPU)."""
-    return dev.type != "cpu"
-
-
 def _blend_dtype(dev: torch.device) -> torch.dtype:
-    """float64 sums where the device has float64 (as the numpy blender), else float32 (MPS)."""
+    """float64 sums where the device has float64, else float32 (MPS)."""
     return torch.float64 if dev.type in ("cpu", "cuda") else torch.float32
 
 
@@ -371,8 +366,8 @@ def predict_probabilities(
     call (its mode is restored after).
 
     Each batch of tiles is uploaded to the device as uint8 and normalised there
-    (:func:`tiles_to_tensor`). On the CPU the tiles are blended in numpy; on a GPU on the
-    device, with the same float64 sums (float32 where a device has no float64), so the
+    (:func:`tiles_to_tensor`). The tiles are blended where they are (the CPU or the GPU), by
+    one row-band blender with float64 sums (float32 where a device has no float64), so the
     blend adds nothing to the difference between devices, and the map comes back once.
 
     Args:
@@ -439,8 +434,7 @@ def predict_probabilities(
     height, width = image.shape[:2]
     th, tw = min(tile_size, height), min(tile_size, width)
     tiles = [(y, x) for y in tile_starts(height, tile_size, overlap) for x in tile_starts(width, tile_size, overlap)]
-    on_device = _blends_on_device(dev)
-    blender: _RowBandBlender | _TorchRowBandBlender | None = None
+    blender: _RowBandBlender | None = None
     mean, std = _normaliser(dev)
     memory_format = _input_memory_format(model)
     pinned = dev.type == "cuda"
@@ -464,73 +458,27 @@ def predict_probabilities(
                     )
                 if blender is None:
                     window = blend_window(th, tw, overlap)
-                    blender = (
-                        _TorchRowBandBlender(probs.shape[1], height, width, window, dev, _blend_dtype(dev))
-                        if on_device
-                        else _RowBandBlender(probs.shape[1], height, width, window)
-                    )
-                out = probs if on_device else probs.cpu().numpy()
-                for (y, x), tile_probs in zip(batch, out):
+                    blender = _RowBandBlender(probs.shape[1], height, width, window, dev, _blend_dtype(dev))
+                for (y, x), tile_probs in zip(batch, probs):
                     blender.add(y, x, tile_probs)
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
     assert blender is not None  # there is at least one tile
     result = blender.finish()
-    if isinstance(result, torch.Tensor):
-        return result if as_tensor else result.cpu().numpy()
-    return torch.from_numpy(result) if as_tensor else result
+    return result if as_tensor else result.cpu().numpy()
 
 
 class _RowBandBlender:
-    """Weighted average of tiles added in row-major order, into a ``(C, H, W)`` float32 map.
+    """Weighted average of tiles added in row-major order, into a ``(C, H, W)`` float32 tensor.
 
-    Sums run in float64 over one band of rows (one tile high); rows above the band's next
-    tile row are final and are written out as they complete. In float64, tiles that agree
-    on a pixel blend back to exactly their float32 value (also 1.0 where a sigmoid
-    saturates), so blending never makes the ripples that would split a plateau into
-    several peaks.
-    """
-
-    def __init__(self, channels: int, height: int, width: int, window: np.ndarray) -> None:
-        self.window = window.astype(np.float64)
-        self.tile_h, self.tile_w = window.shape
-        self.out = np.empty((channels, height, width), np.float32)
-        self.total = np.zeros((channels, self.tile_h, width), np.float64)
-        self.weight = np.zeros((self.tile_h, width), np.float64)
-        self.top = 0  # the image row of the band's first row
-
-    def add(self, y: int, x: int, probs: np.ndarray) -> None:
-        if y != self.top:
-            self._flush(y - self.top)
-        self.total[:, :, x : x + self.tile_w] += probs * self.window
-        self.weight[:, x : x + self.tile_w] += self.window
-
-    def _flush(self, rows: int) -> None:
-        """Write the band's first ``rows`` rows out and move the band down by ``rows``."""
-        if not 0 < rows <= self.tile_h:
-            raise AssertionError(f"tiles must come in row-major order (band moved by {rows}).")
-        self.out[:, self.top : self.top + rows] = self.total[:, :rows] / self.weight[:rows]
-        keep = self.tile_h - rows
-        self.total[:, :keep] = self.total[:, rows:].copy()
-        self.total[:, keep:] = 0.0
-        self.weight[:keep] = self.weight[rows:].copy()
-        self.weight[keep:] = 0.0
-        self.top += rows
-
-    def finish(self) -> np.ndarray:
-        self._flush(self.tile_h)
-        return self.out
-
-
-class _TorchRowBandBlender:
-    """:class:`_RowBandBlender` in torch, on the tiles' device (a GPU), into a float32 tensor.
-
-    The same operations in the same order: with ``dtype=torch.float64`` (the default, used
-    on CPUs and CUDA) it gives the numpy blender's map bit for bit, plateaus included.
-    ``torch.float32`` sums (for devices without float64, e.g. Apple's MPS) differ from it by
-    a few float32 rounding steps (about 1e-7 relative), so where tiles agree on a value the
-    blend may be an ulp off it, and a flat plateau may then show a peak more or less.
+    Runs where the tiles are (the CPU or a GPU): sums over one band of rows (one tile high);
+    rows above the band's next tile row are final and are written out as they complete. In
+    float64 (``dtype``'s default, used on CPUs and CUDA), tiles that agree on a pixel blend
+    back to exactly their float32 value (also 1.0 where a sigmoid saturates), so blending
+    never makes the ripples that would split a plateau into several peaks. ``torch.float32``
+    sums (for devices without float64, e.g. Apple's MPS) are a few rounding steps off (about
+    1e-7 relative), so a flat plateau may then show a peak more or less.
     """
 
     def __init__(self, channels: int, height: int, width: int, window: np.ndarray,

@@ -15,7 +15,6 @@ Coordinates are level-0 slide pixels ``(x, y)``, as QuPath exports them.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -26,7 +25,12 @@ from typing import Any
 import numpy as np
 
 from cellkit.data.io import DataError, DataWarning
-from cellkit.data.readers import CELL_OBJECT_TYPES, _geojson_object_type, _read_text
+from cellkit.data.readers import (
+    CELL_OBJECT_TYPES,
+    _geojson_object_type,
+    geojson_classification,
+    geojson_features,
+)
 
 __all__ = ["Region", "assign_regions", "read_regions"]
 
@@ -59,37 +63,6 @@ class Region:
     def area_px(self) -> float:
         """The area in level-0 pixels (squared), holes excluded."""
         return float(self.geometry.area)
-
-
-def _features(data: Any, p: Path) -> list[Any]:
-    if isinstance(data, list):
-        return data
-    if isinstance(data, Mapping) and data.get("type") == "FeatureCollection":
-        features = data.get("features")
-        if not isinstance(features, list):
-            raise DataError(f"{p}: the FeatureCollection has no 'features' list.")
-        return features
-    if isinstance(data, Mapping) and data.get("type") == "Feature":
-        return [data]
-    got = data.get("type") if isinstance(data, Mapping) else type(data).__name__
-    raise DataError(
-        f"{p}: expected a GeoJSON FeatureCollection, Feature or list of Features, got {got!r}; "
-        "export the annotations from QuPath with File > Export objects as GeoJSON."
-    )
-
-
-def _classification(props: Mapping[str, Any]) -> str | None:
-    cls = props.get("classification")
-    if isinstance(cls, Mapping):
-        if cls.get("name"):
-            return str(cls["name"])
-        names = cls.get("names")
-        if isinstance(names, list) and names:
-            return ": ".join(str(n) for n in names)  # QuPath's derived classes
-        return None
-    if isinstance(cls, str) and cls:
-        return cls
-    return None
 
 
 def _polygonal(geom: Any) -> Any:
@@ -182,15 +155,7 @@ def read_regions(path: str | os.PathLike[str]) -> list[Region]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such GeoJSON file of regions.")
-    text = _read_text(p)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(
-            f"{p}: line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg}); expected a GeoJSON "
-            "export of QuPath annotations. The file is truncated, corrupt or not GeoJSON."
-        ) from exc
-    features = _features(data, p)
+    features = geojson_features(p)
     regions: list[Region] = []
     taken: set[str] = set()
     skipped: dict[str, int] = {}
@@ -225,7 +190,7 @@ def read_regions(path: str | os.PathLike[str]) -> list[Region]:
             key = "empty " + (kind if kind != "GeometryCollection" else "GeometryCollection (no polygon)")
             skipped[key] = skipped.get(key, 0) + 1
             continue
-        classification = _classification(props)
+        classification = geojson_classification(props)
         raw_name = props.get("name")
         name = str(raw_name).strip() if raw_name is not None and str(raw_name).strip() else None
         name = _unique(name or classification or f"region {len(regions) + 1}", taken)
