@@ -1,18 +1,38 @@
-"""Reproduce the paper's Table 1, Fig. 2 and Fig. 3 on real IHC data.
+"""Reproduce the paper's Table 1, Fig. 2 and Fig. 3 on real IHC data, with intervals.
 
-Trains and evaluates the five rows of Table 1 (FCRN, EstimateMask, Ours, Ours+, Ours++)
-over several seeds, on the bundled EndoNuke sample by default (class of interest:
-epithelium; other cells: stroma and other), with a split by tile-id group::
+Trains and evaluates the rows of Table 1 (FCRN, EstimateMask, Ours, Ours+, Ours++) and
+the component ablations the paper does not show, over several seeds, with cellkit's
+default recipe (what ``cellkit train`` does with no option), and answers the paper's
+claims with paired differences per image and bootstrap 95 % intervals::
 
-    python examples/reproduce_paper.py                      # quick preset, 3 seeds, bundled EndoNuke
+    # BCData: 3-fold cross-validation over all images, 3 seeds per fold
     python examples/reproduce_paper.py --data ../shared/data/bcdata_sample --format bcdata
-    python examples/reproduce_paper.py --preset paper --device cuda
-    python examples/reproduce_paper.py --smoke              # a few steps: checks the pipeline
+    # the bundled EndoNuke sample on its held-out split (the shipped model's), 3 seeds
+    python examples/reproduce_paper.py
+    python examples/reproduce_paper.py --rows table1     # the five rows of Table 1 only
+    python examples/reproduce_paper.py --preset quick    # 150 steps: a short look
+    python examples/reproduce_paper.py --preset paper --device cuda   # ResNet-101
+    python examples/reproduce_paper.py --smoke           # a few steps: checks the pipeline
 
-Writes into ``--out`` (default ``results/reproduce-<dataset>-<preset>``): ``table1.md``,
-``table1.csv``, ``fig2.png``, ``fig3.png``, ``fig3.csv``, ``split.json`` and ``runs/<row>/seed<k>/``
-(the folders of ``cellkit train``: config, metrics log, checkpoints, test results). A run
-that is interrupted and started again reuses the rows already finished.
+Every held-out image is predicted by the model of the fold that did not train on it, so
+each image is counted once per seed. Writes into ``--out`` (default
+``results/reproduce-<dataset>-<preset>``):
+
+* ``table1.md`` / ``table1.csv``: per row the pooled totalF1 and meanF1 of both classes
+  (mean +- standard deviation over seeds), the Ki-67 / positivity index error (MAE and RMSE
+  of the share of class 1 per image), and the paired difference to ``Ours``;
+* ``comparisons.md`` / ``comparisons.csv``: every claim (a row against its reference) with
+  the paired difference and its bootstrap 95 % interval, and the share of bootstrap
+  draws in which the row is better;
+* ``fig3.png`` / ``fig3.csv``: F1 of class 1 against the matching radius r, mean over seeds
+  with the seeds' range as a band; ``fig2.png``: Ours, Ours++ and the truth on the
+  held-out images where the two differ most;
+* ``per_image.json``: the per-image counts every figure is computed from (small; keep it
+  as the record of the run), ``run_info.json`` (command, commit, machine, wall time) and
+  ``runs/<row>/fold<k>/seed<s>/`` (the folders of ``cellkit train``).
+
+A run that is interrupted and started again reuses the (row, fold, seed) runs already
+finished and resumes the one in progress.
 """
 
 from __future__ import annotations
@@ -21,9 +41,12 @@ import argparse
 import json
 import math
 import platform
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +57,72 @@ from cellkit.data import FORMATS, bundled_endonuke, get_format, load_dataset, sp
 from cellkit.data.io import write_text_atomic
 from cellkit.engine.predict import Predictor
 from cellkit.engine.train import fit
-from cellkit.metrics import evaluate, f1_vs_radius
+from cellkit.metrics import detection_counts
+from cellkit.presets import set_pretrain_fraction
 
-ROWS = {  # Table 1 row label -> preset name
-    "FCRN": "fcrn",
-    "EstimateMask": "estimate_mask",
-    "Ours": "ours",
-    "Ours+": "ours_plus",
-    "Ours++": "ours_plus_plus",
+
+# --------------------------------------------------------------------------- rows
+
+
+def _drop_consistency(cfg: cellkit.CellkitConfig) -> cellkit.CellkitConfig:
+    cfg.losses = [spec for spec in cfg.losses if spec.name != "consistency"]
+    return cfg
+
+
+def _fixed_dynamic_target(cfg: cellkit.CellkitConfig) -> cellkit.CellkitConfig:
+    # The second decoder learns the same fixed circles as the main one: Lc without the
+    # randomness of the polygons.
+    cfg.targets["dynamic"] = cellkit.TargetSpec("circle", dict(cfg.targets["circle"].kwargs))
+    return cfg
+
+
+def _prior_only(cfg: cellkit.CellkitConfig) -> cellkit.CellkitConfig:
+    cfg.model.heads = ("main", "prior")
+    cfg.targets.pop("dynamic", None)
+    cfg.losses = [spec for spec in cfg.losses if spec.name not in ("dynamic", "consistency")]
+    return cfg
+
+
+def _prior_at(fraction: float) -> Callable[[cellkit.CellkitConfig], cellkit.CellkitConfig]:
+    def change(cfg: cellkit.CellkitConfig) -> cellkit.CellkitConfig:
+        set_pretrain_fraction(cfg, fraction)
+        return cfg
+
+    return change
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the table: a preset, changed by ``change``; compared with ``against``."""
+
+    preset: str
+    slug: str  # its folder under runs/
+    change: Callable[[cellkit.CellkitConfig], cellkit.CellkitConfig] | None = None
+    against: tuple[str, ...] = ("Ours",)
+    ablation: bool = False
+    what: str = ""
+
+
+ROWS: dict[str, Row] = {
+    "FCRN": Row("fcrn", "fcrn", what="Gaussian density regression (baseline)"),
+    "EstimateMask": Row("estimate_mask", "estimate_mask", what="estimated masks (baseline)"),
+    "Ours": Row("ours", "ours", against=(), what="fixed circles, Lm"),
+    "Ours+": Row("ours_plus", "ours_plus", what="+ dynamic decoder (Ld) and consistency (Lc)"),
+    "Ours++": Row("ours_plus_plus", "ours_plus_plus", against=("Ours", "Ours+"),
+                  what="+ prior decoder (Lp) from an early-stopped model"),
+    # Component ablations (not in the paper).
+    "Ours+ no Lc": Row("ours_plus", "ablation_dynamic_no_consistency", _drop_consistency,
+                       ("Ours", "Ours+"), True, "dynamic decoder without the consistency loss"),
+    "Ours+ fixed target": Row("ours_plus", "ablation_consistency_fixed_target", _fixed_dynamic_target,
+                              ("Ours", "Ours+"), True, "consistency with a second decoder on fixed circles"),
+    "Ours + prior": Row("ours_plus_plus", "ablation_prior_only", _prior_only, ("Ours",), True,
+                        "the prior decoder alone (no dynamic decoder, no Lc)"),
+    "Ours++ prior@10%": Row("ours_plus_plus", "ablation_prior_at_10", _prior_at(0.10), ("Ours", "Ours++"),
+                            True, "stage 1 stopped at 10 % of stage 2's steps (default 25 %)"),
+    "Ours++ prior@50%": Row("ours_plus_plus", "ablation_prior_at_50", _prior_at(0.50), ("Ours", "Ours++"),
+                            True, "stage 1 stopped at 50 % of stage 2's steps"),
 }
+TABLE1 = ["FCRN", "EstimateMask", "Ours", "Ours+", "Ours++"]
 #: Matching radius r of Table 1 per format (each dataset's convention). Everything else
 #: (circle radius, peaks, validation radius) cellkit derives from the points, as for any user.
 EVAL_RADIUS = {"endonuke": 6.0, "bcdata": 10.0}
@@ -56,6 +136,7 @@ SCHEDULES: dict[str, dict[str, Any]] = {
     "smoke": {"size": "cpu", "steps": 2, "val_every_steps": 2, "batch_size": 2, "crop_size": 64},
 }
 RADII = list(range(2, 21))
+BOOTSTRAP_DRAWS = 2000
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,13 +148,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", default=None, help="BCData split folder to read (default: all found)")
     p.add_argument("--preset", default="default", choices=["default", "quick", "paper"],
                    help="default: cellkit train's defaults (cpu size); quick: 150 steps; paper: ResNet-101")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per row (default: 3)")
+    p.add_argument("--folds", type=int, default=None,
+                   help="cross-validation folds over all images, split by group (default: 3 for bcdata; "
+                   "1 = the dataset's held-out split, 15 %% of the groups, as for the shipped model)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per row and fold (default: 3)")
     p.add_argument("--radius", type=float, default=None,
                    help="matching radius r in pixels for Table 1 (default: 6 for EndoNuke, 10 for BCData, "
                    "else 3/4 of the estimated cell diameter)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", type=Path, default=None, help="results folder")
-    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of rows to run")
+    p.add_argument("--rows", default="all",
+                   help="comma-separated rows, or 'table1' (the paper's five) or 'all' (with the ablations; "
+                   f"the default). Rows: {', '.join(ROWS)}")
     p.add_argument("--smoke", action="store_true", help="a few steps, few images, one seed (for tests)")
     return p.parse_args(argv)
 
@@ -82,18 +168,29 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def group_key(fmt: str):
-    """Images of one group (neighbouring EndoNuke tile ids, one BCData image) stay in one split."""
-    return get_format(fmt).group or (lambda key: key)
+def choose_rows(spec: str) -> list[str]:
+    if spec.strip() == "all":
+        return list(ROWS)
+    if spec.strip() == "table1":
+        return list(TABLE1)
+    rows = [r.strip() for r in spec.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise SystemExit(f"reproduce_paper.py: error: unknown rows {unknown}; choose from {list(ROWS)}, "
+                         "'table1' or 'all'")
+    return rows
 
 
 def row_config(row: str, schedule: dict[str, Any], seed: int, num_classes: int) -> cellkit.CellkitConfig:
-    """The preset of ``row`` with cellkit's defaults, changed only by the schedule's entries."""
-    preset = cellkit.presets.PRESETS[ROWS[row]]
+    """The preset of ``row`` with cellkit's defaults, changed only by the row and the schedule."""
+    spec = ROWS[row]
     kwargs: dict[str, Any] = {"size": schedule["size"], "num_classes": num_classes}
     if "steps" in schedule:
         kwargs["steps"] = schedule["steps"]
-    cfg = preset(**kwargs)
+    cfg = cellkit.presets.PRESETS[spec.preset](**kwargs)
+    if spec.change is not None:
+        cfg = spec.change(cfg)
+        cfg.name = f"{cfg.name}/{spec.slug}"
     for stage in (cfg, cfg.pretrain):
         if stage is None:
             continue
@@ -105,127 +202,308 @@ def row_config(row: str, schedule: dict[str, Any], seed: int, num_classes: int) 
     return cfg
 
 
-def run_row(row: str, seed: int, cfg: cellkit.CellkitConfig, splits: dict[str, list], run_dir: Path,
-            eval_radius: float, num_classes: int, class_names: list[str], device: str | None,
-            max_steps: int | None) -> dict[str, Any]:
+# --------------------------------------------------------------------------- folds
+
+
+def _natural(key: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(key))]
+
+
+def make_folds(samples: list, fmt: str, folds: int, seed: int = 0) -> list[tuple[list, list]]:
+    """``(training images, held-out images)`` per fold; every image is held out exactly once.
+
+    ``folds == 1``: the dataset's split (15 % of the groups held out, ``split_by_group`` with
+    seed 0; for EndoNuke the shipped model's held-out tiles). ``folds > 1``: the groups
+    (EndoNuke tile blocks; BCData images) in natural key order, permuted with
+    ``default_rng(seed)`` and dealt round-robin (for BCData the folds of
+    ``benchmarks/accuracy.py``).
+    """
+    group = get_format(fmt).group or (lambda key: key)
+    if folds == 1:
+        parts = split_by_group(samples, group, fractions=(0.85, 0.0, 0.15), seed=0, names=("train", "val", "test"))
+        return [(parts["train"], parts["test"])]
+    groups = sorted({group(s.key) for s in samples}, key=_natural)
+    if folds > len(groups):
+        raise SystemExit(f"reproduce_paper.py: error: --folds {folds} needs at least {folds} groups of images, "
+                         f"the data has {len(groups)}")
+    order = np.random.default_rng(seed).permutation(len(groups))
+    out = []
+    for k in range(folds):
+        held = {groups[i] for i in order[k::folds]}
+        test = sorted((s for s in samples if group(s.key) in held), key=lambda s: _natural(s.key))
+        train = [s for s in samples if group(s.key) not in held]
+        out.append((train, test))
+    return out
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def image_counts(pred: Any, truth_points: np.ndarray, truth_classes: np.ndarray, radii: list[float],
+                 num_classes: int) -> np.ndarray:
+    """``(len(radii), 3, C)``: tp, fp, fn per class at each matching radius, for one image."""
+    out = np.zeros((len(radii), 3, num_classes), np.int64)
+    for j, r in enumerate(radii):
+        out[j] = np.stack(detection_counts(pred.points, pred.classes, truth_points, truth_classes, r, num_classes))
+    return out
+
+
+def run_one(row: str, fold: int, seed: int, cfg: cellkit.CellkitConfig, splits: dict[str, list], run_dir: Path,
+            eval_radius: float, num_classes: int, device: str | None) -> dict[str, Any]:
+    """Train one (row, fold, seed) and count its held-out images; reuses a finished run."""
     result_path = run_dir / "test_result.json"
     if result_path.is_file():
-        log(f"[{row} seed {seed}] finished earlier: reusing {result_path}")
+        log(f"[{row} fold {fold} seed {seed}] finished earlier: reusing {result_path}")
         return json.loads(result_path.read_text())
     started = time.time()
     resume = (run_dir / "config.yaml").is_file()  # fit marks a run folder with it first
-    log(f"[{row} seed {seed}] training into {run_dir}" + (" (resuming)" if resume else ""))
-    trained = fit(cfg, run_dir, splits=splits, resume=resume, device=device, max_steps=max_steps)
+    log(f"[{row} fold {fold} seed {seed}] training into {run_dir}" + (" (resuming)" if resume else ""))
+    trained = fit(cfg, run_dir, splits=splits, resume=resume, device=device)
+    train_seconds = time.time() - started
     predictor = Predictor.from_checkpoint(trained.best_path, device=device)
-    test = splits["test"]
-    predictions = [predictor.predict(s.image) for s in test]
-    truths = [(s.points, s.classes) for s in test]
-    report = evaluate(predictions, truths, radius=eval_radius, num_classes=num_classes, class_names=class_names)
-    curve = f1_vs_radius(predictions, truths, RADII, num_classes=num_classes)
+    radii = [float(eval_radius)] + [float(r) for r in RADII]
+    images = []
+    for s in splits["test"]:
+        det = predictor.predict(s.image)
+        counts = image_counts(det, s.points, s.classes, radii, num_classes)
+        images.append({
+            "key": s.key,
+            "true": np.bincount(s.classes, minlength=num_classes)[:num_classes].tolist(),
+            "pred": np.bincount(det.classes, minlength=num_classes)[:num_classes].tolist(),
+            "counts": counts[0].tolist(),            # (3, C) at the table's radius
+            "counts_vs_radius": counts[1:].tolist(),  # (len(RADII), 3, C)
+        })
     result = {
-        "row": row,
-        "seed": seed,
-        "radius": eval_radius,
-        "report": report.to_dict(),
-        "f1_vs_radius": _plain(curve),
-        "best_checkpoint": str(trained.best_path),
-        "train_seconds": round(time.time() - started, 1),
+        "row": row, "fold": fold, "seed": seed, "radius": float(eval_radius), "radii": RADII,
+        "images": images, "best_checkpoint": str(trained.best_path),
+        "train_seconds": round(train_seconds, 1), "seconds": round(time.time() - started, 1),
     }
-    write_text_atomic(result_path, json.dumps(result, indent=2))
+    write_text_atomic(result_path, json.dumps(result))
     return result
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+# --------------------------------------------------------------------------- statistics
 
 
-def class_metric(result: dict[str, Any], metric: str, class_index: int) -> float:
-    per_class = result["report"]["classes"]  # class name -> metrics, in class-index order
-    value = list(per_class.values())[class_index][metric]
-    return math.nan if value is None else float(value)
+@dataclass
+class RowCounts:
+    """One row's held-out counts: ``counts[seed, image, 3, C]`` at the table's radius."""
+
+    keys: list[str]
+    counts: np.ndarray            # (S, I, 3, C) tp, fp, fn
+    counts_vs_radius: np.ndarray  # (S, I, R, 3, C)
+    true: np.ndarray              # (I, C) true cells per class
+    pred: np.ndarray              # (S, I, C) predicted cells per class
+    seconds: list[float]
 
 
-def table_rows(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Mean and standard deviation over seeds of the four Table 1 columns."""
-    columns = [("totalF1(N)", "total_f1", 0), ("totalF1(P)", "total_f1", 1),
-               ("meanF1(N)", "mean_f1", 0), ("meanF1(P)", "mean_f1", 1)]
-    rows = []
-    for row, seed_results in results.items():
-        entry: dict[str, Any] = {"Method": row, "seeds": len(seed_results)}
-        for label, metric, c in columns:
-            values = np.array([class_metric(r, metric, c) for r in seed_results], dtype=float)
-            entry[label] = (float(values.mean()), float(values.std(ddof=0)))
-        rows.append(entry)
-    return rows
+def gather(results: list[dict[str, Any]]) -> RowCounts:
+    """Stack one row's runs (all folds and seeds) into arrays over the held-out images."""
+    seeds = sorted({r["seed"] for r in results})
+    by_seed: dict[int, dict[str, dict[str, Any]]] = {s: {} for s in seeds}
+    for r in results:
+        for image in r["images"]:
+            by_seed[r["seed"]][image["key"]] = image
+    keys = sorted(by_seed[seeds[0]], key=_natural)
+    for s in seeds:
+        if sorted(by_seed[s], key=_natural) != keys:
+            raise ValueError(f"seed {s} covers other images than seed {seeds[0]}: a run is missing")
+    counts = np.array([[by_seed[s][k]["counts"] for k in keys] for s in seeds], dtype=np.int64)
+    vs_r = np.array([[by_seed[s][k]["counts_vs_radius"] for k in keys] for s in seeds], dtype=np.int64)
+    true = np.array([by_seed[seeds[0]][k]["true"] for k in keys], dtype=np.int64)
+    pred = np.array([[by_seed[s][k]["pred"] for k in keys] for s in seeds], dtype=np.int64)
+    return RowCounts(keys, counts, vs_r, true, pred, [r["seconds"] for r in results])
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    header = ["Method", "totalF1(N)", "totalF1(P)", "meanF1(N)", "meanF1(P)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for entry in rows:
-        cells = [entry["Method"]] + [f"{entry[h][0]:.3f} ± {entry[h][1]:.3f}" for h in header[1:]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def total_f1(counts: np.ndarray) -> np.ndarray:
+    """Pooled F1 from ``(..., I, 3, C)`` counts: ``(..., C)`` (NaN for a class never seen)."""
+    tp, fp, fn = (counts[..., k, :].sum(axis=-2) for k in range(3))
+    denominator = 2 * tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), np.nan)
 
 
-def write_table(rows: list[dict[str, Any]], out: Path) -> str:
-    text = format_table(rows)
-    write_text_atomic(out / "table1.md", text + "\n")
-    header = ["Method", "seeds"] + [f"{h}_{s}" for h in ("totalF1(N)", "totalF1(P)", "meanF1(N)", "meanF1(P)")
-                                    for s in ("mean", "std")]
-    lines = [",".join(header)]
-    for e in rows:
-        vals = [e["Method"], str(e["seeds"])]
-        for h in ("totalF1(N)", "totalF1(P)", "meanF1(N)", "meanF1(P)"):
-            vals += [f"{e[h][0]:.4f}", f"{e[h][1]:.4f}"]
-        lines.append(",".join(vals))
-    write_text_atomic(out / "table1.csv", "\n".join(lines) + "\n")
-    return text
+def image_f1(counts: np.ndarray) -> np.ndarray:
+    """Per-image F1 from ``(..., 3, C)`` counts (NaN where an image has no cell of the class)."""
+    tp, fp, fn = counts[..., 0, :], counts[..., 1, :], counts[..., 2, :]
+    denominator = 2 * tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), np.nan)
 
 
-def write_fig3(results: dict[str, list[dict[str, Any]]], out: Path) -> None:
-    """totalF1(P) and meanF1(P) against r, mean over seeds, one line per row."""
+def index_error(rc: RowCounts, index: np.ndarray | None = None) -> np.ndarray:
+    """``(S, I)`` absolute error of the share of class 1 per image (images with no cell: skipped)."""
+    true, pred = rc.true, rc.pred
+    if index is not None:
+        true, pred = true[index], pred[:, index]
+    n_true, n_pred = true.sum(-1), pred.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share_true = np.where(n_true > 0, true[..., 1] / np.maximum(n_true, 1), np.nan)
+        share_pred = np.where(n_pred > 0, pred[..., 1] / np.maximum(n_pred, 1), 0.0)
+    return np.abs(share_pred - share_true)
+
+
+def _statistics(rc: RowCounts, images: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """``[totalF1(C) ..., meanF1(C) ..., index MAE]`` over the given images and seeds."""
+    counts = rc.counts[seeds][:, images]                        # (S, I, 3, C)
+    pooled = np.nanmean(total_f1(counts), axis=0)                # (C,)
+    per_image = np.nanmean(image_f1(counts), axis=1)             # (S, C): mean over images
+    mean = np.nanmean(per_image, axis=0)
+    err = index_error(rc, images)[seeds]
+    return np.concatenate([pooled, mean, [np.nanmean(err)]])
+
+
+def paired_bootstrap(a: RowCounts, b: RowCounts, draws: int = BOOTSTRAP_DRAWS,
+                     seed: int = 0) -> dict[str, np.ndarray]:
+    """Row ``a`` minus row ``b`` on the same images, with a bootstrap 95 % interval.
+
+    Each draw resamples the held-out images with replacement (the same images for both rows:
+    the pairing) and, independently for each row, its seeds with replacement (so the interval
+    also holds the training's own randomness). The statistics are the pooled totalF1 and
+    the per-image meanF1 of each class and the index MAE, averaged over the drawn seeds.
+
+    Returns:
+        ``{"diff": (K,), "low": (K,), "high": (K,), "better": (K,)}`` for the ``K = 2C + 1``
+        statistics; ``better`` is the share of draws in which ``a`` is better (a higher F1, a
+        lower index error).
+    """
+    if a.keys != b.keys:
+        raise ValueError("paired_bootstrap needs both rows on the same held-out images")
+    n_images, sa, sb = len(a.keys), a.counts.shape[0], b.counts.shape[0]
+    everything = np.arange(n_images)
+    diff = _statistics(a, everything, np.arange(sa)) - _statistics(b, everything, np.arange(sb))
+    rng = np.random.default_rng(seed)
+    samples = np.empty((draws, diff.size))
+    for d in range(draws):
+        images = rng.integers(0, n_images, n_images)
+        samples[d] = (_statistics(a, images, rng.integers(0, sa, sa))
+                      - _statistics(b, images, rng.integers(0, sb, sb)))
+    low, high = np.nanpercentile(samples, [2.5, 97.5], axis=0)
+    sign = np.ones(diff.size)
+    sign[-1] = -1.0  # a lower index error is better
+    better = np.mean(sign * samples > 0, axis=0)
+    return {"diff": diff, "low": low, "high": high, "better": better}
+
+
+def seed_spread(rc: RowCounts) -> dict[str, np.ndarray]:
+    """Per seed: pooled totalF1 ``(S, C)``, meanF1 ``(S, C)``, index MAE and RMSE ``(S,)``."""
+    err = index_error(rc)
+    return {
+        "total_f1": total_f1(rc.counts),
+        "mean_f1": np.nanmean(image_f1(rc.counts), axis=1),
+        "index_mae": np.nanmean(err, axis=1),
+        "index_rmse": np.sqrt(np.nanmean(err ** 2, axis=1)),
+    }
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _ms(values: np.ndarray) -> str:
+    values = np.asarray(values, dtype=float)
+    return f"{np.nanmean(values):.3f} ± {np.nanstd(values):.3f}"
+
+
+def _ci(result: dict[str, np.ndarray], k: int) -> str:
+    return f"{result['diff'][k]:+.3f} [{result['low'][k]:+.3f}, {result['high'][k]:+.3f}]"
+
+
+def comparisons(counts: dict[str, RowCounts]) -> list[dict[str, Any]]:
+    """Every (row, reference) pair of the rows present, with its paired bootstrap."""
+    out = []
+    for row, rc in counts.items():
+        for ref in ROWS[row].against:
+            if ref in counts:
+                out.append({"row": row, "against": ref, "result": paired_bootstrap(rc, counts[ref])})
+    return out
+
+
+def write_tables(counts: dict[str, RowCounts], pairs: list[dict[str, Any]], class_names: list[str],
+                 out: Path) -> str:
+    n, p = class_names[0], class_names[1]
+    vs_ours = {c["row"]: c["result"] for c in pairs if c["against"] == "Ours"}
+    header = ["Method", "runs", f"totalF1({n})", f"totalF1({p})", f"meanF1({n})", f"meanF1({p})",
+              "index MAE", "index RMSE", f"Δ totalF1({p}) vs Ours [95% CI]", f"Δ totalF1({n}) vs Ours [95% CI]"]
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    csv = ["method,ablation,seeds,images,total_f1_n_mean,total_f1_n_std,total_f1_p_mean,total_f1_p_std,"
+           "mean_f1_n_mean,mean_f1_p_mean,index_mae,index_rmse,minutes_per_run"]
+    for row, rc in counts.items():
+        s = seed_spread(rc)
+        delta = vs_ours.get(row)
+        cells = [row, f"{len(rc.seconds) // rc.counts.shape[0]} folds × {rc.counts.shape[0]} seeds",
+                 _ms(s["total_f1"][:, 0]), _ms(s["total_f1"][:, 1]), _ms(s["mean_f1"][:, 0]),
+                 _ms(s["mean_f1"][:, 1]), _ms(s["index_mae"]), _ms(s["index_rmse"]),
+                 _ci(delta, 1) if delta else "—", _ci(delta, 0) if delta else "—"]
+        md.append("| " + " | ".join(cells) + " |")
+        csv.append(",".join([row, str(ROWS[row].ablation).lower(), str(rc.counts.shape[0]), str(len(rc.keys)),
+                             f"{np.nanmean(s['total_f1'][:, 0]):.4f}", f"{np.nanstd(s['total_f1'][:, 0]):.4f}",
+                             f"{np.nanmean(s['total_f1'][:, 1]):.4f}", f"{np.nanstd(s['total_f1'][:, 1]):.4f}",
+                             f"{np.nanmean(s['mean_f1'][:, 0]):.4f}", f"{np.nanmean(s['mean_f1'][:, 1]):.4f}",
+                             f"{np.nanmean(s['index_mae']):.4f}", f"{np.nanmean(s['index_rmse']):.4f}",
+                             f"{np.mean(rc.seconds) / 60:.2f}"]))
+    table = "\n".join(md)
+    write_text_atomic(out / "table1.md", table + "\n")
+    write_text_atomic(out / "table1.csv", "\n".join(csv) + "\n")
+
+    labels = [f"totalF1({c})" for c in class_names] + [f"meanF1({c})" for c in class_names] + ["index MAE"]
+    cmd = ["| Claim | " + " | ".join(f"Δ {x} [95% CI]" for x in labels) + f" | P(better), totalF1({p}) |",
+           "|" + "---|" * (len(labels) + 2)]
+    ccsv = ["row,against," + ",".join(f"{x}_{s}" for x in labels for s in ("diff", "low", "high", "better"))]
+    for c in pairs:
+        r = c["result"]
+        cmd.append(f"| {c['row']} − {c['against']} | " + " | ".join(_ci(r, k) for k in range(len(labels)))
+                   + f" | {r['better'][1]:.2f} |")
+        ccsv.append(f"{c['row']},{c['against']}," + ",".join(
+            f"{r[s][k]:.4f}" for k in range(len(labels)) for s in ("diff", "low", "high", "better")))
+    write_text_atomic(out / "comparisons.md", "\n".join(cmd) + "\n")
+    write_text_atomic(out / "comparisons.csv", "\n".join(ccsv) + "\n")
+    return table + "\n\n" + "\n".join(cmd)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def write_fig3(counts: dict[str, RowCounts], out: Path, class_name: str) -> None:
+    """totalF1 and meanF1 of class 1 against r: mean over seeds, the seeds' range as a band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in counts if not ROWS[r].ablation] or list(counts)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    lines = ["row,radius,totalF1_P_mean,totalF1_P_std,meanF1_P_mean,meanF1_P_std"]
-    for row, seed_results in results.items():
-        # Class 1 (P, the class of interest); curves are keyed by class name in index order.
-        total = np.array([list(r["f1_vs_radius"]["total_f1"].values())[1] for r in seed_results], dtype=float)
-        mean = np.array([list(r["f1_vs_radius"]["mean_f1"].values())[1] for r in seed_results], dtype=float)
-        radii = seed_results[0]["f1_vs_radius"]["radii"]
-        axes[0].plot(radii, total.mean(0), marker="o", ms=3, label=row)
-        axes[1].plot(radii, mean.mean(0), marker="o", ms=3, label=row)
-        for i, r in enumerate(radii):
-            lines.append(f"{row},{r},{total.mean(0)[i]:.4f},{total.std(0)[i]:.4f},"
-                         f"{mean.mean(0)[i]:.4f},{mean.std(0)[i]:.4f}")
-    for ax, title in zip(axes, ("totalF1 (P)", "meanF1 (P)")):
-        ax.set_xlabel("radius r (pixels)")
+    lines = ["row,radius,totalF1_P_mean,totalF1_P_min,totalF1_P_max,meanF1_P_mean,meanF1_P_min,meanF1_P_max"]
+    for row in rows:
+        rc = counts[row]
+        vs_r = np.moveaxis(rc.counts_vs_radius, 2, 0)                 # (R, S, I, 3, C)
+        total = total_f1(vs_r)[..., 1]                                 # (R, S)
+        mean = np.nanmean(image_f1(vs_r)[..., 1], axis=2)              # (R, S)
+        for ax, values in zip(axes, (total, mean)):
+            (line,) = ax.plot(RADII, values.mean(1), marker="o", ms=3, label=row)
+            ax.fill_between(RADII, values.min(1), values.max(1), color=line.get_color(), alpha=0.2, lw=0)
+        for i, r in enumerate(RADII):
+            lines.append(f"{row},{r},{total[i].mean():.4f},{total[i].min():.4f},{total[i].max():.4f},"
+                         f"{mean[i].mean():.4f},{mean[i].min():.4f},{mean[i].max():.4f}")
+    seeds = max(c.counts.shape[0] for c in counts.values())
+    for ax, title in zip(axes, (f"totalF1 ({class_name})", f"meanF1 ({class_name})")):
+        ax.set_xlabel("matching radius r (pixels)")
         ax.set_ylabel(title)
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-        ax.set_title(f"{title} against r")
+        ax.set_title(f"{title} against r (band: range over {seeds} seeds)", fontsize=10)
     axes[1].legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(out / "fig3.png", dpi=120)
+    fig.savefig(out / "fig3.png", dpi=110)
     plt.close(fig)
     write_text_atomic(out / "fig3.csv", "\n".join(lines) + "\n")
 
 
-def write_fig2(results: dict[str, list[dict[str, Any]]], test: list, out: Path, class_names: list[str],
-               device: str | None, n_crops: int = 3) -> None:
-    """Test crops side by side: Ours, Ours++, ground truth (points coloured by class)."""
+def write_fig2(counts: dict[str, RowCounts], results: dict[str, list[dict[str, Any]]], samples: dict[str, Any],
+               out: Path, class_names: list[str], device: str | None, n_images: int = 3) -> Path | None:
+    """Ours, Ours++ and the truth on the held-out images where the two rows differ most."""
+    columns = [r for r in ("Ours", "Ours++") if r in counts]
+    if not columns:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,33 +511,54 @@ def write_fig2(results: dict[str, list[dict[str, Any]]], test: list, out: Path, 
 
     from cellkit.viz import draw_points
 
-    columns = [row for row in ("Ours", "Ours++") if row in results]
-    predictors = {row: Predictor.from_checkpoint(results[row][0]["best_checkpoint"], device=device)
-                  for row in columns}
-    # The crops with most cells of the class of interest show the difference best.
-    chosen = sorted(test, key=lambda s: -int((s.classes == 1).sum()))[:n_crops]
-    # Markers scale with the tile so they stay visible when a 640 px tile is shown 3 inches wide.
-    radius = max(3, round(max(chosen[0].image.shape[:2]) / 60)) if chosen else 3
-    fig, axes = plt.subplots(len(chosen), len(columns) + 1, figsize=(3.2 * (len(columns) + 1), 3.2 * len(chosen)),
-                             squeeze=False)
-    for i, sample in enumerate(chosen):
-        for j, row in enumerate(columns):
-            det = predictors[row].predict(sample.image)
-            axes[i, j].imshow(draw_points(sample.image, det.points, det.classes, num_classes=len(class_names),
-                                         radius=radius))
-            axes[i, j].set_title(f"{row}: {len(det)} cells" if i == 0 else f"{len(det)} cells", fontsize=9)
-        axes[i, -1].imshow(draw_points(sample.image, sample.points, sample.classes, num_classes=len(class_names),
-                                      radius=radius))
-        axes[i, -1].set_title(("Ground truth: " if i == 0 else "") + f"{len(sample.points)} cells", fontsize=9)
-        axes[i, 0].set_ylabel(sample.key, fontsize=8)
-        for ax in axes[i]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.suptitle("(a) Ours   (b) Ours++   (c) Ground truth    colours: " +
-                 ", ".join(f"{c}={n}" for c, n in enumerate(class_names)), fontsize=9)
+    keys = counts[columns[0]].keys
+    if len(columns) == 2:  # per-image F1 of class 1, mean over seeds: the largest differences
+        f1 = [np.nanmean(image_f1(counts[c].counts)[..., 1], axis=0) for c in columns]
+        gap = np.nan_to_num(np.abs(f1[1] - f1[0]), nan=-1.0)
+        order = np.argsort(-gap)
+    else:
+        order = np.argsort(-counts[columns[0]].true[:, 1])
+    chosen = [keys[i] for i in order[:n_images]]
+
+    def checkpoint(row: str, key: str) -> str:  # seed 0 of the fold that held ``key`` out
+        for r in results[row]:
+            if r["seed"] == min(x["seed"] for x in results[row]) and any(i["key"] == key for i in r["images"]):
+                return r["best_checkpoint"]
+        raise KeyError(key)
+
+    try:
+        predictors: dict[str, Predictor] = {}
+        fig, axes = plt.subplots(len(chosen), len(columns) + 1, squeeze=False,
+                                 figsize=(3.2 * (len(columns) + 1), 3.2 * len(chosen)))
+        for i, key in enumerate(chosen):
+            sample = samples[key]
+            radius = max(3, round(max(sample.image.shape[:2]) / 60))
+            for j, row in enumerate(columns):
+                path = checkpoint(row, key)
+                predictors.setdefault(path, Predictor.from_checkpoint(path, device=device))
+                det = predictors[path].predict(sample.image)
+                axes[i, j].imshow(draw_points(sample.image, det.points, det.classes, num_classes=len(class_names),
+                                             radius=radius))
+                axes[i, j].set_title(f"{row}: {len(det)} cells", fontsize=9)
+            axes[i, -1].imshow(draw_points(sample.image, sample.points, sample.classes,
+                                          num_classes=len(class_names), radius=radius))
+            axes[i, -1].set_title(f"truth: {len(sample.points)} cells", fontsize=9)
+            axes[i, 0].set_ylabel(key, fontsize=8)
+            for ax in axes[i]:
+                ax.set_xticks([])
+                ax.set_yticks([])
+    except (FileNotFoundError, KeyError) as exc:  # checkpoints removed: the record alone remains
+        log(f"fig2.png not drawn: a checkpoint is missing ({exc})")
+        return None
+    fig.suptitle("held-out images where Ours and Ours++ differ most (seed 0)   colours: "
+                 + ", ".join(f"{c}={n}" for c, n in enumerate(class_names)), fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "fig2.png", dpi=100)
     plt.close(fig)
+    return out / "fig2.png"
+
+
+# --------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,10 +569,9 @@ def main(argv: list[str] | None = None) -> int:
     fmt = args.format
     schedule = SCHEDULES["smoke" if args.smoke else args.preset]
     seeds = 1 if args.smoke else args.seeds
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        raise SystemExit(f"reproduce_paper.py: error: unknown rows {unknown}; choose from {list(ROWS)}")
+    rows = choose_rows(args.rows)
+    if "Ours" not in rows:
+        rows = ["Ours", *rows]  # every claim is measured against it
     dataset_name = Path(data).name if args.data is not None else "endonuke"
     out = args.out or Path("results") / f"reproduce-{dataset_name}-{'smoke' if args.smoke else args.preset}"
     out.mkdir(parents=True, exist_ok=True)
@@ -283,10 +581,13 @@ def main(argv: list[str] | None = None) -> int:
     class_names = list(class_map.names) if class_map is not None else [str(c) for c in range(2)]
     num_classes = len(class_names)
     if args.smoke:
-        samples = samples[:4]
-        splits = {"train": samples[:2], "val": samples[2:4], "test": samples[2:4]}
+        samples = samples[:6]
+        folds = [(samples[:4], samples[4:6])]
     else:
-        splits = split_by_group(samples, group_key(fmt), fractions=(0.7, 0.15, 0.15), seed=0)
+        n_folds = args.folds if args.folds is not None else (3 if fmt == "bcdata" else 1)
+        if n_folds < 1:
+            raise SystemExit(f"reproduce_paper.py: error: --folds must be >= 1, got {n_folds}")
+        folds = make_folds(samples, fmt, n_folds)
     if args.radius is not None:
         eval_radius = float(args.radius)
     elif fmt in EVAL_RADIUS:
@@ -294,50 +595,76 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from cellkit.geometry import Geometry, estimate_cell_diameter
 
-        eval_radius = Geometry(estimate_cell_diameter(splits["train"])[0]).match_radius
-    split_info = {name: [s.key for s in part] for name, part in splits.items()}
+        eval_radius = Geometry(estimate_cell_diameter(folds[0][0])[0]).match_radius
+    group = get_format(fmt).group or (lambda key: key)
+    fold_splits = []
+    for train, test in folds:
+        if args.smoke:
+            parts = {"train": train[:2], "val": train[2:4]}
+        else:  # validation images from the training part, as cellkit train picks them
+            parts = split_by_group(train, group, fractions=(0.85, 0.15), seed=0, names=("train", "val"))
+        fold_splits.append({**parts, "test": test})
+    split_info = [{name: [s.key for s in part] for name, part in sp.items()} for sp in fold_splits]
     write_text_atomic(out / "split.json", json.dumps(split_info, indent=1))
-    log(f"data: {data} ({fmt}), classes {class_names}; split by group: " +
-        ", ".join(f"{k} {len(v)} images" for k, v in splits.items()))
-    for name, keys in split_info.items():
-        log(f"  {name}: {' '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}")
+    log(f"data: {data} ({fmt}), classes {class_names}, {len(samples)} images; {len(folds)} fold(s): "
+        + "; ".join(f"{len(sp['train'])} train, {len(sp['val'])} val, {len(sp['test'])} held out"
+                    for sp in fold_splits))
 
     results: dict[str, list[dict[str, Any]]] = {}
-    total_runs = len(rows) * seeds
+    total_runs = len(rows) * len(fold_splits) * seeds
     done = 0
     for row in rows:
         results[row] = []
-        for seed in range(seeds):
-            done += 1
-            log(f"=== row {row} ({ROWS[row]}), seed {seed + 1}/{seeds}, run {done}/{total_runs} ===")
-            cfg = row_config(row, schedule, seed, num_classes)
-            cfg.data.class_names = tuple(class_names)
-            run_dir = out / "runs" / ROWS[row] / f"seed{seed}"
-            results[row].append(run_row(row, seed, cfg, splits, run_dir, eval_radius, num_classes,
-                                        class_names, args.device, None))
+        for fold, sp in enumerate(fold_splits):
+            for seed in range(seeds):
+                done += 1
+                elapsed = time.time() - started
+                log(f"=== {row} ({ROWS[row].what}), fold {fold + 1}/{len(fold_splits)}, seed {seed + 1}/{seeds}: "
+                    f"run {done}/{total_runs}, {elapsed / 60:.0f} min so far ===")
+                cfg = row_config(row, schedule, seed, num_classes)
+                cfg.data.class_names = tuple(class_names)
+                run_dir = out / "runs" / ROWS[row].slug / f"fold{fold}" / f"seed{seed}"
+                results[row].append(run_one(row, fold, seed, cfg, sp, run_dir, eval_radius, num_classes,
+                                            args.device))
 
-    table = write_table(table_rows(results), out)
-    write_fig3(results, out)
-    write_fig2(results, splits["test"], out, class_names, args.device)
+    counts = {row: gather(res) for row, res in results.items()}
+    pairs = comparisons(counts)
+    text = write_tables(counts, pairs, class_names, out)
+    write_fig3(counts, out, class_names[1])
+    by_key = {s.key: s for sp in fold_splits for s in sp["test"]}
+    write_fig2(counts, results, by_key, out, class_names, args.device)
+    write_text_atomic(out / "per_image.json", json.dumps(
+        {row: [{k: v for k, v in r.items() if k != "best_checkpoint"} for r in res] for row, res in results.items()}))
     wall = time.time() - started
     meta = {
         "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
         "commit": commit,
         "machine": f"{platform.processor() or platform.machine()}, {platform.system()}, python "
-                   f"{platform.python_version()}",
+                   f"{platform.python_version()}, torch {_torch_version()}",
         "wall_seconds": round(wall, 1),
+        "run_minutes": {row: round(float(np.mean(c.seconds)) / 60, 2) for row, c in counts.items()},
         "radius": eval_radius,
         "schedule": schedule,
+        "folds": len(fold_splits),
         "seeds": seeds,
+        "held_out_images": len(by_key),
         "class_names": class_names,
+        "bootstrap_draws": BOOTSTRAP_DRAWS,
     }
     write_text_atomic(out / "run_info.json", json.dumps(meta, indent=2))
-    print(f"\nTable 1 on {dataset_name} (r = {eval_radius:g} px, mean ± std over {seeds} seed(s); "
+    print(f"\nTable 1 on {dataset_name} (r = {eval_radius:g} px; {len(by_key)} held-out images, "
+          f"{len(fold_splits)} fold(s) x {seeds} seed(s); mean ± std over seeds; "
           f"N = {class_names[0]}, P = {class_names[1]}):\n")
-    print(table)
-    print(f"\nResults in {out}/ (table1.md, table1.csv, fig2.png, fig3.png, fig3.csv, runs/); "
+    print(text)
+    print(f"\nResults in {out}/ (table1.md, comparisons.md, fig2.png, fig3.png, per_image.json, runs/); "
           f"wall time {wall / 60:.1f} min")
     return 0
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 def _commit() -> str:

@@ -1,12 +1,15 @@
-"""examples/reproduce_paper.py --smoke: five rows of finite F1 values, figures written, rows reused."""
+"""examples/reproduce_paper.py: the smoke run of every row, and the statistics behind the claims."""
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import math
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,50 +18,152 @@ ROOT = Path(__file__).resolve().parents[1]
 def load_script():
     spec = importlib.util.spec_from_file_location("reproduce_paper", ROOT / "examples" / "reproduce_paper.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def script():
+    return load_script()
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, script):
     out = tmp_path_factory.mktemp("reproduce")
-    script = load_script()
     assert script.main(["--smoke", "--out", str(out)]) == 0
     return script, out
 
 
-def test_smoke_table_has_five_rows_of_finite_f1(smoke_run):
-    _, out = smoke_run
+def test_smoke_trains_every_row_and_tables_finite_f1(smoke_run):
+    script, out = smoke_run
     with open(out / "table1.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert [r["Method"] for r in rows] == ["FCRN", "EstimateMask", "Ours", "Ours+", "Ours++"]
+    assert [r["method"] for r in rows] == list(script.ROWS)  # Table 1's five, then the ablations
+    assert [r["ablation"] for r in rows] == ["false"] * 5 + ["true"] * 5
     for row in rows:
-        for column in ("totalF1(N)_mean", "totalF1(P)_mean", "meanF1(N)_mean", "meanF1(P)_mean"):
+        for column in ("total_f1_n_mean", "total_f1_p_mean", "mean_f1_n_mean", "mean_f1_p_mean", "index_mae"):
             value = float(row[column])
-            assert math.isfinite(value) and 0.0 <= value <= 1.0, (row["Method"], column, value)
+            assert math.isfinite(value) and 0.0 <= value <= 1.0, (row["method"], column, value)
     markdown = (out / "table1.md").read_text()
-    assert sum(line.startswith("| ") for line in markdown.splitlines()) == 6  # a header and five rows
+    assert sum(line.startswith("| ") for line in markdown.splitlines()) == 1 + len(script.ROWS)
 
 
-def test_smoke_writes_figures_and_runs(smoke_run):
-    _, out = smoke_run
-    for name in ("fig2.png", "fig3.png", "fig3.csv", "split.json", "run_info.json"):
+def test_smoke_compares_every_row_with_its_references(smoke_run):
+    script, out = smoke_run
+    with open(out / "comparisons.csv") as fh:
+        pairs = [(r["row"], r["against"]) for r in csv.DictReader(fh)]
+    expected = [(row, ref) for row, spec in script.ROWS.items() for ref in spec.against]
+    assert pairs == expected
+    assert ("Ours++", "Ours+") in pairs and ("FCRN", "Ours") in pairs
+
+
+def test_smoke_writes_figures_records_and_runs(smoke_run):
+    script, out = smoke_run
+    for name in ("fig2.png", "fig3.png", "fig3.csv", "split.json", "run_info.json", "per_image.json"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "fig2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for preset in ("fcrn", "estimate_mask", "ours", "ours_plus", "ours_plus_plus"):
-        run = out / "runs" / preset / "seed0"
-        assert (run / "best.pt").is_file() and (run / "config.yaml").is_file() and (run / "test_result.json").is_file()
-    assert (out / "runs" / "ours_plus_plus" / "seed0" / "pretrain" / "last.pt").is_file()
+    for spec in script.ROWS.values():
+        run = out / "runs" / spec.slug / "fold0" / "seed0"
+        assert (run / "best.pt").is_file() and (run / "test_result.json").is_file(), spec.slug
+    assert (out / "runs" / "ours_plus_plus" / "fold0" / "seed0" / "pretrain" / "last.pt").is_file()
+    record = json.loads((out / "per_image.json").read_text())
+    image = record["Ours"][0]["images"][0]
+    assert np.array(image["counts"]).shape == (3, 2)
+    assert np.array(image["counts_vs_radius"]).shape == (len(script.RADII), 3, 2)
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["folds"] == 1 and info["seeds"] == 1 and set(info["run_minutes"]) == set(script.ROWS)
 
 
-def test_a_second_start_reuses_finished_rows(smoke_run, capsys):
+def test_ablation_configs_change_what_they_say(script):
+    plus = script.row_config("Ours+", script.SCHEDULES["default"], 0, 2)
+    no_lc = script.row_config("Ours+ no Lc", script.SCHEDULES["default"], 0, 2)
+    assert "consistency" in [s.name for s in plus.losses]
+    assert "consistency" not in [s.name for s in no_lc.losses] and no_lc.model.heads == plus.model.heads
+    fixed = script.row_config("Ours+ fixed target", script.SCHEDULES["default"], 0, 2)
+    assert plus.targets["dynamic"].name == "random_polygon" and fixed.targets["dynamic"].name == "circle"
+    prior = script.row_config("Ours + prior", script.SCHEDULES["default"], 0, 2)
+    assert prior.model.heads == ("main", "prior") and prior.pretrain is not None
+    assert {s.name for s in prior.losses} == {"ce", "iou", "prior"}
+    pp = script.row_config("Ours++", script.SCHEDULES["default"], 0, 2)
+    at10 = script.row_config("Ours++ prior@10%", script.SCHEDULES["default"], 0, 2)
+    at50 = script.row_config("Ours++ prior@50%", script.SCHEDULES["default"], 0, 2)
+    assert at10.pretrain.train.steps == 40 < pp.pretrain.train.steps == 100 < at50.pretrain.train.steps == 200
+
+
+def test_a_second_start_reuses_finished_runs(smoke_run, capsys):
     script, out = smoke_run
-    before = (out / "runs" / "ours" / "seed0" / "best.pt").stat().st_mtime_ns
+    before = (out / "runs" / "ours" / "fold0" / "seed0" / "best.pt").stat().st_mtime_ns
     assert script.main(["--smoke", "--out", str(out), "--rows", "Ours"]) == 0
     assert "finished earlier: reusing" in capsys.readouterr().err
-    assert (out / "runs" / "ours" / "seed0" / "best.pt").stat().st_mtime_ns == before
+    assert (out / "runs" / "ours" / "fold0" / "seed0" / "best.pt").stat().st_mtime_ns == before
 
 
-def test_unknown_row_is_a_clear_error(tmp_path):
+def test_unknown_row_is_a_clear_error(tmp_path, script):
     with pytest.raises(SystemExit, match="unknown rows"):
-        load_script().main(["--smoke", "--out", str(tmp_path), "--rows", "Ours+++"])
+        script.main(["--smoke", "--out", str(tmp_path), "--rows", "Ours+++"])
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _row(script, counts, true=None, pred=None):
+    counts = np.asarray(counts, dtype=np.int64)  # (S, I, 3, C)
+    s, i = counts.shape[:2]
+    true = np.asarray(true if true is not None else counts[0, :, 0] + counts[0, :, 2])
+    pred = np.asarray(pred if pred is not None else counts[:, :, 0] + counts[:, :, 1])
+    vs_r = np.repeat(counts[:, :, None], len(script.RADII), axis=2)
+    return script.RowCounts([str(k) for k in range(i)], counts, vs_r, true, pred, [60.0] * s)
+
+
+def test_total_and_image_f1_by_hand(script):
+    # image 0: tp 3 fp 1 fn 0; image 1: tp 1 fp 0 fn 2 (one class)
+    counts = np.array([[[3], [1], [0]], [[1], [0], [2]]])
+    # pooled: tp 4, fp 1, fn 2 -> 8 / (8 + 3)
+    assert script.total_f1(counts)[0] == pytest.approx(8 / 11)
+    assert script.image_f1(counts)[:, 0] == pytest.approx([6 / 7, 2 / 4])
+    assert np.isnan(script.image_f1(np.zeros((3, 1))))[0]
+
+
+def test_index_error_by_hand(script):
+    # true: 2 of 4 positive, 1 of 1; predicted: 1 of 4, none found at all in image 2
+    rc = _row(script, np.zeros((1, 2, 3, 2)), true=[[2, 2], [0, 1]], pred=[[[3, 1], [0, 0]]])
+    assert script.index_error(rc)[0] == pytest.approx([0.25, 1.0])
+
+
+def test_paired_bootstrap_of_a_row_with_itself_is_zero(script):
+    rng = np.random.default_rng(1)
+    a = _row(script, rng.integers(0, 20, (3, 8, 3, 2)))
+    result = script.paired_bootstrap(a, a, draws=200)
+    np.testing.assert_allclose(result["diff"], 0.0, atol=1e-12)
+    assert np.all(result["low"] <= 1e-12) and np.all(result["high"] >= -1e-12)
+
+
+def test_paired_bootstrap_of_a_better_row_excludes_zero(script):
+    rng = np.random.default_rng(2)
+    base = rng.integers(5, 20, (3, 10, 3, 2))
+    worse = base.copy()
+    better = base.copy()
+    better[:, :, 0] += 5  # five more true positives per image and class...
+    better[:, :, 2] = np.maximum(better[:, :, 2] - 5, 0)  # ...five fewer misses
+    a, b = _row(script, better, true=base[0, :, 0] + base[0, :, 2] + 5), _row(script, worse)
+    result = script.paired_bootstrap(a, b, draws=300)
+    assert np.all(result["diff"][:4] > 0) and np.all(result["low"][:4] > 0)
+    assert result["better"][1] == 1.0
+    assert np.all(result["low"] <= result["diff"] + 1e-12) and np.all(result["diff"] <= result["high"] + 1e-12)
+    with pytest.raises(ValueError, match="same held-out images"):
+        script.paired_bootstrap(a, _row(script, worse[:, :5]))
+
+
+def test_folds_hold_every_image_out_once_and_keep_groups_apart(script):
+    from cellkit.data import bundled_endonuke, load_dataset
+    from cellkit.data.split import endonuke_group
+
+    samples = load_dataset(bundled_endonuke(), "endonuke")[:60]
+    folds = script.make_folds(samples, "endonuke", 3)
+    held = [s.key for _, test in folds for s in test]
+    assert sorted(held) == sorted(s.key for s in samples)
+    for train, test in folds:
+        assert not {endonuke_group(s.key) for s in train} & {endonuke_group(s.key) for s in test}
+    one = script.make_folds(samples, "endonuke", 1)
+    assert len(one) == 1 and 0 < len(one[0][1]) < len(samples) / 3
