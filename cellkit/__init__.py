@@ -1,14 +1,16 @@
 """cellkit: cell recognition (finding, classifying, counting) in IHC images from point annotations.
 
 The parts, each with its own registry, compose into the paper's multi-task model, its
-ablations and baselines, or a variant of your own::
+ablations and baselines, or a variant of your own:
 
-    import cellkit
+```python
+import cellkit
 
-    cfg = cellkit.presets.ours_plus_plus(size="cpu")
-    model = cellkit.build_model(cfg)          # one encoder, decoders main/dynamic/prior
-    losses = cellkit.build_losses(cfg)        # Lt = Lm + 0.5 Lc + 0.5 Lp + 1.0 Ld
-    cellkit.MASKS.names()                     # ['circle', 'estimated', 'gaussian', ...]
+cfg = cellkit.presets.ours_plus_plus(size="cpu")
+model = cellkit.build_model(cfg)    # one encoder, decoders main/dynamic/prior
+losses = cellkit.build_losses(cfg)  # Lt = Lm + 0.5 Lc + 0.5 Lp + 1.0 Ld
+cellkit.MASKS.names()               # ['circle', 'estimated', 'gaussian', ...]
+```
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``python -m cellkit`` runs the command line (:func:`cellkit.cli.main`)."""
+"""``python -m cellkit`` runs the command line ([`cellkit.cli.main`][])."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Build models, losses, targets and post-processors from a :class:`CellkitConfig`.
+"""Build models, losses, targets and post-processors from a [`CellkitConfig`][].
 
-Every builder first checks the whole config (:func:`check_config`): each registry name,
+Every builder first checks the whole config ([`check_config`][]): each registry name,
 each keyword argument and each wiring (a loss that reads a head the model lacks, or a
 target no generator makes), and reports all problems at once before building anything.
 """
@@ -62,7 +62,7 @@ def _kwargs_problems(registry: Registry[Any], name: str, kwargs: Mapping[str, An
 
 
 def model_problems(m: ModelConfig, where: str = "model") -> list[str]:
-    """Every problem of a :class:`ModelConfig` (names, kwargs, heads, classes, activation)."""
+    """Every problem of a [`ModelConfig`][] (names, kwargs, heads, classes, activation)."""
     problems = _kwargs_problems(ENCODERS, m.encoder, m.encoder_kwargs, f"{where}.encoder")
     problems += _kwargs_problems(
         DECODERS, m.decoder, m.decoder_kwargs, f"{where}.decoder",
@@ -128,7 +128,7 @@ def config_problems(cfg: CellkitConfig, *, _where: str = "config") -> list[str]:
 
 
 def check_config(cfg: CellkitConfig) -> None:
-    """Raise :class:`ConfigError` listing every problem of ``cfg``; return when it is buildable."""
+    """Raise [`ConfigError`][] listing every problem of ``cfg``; return when it is buildable."""
     if not isinstance(cfg, CellkitConfig):
         raise TypeError(f"Expected a CellkitConfig, got {type(cfg).__name__}; build one with cellkit.presets.")
     problems = config_problems(cfg)
@@ -138,16 +138,16 @@ def check_config(cfg: CellkitConfig) -> None:
 
 @dataclass(frozen=True)
 class Parts:
-    """Everything one config builds (:func:`build`).
+    """Everything one config builds ([`build`][]).
 
     Attributes:
         config: the config they were built from (checked).
-        model: the :class:`~cellkit.models.MultiDecoderModel`, carrying its activation.
-        loss: the weighted sum of the loss terms (:class:`~cellkit.losses.WeightedLoss`).
+        model: the [`MultiDecoderModel`][cellkit.models.MultiDecoderModel], carrying its activation.
+        loss: the weighted sum of the loss terms ([`WeightedLoss`][cellkit.losses.WeightedLoss]).
         targets: the mask generators, by target name.
-        postprocess: maps -> :class:`~cellkit.points.Detections`.
-        format: the data format's entry (:mod:`cellkit.data.formats`), or ``None`` for a
-            format cellkit does not know (a caller passing samples itself).
+        postprocess: maps -> [`Detections`][cellkit.points.Detections].
+        format: the data format's entry ([`cellkit.data.formats`][cellkit.data.formats]),
+            or ``None`` for a format cellkit does not know (a caller passing samples itself).
     """
 
     config: CellkitConfig
@@ -163,15 +163,19 @@ def build(cfg: CellkitConfig, overrides: Mapping[str, Mapping[str, Any]] | None 
 
     Args:
         cfg: the config.
-        overrides: extra keyword arguments per target name (see :func:`build_targets`).
+        overrides: extra keyword arguments per target name (see [`build_targets`][]).
 
     Raises:
         ConfigError: listing every problem of the config, before anything is built.
 
     Examples:
-        >>> parts = build(cellkit.presets.ours(size="cpu"))  # doctest: +SKIP
-        >>> parts.model.heads, parts.loss.labels, sorted(parts.targets)  # doctest: +SKIP
-        (('main', 'dynamic'), ['ce', 'iou', 'dynamic', 'consistency'], ['circle', 'random_polygon'])
+        >>> import cellkit
+        >>> parts = build(cellkit.presets.ours_plus(size="cpu"))
+        >>> parts.model.heads, sorted(parts.targets)
+        (('main', 'dynamic'), ['circle', 'dynamic'])
+        >>> parts.loss.labels  # doctest: +NORMALIZE_WHITESPACE
+        ['main/ce', 'main/iou', 'dynamic/dynamic',
+         'main~dynamic/consistency']
     """
     from cellkit.data.formats import FORMATS, get_format
 
@@ -187,7 +191,7 @@ def build(cfg: CellkitConfig, overrides: Mapping[str, Mapping[str, Any]] | None 
 
 
 def check_buildable(cfg: CellkitConfig) -> None:
-    """:func:`check_config`, then build every part but the model of each stage (cheap).
+    """[`check_config`][], then build every part but the model of each stage (cheap).
 
     Catches what only a factory can say (a circle radius of -4) before a run starts.
 
@@ -236,7 +240,7 @@ def _model(m: ModelConfig) -> nn.Module:
 
 
 def build_losses(cfg: CellkitConfig) -> nn.Module:
-    """The weighted sum of ``cfg.losses`` (a :class:`cellkit.losses.WeightedLoss`)."""
+    """The weighted sum of ``cfg.losses`` (a [`WeightedLoss`][cellkit.losses.WeightedLoss])."""
     check_config(cfg)
     return _losses(cfg)
 
@@ -265,7 +269,7 @@ def build_targets(cfg: CellkitConfig, overrides: Mapping[str, Mapping[str, Any]]
         cfg: the config.
         overrides: extra keyword arguments per target name, for what a YAML file cannot
             hold (training hands the ``prior`` its stage-1 model through the generator's
-            ``prepare`` hook instead: :mod:`cellkit.masks.prepare`).
+            ``prepare`` hook instead: [`cellkit.masks.prepare`][cellkit.masks.prepare]).
     """
     check_config(cfg)
     return _targets(cfg, overrides)
@@ -283,7 +287,7 @@ def _targets(cfg: CellkitConfig, overrides: Mapping[str, Mapping[str, Any]] | No
 
 
 def build_postprocess(cfg: CellkitConfig) -> Any:
-    """The post-processor of ``cfg`` (probability maps -> :class:`cellkit.Detections`)."""
+    """The post-processor of ``cfg`` (probability maps -> [`Detections`][cellkit.points.Detections])."""
     p = cfg.postprocess
     problems = _kwargs_problems(POSTPROCESSORS, p.name, p.kwargs, "postprocess")
     if problems:

@@ -1,16 +1,19 @@
-"""The ``cellkit`` command line: ``train``, ``predict``, ``evaluate``, ``plot`` and ``export``.
+r"""The ``cellkit`` command line: ``train``, ``predict``, ``evaluate``, ``plot`` and ``export``.
 
-::
-
-    cellkit train --preset ours_plus --data data/bcdata --format bcdata --out runs/ours_plus
-    cellkit predict --checkpoint runs/ours_plus/best.pt --out out/ images/ slide.svs
-    cellkit predict --model endonuke-epithelium --out out/ images/
-    cellkit evaluate --pred out/ --data data/bcdata --format bcdata --split test --radius 6 --radii 2:20
-    cellkit plot runs/ours_plus
-    cellkit export --checkpoint runs/ours_plus/best.pt --out model.onnx
+```bash
+cellkit train --preset ours_plus --data data/bcdata --format bcdata \
+    --out runs/ours_plus
+cellkit predict --checkpoint runs/ours_plus/best.pt --out out/ \
+    images/ slide.svs
+cellkit predict --model endonuke-epithelium --out out/ images/
+cellkit evaluate --pred out/ --data data/bcdata --format bcdata \
+    --split test --radius 6 --radii 2:20
+cellkit plot runs/ours_plus
+cellkit export --checkpoint runs/ours_plus/best.pt --out model.onnx
+```
 
 A wrong path, format or name prints one line, ``cellkit <command>: error: <message>``, to
-stderr and exits with status 2; ``--debug`` also prints the traceback. :func:`main` takes
+stderr and exits with status 2; ``--debug`` also prints the traceback. [`main`][] takes
 the arguments as a list and returns the exit status, so tests call it without a subprocess.
 """
 
@@ -47,7 +50,7 @@ class _UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (raised, printed by :func:`main`)."""
+    """An ArgumentParser whose errors are one line (raised, printed by [`main`][])."""
 
     def error(self, message: str) -> NoReturn:
         raise _UsageError(self.prog, f"{message} (see {self.prog} --help)")
@@ -744,6 +747,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``cellkit`` command line; returns the exit status (0 ok, 2 error).
 
     Examples:
+        Skipped when the doctests run (the version printed depends on the install):
+
         >>> main(["--version"])  # doctest: +SKIP
         cellkit 0.1.0
         0

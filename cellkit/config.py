@@ -1,12 +1,15 @@
 """Typed configuration of a cellkit model and its training, as plain dataclasses.
 
 A config says *what* to build by registry name plus keyword arguments; the builder
-(:mod:`cellkit.builder`) checks every name and every wiring and builds it. Configs
-round-trip to plain dicts and YAML, so a run's folder records exactly what was trained::
+([`cellkit.builder`][cellkit.builder]) checks every name and every wiring and builds it.
+Configs round-trip to plain dicts and YAML, so a run's folder records exactly what was
+trained:
 
-    cfg = cellkit.presets.ours_plus(size="cpu")
-    text = cfg.to_yaml()
-    assert CellkitConfig.from_yaml(text) == cfg
+```python
+cfg = cellkit.presets.ours_plus(size="cpu")
+text = cfg.to_yaml()
+assert CellkitConfig.from_yaml(text) == cfg
+```
 """
 
 from __future__ import annotations
@@ -45,10 +48,10 @@ class ModelConfig:
     """The network: one shared encoder and identical decoders, one per head.
 
     Attributes:
-        encoder: name in :data:`cellkit.ENCODERS` (``resnet18`` ... ``resnet101``).
+        encoder: name in [`cellkit.ENCODERS`][cellkit.ENCODERS] (``resnet18`` ... ``resnet101``).
         encoder_kwargs: keyword arguments of the encoder (``output_stride``,
             ``width_multiplier``, ``weights`` = a local torchvision ``.pth`` file).
-        decoder: name in :data:`cellkit.DECODERS`; every head gets its own instance.
+        decoder: name in [`cellkit.DECODERS`][cellkit.DECODERS]; every head gets its own instance.
         decoder_kwargs: keyword arguments of the decoder (``width``, ``aspp_rates``...).
         heads: decoder names; ``main`` is required and is the only one used at inference.
         num_classes: output channels of every decoder (class 1 = class of interest).
@@ -77,7 +80,7 @@ class LossSpec:
     """One weighted loss term, wired to a decoder output and a target or another output.
 
     Attributes:
-        name: name in :data:`cellkit.LOSSES`.
+        name: name in [`cellkit.LOSSES`][cellkit.LOSSES].
         weight: the term's weight in the total loss.
         output: the head whose logits are the prediction.
         target: the target name (key of ``CellkitConfig.targets``) for losses against a target.
@@ -111,7 +114,7 @@ class PostprocessConfig:
     ``peaks`` takes ``threshold`` (one value, or one per class) in ``[0, 1]`` on the
     probability maps of a sigmoid model, ``>= 0`` on the density maps of an ``identity``
     model (FCRN), and ``min_distance``, an integer ``>= 1`` (checked by
-    :meth:`CellkitConfig.check`).
+    [`CellkitConfig.check`][]).
     """
 
     name: str = "peaks"
@@ -157,12 +160,13 @@ class TrainConfig:
         num_workers: DataLoader workers (0 = in the main process).
         radius: matching radius (pixels) of the validation F1 (set from the cell diameter
             when ``data.cell_diameter`` is used).
-        augment: keyword arguments of :class:`cellkit.data.Augment` (``{}`` = defaults,
-            ``None`` = no augmentation).
+        augment: keyword arguments of [`cellkit.data.Augment`][cellkit.data.Augment]
+            (``{}`` = defaults, ``None`` = no augmentation).
         val_every: validate every this many epochs (when ``steps`` is None).
-        init_from: start from trained weights: a shipped model's name (:mod:`cellkit.zoo`)
-            or a checkpoint; every weight whose name and shape fit is copied (the encoder, and
-            the heads when the classes agree), the rest is initialised as usual. ``None`` = no.
+        init_from: start from trained weights: a shipped model's name
+            ([`cellkit.zoo`][cellkit.zoo]) or a checkpoint; every weight whose name and
+            shape fit is copied (the encoder, and the heads when the classes agree), the
+            rest is initialised as usual. ``None`` = no.
     """
 
     steps: int | None = None
@@ -199,15 +203,15 @@ class DataConfig:
         format: ``csv``, ``bcdata``, ``endonuke`` or ``geojson``.
         class_map: source label -> class index, ``None`` = the format's default. The
             indices must be exactly ``0 .. K-1``, every one used, and ``K`` must equal
-            ``model.num_classes`` (checked by :meth:`CellkitConfig.check`).
+            ``model.num_classes`` (checked by [`CellkitConfig.check`][]).
         class_names: names of the classes, index order: one name per class.
         split: the BCData split folder (``train``/``validation``/``test``), if any.
         val_fraction, test_fraction: held-out shares, split by group (slide/tile range).
         split_seed: seed of the split.
         cell_diameter: the cells' diameter in pixels, from which the target sizes, peak
             distance and validation matching radius are derived
-            (:func:`cellkit.geometry.apply_geometry`); ``"auto"`` = estimated from the
-            training points at the start of training (the number found is what the run's
+            ([`apply_geometry`][cellkit.geometry.apply_geometry]); ``"auto"`` = estimated
+            from the training points at the start of training (the number found is what the run's
             ``config.yaml`` records); ``None`` = use the sizes written in the config.
         mpp: micrometres per pixel of the images, when known (recorded with the model).
     """
@@ -256,7 +260,7 @@ class CellkitConfig:
 
     # -- conversions -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """A plain dict of builtins (tuples become lists), the inverse of :meth:`from_dict`.
+        """A plain dict of builtins (tuples become lists), the inverse of [`from_dict`][].
 
         `plugins` comes first when it is not empty and is left out when it is, so configs
         without plug-ins read (and compare) as before it existed.
@@ -289,8 +293,8 @@ class CellkitConfig:
     def from_yaml(cls, source: str | Path) -> CellkitConfig:
         """Read a config from a YAML file path or YAML text, and check its values.
 
-        Besides :meth:`from_dict`'s checks of keys and types, the values are checked
-        (:meth:`problems`: the class map, the peak thresholds...). Every message starts
+        Besides [`from_dict`][]'s checks of keys and types, the values are checked
+        ([`problems`][]: the class map, the peak thresholds...). Every message starts
         with the file's name (``config.yaml``), and a YAML syntax error names the line.
 
         Raises:
@@ -331,7 +335,7 @@ class CellkitConfig:
     def problems(self) -> list[str]:
         """Every problem of the config's values, of this stage and its stage 1, as messages.
 
-        What :meth:`from_dict` cannot see from the types alone: a class map whose classes
+        What [`from_dict`][] cannot see from the types alone: a class map whose classes
         are not exactly ``0 .. K-1`` with one name each, or that disagrees with
         ``model.num_classes``; peak thresholds outside ``[0, 1]`` on probability maps
         (``>= 0`` on density maps, ``activation: identity``) and a ``min_distance`` below 1.
@@ -339,9 +343,11 @@ class CellkitConfig:
         read without it.
 
         Examples:
-            >>> cfg = CellkitConfig(postprocess=PostprocessConfig(kwargs={"threshold": 5}))
+            >>> cfg = CellkitConfig(
+            ...     postprocess=PostprocessConfig(kwargs={"threshold": 5}))
             >>> print(*cfg.problems(), sep="\\n")  # doctest: +ELLIPSIS
-            config.postprocess.kwargs.threshold: expected a value in [0, 1] (...), got 5; use e.g. 0.5
+            config.postprocess.kwargs.threshold: expected a value in [0, 1] (...),
+            got 5; use e.g. 0.5
         """
         out: list[str] = []
         stage: CellkitConfig | None = self
@@ -358,7 +364,7 @@ class CellkitConfig:
         return out
 
     def check(self) -> None:
-        """Raise :class:`ConfigError` listing every :meth:`problems` of the config."""
+        """Raise [`ConfigError`][] listing every [`problems`][] of the config."""
         problems = self.problems()
         if len(problems) == 1:
             raise ConfigError(problems[0])
@@ -371,7 +377,8 @@ class CellkitConfig:
         """This config and its stage 1 (``pretrain``, and so on), the ones that train.
 
         Examples:
-            >>> [c.name for c in CellkitConfig(pretrain=CellkitConfig(name="stage1")).stages()]
+            >>> cfg = CellkitConfig(pretrain=CellkitConfig(name="stage1"))
+            >>> [c.name for c in cfg.stages()]
             ['custom', 'stage1']
         """
         out, stage = [], self
@@ -427,7 +434,7 @@ SCHEDULERS = ("cosine", "step")
 
 
 def train_problems(t: TrainConfig, where: str = "train") -> list[str]:
-    """Every problem of a :class:`TrainConfig`'s values, as messages (``where`` prefixes each)."""
+    """Every problem of a [`TrainConfig`][]'s values, as messages (``where`` prefixes each)."""
     problems = []
     if t.scheduler is not None and t.scheduler not in SCHEDULERS:
         problems.append(f"{where}.scheduler: " + unknown_option_message(

@@ -1,22 +1,23 @@
 """Export a trained model to ONNX or TorchScript, to run without cellkit.
 
-The exported model is what inference runs (:meth:`cellkit.models.MultiDecoderModel.infer`):
+The exported model is what inference runs
+([`cellkit.models.MultiDecoderModel.infer`][cellkit.models.model.MultiDecoderModel.infer]):
 the encoder, the main decoder and the activation, so it maps normalised images to the maps
 the cells are found on: probabilities for the paper's models (sigmoid), density maps for
 FCRN (identity). The other heads (``dynamic``, ``prior``) are training aids and are left
 out. BatchNorm is folded into the convolutions first
-(:func:`cellkit.models.fuse.fold_batchnorm`) and the model is exported in eval mode.
+([`cellkit.models.fuse.fold_batchnorm`][]) and the model is exported in eval mode.
 
 Any input size works, as in cellkit: the batch size, the height and the width are dynamic.
 The exported forward pads the input at the bottom and right to a multiple of the encoder's
 deepest stride (reflect, or replicate when the image is smaller than the padding, exactly
-as :class:`~cellkit.models.MultiDecoderModel` does), upsamples the logits to the padded size
+as [`MultiDecoderModel`][cellkit.models.MultiDecoderModel] does), upsamples the logits to the padded size
 and crops them back, with every size read from the input at run time (no size of the
 example input is baked in). Before the file is written, its output is compared with
 PyTorch's on inputs of sizes different from the example's (``check=True``).
 
 Everything needed to use the maps travels in the file as a JSON document (see
-:func:`load_exported_metadata`): the class names, the peak thresholds calibrated at training
+[`load_exported_metadata`][]): the class names, the peak thresholds calibrated at training
 time and the peak minimum distances (one per class), the model's pixel size, the ImageNet
 normalisation the input expects, and the cellkit version. ONNX keeps it in the model's
 ``metadata_props`` (key ``cellkit.json``, plus one entry per field), TorchScript as the extra
@@ -32,13 +33,15 @@ every size. TorchScript is written with ``torch.jit.script``, not ``torch.jit.tr
 same reason. Install the ONNX tools with ``pip install "cellkit[export]"`` (``onnx``,
 ``onnxscript``, and ``onnxruntime`` for the check).
 
-Example::
+For example:
 
-    from cellkit.export import export_model, load_exported_metadata
+```python
+from cellkit.export import export_model, load_exported_metadata
 
-    export_model("runs/ours/best.pt", "model.onnx")                # the format from the suffix
-    export_model("runs/ours/best.pt", "model.pt", format="torchscript")
-    load_exported_metadata("model.onnx")["threshold"]               # e.g. [0.45, 0.5]
+export_model("runs/ours/best.pt", "model.onnx")  # the format from the suffix
+export_model("runs/ours/best.pt", "model.pt", format="torchscript")
+load_exported_metadata("model.onnx")["threshold"]  # e.g. [0.45, 0.5]
+```
 
 See the page "Export a model" of the documentation for running the file with ONNX Runtime
 or ``torch.jit.load`` alone.
@@ -68,7 +71,7 @@ from cellkit.lookup import look_up_option
 __all__ = ["EXPORT_FORMATS", "ExportError", "InferenceModule", "export_model", "load_exported_metadata"]
 
 EXPORT_FORMATS: tuple[str, ...] = ("onnx", "torchscript")
-"""The formats :func:`export_model` writes."""
+"""The formats [`export_model`][] writes."""
 
 METADATA_KEY = "cellkit.json"
 INPUT_NAME = "image"
@@ -92,7 +95,7 @@ class ExportError(RuntimeError):
 class InferenceModule(nn.Module):
     """Encoder, one decoder and the activation, for any input size: what is exported.
 
-    Computes ``activation(model.infer(x))`` of a :class:`~cellkit.models.MultiDecoderModel`
+    Computes ``activation(model.infer(x))`` of a [`MultiDecoderModel`][cellkit.models.MultiDecoderModel]
     with tensor operations whose sizes all come from the input at run time, so that
     ``torch.jit.script`` and ``torch.export`` keep the height and width dynamic: the rows and
     columns of the padded input are gathered with computed indices (reflect padding, or
@@ -127,7 +130,7 @@ class InferenceModule(nn.Module):
 
     @classmethod
     def from_model(cls, model: nn.Module) -> InferenceModule:
-        """The inference part of a :class:`~cellkit.models.MultiDecoderModel` (its modules, shared).
+        """The inference part of a [`MultiDecoderModel`][cellkit.models.MultiDecoderModel] (its modules, shared).
 
         Raises:
             TypeError: for a model without ``encoder``, ``decoders``, ``main``,
@@ -181,8 +184,8 @@ def export_model(
     mode), takes ``(B, 3, H, W)`` float32 images of any size normalised as cellkit does
     (``(rgb / 255 - mean) / std`` with ImageNet's mean and std) and returns ``(B, C, H, W)``
     maps: probabilities, or density maps for FCRN. Its metadata is described in
-    :func:`load_exported_metadata`. The file is written atomically
-    (:func:`cellkit.data.io.write_bytes_atomic`): an interrupted export leaves no partial file.
+    [`load_exported_metadata`][]. The file is written atomically
+    ([`cellkit.data.io.write_bytes_atomic`][]): an interrupted export leaves no partial file.
 
     Args:
         checkpoint: a checkpoint of ``cellkit train`` (``RUN_DIR/best.pt``), or the run folder.
@@ -193,7 +196,7 @@ def export_model(
         overwrite: replace ``out`` when it exists, if it is a model exported by cellkit (any
             other file is never replaced).
         check: compare the exported model's output with PyTorch's on two odd-sized inputs
-            before writing, and raise :class:`ExportError` if they differ by more than 1e-4
+            before writing, and raise [`ExportError`][] if they differ by more than 1e-4
             (relative to the largest value for density maps). For ONNX it needs
             ``onnxruntime``.
 
@@ -212,8 +215,11 @@ def export_model(
             ``torch.jit.script`` or ``torch.export`` cannot read), or the check fails.
 
     Examples:
-        >>> # export_model("runs/ours/best.pt", "model.onnx")
-        >>> # export_model("runs/ours/best.pt", "model.pt", overwrite=True)
+        Not run here (they need a trained checkpoint and write into the current folder):
+
+        >>> export_model("runs/ours/best.pt", "model.onnx")  # doctest: +SKIP
+        >>> export_model("runs/ours/best.pt", "model.pt",  # doctest: +SKIP
+        ...              overwrite=True)
     """
     from cellkit.data.io import write_bytes_atomic
     from cellkit.engine.checkpoint import file_fingerprint, load_checkpoint, load_model
@@ -256,7 +262,7 @@ def export_model(
 
 
 def load_exported_metadata(path: str | Path) -> dict[str, Any]:
-    """The metadata that :func:`export_model` stored in an ONNX or TorchScript file.
+    """The metadata that [`export_model`][] stored in an ONNX or TorchScript file.
 
     Reads the file without running it (a TorchScript file is a zip archive; an ONNX file
     is read with the ``onnx`` package, without its weights' external data).

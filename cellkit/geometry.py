@@ -18,7 +18,7 @@ EndoNuke sample it gives ``d`` = 8.0 px (the 4-px circles chosen by hand), on th
 sample 23.6 px (its nuclei are about 20-30 px wide; the 8-px circles chosen by hand were
 small, see ``docs/training.md``).
 
-From ``d`` (:class:`Geometry`): the circle radius and the random-polygon base radius
+From ``d`` ([`Geometry`][]): the circle radius and the random-polygon base radius
 ``d / 2``, the Gaussian sigma ``d / 4`` (mask generators declare these in their
 ``geometry`` class attribute, so a plug-in can take part), the peak minimum distance
 ``round(3 d / 8)`` (at least 1) and the validation matching radius ``3 d / 4``.
@@ -125,7 +125,7 @@ def estimate_cell_diameter(point_sets: Iterable[Any], quantile: float = DIAMETER
 
     Args:
         point_sets: per image, an ``(N, 2)`` array of points, or a
-            :class:`~cellkit.data.Sample` (its ``points``).
+            [`Sample`][cellkit.data.Sample] (its ``points``).
         quantile: the quantile of nearest-neighbour distances taken (see the module).
 
     Returns:
@@ -135,7 +135,8 @@ def estimate_cell_diameter(point_sets: Iterable[Any], quantile: float = DIAMETER
         ValueError: when no image has two distinct points.
 
     Examples:
-        >>> grid = np.array([[x, y] for x in range(0, 100, 10) for y in range(0, 100, 10)])
+        >>> grid = np.array([[x, y] for x in range(0, 100, 10)
+        ...                  for y in range(0, 100, 10)])
         >>> estimate_cell_diameter([grid])[0]
         10.0
     """

@@ -2,19 +2,24 @@
 
 Modelled on MONAI's ``look_up_option``: a known name returns its entry, and a typo is an
 error that names the closest choices and lists every available one, so the user can fix
-it without opening the code::
+it without opening the code:
 
-    >>> look_up_option("circle", ["circle", "gaussian"], what="mask generator")
-    'circle'
-    >>> try:
-    ...     look_up_option("circel", ["circle", "gaussian"], what="mask generator")
-    ... except KeyError as err:  # also a ValueError
-    ...     print(err)
-    Unknown mask generator 'circel'. Did you mean 'circle'? Available: circle, gaussian.
+```pycon
+>>> look_up_option("circle", ["circle", "gaussian"], what="mask generator")
+'circle'
+>>> try:
+...     look_up_option("circel", ["circle", "gaussian"],
+...                    what="mask generator")
+... except KeyError as err:  # also a ValueError
+...     print(err)
+Unknown mask generator 'circel'. Did you mean 'circle'?
+Available: circle, gaussian.
 
-The registries (:class:`cellkit.registry.Registry`), the presets, the class-map presets,
-the dataset formats, the command line's choices, the matching methods, the norms and the
-config keys all answer through it.
+```
+
+The registries ([`Registry`][cellkit.registry.Registry]), the presets, the class-map
+presets, the dataset formats, the command line's choices, the matching methods, the norms
+and the config keys all answer through it.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ def _normalized(value: object) -> object:
 def did_you_mean(value: object, options: Iterable[Any], n: int = 3) -> str:
     """``" Did you mean 'a', 'b'?"`` for the options closest to ``value``, or ``""``.
 
-    Closeness is :func:`difflib.get_close_matches` (similarity ratio >= 0.6) on the
+    Closeness is `difflib.get_close_matches` (similarity ratio >= 0.6) on the
     lower-cased text, so a wrong case always finds its option.
 
     Examples:
@@ -70,8 +75,10 @@ def unknown_option_message(value: object, options: Iterable[Any], *, what: str =
     options, every available one, and ``hint`` (how else to fix it).
 
     Examples:
-        >>> unknown_option_message("cosin", ["cosine", "step"], what="scheduler", hint="Or pass None.")
-        "Unknown scheduler 'cosin'. Did you mean 'cosine'? Available: cosine, step. Or pass None."
+        >>> print(unknown_option_message("cosin", ["cosine", "step"],
+        ...                              what="scheduler", hint="Or pass None."))
+        Unknown scheduler 'cosin'. Did you mean 'cosine'?
+        Available: cosine, step. Or pass None.
     """
     names = [str(o) for o in options]
     message = (
@@ -104,7 +111,7 @@ def look_up_option(
         normalize: compare strings stripped and case-insensitively (``" BCData"`` finds
             ``"bcdata"``); the canonical spelling of ``options`` is returned.
         error: the exception class raised (called with the message); by default
-            :class:`UnknownOptionError`, a ``KeyError`` and a ``ValueError``.
+            [`UnknownOptionError`][], a ``KeyError`` and a ``ValueError``.
 
     Returns:
         ``options[name]`` for a mapping, else the matching name of ``options``.

@@ -9,9 +9,10 @@ most published evaluation code use). The paper's two scores (section 3.2):
   images), then F1;
 * **meanF1**: F1 of each image, averaged over images.
 
-Example:
+Examples:
     >>> from cellkit.points import Detections
-    >>> pred = Detections(points=[[10, 10], [30, 30]], classes=[1, 1], scores=[0.9, 0.8])
+    >>> pred = Detections(points=[[10, 10], [30, 30]], classes=[1, 1],
+    ...                   scores=[0.9, 0.8])
     >>> truth = ([[11, 10], [50, 50]], [1, 1])
     >>> report = evaluate([pred], [truth], radius=5, num_classes=2)
     >>> report.tp.tolist(), report.fp.tolist(), report.fn.tolist()
@@ -49,7 +50,7 @@ __all__ = [
 MATCHING_METHODS = ("hungarian", "greedy")
 
 #: Problems with at most this many (prediction, truth) pairs are matched densely: one distance
-#: matrix (:func:`scipy.spatial.distance.cdist`) and, for ``"hungarian"``, one assignment over
+#: matrix (`scipy.spatial.distance.cdist`) and, for ``"hungarian"``, one assignment over
 #: every point with a partner in range. At this size (at most 200 points on the smaller side)
 #: that costs less than building KD-trees, the radius graph and its components, whose fixed
 #: costs dominate an image of a few hundred cells.
@@ -70,7 +71,7 @@ def match_points(
     * ``"hungarian"`` (default): a matching of maximum cardinality (the most true positives
       possible); among those, one with the smallest sum of distances. Small problems (at most
       40,000 prediction-truth pairs) are solved with one
-      :func:`scipy.optimize.linear_sum_assignment` over the points that have a partner in
+      `scipy.optimize.linear_sum_assignment` over the points that have a partner in
       range; larger ones split the radius graph into connected components, each solved
       alone, and leave a point with no partner in range unmatched without any assignment, so
       large sparse images stay fast. Where several matchings tie on both counts, which one is
@@ -262,7 +263,7 @@ def detection_counts(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """True positives, false positives and false negatives per class, for one image.
 
-    Points are matched within each class separately (:func:`match_points`): a prediction of
+    Points are matched within each class separately ([`match_points`][]): a prediction of
     the wrong class is a false positive of its class and leaves a false negative in the true one.
 
     Args:
@@ -270,7 +271,7 @@ def detection_counts(
         true_points, true_classes: ``(M, 2)`` true ``(x, y)`` and ``(M,)`` classes.
         radius: the largest distance (inclusive) of a match, in pixels.
         num_classes: number of classes ``C``; classes must lie in ``0..C-1``.
-        method: ``"hungarian"`` or ``"greedy"`` (see :func:`match_points`).
+        method: ``"hungarian"`` or ``"greedy"`` (see [`match_points`][]).
         scores: ``(N,)`` prediction scores for ``"greedy"``.
 
     Returns:
@@ -280,7 +281,8 @@ def detection_counts(
         ValueError: for malformed points or classes out of range.
 
     Examples:
-        >>> tp, fp, fn = detection_counts([[0, 0], [9, 9]], [0, 1], [[1, 0]], [0], 2, 2)
+        >>> tp, fp, fn = detection_counts([[0, 0], [9, 9]], [0, 1],
+        ...                               [[1, 0]], [0], 2, 2)
         >>> tp.tolist(), fp.tolist(), fn.tolist()
         ([1, 0], [0, 1], [0, 0])
     """
@@ -388,19 +390,19 @@ def evaluate(
       with true points but no predictions (or the reverse) counts with F1 = 0. A class left
       out of every image has ``mean_f1`` NaN and ``n_images`` 0.
 
-    Zero denominators are defined as in :func:`precision_recall_f1` (e.g. a class with no
+    Zero denominators are defined as in [`precision_recall_f1`][] (e.g. a class with no
     predictions and no true points at all has precision = recall = totalF1 = 1).
 
     Args:
-        predictions: one :class:`~cellkit.points.Detections` per image.
+        predictions: one [`Detections`][cellkit.points.Detections] per image.
         truths: one ``(points (M, 2) (x, y), classes (M,))`` pair per image, in the same order.
         radius: the largest distance (inclusive) of a match, in pixels.
         num_classes: number of classes ``C``.
         class_names: ``C`` names for the report (default ``"0"``, ``"1"``, ...).
-        method: ``"hungarian"`` (maximum matching) or ``"greedy"`` (see :func:`match_points`).
+        method: ``"hungarian"`` (maximum matching) or ``"greedy"`` (see [`match_points`][]).
 
     Returns:
-        An :class:`EvaluationReport`.
+        An [`EvaluationReport`][].
 
     Raises:
         ValueError: when predictions and truths differ in number of images, for malformed
@@ -408,7 +410,8 @@ def evaluate(
         TypeError: for a prediction that is not a Detections.
 
     Examples:
-        >>> pred = [Detections([[0, 0]], [0], [0.9]), Detections([[5, 5]], [0], [0.9])]
+        >>> pred = [Detections([[0, 0]], [0], [0.9]),
+        ...         Detections([[5, 5]], [0], [0.9])]
         >>> truth = [([[1, 0]], [0]), ([[5, 5], [20, 20]], [0, 0])]
         >>> r = evaluate(pred, truth, radius=2, num_classes=1)
         >>> round(float(r.total_f1[0]), 3), round(float(r.mean_f1[0]), 3)
@@ -436,7 +439,7 @@ def f1_vs_radius(
     radius only adds allowed pairs, so the maximum matching cannot shrink).
 
     Args:
-        predictions, truths, num_classes, class_names, method: as in :func:`evaluate`.
+        predictions, truths, num_classes, class_names, method: as in [`evaluate`][].
         radii: ``R`` radii in pixels.
 
     Returns:
@@ -444,7 +447,7 @@ def f1_vs_radius(
         "mean_f1": {name: (R,)}}``.
 
     Raises:
-        ValueError: as :func:`evaluate`, or for an empty ``radii``.
+        ValueError: as [`evaluate`][], or for an empty ``radii``.
 
     Examples:
         >>> pred = [Detections([[0, 0]], [0], [0.9])]

@@ -34,7 +34,8 @@ error that names the missing part and the `--plugins` to pass.
 ```python
 from cellkit.plugins import load_plugins
 
-load_plugins(["my_plugins"])          # my_plugins.py in the current folder or on sys.path
+# my_plugins.py in the current folder or on sys.path
+load_plugins(["my_plugins"])
 ```
 """
 
@@ -342,10 +343,12 @@ def missing_plugin_hint(cfg: Any, command: str = "train") -> str | None:
         >>> import cellkit
         >>> cfg = cellkit.presets.ours(size="cpu")
         >>> cfg.targets["circle"].name, cfg.plugins = "class_circle", ["my_plugins"]
-        >>> print(missing_plugin_hint(cfg, "predict"))  # doctest: +NORMALIZE_WHITESPACE
-        mask generator 'class_circle' is not registered: if a plug-in registers it, load that plug-in first,
-        e.g. cellkit predict --plugins my_plugins (the config lists the plug-ins my_plugins); in Python,
-        import the module before building the config.
+        >>> hint = missing_plugin_hint(cfg, "predict")
+        >>> print(hint)  # doctest: +NORMALIZE_WHITESPACE
+        mask generator 'class_circle' is not registered: if a plug-in registers
+        it, load that plug-in first, e.g. cellkit predict --plugins my_plugins
+        (the config lists the plug-ins my_plugins); in Python, import the
+        module before building the config.
     """
     missing = unregistered_names(cfg)
     if not missing:

@@ -63,7 +63,7 @@ def validate_points(
 
     Args:
         points: ``(N, 2)`` array-like of ``(x, y)`` pixel coordinates, checked with
-            :func:`as_points` (an empty array is read as no points).
+            [`as_points`][] (an empty array is read as no points).
         classes: ``(N,)`` array-like of non-negative integer classes.
         shape: ``(H, W)`` of the image; when given, every point must lie in
             ``0 <= x < W`` and ``0 <= y < H``.

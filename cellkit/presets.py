@@ -1,14 +1,12 @@
 """Presets: the rows of the paper's Table 1 as plain functions returning configs.
 
-=================  ==========================================================================
-preset             what it trains
-=================  ==========================================================================
-``fcrn``           main head regressing Gaussian density maps with MSE (FCRN baseline [5])
-``estimate_mask``  main head on masks estimated from points and colour (EstimateMask [1])
-``ours``           main head on circle masks, Lm = 0.8 CE + 0.2 IoU
-``ours_plus``      + dynamic head on random polygons (Ld, weight 1) and consistency (Lc, 0.5)
-``ours_plus_plus`` + prior head on the tissue prior of an early-stopped model (Lp, 0.5)
-=================  ==========================================================================
+| preset | what it trains |
+|---|---|
+| ``fcrn`` | main head regressing Gaussian density maps with MSE (FCRN baseline [5]) |
+| ``estimate_mask`` | main head on masks estimated from points and colour (EstimateMask [1]) |
+| ``ours`` | main head on circle masks, Lm = 0.8 CE + 0.2 IoU |
+| ``ours_plus`` | + dynamic head on random polygons (Ld, weight 1) and consistency (Lc, 0.5) |
+| ``ours_plus_plus`` | + prior head on the tissue prior of an early-stopped model (Lp, 0.5) |
 
 Each takes ``size``: ``"paper"`` (ResNet-101 DeepLabV3+, decoder width 256, the paper's
 optimiser) or ``"cpu"`` (ResNet-18 at half width and a 64-wide decoder, for 2-core
@@ -16,10 +14,10 @@ machines). FLOPs per megapixel of the inference pass, measured with
 ``torch.utils.flop_counter.FlopCounterMode`` by
 ``cellkit.models.flops.flops_per_megapixel(model, size=256)`` on the inference pass
 (encoder + main decoder, 2 classes; a multiply-add counts 2 FLOPs): ``paper`` **675.5
-GFLOP/MP**, ``cpu`` **46.3 GFLOP/MP**, 14.6x fewer (see :data:`MEASURED_GFLOPS_PER_MEGAPIXEL`;
+GFLOP/MP**, ``cpu`` **46.3 GFLOP/MP**, 14.6x fewer (see [`MEASURED_GFLOPS_PER_MEGAPIXEL`][];
 ``tests/test_config.py`` checks the ratio stays >= 10).
 
-Example:
+Examples:
     >>> import cellkit
     >>> cfg = cellkit.presets.ours_plus(size="cpu")
     >>> sorted(cfg.model.heads)
@@ -57,14 +55,6 @@ __all__ = [
     "set_pretrain_fraction",
 ]
 
-#: Model and schedule per size. ``cpu`` is >= 10x cheaper than ``paper`` per megapixel.
-#: The schedule is in optimizer steps, whatever the number of images (see ``docs/training.md``
-#: for how it was chosen): ``steps`` batches of ``batch_size`` crops of ``crop_size``
-#: (crops larger than the training images are cut to them), a linear warm-up over
-#: ``warmup`` of the steps, then cosine decay; validation every ``val_every_steps``; half the
-#: crops centred on a cell of a class drawn uniformly; peak thresholds calibrated on the
-#: validation images. ``pretrain_fraction``: the stage-1 model of ``ours_plus_plus`` is
-#: stopped after this share of stage 2's steps (the paper: 10 of 100 epochs).
 SIZES: dict[str, dict[str, Any]] = {
     "paper": {
         "encoder": "resnet101",
@@ -81,14 +71,24 @@ SIZES: dict[str, dict[str, Any]] = {
         "pretrain_fraction": 0.25,
     },
 }
+"""Model and schedule per size.
 
-#: Schedule settings shared by both sizes.
+``cpu`` is >= 10x cheaper than ``paper`` per megapixel.
+The schedule is in optimizer steps, whatever the number of images (see ``docs/training.md``
+for how it was chosen): ``steps`` batches of ``batch_size`` crops of ``crop_size``
+(crops larger than the training images are cut to them), a linear warm-up over
+``warmup`` of the steps, then cosine decay; validation every ``val_every_steps``; half the
+crops centred on a cell of a class drawn uniformly; peak thresholds calibrated on the
+validation images. ``pretrain_fraction``: the stage-1 model of ``ours_plus_plus`` is
+stopped after this share of stage 2's steps (the paper: 10 of 100 epochs)."""
+
 RECIPE: dict[str, Any] = {"warmup": 0.05, "scheduler": "cosine", "cell_crop": 0.5, "balance_classes": True,
                           "calibrate": True}
+"""Schedule settings shared by both sizes."""
 
-#: Inference GFLOPs per megapixel (2 classes, main head), measured with
-#: ``flops_per_megapixel(build_model(ours(size=...)), size=256)`` on 2026-11-26.
 MEASURED_GFLOPS_PER_MEGAPIXEL: dict[str, float] = {"paper": 675.5, "cpu": 46.3}
+"""Inference GFLOPs per megapixel (2 classes, main head), measured with
+``flops_per_megapixel(build_model(ours(size=...)), size=256)`` on 2026-11-26."""
 
 
 def _base(name: str, size: str, heads: tuple[str, ...], num_classes: int, radius: float | None,
@@ -153,10 +153,10 @@ def ours(size: str = "cpu", num_classes: int = 2, radius: float | None = None, e
         num_classes: classes (class 1 = class of interest).
         radius: circle radius in pixels (about half a cell's diameter); with neither it nor
             ``cell_diameter`` the sizes are estimated from the training points
-            (``data.cell_diameter = "auto"``, see :mod:`cellkit.geometry`).
+            (``data.cell_diameter = "auto"``, see [`cellkit.geometry`][cellkit.geometry]).
         eval_radius: matching radius of validation F1 (default 3/4 of a cell diameter).
         min_distance: peak minimum distance (default 3/8 of a cell diameter).
-        steps: optimizer steps (default: the size's, see :data:`SIZES`).
+        steps: optimizer steps (default: the size's, see [`SIZES`][]).
         cell_diameter: the cells' diameter in pixels (instead of ``radius``).
     """
     cfg = _base("ours", size, ("main",), num_classes, radius, eval_radius, min_distance, steps, cell_diameter)
@@ -193,7 +193,7 @@ def ours_plus_plus(size: str = "cpu", num_classes: int = 2, radius: float | None
 
     Lt = Lm + 0.5 Lc + 0.5 Lp + 1.0 Ld (eq. 7). The prior target is the class-1 output of
     a stage-1 model (encoder + main decoder, circle masks, CE only) stopped early: after
-    ``pretrain_fraction`` of stage 2's steps (default: the size's, :data:`SIZES`; the paper
+    ``pretrain_fraction`` of stage 2's steps (default: the size's, [`SIZES`][]; the paper
     stops at 10 of 100 epochs), or ``pretrain_epochs`` epochs when given (epoch schedule).
     ``cellkit train`` runs that stage first.
     """
@@ -271,7 +271,6 @@ def estimate_mask(size: str = "cpu", num_classes: int = 2, radius: float | None 
     return cfg
 
 
-#: Preset name -> function, in the order of the paper's Table 1.
 PRESETS: dict[str, Callable[..., CellkitConfig]] = {
     "fcrn": fcrn,
     "estimate_mask": estimate_mask,
@@ -279,6 +278,7 @@ PRESETS: dict[str, Callable[..., CellkitConfig]] = {
     "ours_plus": ours_plus,
     "ours_plus_plus": ours_plus_plus,
 }
+"""Preset name -> function, in the order of the paper's Table 1."""
 
 
 def get_preset(name: str, **kwargs: Any) -> CellkitConfig:

@@ -1,16 +1,18 @@
 """One generic registry, instantiated once per kind of plug-in.
 
-A :class:`Registry` maps a name to a factory (a class or a function). Plug-ins register
+A [`Registry`][] maps a name to a factory (a class or a function). Plug-ins register
 themselves where they are defined, with a decorator; users register their own plug-ins
-from their own modules the same way, without editing cellkit::
+from their own modules the same way, without editing cellkit:
 
-    from cellkit import MASKS
+```python
+from cellkit import MASKS
 
-    @MASKS.register("my_mask")
-    class MyMask:
-        ...
+@MASKS.register("my_mask")
+class MyMask:
+    ...
 
-    generator = MASKS.build("my_mask", radius=3)
+generator = MASKS.build("my_mask", radius=3)
+```
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 class RegistryError(UnknownOptionError):
     """An unknown name, or a name registered twice. Subclasses both KeyError and ValueError.
 
-    An :class:`~cellkit.lookup.UnknownOptionError`, so one ``except`` catches a typo in any
+    An [`UnknownOptionError`][cellkit.lookup.UnknownOptionError], so one ``except`` catches a typo in any
     name cellkit looks up.
     """
 
@@ -51,7 +53,7 @@ class Registry(Generic[T]):
         kind: what the registry holds, used in error messages (``"mask generator"``).
 
     ``T`` is what the factories build: ``Registry[MaskGenerator]`` for the mask generators,
-    so ``MASKS.build(...)`` is typed as a :class:`~cellkit.masks.base.MaskGenerator`.
+    so ``MASKS.build(...)`` is typed as a [`MaskGenerator`][cellkit.masks.base.MaskGenerator].
 
     Examples:
         >>> reg = Registry("widget")
@@ -73,7 +75,7 @@ class Registry(Generic[T]):
 
         Raises:
             RegistryError: when ``name`` is already registered (names are never silently
-                overwritten; call :meth:`unregister` first to replace one on purpose).
+                overwritten; call [`unregister`][] first to replace one on purpose).
         """
         if not isinstance(name, str) or not name:
             raise TypeError(f"A {self.kind} name must be a non-empty string, got {name!r}.")
@@ -173,14 +175,15 @@ class Registry(Generic[T]):
 # Encoders and decoders are ``nn.Module``s that also follow cellkit.models.base.Encoder
 # and .Decoder; losses are ``nn.Module``s that follow cellkit.losses.LossModule.
 MASKS: Registry[MaskGenerator] = Registry("mask generator")
-"""Mask generators, point annotations -> training targets (:class:`~cellkit.masks.base.MaskGenerator`)."""
+"""Mask generators, point annotations -> training targets
+([`MaskGenerator`][cellkit.masks.base.MaskGenerator])."""
 LOSSES: Registry[nn.Module] = Registry("loss")
-"""Losses, ``loss(logits, reference) -> scalar`` (:class:`~cellkit.losses.modules.LossModule`)."""
+"""Losses, ``loss(logits, reference) -> scalar`` ([`LossModule`][cellkit.losses.modules.LossModule])."""
 ENCODERS: Registry[nn.Module] = Registry("encoder")
-"""Encoders, images -> features (:class:`~cellkit.models.base.Encoder`)."""
+"""Encoders, images -> features ([`Encoder`][cellkit.models.base.Encoder])."""
 DECODERS: Registry[nn.Module] = Registry("decoder")
-"""Decoders, features -> class logits (:class:`~cellkit.models.base.Decoder`)."""
+"""Decoders, features -> class logits ([`Decoder`][cellkit.models.base.Decoder])."""
 POSTPROCESSORS: Registry[PostProcessor] = Registry("post-processor")
-"""Post-processors, probability maps -> detections (:class:`~cellkit.postprocess.PostProcessor`)."""
+"""Post-processors, probability maps -> detections ([`PostProcessor`][cellkit.postprocess.PostProcessor])."""
 
 __all__ += ["MASKS", "LOSSES", "ENCODERS", "DECODERS", "POSTPROCESSORS"]

@@ -1,12 +1,14 @@
 """Pictures of results: points coloured by class on an image, and the F1-against-radius plot.
 
-Drawing uses :mod:`skimage.draw` (no display needed); plots use matplotlib's Agg canvas
-directly, never ``pyplot``, so nothing depends on a GUI backend or global figure state::
+Drawing uses `skimage.draw` (no display needed); plots use matplotlib's Agg canvas
+directly, never ``pyplot``, so nothing depends on a GUI backend or global figure state:
 
-    from cellkit.viz import draw_points, save_png
+```python
+from cellkit.viz import draw_points, save_png
 
-    overlay = draw_points(image, det.points, det.classes, num_classes=2)
-    save_png("overlay.png", overlay)
+overlay = draw_points(image, det.points, det.classes, num_classes=2)
+save_png("overlay.png", overlay)
+```
 """
 
 from __future__ import annotations
@@ -35,12 +37,12 @@ BASE_COLORS: tuple[tuple[int, int, int], ...] = (
 )
 """Colours of the first classes (RGB): class 0 ("other cells") grey-blue, class 1 (the class of
 interest, like QuPath's "Positive") red, then distinct hues. The GeoJSON files cellkit writes use
-the same table (:data:`cellkit.data.writers.DEFAULT_COLORS`).
+the same table ([`cellkit.data.writers.DEFAULT_COLORS`][]).
 """
 
 
 def class_colors(num_classes: int) -> np.ndarray:
-    """One RGB colour per class: :data:`BASE_COLORS`, then evenly spread hues.
+    """One RGB colour per class: [`BASE_COLORS`][], then evenly spread hues.
 
     Shapes:
         returns: ``(num_classes, 3)`` uint8.
@@ -76,7 +78,7 @@ def draw_points(
         classes: ``(N,)`` class indices.
         num_classes: classes in the colour table (default: the largest class + 1).
         radius: disc radius in pixels.
-        colors: ``(num_classes, 3)`` RGB colours (default :func:`class_colors`).
+        colors: ``(num_classes, 3)`` RGB colours (default [`class_colors`][]).
         outline: colour of a one-pixel ring around each disc (``None``: no ring); it keeps
             the points visible on stains of their own colour.
 
@@ -87,7 +89,8 @@ def draw_points(
         ValueError: for a malformed image or points, or a class without a colour.
 
     Examples:
-        >>> out = draw_points(np.zeros((7, 7, 3), np.uint8), [[3, 3]], [1], radius=2, outline=None)
+        >>> out = draw_points(np.zeros((7, 7, 3), np.uint8), [[3, 3]], [1],
+        ...                   radius=2, outline=None)
         >>> (out[..., 0] > 0).astype(int)
         array([[0, 0, 0, 0, 0, 0, 0],
                [0, 0, 1, 1, 1, 0, 0],
@@ -142,11 +145,11 @@ def plot_f1_vs_radius(
 ) -> Path:
     """Plot totalF1 (solid) and meanF1 (dashed) per class against the matching radius, as PNG.
 
-    Each class keeps its colour of :func:`class_colors` (as in the overlays). Drawn on
+    Each class keeps its colour of [`class_colors`][] (as in the overlays). Drawn on
     matplotlib's Agg canvas, without pyplot.
 
     Args:
-        curve: the output of :func:`cellkit.metrics.f1_vs_radius`: ``{"radii": (R,),
+        curve: the output of [`cellkit.metrics.f1_vs_radius`][]: ``{"radii": (R,),
             "classes": names, "total_f1": {name: (R,)}, "mean_f1": {name: (R,)}}``.
         path: the PNG file to write.
         title: the plot title.
@@ -158,7 +161,8 @@ def plot_f1_vs_radius(
         >>> import tempfile, os
         >>> curve = {"radii": [2, 4], "classes": ["a"], "total_f1": {"a": [0.5, 0.8]},
         ...          "mean_f1": {"a": [0.4, 0.7]}}
-        >>> plot_f1_vs_radius(curve, os.path.join(tempfile.mkdtemp(), "f1.png")).suffix
+        >>> path = os.path.join(tempfile.mkdtemp(), "f1.png")
+        >>> plot_f1_vs_radius(curve, path).suffix
         '.png'
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg

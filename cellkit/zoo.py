@@ -3,17 +3,19 @@
 A shipped model is a cellkit checkpoint in the package (``cellkit/weights/NAME.pt``, weights
 in half precision) with its model card (``NAME.md``: data, classes, pixel size, recipe,
 command, commit, held-out scores, licence and attribution). Nothing is downloaded: they
-work offline on a fresh install::
+work offline on a fresh install:
 
-    import cellkit
+```python
+import cellkit
 
-    predictor = cellkit.pretrained("endonuke-epithelium")
-    detections = predictor.predict(image)        # (H, W, 3) uint8 RGB
-    print(cellkit.model_card("endonuke-epithelium"))
+predictor = cellkit.pretrained("endonuke-epithelium")
+detections = predictor.predict(image)        # (H, W, 3) uint8 RGB
+print(cellkit.model_card("endonuke-epithelium"))
+```
 
 and from the command line, ``cellkit predict --model endonuke-epithelium --out out/ images/``.
 
-:func:`initial_weights` starts a training from a shipped model or any checkpoint
+[`initial_weights`][] starts a training from a shipped model or any checkpoint
 (``cellkit train --init-from endonuke-epithelium``): every weight whose name and shape match
 the new model is copied (the encoder always, the decoders when the classes agree); the rest
 (the heads of a task with other classes) keep their fresh initialisation.
@@ -35,7 +37,7 @@ class PretrainedModel:
     """A model shipped inside cellkit.
 
     Attributes:
-        name: what ``--model`` and :func:`pretrained` take.
+        name: what ``--model`` and [`pretrained`][] take.
         file: the checkpoint's file name in ``cellkit/weights/``.
         card: the model card's file name there.
         description: one line.
@@ -124,16 +126,22 @@ def resolve_checkpoint(source: str | Path) -> Path:
 
 
 def pretrained(name: str, device: Any = None, **kwargs: Any) -> Any:
-    """A :class:`~cellkit.engine.predict.Predictor` of a shipped model, ready to predict.
+    """A [`Predictor`][cellkit.engine.predict.Predictor] of a shipped model, ready to predict.
 
     Args:
-        name: one of :data:`MODELS` (``available()`` lists those present).
+        name: one of [`MODELS`][] (``available()`` lists those present).
         device: ``None`` = CUDA when available, else the CPU.
-        **kwargs: more :meth:`Predictor.from_checkpoint` options (``threshold``,
-            ``tile_size``, ``precision``...).
+        **kwargs: more
+            [`Predictor.from_checkpoint`][cellkit.engine.predict.Predictor.from_checkpoint]
+            options (``threshold``, ``tile_size``, ``precision``...).
 
     Examples:
-        >>> # predictor = cellkit.pretrained("endonuke-epithelium"); predictor.predict(image)
+        Not run here (``image`` stands for yours; the weights may be absent from a
+        source checkout):
+
+        >>> import cellkit
+        >>> predictor = cellkit.pretrained("endonuke-epithelium")  # doctest: +SKIP
+        >>> predictor.predict(image)  # doctest: +SKIP
     """
     from cellkit.engine.predict import Predictor
 
@@ -142,7 +150,7 @@ def pretrained(name: str, device: Any = None, **kwargs: Any) -> Any:
 
 @dataclass
 class InitReport:
-    """What :func:`initial_weights` copied.
+    """What [`initial_weights`][] copied.
 
     Attributes:
         source: the checkpoint read.
@@ -176,7 +184,7 @@ def initial_weights(model: Any, source: str | Path) -> InitReport:
         source: a shipped model's name, a checkpoint file or a run folder.
 
     Returns:
-        an :class:`InitReport`.
+        an [`InitReport`][].
 
     Raises:
         CheckpointError: for an unreadable checkpoint.

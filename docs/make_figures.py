@@ -2,6 +2,8 @@
 
     python docs/make_figures.py                     # train (a few minutes on 2 CPU cores), then draw
     python docs/make_figures.py --run runs/docs     # reuse the run folder (train into it if empty)
+    python docs/make_figures.py --figures pipeline  # redraw one figure (the others stay as they are)
+    python docs/make_figures.py --figures viz       # no training: the shipped model
 
 Trains ``ours_plus_plus`` at the ``cpu`` size on the bundled EndoNuke sample with a short
 schedule (75 steps of the first stage, the early-stopped model that makes the prior, then 500
@@ -12,7 +14,12 @@ steps of the three-decoder model; batches of 8 crops of 96 pixels), split like
 * ``predictions.png``: the model's cells on a test tile, next to the annotated cells;
 * ``masks.png``: one panel per mask generator (``circle``, two draws of ``random_polygon``,
   ``gaussian``, ``estimated``, ``prior``), all made from one training tile;
-* ``pipeline.png``: points -> target -> probability maps -> peaks -> matching, on a test tile.
+* ``pipeline.png``: points -> target -> probability maps -> peaks matched to the points, on a
+  test tile, in four panels whose text stays legible at the page's width (688 pixels in a
+  1280-pixel window);
+* ``viz.png`` (the picture of the ``cellkit.viz`` API page): the annotated cells and the cells
+  the shipped ``endonuke-epithelium`` model finds on one of its held-out tiles, drawn with
+  ``cellkit.viz.draw_points``. It needs no training.
 
 The PNGs are palette images (256 colours) to stay small. Everything is seeded: the same
 commit on the same machine draws the same pictures.
@@ -42,6 +49,7 @@ RADIUS = 4.0  # circle radius: EndoNuke nuclei are about 8 pixels wide
 EVAL_RADIUS = 6.0  # matching radius, as examples/reproduce_paper.py on EndoNuke
 DEFAULT_RUN = REPO / "runs" / "docs-figures"
 COLORS = class_colors(2).astype(np.float64)  # blue: other cells, red: the class of interest
+FIGURES = ("predictions", "masks", "pipeline", "viz")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,7 +65,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--test-tile", default="646", help="the test tile to show (else the busiest one)")
     p.add_argument("--train-tile", default="723", help="the training tile of the mask panels")
-    return p.parse_args(argv)
+    p.add_argument("--figures", default=",".join(FIGURES),
+                   help=f"comma-separated figures to draw, of {', '.join(FIGURES)} (default: all)")
+    args = p.parse_args(argv)
+    args.figures = [f.strip() for f in args.figures.split(",") if f.strip()]
+    unknown = sorted(set(args.figures) - set(FIGURES))
+    if unknown or not args.figures:
+        p.error(f"--figures: unknown {unknown}; choose from {', '.join(FIGURES)}")
+    return args
 
 
 def log(message: str) -> None:
@@ -76,6 +91,7 @@ def config(args: argparse.Namespace) -> cellkit.CellkitConfig:
         stage.train.batch_size = 8
         stage.train.crop_size = 96
         stage.train.seed = args.seed
+    cfg.train.steps = None  # the presets count steps; this schedule is in epochs (20 x 25 steps)
     cfg.train.epochs = args.epochs
     cfg.train.val_every = 4
     return cfg
@@ -135,7 +151,7 @@ def points_in(points: np.ndarray, classes: np.ndarray, box: tuple[int, int, int,
 
 
 def scaled(points: np.ndarray, factor: int) -> np.ndarray:
-    """Point coordinates after :func:`upscale` (pixel ``j`` covers ``[j f, (j + 1) f)``)."""
+    """Point coordinates after ``upscale`` (pixel ``j`` covers ``[j f, (j + 1) f)``)."""
     return points * factor + (factor - 1) / 2.0
 
 
@@ -162,21 +178,22 @@ def figure(width: float, height: float) -> Any:
     return fig
 
 
-def show(ax: Any, image: np.ndarray, title: str) -> None:
+def show(ax: Any, image: np.ndarray, title: str, fontsize: float = 10) -> None:
     ax.imshow(image, interpolation="nearest")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=fontsize)
     ax.set_xticks([])
     ax.set_yticks([])
 
 
-def legend(fig: Any, extra: list[tuple[str, Any]] | None = None) -> None:
+def legend(fig: Any, extra: list[tuple[str, Any]] | None = None, fontsize: float = 9, ncol: int | None = None,
+           names: list[str] | None = None) -> None:
     from matplotlib.patches import Patch
 
-    handles = [Patch(color=COLORS[c] / 255.0, label=f"{CLASS_NAMES[c]}" + (" (class of interest)" if c == 1 else ""))
-               for c in (1, 0)]
+    names = names or [f"{CLASS_NAMES[c]}" + (" (class of interest)" if c == 1 else "") for c in (0, 1)]
+    handles = [Patch(color=COLORS[c] / 255.0, label=names[c]) for c in (1, 0)]
     for label, color in extra or []:
         handles.append(Patch(facecolor="none", edgecolor=color, linewidth=2, label=label))
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
+    fig.legend(handles=handles, loc="lower center", ncol=ncol or len(handles), fontsize=fontsize, frameon=False)
 
 
 #: Colours drawn on the pictures, kept exact in the 256-colour palette.
@@ -195,13 +212,26 @@ def save(fig: Any, path: Path) -> None:
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", facecolor="white")
-    image = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save_palette(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), path)
+
+
+def _save_palette(image: Any, path: Path) -> None:
+    """Write a PIL RGB image as a 256-colour PNG: a median cut plus ``PURE_COLORS``."""
+    from PIL import Image
+
     shades = image.quantize(colors=256 - len(PURE_COLORS), method=Image.Quantize.MEDIANCUT)
     palette = [tuple(c) for c in np.asarray(shades.getpalette()[: 3 * (256 - len(PURE_COLORS))]).reshape(-1, 3)]
     palette_image = Image.new("P", (1, 1))
     palette_image.putpalette([v for c in palette + PURE_COLORS for v in c])
     small = image.quantize(palette=palette_image, dither=Image.Dither.NONE)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # Pillow's palette look-up is approximate (white can become 249, 250, 250): give the pixels
+    # of each pure colour its exact entry.
+    rgb, index = np.asarray(image), np.array(small)
+    for k, colour in enumerate(PURE_COLORS):
+        index[np.all(rgb == colour, axis=-1)] = len(palette) + k
+    small = Image.fromarray(index.astype(np.uint8))  # mode L: putpalette makes it P
+    small.putpalette([v for c in palette + PURE_COLORS for v in c])
     small.save(path, format="PNG", optimize=True)
     log(f"wrote {path} ({path.stat().st_size // 1024} KB, {image.size[0]}x{image.size[1]})")
 
@@ -273,10 +303,15 @@ def masks_figure(sample: Any, prior_model: Any, out: Path) -> None:
 
 
 def pipeline_figure(sample: Any, probs: np.ndarray, det: Any, out: Path) -> None:
+    """Four panels on a canvas 960 pixels wide, so that at the page's width (688 px in a
+    1280-px window, 760 px without the table of contents) the capitals and digits of the
+    titles are 13 px high and those of the legend 12 px (the five panels before were 1500
+    pixels wide, with 6-px text).
+    """
     from cellkit.metrics import match_points
     from skimage.draw import circle_perimeter
 
-    size, factor = 100, 3
+    size, factor = 80, 3
     x0, y0, w, h = busiest_box(sample, size)
     image = sample.image[y0 : y0 + h, x0 : x0 + w]
     big = upscale(image, factor)
@@ -285,7 +320,7 @@ def pipeline_figure(sample: Any, probs: np.ndarray, det: Any, out: Path) -> None
     target = cellkit.MASKS.build("circle", radius=RADIUS)(true_pts, true_cls, shape=(h, w), num_classes=2)
     crop_probs = probs[:, y0 : y0 + h, x0 : x0 + w]
 
-    matched = big.copy()
+    matched = draw_points(big, scaled(pred_pts, factor), pred_cls, 2, radius=3)
     tp_pred: set[int] = set()
     tp_true: set[int] = set()
     for c in range(2):
@@ -298,25 +333,57 @@ def pipeline_figure(sample: Any, probs: np.ndarray, det: Any, out: Path) -> None
     rings += [(scaled(pred_pts[i], factor), magenta) for i in range(len(pred_pts)) if i not in tp_pred]
     rings += [(scaled(true_pts[i], factor), yellow) for i in range(len(true_pts)) if i not in tp_true]
     for (x, y), colour in rings:
-        for r in (5, 6):
+        for r in (6, 7, 8):
             rr, cc = circle_perimeter(int(round(y)), int(round(x)), r, shape=big.shape[:2])
             matched[rr, cc] = colour
 
     panels = [
-        ("1. points (annotation)", draw_points(big, scaled(true_pts, factor), true_cls, 2, radius=3)),
-        ("2. target: circle masks", upscale(tint(image, target), factor)),
-        ("3. main decoder: probabilities", upscale(tint(image, crop_probs), factor)),
-        ("4. peaks: the cells found", draw_points(big, scaled(pred_pts, factor), pred_cls, 2, radius=3)),
-        (f"5. matched within {EVAL_RADIUS:g} px", matched),
+        ("1. points", draw_points(big, scaled(true_pts, factor), true_cls, 2, radius=3)),
+        ("2. target", upscale(tint(image, target), factor)),
+        ("3. probabilities", upscale(tint(image, crop_probs), factor)),
+        ("4. matched peaks", matched),
     ]
-    fig = figure(15.0, 3.9)
-    axes = fig.subplots(1, 5)
+    fig = figure(9.6, 3.9)
+    axes = fig.subplots(1, 4)
     for ax, (title, picture) in zip(axes, panels):
-        show(ax, picture, title)
-    legend(fig, [(label, tuple(v / 255 for v in colour))
-                 for label, colour in zip(("true positive", "false positive", "false negative"), (green, magenta, yellow))])
-    fig.subplots_adjust(left=0.005, right=0.995, bottom=0.12, top=0.92, wspace=0.03)
+        show(ax, picture, title, fontsize=18)
+    rings = ("true positive", "false positive", f"missed (> {EVAL_RADIUS:g} px)")
+    legend(fig, [(label, tuple(v / 255 for v in colour)) for label, colour in zip(rings, (green, magenta, yellow))],
+           fontsize=17, ncol=3, names=["other", "epithelium"])
+    fig.subplots_adjust(left=0.005, right=0.995, bottom=0.215, top=0.885, wspace=0.04)
     save(fig, out / "pipeline.png")
+
+
+def viz_figure(out: Path, device: str = "cpu") -> None:
+    """The annotated and the found cells of a held-out tile, drawn by ``cellkit.viz`` alone.
+
+    The tile is the held-out tile of the shipped model (the 15 % of the group split of
+    ``benchmarks/accuracy.py``) with the most epithelium cells. What ``docs/api/viz.md`` shows
+    is this function's drawing, without the tile choice and the 256-colour palette.
+    """
+    import warnings
+
+    from cellkit.viz import draw_points, save_png
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # four half-transparent tiles
+        samples = load_dataset(bundled_endonuke(), "endonuke", class_map="endonuke_epithelium")
+    held_out = split_by_group(samples, endonuke_group, fractions=(0.85, 0.0, 0.15), seed=0)["test"]
+    tile = max(held_out, key=lambda s: (int(np.sum(s.classes == 1)), s.key))
+
+    # --- the code of docs/api/viz.md (there: the tile by its key, the default device)
+    found = cellkit.pretrained("endonuke-epithelium", device=device).predict(tile.image)
+    big = tile.image.repeat(2, axis=0).repeat(2, axis=1)  # 400 x 400
+    truth = draw_points(big, tile.points * 2 + 0.5, tile.classes, num_classes=2)
+    cells = draw_points(big, found.points * 2 + 0.5, found.classes, num_classes=2)
+    white = np.full((400, 16, 3), 255, np.uint8)
+    save_png(out / "viz.png", np.hstack([truth, white, cells]))
+    # ---
+
+    log(f"viz.png: tile {tile.key}: {len(tile.points)} annotated cells, {len(found)} found")
+    from PIL import Image
+
+    _save_palette(Image.open(out / "viz.png").convert("RGB"), out / "viz.png")
 
 
 # --------------------------------------------------------------------------- main
@@ -333,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    if "viz" in args.figures:
+        viz_figure(args.out, device=args.device)
+    if not set(args.figures) - {"viz"}:
+        return 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # four half-transparent tiles; the warning is in the data docs
         samples = load_dataset(bundled_endonuke(), "endonuke", class_map="endonuke_epithelium")
@@ -341,20 +412,27 @@ def main(argv: list[str] | None = None) -> int:
 
     predictor = Predictor.from_checkpoint(run / "best.pt", device=args.device)
     test = splits["test"]
-    predictions = [predictor.predict(s.image) for s in test]
-    report = evaluate(predictions, [(s.points, s.classes) for s in test], radius=EVAL_RADIUS, num_classes=2,
-                      class_names=CLASS_NAMES)
-    log(str(report))
-    f1 = {name: float(report.total_f1[c]) for c, name in enumerate(CLASS_NAMES)}
-
     by_key = {s.key: i for i, s in enumerate(test)}
     if args.test_tile in by_key:
         index = by_key[args.test_tile]
     else:
         index = max(range(len(test)), key=lambda i: (int(np.bincount(test[i].classes, minlength=2).min()), i))
-    tile, det = test[index], predictions[index]
-    steps = sum(int(h.get("steps", 0)) for h in _history(run))
-    predictions_figure(tile, det, f1, steps, args.out)
+    tile = test[index]
+    if "predictions" in args.figures:
+        predictions = [predictor.predict(s.image) for s in test]
+        report = evaluate(predictions, [(s.points, s.classes) for s in test], radius=EVAL_RADIUS, num_classes=2,
+                          class_names=CLASS_NAMES)
+        log(str(report))
+        f1 = {name: float(report.total_f1[c]) for c, name in enumerate(CLASS_NAMES)}
+        steps = sum(int(h.get("steps", 0)) for h in _history(run))
+        predictions_figure(tile, predictions[index], f1, steps, args.out)
+    if "pipeline" in args.figures:
+        from cellkit.engine.predict import predict_probabilities
+
+        probs = predict_probabilities(predictor.model, tile.image, device=args.device)
+        pipeline_figure(tile, probs, predictor.predict(tile.image), args.out)
+    if "masks" not in args.figures:
+        return 0
 
     train = {s.key: s for s in splits["train"]}
     mask_tile = train.get(args.train_tile) or max(
@@ -363,11 +441,6 @@ def main(argv: list[str] | None = None) -> int:
     stage1 = run / "pretrain" / "last.pt"
     prior_model, _, _ = load_model(stage1 if stage1.is_file() else run / "best.pt", device=args.device)
     masks_figure(mask_tile, prior_model, args.out)
-
-    from cellkit.engine.predict import predict_probabilities
-
-    probs = predict_probabilities(predictor.model, tile.image, device=args.device)
-    pipeline_figure(tile, probs, det, args.out)
     return 0
 
 

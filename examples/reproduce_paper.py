@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import re
 import subprocess
@@ -59,7 +58,6 @@ from cellkit.engine.predict import Predictor
 from cellkit.engine.train import fit
 from cellkit.metrics import detection_counts
 from cellkit.presets import set_pretrain_fraction
-
 
 # --------------------------------------------------------------------------- rows
 
@@ -425,8 +423,8 @@ def write_tables(counts: dict[str, RowCounts], pairs: list[dict[str, Any]], clas
     header = ["Method", "runs", f"totalF1({n})", f"totalF1({p})", f"meanF1({n})", f"meanF1({p})",
               "index MAE", "index RMSE", f"Δ totalF1({p}) vs Ours [95% CI]", f"Δ totalF1({n}) vs Ours [95% CI]"]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    csv = ["method,ablation,seeds,images,total_f1_n_mean,total_f1_n_std,total_f1_p_mean,total_f1_p_std,"
-           "mean_f1_n_mean,mean_f1_p_mean,index_mae,index_rmse,minutes_per_run"]
+    csv = [("method,ablation,seeds,images,total_f1_n_mean,total_f1_n_std,total_f1_p_mean,total_f1_p_std,"
+            "mean_f1_n_mean,mean_f1_p_mean,index_mae,index_rmse,minutes_per_run")]
     for row, rc in counts.items():
         s = seed_spread(rc)
         delta = vs_ours.get(row)

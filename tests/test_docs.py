@@ -175,7 +175,7 @@ def test_plugins_page_passes_the_contract_tests(tmp_path: Path) -> None:
         shlex.split(line)
         for b in fenced_blocks(DOCS / "plugins.md")
         if b.language == "bash"
-        for line in b.code.splitlines()
+        for line in b.code.replace("\\\n", " ").splitlines()  # a command wrapped with backslashes
         if "-p my_plugins" in line
     ]
     assert len(commands) == 1, "plugins.md should show one pytest command with -p my_plugins"
@@ -250,19 +250,102 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def test_mkdocs_build_strict(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def built_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The site as ``mkdocs build --strict`` writes it (built once for the tests below)."""
     missing = [m for m in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python") if not _has(m)]
     if missing:
         pytest.skip(f"the docs tools are not installed ({', '.join(missing)}): pip install -e '.[docs]'")
+    site = tmp_path_factory.mktemp("site")
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     out = proc.stdout + proc.stderr
     problems = "\n".join(line for line in out.splitlines() if "WARNING" in line or "ERROR" in line)
     assert proc.returncode == 0, f"mkdocs build --strict failed:\n{problems or out[-4000:]}"
-    assert (tmp_path / "site" / "index.html").is_file()
+    return site
+
+
+def test_mkdocs_build_strict(built_site: Path) -> None:
+    assert (built_site / "index.html").is_file()
+    assert (built_site / "api" / "losses" / "index.html").is_file()
+
+
+#: Markup that means a docstring or page was written for Sphinx, not for this site: it shows
+#: up literally in the browser. Each pattern runs on the text of a page (tags removed).
+RAW_MARKUP = {
+    "RST role": re.compile(r":(?:py:)?(?:func|mod|class|meth|attr|data|obj|exc|math|ref|term|doc|const):(?=[`\s]|$)"),
+    "RST directive": re.compile(r"(?m)^\s*\.\. [a-z][a-z-]*::"),
+    "RST table rule": re.compile(r"(?m)^\s*={3,}(?:\s+={3,})+\s*$"),
+    "RST literal marker": re.compile(r"(?m)(?<!:)::\s*$"),
+    "unrendered math": re.compile(r"\$\$|(?<![\w$])\$[^$\s][^$]*\$(?![\w$])"),
+}
+
+
+def _page_text(html: str) -> tuple[str, str]:
+    """(the text of the page's article without code blocks, the article's HTML)."""
+    m = re.search(r"<article[^>]*>(.*)</article>", html, flags=re.S)
+    article = m.group(1) if m else html
+    prose = re.sub(r"<pre[^>]*>.*?</pre>", "\n", article, flags=re.S)  # code blocks may show anything
+    prose = re.sub(r"<code[^>]*>.*?</code>", " ", prose, flags=re.S)
+    prose = re.sub(r'<(span|div) class="arithmatex">.*?</\1>', " ", prose, flags=re.S)
+    prose = re.sub(r"<(br|/p|/li|/div|/h\d|/tr|/td|/th)[^>]*>", "\n", prose)
+    import html as html_lib
+
+    return html_lib.unescape(re.sub(r"<[^>]+>", "", prose)), article
+
+
+def raw_markup(html: str) -> list[str]:
+    """What of ``html`` (one built page) would show as raw markup: ``["kind: excerpt", ...]``."""
+    text, article = _page_text(html)
+    found = []
+    for kind, pattern in RAW_MARKUP.items():
+        for m in pattern.finditer(text):
+            start = max(0, m.start() - 40)
+            found.append(f"{kind}: ...{text[start:m.end() + 40].strip()!r}...")
+    # Doctest lines that Markdown turned into nested quotes instead of a code block.
+    if re.search(r"<blockquote>\s*<blockquote>\s*<blockquote>", article):
+        found.append("'>>>' lines rendered as nested quotes (fence them or use an Examples: section)")
+    # A code line a 1280-px screen clips (the content column shows about 78 characters of code).
+    for block in re.findall(r"<pre[^>]*>(.*?)</pre>", article, flags=re.S):
+        import html as html_lib
+
+        for line in html_lib.unescape(re.sub(r"<[^>]+>", "", block)).splitlines():
+            if len(line.rstrip()) > CODE_LINE_MAX:
+                found.append(f"code line of {len(line.rstrip())} characters (> {CODE_LINE_MAX}): {line.strip()[:60]!r}")
+    return found
+
+
+#: The widest code line the content column shows without a scroll bar on a 1280-px screen.
+CODE_LINE_MAX = 78
+
+
+def test_raw_markup_scanner_catches_what_it_should() -> None:
+    bad = ("<article><p>See :func:`cellkit.fit` and</p><p>.. math::</p><pre><code>x</code></pre>"
+           "<p>=====  =====</p><p>Example::</p><p>cost $a + b$ here</p>"
+           "<blockquote><blockquote><blockquote>x</blockquote></blockquote></blockquote>"
+           "<pre><code>" + "y" * 90 + "</code></pre></article>")
+    kinds = {f.split(":")[0] for f in raw_markup(bad)}
+    assert kinds >= {"RST role", "RST directive", "RST table rule", "RST literal marker", "unrendered math",
+                     "'>>>' lines rendered as nested quotes (fence them or use an Examples", "code line of 90 characters (> 78)"}
+    good = ('<article><p>See <a href="x"><code>fit</code></a>; cost <span class="arithmatex">\\(a+b\\)</span>'
+            "; a dict {'a': 1}; C:\\path; time 10:30</p><pre><code>:func:`not a role in code`</code></pre></article>")
+    assert raw_markup(good) == []
+
+
+def test_built_pages_show_no_raw_markup(built_site: Path) -> None:
+    problems = {}
+    for page in sorted(built_site.rglob("*.html")):
+        if page.name == "404.html":
+            continue
+        found = raw_markup(page.read_text(encoding="utf-8"))
+        if found:
+            problems[str(page.relative_to(built_site))] = found
+    report = "\n".join(f"{page} ({len(f)}):\n  " + "\n  ".join(f[:8]) for page, f in problems.items())
+    total = sum(len(f) for f in problems.values())
+    assert not problems, f"{total} pieces of raw markup or clipped code in the built site:\n{report}"
 
 
 def _nav_files(nav: object) -> list[str]:

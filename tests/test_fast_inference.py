@@ -315,6 +315,74 @@ def test_blender_equals_a_whole_image_weighted_average() -> None:
         exact.add(0, 0, torch.from_numpy(tiles[(0, 0)]))  # back to a band already written out
 
 
+def test_blender_with_skipped_tiles_averages_the_kept_ones_and_leaves_the_rest_zero() -> None:
+    """Tiles left out (whole rows of them too) add nothing; pixels no tile covers are 0."""
+    rng = np.random.default_rng(1)
+    channels, height, width, tile, overlap = 2, 90, 93, 32, 8
+    starts = [(y, x) for y in predict_module.tile_starts(height, tile, overlap)
+              for x in predict_module.tile_starts(width, tile, overlap)]
+    kept = [(y, x) for y, x in starts if (y, x) != starts[0] and y != starts[len(starts) // 2][0]]
+    assert len({y for y, _ in starts}) - len({y for y, _ in kept}) == 1  # a whole tile row skipped
+    window = blend_window(tile, tile, overlap)
+    total, weight = np.zeros((channels, height, width)), np.zeros((height, width))
+    blender = _RowBandBlender(channels, height, width, window, "cpu", torch.float64)
+    for y, x in kept:
+        probs = rng.random((channels, tile, tile), dtype=np.float32)
+        total[:, y : y + tile, x : x + tile] += probs * window.astype(np.float64)
+        weight[y : y + tile, x : x + tile] += window
+        blender.add(y, x, torch.from_numpy(probs))
+    with np.errstate(invalid="ignore"):
+        expected = np.where(weight > 0, total / weight, 0.0).astype(np.float32)
+    got = blender.finish().numpy()
+    assert (weight == 0).any() and np.isfinite(got).all()
+    np.testing.assert_array_equal(got, expected)
+
+
+class CountingModel(nn.Module):
+    """``ConvBlobModel`` that counts the tiles it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = ConvBlobModel()
+        self.tiles = 0
+
+    @property
+    def num_classes(self) -> int:
+        return 2
+
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        self.tiles += x.shape[0]
+        return self.inner.infer(x)
+
+
+def test_tile_filter_runs_only_the_tiles_it_keeps() -> None:
+    image = blob_image(70, 93, CELLS)
+    model = CountingModel()
+    full = predict_probabilities(model, image, tile_size=32, overlap=8, batch_size=3)
+    n_tiles = model.tiles
+    model.tiles = 0
+    same = predict_probabilities(model, image, tile_size=32, overlap=8, batch_size=3,
+                                 tile_filter=lambda y, x, h, w: True)
+    np.testing.assert_array_equal(same, full)
+    model.tiles = 0
+    seen: list[tuple[int, int, int, int]] = []
+
+    def left(y: int, x: int, h: int, w: int) -> bool:
+        seen.append((y, x, h, w))
+        return x == 0
+
+    maps = predict_probabilities(model, image, tile_size=32, overlap=8, batch_size=3, tile_filter=left)
+    assert len(seen) == n_tiles and all(h == w == 32 for _, _, h, w in seen)
+    assert 0 < model.tiles == sum(x == 0 for _, x, _, _ in seen) < n_tiles
+    assert (maps[:, :, 32:] == 0).all()  # no kept tile reaches past column 32
+    # Where only the kept tiles reached and no skipped tile did, the maps are unchanged.
+    second_x = min(x for _, x, _, _ in seen if x > 0)
+    np.testing.assert_allclose(maps[:, :, :second_x], full[:, :, :second_x], rtol=0, atol=1e-6)
+    model.tiles = 0
+    nothing = predict_probabilities(model, image, tile_size=32, overlap=8, tile_filter=lambda *a: False)
+    assert model.tiles == 0 and nothing.shape == (2, 70, 93) and not nothing.any()
+
+
 def test_as_tensor_gives_a_normal_tensor_of_the_same_map() -> None:
     model = ConvBlobModel()
     image = blob_image(70, 93, CELLS)

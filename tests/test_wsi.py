@@ -314,6 +314,37 @@ def test_regions_count_only_inside_each(tmp_path: Path) -> None:
     assert by_name["top left"]["area_mm2"] == pytest.approx(400 * 300 * MPP**2 / 1e6)
 
 
+def test_tiles_without_tissue_inside_a_chunk_are_not_run(tmp_path: Path) -> None:
+    """One chunk holding tissue and glass: only the tissue's tiles go through the model."""
+    tissue_part, _ = mosaic(4, 3)  # 800 x 600 of real IHC tiles
+    image = np.full((600, 1600, 3), 255, np.uint8)  # and as much glass on the right
+    image[:, :800] = tissue_part
+    path = write_pyramid(tmp_path / "half.tif", [image, image[::4, ::4]], MPP)
+
+    class Counting(StainModel):
+        tiles = 0
+
+        def infer(self, x: torch.Tensor) -> torch.Tensor:
+            type(self).tiles += x.shape[0]
+            return super().infer(x)
+
+    def predictor() -> Predictor:
+        p = stain_predictor()
+        return Predictor(Counting(), p.postprocess, 2, p.class_names, tile_size=128, overlap=16,
+                         device="cpu", config=p.config)
+
+    everything = predict_slide(predictor(), path, tmp_path / "all", tissue=False, chunk_size=2048,
+                               progress=False)
+    all_tiles, Counting.tiles = Counting.tiles, 0
+    skipped = predict_slide(predictor(), path, tmp_path / "tissue", chunk_size=2048, progress=False)
+    assert everything.chunks == skipped.chunks == 1
+    assert 0 < Counting.tiles < 0.7 * all_tiles  # the glass's tiles were not run
+    inside = everything.detections.points[:, 0] < 800 - 64
+    assert as_set(everything.detections.points[inside], everything.detections.classes[inside]) <= as_set(
+        skipped.detections.points, skipped.detections.classes)
+    assert len(skipped.detections) >= inside.sum() > 500
+
+
 def test_tissue_mask_skips_background_on_the_real_slide(svs: Path, tmp_path: Path) -> None:
     predictor = stain_predictor(None)
     with pytest.warns(UserWarning, match="model records no pixel size"):

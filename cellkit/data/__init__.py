@@ -1,14 +1,14 @@
 """Reading and writing point annotations, datasets and augmentation.
 
-Readers (:func:`load_dataset`) turn cellkit CSV folders, BCData, EndoNuke and QuPath
-GeoJSON into :class:`Sample` s: an ``(H, W, 3)`` uint8 RGB image with ``(x, y)`` points
-and integer classes, mapped by a :class:`ClassMap`. Writers (:func:`write_csv`,
-:func:`write_geojson`) write predictions that cellkit and QuPath read back.
-:class:`PointDataset` yields random crops with augmentation (:class:`Augment`) and
-targets built on the fly by the mask generators; :func:`collate` batches them;
-:func:`split_by_group` splits by slide or patient.
+Readers ([`load_dataset`][]) turn cellkit CSV folders, BCData, EndoNuke and QuPath
+GeoJSON into [`Sample`][]s: an ``(H, W, 3)`` uint8 RGB image with ``(x, y)`` points
+and integer classes, mapped by a [`ClassMap`][]. Writers ([`write_csv`][],
+[`write_geojson`][]) write predictions that cellkit and QuPath read back.
+[`PointDataset`][] yields random crops with augmentation ([`Augment`][]) and
+targets built on the fly by the mask generators; [`collate`][] batches them;
+[`split_by_group`][] splits by slide or patient.
 
-Example:
+Examples:
     >>> from cellkit.data import load_dataset, bundled_endonuke
     >>> samples = load_dataset(bundled_endonuke(), "endonuke",
     ...                        class_map="endonuke_epithelium")  # doctest: +SKIP

@@ -1,13 +1,13 @@
 """Augmentation that moves the points with the image.
 
-Geometric transforms (:func:`flip`, :func:`rot90`) act on the image, on extra per-image
+Geometric transforms ([`flip`][], [`rot90`][]) act on the image, on extra per-image
 maps (``(C, H, W)`` targets computed once per image, such as the prior) and on the points
 together, exactly as ``np.flip`` / ``np.rot90`` move the pixels. Points use the
 pixel-centre convention shared by cellkit: pixel ``(row r, column c)`` is the point
 ``(x=c, y=r)``, so a horizontal flip maps ``x -> W - 1 - x``.
 
 Colour transforms change the image only: stain jitter in HED space (the standard for
-IHC, Tellez et al. 2018) and brightness/contrast. :class:`Augment` draws them at random
+IHC, Tellez et al. 2018) and brightness/contrast. [`Augment`][] draws them at random
 from an explicit ``numpy`` generator; there is no hidden global random state.
 """
 
@@ -128,8 +128,10 @@ def rot90(
     Examples:
         >>> img = np.arange(6, dtype=np.uint8).reshape(2, 3, 1)
         >>> out, pts, _ = rot90(img, [[2, 1]], k=1)
-        >>> out.shape, int(out[int(pts[0, 1]), int(pts[0, 0]), 0]) == int(img[1, 2, 0])
-        ((3, 2, 1), True)
+        >>> out.shape
+        (3, 2, 1)
+        >>> int(out[int(pts[0, 1]), int(pts[0, 0]), 0]) == int(img[1, 2, 0])
+        True
     """
     img = np.asarray(image)
     shape = img.shape[:2]
@@ -196,7 +198,8 @@ def brightness_contrast(
 
     Examples:
         >>> img = np.full((2, 2, 3), 100, np.uint8)
-        >>> brightness_contrast(img, 0, brightness=0, contrast=0).tolist() == img.tolist()
+        >>> out = brightness_contrast(img, 0, brightness=0, contrast=0)
+        >>> out.tolist() == img.tolist()
         True
     """
     img = check_image(image, where="brightness_contrast")
@@ -222,9 +225,9 @@ class Augment:
         rot90_p: probability of a rotation by 90, 180 or 270 degrees (equally likely).
         keep_shape: rotate non-square images by 180 degrees only, so the output keeps
             its shape (needed to batch non-square crops).
-        hed_p: probability of :func:`hed_jitter`.
+        hed_p: probability of [`hed_jitter`][].
         hed_sigma, hed_bias: its strengths.
-        brightness_contrast_p: probability of :func:`brightness_contrast`.
+        brightness_contrast_p: probability of [`brightness_contrast`][].
         brightness, contrast: its strengths.
 
     Raises:

@@ -2,7 +2,7 @@
 
 Every dataset labels cells its own way: BCData has ``positive``/``negative`` files,
 EndoNuke numbers stroma/epithelium/other as 0/1/2, a QuPath project has class names.
-A :class:`ClassMap` says which cellkit class index each source label becomes and what
+A [`ClassMap`][] says which cellkit class index each source label becomes and what
 the classes are called. The paper's setting is two classes, ``other cells = 0`` and
 ``class of interest = 1``, but a map may produce any number of classes.
 
@@ -40,8 +40,10 @@ def normalize_label(label: Any) -> Label:
     """A label as the key it is looked up by: an ``int`` or a case-folded, stripped ``str``.
 
     Examples:
-        >>> normalize_label(" Positive "), normalize_label("2"), normalize_label(np.int64(2))
-        ('positive', 2, 2)
+        >>> normalize_label(" Positive "), normalize_label("2")
+        ('positive', 2)
+        >>> normalize_label(np.int64(2))
+        2
     """
     if isinstance(label, (bool, np.bool_)):
         return int(label)
@@ -143,12 +145,12 @@ class ClassMap:
         return np.asarray([self(label, where) for label in labels], dtype=np.int64).reshape(-1)
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain dict (for YAML/JSON configs); :meth:`from_dict` reads it back."""
+        """A plain dict (for YAML/JSON configs); [`from_dict`][] reads it back."""
         return {"mapping": {str(k): v for k, v in self.mapping.items()}, "names": list(self.names)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ClassMap:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of [`to_dict`][]."""
         return cls(dict(data["mapping"]), list(data["names"]))
 
     @classmethod
@@ -189,10 +191,10 @@ class ClassMap:
         """Build a class map from a dict, ``"src=dst"`` strings or a preset name.
 
         Args:
-            spec: a :class:`ClassMap` (returned as is); a mapping label -> index or class
+            spec: a [`ClassMap`][] (returned as is); a mapping label -> index or class
                 name; a list of ``"src=dst"`` strings or one comma-separated string
                 (``"0=0,1=1,2=0"``, ``"Tumor=positive"``); or a preset name
-                (``"bcdata"``, ``"endonuke_epithelium"``, see :data:`CLASS_MAPS`).
+                (``"bcdata"``, ``"endonuke_epithelium"``, see [`CLASS_MAPS`][]).
             names: class names; by default ``class0 .. classK`` for the largest index,
                 or the target names used in ``spec`` when every target is a name.
 

@@ -1,19 +1,19 @@
 """Training datasets: random crops, augmentation and targets built on the fly.
 
-:class:`PointDataset` turns :class:`Sample` s (an image with its point annotations) into
+[`PointDataset`][] turns [`Sample`][]s (an image with its point annotations) into
 training items. For each item it
 
 1. computes the targets of the ``per_image`` mask generators (``prior``, ``estimated``)
    on the full, untransformed image (they cache themselves by ``key``);
 2. takes a random crop (padding images smaller than the crop), keeping the points inside;
-3. augments the crop, the points and the per-image targets together (:class:`Augment`);
+3. augments the crop, the points and the per-image targets together ([`Augment`][]);
 4. builds the other targets (``circle``, ``random_polygon``, ``gaussian``) from the
    transformed points, with the item's random generator.
 
 The item's generator is ``np.random.default_rng([seed, epoch, index])``: the same seed,
 epoch and index give the same item (reproducible runs), a new epoch gives new crops,
 augmentations and dynamic masks, and DataLoader workers share no random state. Call
-:meth:`PointDataset.set_epoch` at the start of every epoch; the epoch lives in shared
+[`PointDataset.set_epoch`][] at the start of every epoch; the epoch lives in shared
 memory, so persistent DataLoader workers see it too.
 """
 
@@ -137,8 +137,8 @@ def pad_to(
         (H, W, 3) -> (max(H, h), max(W, w), 3); maps likewise; points (N, 2).
 
     Examples:
-        >>> img, pts, _ = pad_to(np.ones((2, 2, 3), np.uint8), np.array([[0.0, 0.0]]), 4,
-        ...                      offset=(1, 2))
+        >>> img, pts, _ = pad_to(np.ones((2, 2, 3), np.uint8),
+        ...                      np.array([[0.0, 0.0]]), 4, offset=(1, 2))
         >>> img.shape, pts.tolist()
         ((4, 4, 3), [[2.0, 1.0]])
     """
@@ -217,7 +217,7 @@ def random_crop(
     pad_value: int = 0,
     anchor: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
-    """A random window of ``size``; images smaller than it are padded first (:func:`pad_to`).
+    """A random window of ``size``; images smaller than it are padded first ([`pad_to`][]).
 
     Args:
         image: ``(H, W, 3)``.
@@ -232,11 +232,12 @@ def random_crop(
             overrides ``cell_bias``.
 
     Returns:
-        ``(image, points, maps, keep)`` as :func:`crop`.
+        ``(image, points, maps, keep)`` as [`crop`][].
 
     Examples:
         >>> img, pts, _, keep = random_crop(np.zeros((8, 8, 3), np.uint8),
-        ...                                 np.array([[6.0, 6.0]]), 4, rng=0, cell_bias=1.0)
+        ...                                 np.array([[6.0, 6.0]]), 4, rng=0,
+        ...                                 cell_bias=1.0)
         >>> img.shape, keep.tolist()
         ((4, 4, 3), [True])
     """
@@ -291,7 +292,7 @@ class PointDataset(Dataset):
 
     Items are dicts: ``image`` (3, h, w) float32 normalised (``image_to_tensor``),
     ``points`` (N, 2) float32 ``(x, y)``, ``classes`` (N,) int64, ``targets`` {name:
-    (C, h, w) float32}, ``key`` str. Batch them with :func:`collate`.
+    (C, h, w) float32}, ``key`` str. Batch them with [`collate`][].
 
     Raises:
         ValueError: for no samples, a class >= ``num_classes``, a bad generator.
@@ -362,7 +363,7 @@ class PointDataset(Dataset):
 
     @property
     def epoch(self) -> int:
-        """The current epoch (see :meth:`set_epoch`)."""
+        """The current epoch (see [`set_epoch`][])."""
         return int(self._epoch[0])
 
     def set_epoch(self, epoch: int) -> None:
@@ -445,7 +446,7 @@ class PointDataset(Dataset):
 
 
 def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Batch :class:`PointDataset` items: stack images and targets, list the points.
+    """Batch [`PointDataset`][] items: stack images and targets, list the points.
 
     Returns:
         ``{"image": (B, 3, h, w), "targets": {name: (B, C, h, w)}, "points": [B x (N_i, 2)],
@@ -456,7 +457,8 @@ def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
     Examples:
         >>> item = {"image": torch.zeros(3, 2, 2), "points": torch.zeros(0, 2),
-        ...         "classes": torch.zeros(0, dtype=torch.int64), "targets": {}, "key": "a"}
+        ...         "classes": torch.zeros(0, dtype=torch.int64),
+        ...         "targets": {}, "key": "a"}
         >>> tuple(collate([item, item])["image"].shape)
         (2, 3, 2, 2)
     """

@@ -1,20 +1,22 @@
 """The one table of dataset formats: how each is read, named, classed and split.
 
 Every place in cellkit that needs to know something about a dataset layout (the command
-line, training, evaluation, :func:`~cellkit.data.readers.load_dataset`, the examples) asks
-this registry, so a new layout is one registration::
+line, training, evaluation, [`load_dataset`][cellkit.data.readers.load_dataset], the
+examples) asks this registry, so a new layout is one registration:
 
-    from cellkit.data.formats import FORMATS, DatasetFormat
+```python
+from cellkit.data.formats import FORMATS, DatasetFormat
 
-    FORMATS.register("my_lab")(DatasetFormat(
-        name="my_lab", jobs=my_jobs, description="my lab's layout"))
+FORMATS.register("my_lab")(DatasetFormat(
+    name="my_lab", jobs=my_jobs, description="my lab's layout"))
+```
 
-A :class:`DatasetFormat` holds
+A [`DatasetFormat`][] holds
 
 * ``jobs(root, class_map, split)``: lists the images and their label readers (see
-  :mod:`cellkit.data.readers`);
+  [`cellkit.data.readers`][cellkit.data.readers]);
 * ``image_suffixes``: the image files it reads (also what ``cellkit predict`` takes from a
-  folder: :data:`IMAGE_SUFFIXES`);
+  folder: [`IMAGE_SUFFIXES`][]);
 * ``class_maps``: the usual class map for a number of classes (EndoNuke with 2 classes is
   the paper's task, epithelium against the rest);
 * ``group``: the key -> group function used to split it (EndoNuke: blocks of 10 tile ids,
@@ -36,8 +38,8 @@ from .split import bcdata_group, endonuke_group
 
 __all__ = ["FORMATS", "IMAGE_SUFFIXES", "DatasetFormat", "format_names", "get_format"]
 
-#: The image suffixes cellkit reads (training, ``cellkit predict`` on a folder).
 IMAGE_SUFFIXES: tuple[str, ...] = IMAGE_EXTENSIONS
+"""The image suffixes cellkit reads (training, ``cellkit predict`` on a folder)."""
 
 
 @dataclass(frozen=True)
@@ -49,9 +51,9 @@ class DatasetFormat:
         jobs: ``(root: Path, class_map: ClassMap | None, split) -> list`` of read jobs.
         description: one line for ``--help``.
         image_suffixes: image file suffixes it reads.
-        class_maps: number of classes -> the default :class:`ClassMap` of that task.
-        group: key -> group id for :func:`~cellkit.data.split_by_group`; ``None`` = each
-            image is its own group.
+        class_maps: number of classes -> the default [`ClassMap`][] of that task.
+        group: key -> group id for [`split_by_group`][cellkit.data.split_by_group];
+            ``None`` = each image is its own group.
     """
 
     name: str

@@ -1,6 +1,6 @@
 """Reading images as ``(H, W, 3)`` uint8 RGB arrays, and writing files atomically.
 
-Every reader in :mod:`cellkit.data` loads images with :func:`read_image`, so every image
+Every reader in [`cellkit.data`][cellkit.data] loads images with [`read_image`][], so every image
 reaches the rest of cellkit in one form: ``(H, W, 3)`` uint8 RGB. The conversions:
 
 - an alpha channel is dropped (a warning when some pixels are transparent, because those
@@ -11,7 +11,7 @@ reaches the rest of cellkit in one form: ``(H, W, 3)`` uint8 RGB. The conversion
 - palette, CMYK and other colour modes are converted to RGB by Pillow;
 - float images in ``[0, 1]`` are scaled by 255.
 
-Files are written through :func:`atomic_write`: a temporary file in the same folder,
+Files are written through [`atomic_write`][]: a temporary file in the same folder,
 then ``os.replace``, so a reader never sees a half-written file and an interrupted
 write leaves the old file intact.
 """
@@ -86,7 +86,7 @@ def to_rgb_uint8(array: Any, where: str = "") -> tuple[np.ndarray, list[ImageNot
         where: names the source in messages (a file path).
 
     Returns:
-        The RGB image and a list of :class:`ImageNote` for conversions that lose
+        The RGB image and a list of [`ImageNote`][] for conversions that lose
         information (transparent pixels, 16-bit precision).
 
     Shapes:
@@ -181,7 +181,7 @@ def load_image(path: str | os.PathLike[str]) -> tuple[np.ndarray, list[ImageNote
     """Read an image file and return ``(rgb, notes)`` without warning.
 
     The dataset readers use this and warn once for a whole dataset; most callers want
-    :func:`read_image`.
+    [`read_image`][].
 
     Raises:
         FileNotFoundError: when the file does not exist.
@@ -251,7 +251,7 @@ def read_image(path: str | os.PathLike[str], *, warn: bool = True) -> np.ndarray
 
     Args:
         path: a PNG, JPEG, TIFF or BMP file (anything Pillow or tifffile reads).
-        warn: emit a :class:`DataWarning` for conversions that lose information
+        warn: emit a [`DataWarning`][] for conversions that lose information
             (transparent pixels, 16-bit precision).
 
     Shapes:
@@ -392,7 +392,7 @@ def _write_error(target: Path, err: OSError) -> WriteError:
 
 
 def make_folder(path: str | os.PathLike[str]) -> Path:
-    """Create the folder ``path`` (and its parents); a failure is a :class:`WriteError` naming it.
+    """Create the folder ``path`` (and its parents); a failure is a [`WriteError`][] naming it.
 
     Examples:
         >>> import tempfile, os
@@ -417,8 +417,8 @@ def atomic_write(
     after a crash ``path`` holds either its old or its new content, never a part. On an
     exception the temporary file is removed and ``path`` is left as it was; a write killed
     outright (``SIGKILL``) leaves its temporary file, which the next write of ``path``
-    removes (:func:`remove_stale_temporaries`). The parent folder is created when missing.
-    A failure raises :class:`WriteError` naming ``path`` and saying how to fix it.
+    removes ([`remove_stale_temporaries`][]). The parent folder is created when missing.
+    A failure raises [`WriteError`][] naming ``path`` and saying how to fix it.
 
     Args:
         path: the file to write.
@@ -469,12 +469,12 @@ def atomic_write(
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:
-    """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
+    """Write ``text`` to ``path`` atomically (see [`atomic_write`][])."""
     with atomic_write(path, "w", encoding=encoding, newline="") as f:
         f.write(text)
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    """Write ``data`` to ``path`` atomically (see [`atomic_write`][])."""
     with atomic_write(path, "wb") as f:
         f.write(data)

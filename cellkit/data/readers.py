@@ -1,38 +1,27 @@
 """Readers of point-annotation datasets: cellkit CSV, BCData, EndoNuke and QuPath GeoJSON.
 
-Every reader gives the same thing per image, a :class:`~cellkit.data.dataset.Sample`:
-the image as ``(H, W, 3)`` uint8 RGB (see :func:`~cellkit.data.io.read_image`) and the
-points as ``(x, y)`` float pixel coordinates with integer classes. Source labels become
-class indices through a :class:`~cellkit.data.classes.ClassMap`.
+Every reader gives the same thing per image, a [`Sample`][cellkit.data.dataset.Sample]:
+the image as ``(H, W, 3)`` uint8 RGB (see [`read_image`][cellkit.data.io.read_image]) and
+the points as ``(x, y)`` float pixel coordinates with integer classes. Source labels become
+class indices through a [`ClassMap`][cellkit.data.classes.ClassMap].
 
-Layouts (``root`` is the folder passed to :func:`load_dataset`; with ``split`` the
+Layouts (``root`` is the folder passed to [`load_dataset`][]; with ``split`` the
 csv/endonuke/geojson readers read ``root/<split>``):
 
-==========  ===================================================================
-``csv``     ``<stem>.png|.jpg|.tif`` beside ``<stem>.csv`` with the header
-            ``x,y,class`` (an optional ``score`` column is kept). cellkit's own
-            format, also what ``cellkit predict`` writes.
-``bcdata``  ``images/<split>/<i>.png`` and ``annotations/<split>/<label>/<i>.h5``
-            with ``<label>`` in ``positive``/``negative``; each ``.h5`` holds the
-            dataset ``coordinates``, ``(N, 2)`` int64, column 0 = x. An empty
-            float64 array of shape ``(0,)`` means no points.
-``endonuke`` ``images/<id>.png`` and ``labels/<id>.txt``, one ``x y class`` per line
-            (``root`` may also be the folder holding ``endonuke_data/``).
-``geojson`` ``<stem>.png|.jpg|.tif`` beside ``<stem>.geojson`` (or ``.json``), as
-            QuPath exports: Point and MultiPoint features are cells; Polygon and
-            MultiPolygon *detections* (``properties.objectType`` ``"detection"`` or
-            ``"cell"``) are cells at their centroids; the class from
-            ``properties.classification.name``. Annotation polygons (regions drawn
-            by hand), tiles and other geometries are skipped and counted.
-==========  ===================================================================
+| format | layout |
+|---|---|
+| ``csv`` | ``<stem>.png|.jpg|.tif`` beside ``<stem>.csv`` with the header ``x,y,class`` (an optional ``score`` column is kept). cellkit's own format, also what ``cellkit predict`` writes. |
+| ``bcdata`` | ``images/<split>/<i>.png`` and ``annotations/<split>/<label>/<i>.h5`` with ``<label>`` in ``positive``/``negative``; each ``.h5`` holds the dataset ``coordinates``, ``(N, 2)`` int64, column 0 = x. An empty float64 array of shape ``(0,)`` means no points. |
+| ``endonuke`` | ``images/<id>.png`` and ``labels/<id>.txt``, one ``x y class`` per line (``root`` may also be the folder holding ``endonuke_data/``). |
+| ``geojson`` | ``<stem>.png|.jpg|.tif`` beside ``<stem>.geojson`` (or ``.json``), as QuPath exports: Point and MultiPoint features are cells; Polygon and MultiPolygon *detections* (``properties.objectType`` ``"detection"`` or ``"cell"``) are cells at their centroids; the class from ``properties.classification.name``. Annotation polygons (regions drawn by hand), tiles and other geometries are skipped and counted. |
 
 A dataset in which no image has a single cell is an error naming the folder; when some
-images have no points, one :class:`DataWarning` says how many and names a few.
+images have no points, one [`DataWarning`][] says how many and names a few.
 
 Every file is validated: a point outside its image, a negative or non-integer class, a
 label file without an image (or the reverse), a truncated or corrupt file each raise a
-:class:`~cellkit.data.io.DataError` naming the file and the line, feature or dataset.
-With ``on_error="skip"`` such images are left out and one :class:`DataWarning` lists them.
+[`DataError`][cellkit.data.io.DataError] naming the file and the line, feature or dataset.
+With ``on_error="skip"`` such images are left out and one [`DataWarning`][] lists them.
 
 Coordinates follow cellkit's convention: ``(x, y)`` = (column, row), pixel ``j`` is at
 coordinate ``j``. QuPath's origin is the top-left corner of the image, half a pixel away;
@@ -396,8 +385,10 @@ def geojson_classification(props: Mapping[str, Any]) -> str | None:
     (joined with ``": "``) or a plain string.
 
     Examples:
-        >>> geojson_classification({"classification": {"name": "Tumor"}}), geojson_classification({})
-        ('Tumor', None)
+        >>> geojson_classification({"classification": {"name": "Tumor"}})
+        'Tumor'
+        >>> geojson_classification({}) is None
+        True
     """
     cls = props.get("classification")
     if isinstance(cls, Mapping):
@@ -491,7 +482,7 @@ def read_geojson_points(
     Args:
         path: the ``.geojson`` file.
         class_map: maps class names; without one the names must be integers
-            (``ClassMap.from_names(names)`` reads what :func:`write_geojson` wrote).
+            (``ClassMap.from_names(names)`` reads what [`write_geojson`][] wrote).
         score_name: the measurement read as the score (case-insensitive).
 
     Raises:
@@ -501,10 +492,12 @@ def read_geojson_points(
     Examples:
         >>> import tempfile, os, json
         >>> path = os.path.join(tempfile.mkdtemp(), "a.geojson")
-        >>> feature = {"type": "Feature", "geometry": {"type": "Point", "coordinates": [3, 4]},
+        >>> feature = {"type": "Feature",
+        ...            "geometry": {"type": "Point", "coordinates": [3, 4]},
         ...            "properties": {"classification": {"name": "Positive"}}}
         >>> _ = open(path, "w").write(json.dumps([feature]))
-        >>> read_geojson_points(path, ClassMap({"Positive": 1}, ["other", "positive"])).classes
+        >>> class_map = ClassMap({"Positive": 1}, ["other", "positive"])
+        >>> read_geojson_points(path, class_map).classes
         array([1])
     """
     p = Path(path)
@@ -862,8 +855,9 @@ def load_dataset(
 
     Args:
         root: the dataset folder (layouts in the module docstring).
-        format: one of :data:`cellkit.data.formats.FORMATS`, or ``"auto"`` to guess from the folder.
-        class_map: a :class:`ClassMap`, a preset name (``"bcdata"``,
+        format: one of [`FORMATS`][cellkit.data.formats.FORMATS], or ``"auto"`` to guess
+            from the folder.
+        class_map: a [`ClassMap`][], a preset name (``"bcdata"``,
             ``"endonuke_epithelium"``), a dict or ``"src=dst"`` strings. Default: BCData's
             ``negative=0, positive=1`` for bcdata; the integer classes as written for the
             others (EndoNuke: 0 stroma, 1 epithelium, 2 other; use

@@ -1,18 +1,19 @@
 """Writers: cellkit CSV and QuPath GeoJSON, both written atomically.
 
 ``write_csv`` writes cellkit's own format (``x,y,class`` and, for detections, ``score``),
-which :func:`~cellkit.data.readers.read_csv_points` reads back. ``write_geojson`` writes a
-GeoJSON FeatureCollection of Point features the way QuPath (0.4 and later) writes its
-objects, so *File > Import objects from file* (or drag and drop) opens them with their
-classes, class colours and scores:
+which [`read_csv_points`][cellkit.data.readers.read_csv_points] reads back.
+``write_geojson`` writes a GeoJSON FeatureCollection of Point features the way QuPath
+(0.4 and later) writes its objects, so *File > Import objects from file* (or drag and
+drop) opens them with their classes, class colours and scores:
 
-.. code-block:: json
-
-    {"type": "Feature",
-     "geometry": {"type": "Point", "coordinates": [12.0, 34.0]},
-     "properties": {"objectType": "detection",
-                    "classification": {"name": "positive", "color": [220, 50, 47]},
-                    "measurements": {"score": 0.93}}}
+```json
+{"type": "Feature",
+ "geometry": {"type": "Point", "coordinates": [12.0, 34.0]},
+ "properties": {"objectType": "detection",
+                "classification": {"name": "positive",
+                                   "color": [220, 50, 47]},
+                "measurements": {"score": 0.93}}}
+```
 
 Coordinates are pixels ``(x, y)`` of the full-resolution image, as QuPath expects.
 """
@@ -34,8 +35,9 @@ from .io import atomic_write
 __all__ = ["DEFAULT_COLORS", "write_csv", "write_geojson"]
 
 DEFAULT_COLORS: tuple[tuple[int, int, int], ...] = BASE_COLORS
-"""The class colours written into GeoJSON files: :data:`cellkit.viz.BASE_COLORS`, the colours of the
-overlays (the same table, owned by :mod:`cellkit.viz`), cycled when there are more classes.
+"""The class colours written into GeoJSON files:
+[`cellkit.viz.BASE_COLORS`][cellkit.viz.BASE_COLORS], the colours of the overlays (the same
+table, owned by [`cellkit.viz`][cellkit.viz]), cycled when there are more classes.
 """
 
 
@@ -83,8 +85,8 @@ def write_csv(
 
     Args:
         path: the ``.csv`` file (written atomically; the folder is created).
-        detections: a :class:`~cellkit.points.Detections`, a
-            :class:`~cellkit.data.Sample` or anything with ``points``, ``classes`` and
+        detections: a [`Detections`][cellkit.points.Detections], a
+            [`Sample`][cellkit.data.Sample] or anything with ``points``, ``classes`` and
             optionally ``scores``; or pass them as keywords.
         points: ``(N, 2)`` ``(x, y)``.
         classes: ``(N,)`` integers >= 0.
@@ -130,14 +132,14 @@ def write_geojson(
 
     Args:
         path: the ``.geojson`` file (written atomically; the folder is created).
-        detections: a :class:`~cellkit.points.Detections`, a Sample or anything with
+        detections: a [`Detections`][cellkit.points.Detections], a Sample or anything with
             ``points``, ``classes`` (and ``scores``); or pass them as keywords.
         class_names: the name of each class index (QuPath's classification); default
             ``class0, class1, ...``. Read back with ``ClassMap.from_names(class_names)``.
         object_type: ``"detection"`` or ``"annotation"``; default detection when there are
             scores (predictions: QuPath handles many detections quickly and lists their
             measurements), annotation otherwise (ground-truth points).
-        colors: RGB colour of each class (default :data:`DEFAULT_COLORS`).
+        colors: RGB colour of each class (default [`DEFAULT_COLORS`][]).
         score_name: the measurement name of the score.
         indent: JSON indentation (None: compact).
 
@@ -148,8 +150,10 @@ def write_geojson(
     Examples:
         >>> import tempfile, os, json
         >>> path = os.path.join(tempfile.mkdtemp(), "a.geojson")
-        >>> write_geojson(path, points=[[3, 4]], classes=[1], class_names=["other", "positive"])
-        >>> json.load(open(path))["features"][0]["properties"]["classification"]["name"]
+        >>> write_geojson(path, points=[[3, 4]], classes=[1],
+        ...               class_names=["other", "positive"])
+        >>> feature = json.load(open(path))["features"][0]
+        >>> feature["properties"]["classification"]["name"]
         'positive'
     """
     pts, cls, sc = _unpack(detections, points, classes, scores)

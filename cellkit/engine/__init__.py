@@ -1,20 +1,25 @@
 """Training stages, inference on any image size, checkpoints.
 
-- :mod:`cellkit.engine.train`: :func:`fit` runs the paper's schedule (stage 1, the
+- [`cellkit.engine.train`][]: [`fit`][] runs the paper's schedule (stage 1, the
   early-stopped pre-trained model, when the config has a ``prior`` target; then the
   multi-task model) into a run folder, with validation, ``best.pt``/``last.pt`` and resuming.
-- :mod:`cellkit.engine.distributed`: the same under ``torchrun`` (DistributedDataParallel).
-- :mod:`cellkit.engine.predict`: tiled inference (:func:`predict_image`, :class:`Predictor`).
-- :mod:`cellkit.engine.evaluate`: scoring a folder of predictions (:func:`evaluate_folder`).
-- :mod:`cellkit.engine.checkpoint`: atomic checkpoints and :func:`load_model`.
-- `cellkit.engine.plots`: the training curves (`plot_training`) and the errors of an
-  evaluation (`plot_errors`).
+- [`cellkit.engine.distributed`][]: the same under ``torchrun`` (DistributedDataParallel).
+- [`cellkit.engine.predict`][]: tiled inference ([`predict_image`][], [`Predictor`][]).
+- [`cellkit.engine.evaluate`][]: scoring a folder of predictions ([`evaluate_folder`][]).
+- [`cellkit.engine.checkpoint`][]: atomic checkpoints and [`load_model`][].
+- [`cellkit.engine.plots`][]: the training curves
+  ([`plot_training`][cellkit.engine.plots.plot_training]) and the errors of an
+  evaluation ([`plot_errors`][cellkit.engine.plots.plot_errors]).
 
-Example:
+Examples:
+    Training writes a run folder (skipped here: it trains for minutes and writes
+    ``runs/ours``):
+
     >>> import cellkit
     >>> from cellkit.engine import fit, load_model
-    >>> result = fit(cellkit.presets.ours(size="cpu"), "runs/ours")  # doctest: +SKIP
-    >>> model, cfg, ckpt = load_model(result.best_path)              # doctest: +SKIP
+    >>> cfg = cellkit.presets.ours(size="cpu")
+    >>> result = fit(cfg, "runs/ours")                   # doctest: +SKIP
+    >>> model, cfg, ckpt = load_model(result.best_path)  # doctest: +SKIP
 """
 
 from __future__ import annotations

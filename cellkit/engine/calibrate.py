@@ -1,17 +1,17 @@
 """Calibrated peaks: the threshold (and minimum distance) per class that maximises F1.
 
 A model's probability maps are seldom calibrated at 0.5: after a short training a rare
-class often peaks at 0.3. :func:`calibrate_peaks` takes the validation images' maps (from
+class often peaks at 0.3. [`calibrate_peaks`][] takes the validation images' maps (from
 the same tiled inference as ``cellkit predict``), tries a grid of thresholds (and,
 optionally, minimum distances) per class and keeps, for each class, the value whose total F1
 on those images is highest. Classes are tuned one at a time with the others fixed
-(coordinate ascent), because the cross-class rule of :func:`~cellkit.postprocess.peaks`
+(coordinate ascent), because the cross-class rule of [`peaks`][cellkit.postprocess.peaks.peaks]
 lets one class's threshold move another's peaks; ``rounds`` passes are made.
 
 Training calls it at every validation (thresholds only, one round: the score that picks
 ``best.pt`` is the calibrated one), then once more on the best checkpoint with the minimum
 distance too, and stores the result in ``best.pt`` (``postprocess``) and
-``<run>/calibration.json``. :class:`~cellkit.engine.predict.Predictor` uses it unless a
+``<run>/calibration.json``. [`Predictor`][cellkit.engine.predict.Predictor] uses it unless a
 threshold is given.
 
 A class with no annotated cell in the validation images is left out: its F1 is undefined
@@ -35,7 +35,7 @@ THRESHOLD_GRID: tuple[float, ...] = tuple(round(v, 2) for v in np.arange(0.1, 0.
 
 @dataclass
 class Calibration:
-    """The result of :func:`calibrate_peaks`.
+    """The result of [`calibrate_peaks`][].
 
     Attributes:
         kwargs: the post-processor's keyword arguments, with per-class ``threshold`` (and
@@ -74,7 +74,8 @@ def score_maps(maps: Sequence[np.ndarray], truths: Sequence[tuple[Any, Any]], *,
 
     Examples:
         >>> m = np.zeros((1, 9, 9), np.float32); m[0, 4, 4] = 0.9
-        >>> score_maps([m], [([[4, 4]], [0])], radius=2, class_names=["a"], kwargs={"threshold": 0.5})
+        >>> score_maps([m], [([[4, 4]], [0])], radius=2, class_names=["a"],
+        ...            kwargs={"threshold": 0.5})
         ({'a': 1.0}, 1.0)
     """
     import cellkit.postprocess  # noqa: F401  registers "peaks"
@@ -142,12 +143,13 @@ def calibrate_peaks(
         rounds: passes over the classes.
 
     Returns:
-        A :class:`Calibration`; ties keep the value nearest the starting one (here 0.25, the
+        A [`Calibration`][]; ties keep the value nearest the starting one (here 0.25, the
         highest threshold below the 0.3 peaks, is nearest 0.5).
 
     Examples:
         >>> m = np.zeros((1, 9, 9), np.float32); m[0, 2, 2] = 0.3; m[0, 6, 6] = 0.3
-        >>> cal = calibrate_peaks([m], [([[2, 2], [6, 6]], [0, 0])], radius=2, class_names=["a"],
+        >>> cal = calibrate_peaks([m], [([[2, 2], [6, 6]], [0, 0])], radius=2,
+        ...                       class_names=["a"],
         ...                       kwargs={"threshold": 0.5, "min_distance": 1})
         >>> cal.kwargs["threshold"], cal.f1, cal.before
         ([0.25], {'a': 1.0}, 0.0)

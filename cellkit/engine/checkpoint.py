@@ -1,20 +1,22 @@
 """Checkpoints: atomic writes, loading without running code, and a check against the code.
 
-A checkpoint is a dict saved with ``torch.save``::
+A checkpoint is a dict saved with ``torch.save``:
 
-    {"format": 2, "cellkit_version": str, "config": CellkitConfig.to_dict(),
-     "model": state_dict, "optimizer": ..., "scheduler": ..., "scaler": ...,
-     "epoch": int (rounds completed), "best_score": float, "rng": {...},
-     "class_names": [...], "history": [...], "stage": "train" | "pretrain"}
+```text
+{"format": 2, "cellkit_version": str, "config": CellkitConfig.to_dict(),
+ "model": state_dict, "optimizer": ..., "scheduler": ..., "scaler": ...,
+ "epoch": int (rounds completed), "best_score": float, "rng": {...},
+ "class_names": [...], "history": [...], "stage": "train" | "pretrain"}
+```
 
 Only ``config`` and ``model`` are needed to predict; the rest resumes training.
 
 **Loading never runs code from the file.** A ``.pt`` file is a pickle, and unpickling can
 call any Python function the file names, so a checkpoint someone sends could run a payload
-the moment it is opened. :func:`load_checkpoint` reads with ``torch.load(weights_only=True)``:
+the moment it is opened. [`load_checkpoint`][] reads with ``torch.load(weights_only=True)``:
 only tensors, numbers, strings, lists, tuples and dicts are rebuilt, plus numpy arrays, scalars
 and dtypes (cellkit's format-1 checkpoints stored the numpy random state as an array; they
-still load). A file that names anything else is refused with :class:`CheckpointError`
+still load). A file that names anything else is refused with [`CheckpointError`][]
 before any of it runs. Format 2 (this version) stores only plain data, so
 ``torch.load(path, weights_only=True)`` reads it without cellkit as well.
 """
@@ -50,7 +52,7 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` atomically (:func:`cellkit.data.io.atomic_write`).
+    """Write ``state`` to ``path`` atomically ([`cellkit.data.io.atomic_write`][]).
 
     An interrupted write never leaves a truncated checkpoint behind: ``path`` holds either
     the previous checkpoint or the new one. Numpy arrays and scalars in ``state`` are
@@ -79,7 +81,8 @@ def plain_data(value: Any) -> Any:
 
     Examples:
         >>> import numpy as np
-        >>> plain_data({"a": np.float32(0.5), "b": (np.arange(2, dtype=np.uint32), 3)})
+        >>> plain_data({"a": np.float32(0.5),
+        ...             "b": (np.arange(2, dtype=np.uint32), 3)})
         {'a': 0.5, 'b': (tensor([0, 1], dtype=torch.uint32), 3)}
     """
     import numpy as np
@@ -97,7 +100,7 @@ def plain_data(value: Any) -> Any:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`, without running code from it.
+    """Read a checkpoint written by [`save_checkpoint`][], without running code from it.
 
     Args:
         path: a ``.pt`` file, or a run folder (its ``best.pt``, else ``last.pt``).

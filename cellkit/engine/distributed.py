@@ -1,19 +1,22 @@
-"""Multi-process training with ``torchrun``: detection, set-up and the few collectives :func:`fit` needs.
+r"""Multi-process training with ``torchrun``: detection, set-up and the few collectives [`fit`][] needs.
 
-:func:`cellkit.engine.fit` runs unchanged on one process or under ``torchrun``::
+[`cellkit.engine.fit`][] runs unchanged on one process or under ``torchrun``:
 
-    torchrun --nproc_per_node 4 -m cellkit.cli train --preset ours_plus_plus --out runs/x
+```bash
+torchrun --nproc_per_node 4 -m cellkit.cli train \
+    --preset ours_plus_plus --out runs/x
+```
 
 A launch by ``torchrun`` is recognised from its environment variables (``WORLD_SIZE`` > 1,
 ``RANK``, ``LOCAL_RANK``). The process group then uses ``nccl`` on CUDA and ``gloo`` on
-the CPU; the model is wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`,
-the training split is sharded with a :class:`~torch.utils.data.DistributedSampler`,
+the CPU; the model is wrapped in `torch.nn.parallel.DistributedDataParallel`,
+the training split is sharded with a `torch.utils.data.DistributedSampler`,
 epoch metrics are reduced across ranks, and only rank 0 writes files.
 
 Every helper here is a no-op (or the identity) on a single process, so the training loop
 calls them unconditionally.
 
-Example:
+Examples:
     >>> info = dist_info({})          # no torchrun variables: one process
     >>> info.enabled, info.rank, info.world_size, info.is_main
     (False, 0, 1, True)
@@ -122,7 +125,7 @@ def init_distributed(device_type: str) -> tuple[DistInfo, bool]:
 
     Returns:
         ``(info, created)``: ``created`` is True when this call made the process group (so
-        the caller should destroy it with :func:`shutdown_distributed`).
+        the caller should destroy it with [`shutdown_distributed`][]).
 
     Raises:
         RuntimeError: when ``WORLD_SIZE`` > 1 but ``torch.distributed`` is unavailable.
@@ -145,7 +148,7 @@ def init_distributed(device_type: str) -> tuple[DistInfo, bool]:
 
 
 def shutdown_distributed(created: bool) -> None:
-    """Destroy the process group if ``created`` (the flag :func:`init_distributed` returned)."""
+    """Destroy the process group if ``created`` (the flag [`init_distributed`][] returned)."""
     if created and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -196,7 +199,7 @@ def wrap_model(model: nn.Module, info: DistInfo, device: torch.device,
 
     Args:
         model: the model, already on ``device``.
-        info: from :func:`init_distributed`.
+        info: from [`init_distributed`][].
         device: the process's device (``cuda:<local_rank>`` or ``cpu``).
         unused_heads: some parameters get no gradient (a head without a loss term).
     """

@@ -2,13 +2,15 @@
 
 Predictions are ``<stem>.csv`` files (columns ``x,y,class,score``) and are matched to the
 ground-truth images by file stem. Every ground-truth image needs a prediction file, or
-``allow_missing=True`` counts it as an image where nothing was found::
+``allow_missing=True`` counts it as an image where nothing was found:
 
-    from cellkit.engine.evaluate import evaluate_folder
+```python
+from cellkit.engine.evaluate import evaluate_folder
 
-    result = evaluate_folder("out/", "data/test", "endonuke", radius=6)
-    print(result.report)                 # precision, recall, totalF1, meanF1 per class
-    curve = result.curve([2, 4, 6, 8])    # F1 against the matching radius
+result = evaluate_folder("out/", "data/test", "endonuke", radius=6)
+print(result.report)  # precision, recall, totalF1, meanF1 per class
+curve = result.curve([2, 4, 6, 8])  # F1 against the matching radius
+```
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ def jsonable(value: Any) -> Any:
     sequences and arrays recursively; numpy numbers and booleans as Python ones.
 
     Examples:
-        >>> jsonable({"f1": np.array([0.5, np.nan]), "n": np.int64(3), "ok": np.bool_(True)})
+        >>> jsonable({"f1": np.array([0.5, np.nan]), "n": np.int64(3),
+        ...           "ok": np.bool_(True)})
         {'f1': [0.5, None], 'n': 3, 'ok': True}
     """
     if isinstance(value, Mapping):
@@ -156,16 +159,16 @@ class EvaluationResult:
     """Predictions matched to ground truth, and their scores at one radius.
 
     Attributes:
-        report: a :class:`cellkit.metrics.EvaluationReport` (per class tp, fp, fn,
+        report: a [`cellkit.metrics.EvaluationReport`][] (per class tp, fp, fn,
             precision, recall, total_f1, mean_f1).
         keys: the image stems, in order.
-        predictions: a :class:`Detections` per image.
+        predictions: a [`Detections`][] per image.
         truths: ``(points, classes)`` per image.
         class_names: a name per class.
         missing: stems of images without a prediction file (counted as empty).
         unmatched: prediction files without a ground-truth image (ignored).
         image_paths: the image file of each image, in order (`None` where unknown), for
-            pictures of the errors (`cellkit.engine.plots.plot_errors`).
+            pictures of the errors ([`cellkit.engine.plots.plot_errors`][]).
     """
 
     report: Any
@@ -183,7 +186,7 @@ class EvaluationResult:
         return len(self.class_names)
 
     def curve(self, radii: Sequence[float]) -> dict[str, Any]:
-        """totalF1 and meanF1 per class at each radius (:func:`cellkit.metrics.f1_vs_radius`)."""
+        """totalF1 and meanF1 per class at each radius ([`cellkit.metrics.f1_vs_radius`][])."""
         from cellkit.metrics import f1_vs_radius
 
         return f1_vs_radius(self.predictions, self.truths, radii, self.num_classes, self.class_names)
@@ -241,7 +244,7 @@ def evaluate_folder(
         format: its format (``csv``, ``bcdata``, ``endonuke``, ``geojson``).
         radius: matching radius in pixels.
         class_map: how the data's labels map to the model's classes (see
-            :meth:`cellkit.data.classes.ClassMap.parse`). Default: the class map recorded by
+            [`cellkit.data.classes.ClassMap.parse`][]). Default: the class map recorded by
             ``cellkit predict`` (the model's training data), else the format's default.
         split: a split (subfolder) of the dataset.
         allow_missing: count images without a prediction file as empty instead of failing.

@@ -1,6 +1,6 @@
 """A folder of predictions that loses nothing: what ``cellkit predict --out DIR`` writes.
 
-:func:`write_predictions` predicts images into a folder under these rules:
+[`write_predictions`][] predicts images into a folder under these rules:
 
 * **It never replaces a file it did not write.** Before any work, every file it would
   write (``<stem>.csv``, ``<stem>.geojson``, ``<stem>_overlay.png``, ``counts.csv``,
@@ -44,7 +44,7 @@ COUNTS = "counts.csv"
 
 @dataclass
 class PredictionRun:
-    """What :func:`write_predictions` did.
+    """What [`write_predictions`][] did.
 
     Attributes:
         out_dir: the folder.
@@ -181,15 +181,15 @@ def write_predictions(
 ) -> PredictionRun:
     """Predict image files and folders into ``out_dir`` without losing anything (see the module).
 
-    Whole slides (:func:`~cellkit.wsi.is_whole_slide`: SVS, NDPI, MRXS, pyramidal TIFF...)
-    go through :func:`~cellkit.wsi.predict_slide` (chunks, tissue only, slide coordinates) and
-    leave ``<stem>.csv``, ``.geojson``, ``.summary.json``, ``.summary.csv`` and
+    Whole slides ([`is_whole_slide`][cellkit.wsi.is_whole_slide]: SVS, NDPI, MRXS, pyramidal TIFF...)
+    go through [`predict_slide`][cellkit.wsi.pipeline.predict_slide] (chunks, tissue only,
+    slide coordinates) and leave ``<stem>.csv``, ``.geojson``, ``.summary.json``, ``.summary.csv`` and
     ``.thumbnail.png``; other images are read whole and leave ``<stem>.csv``, ``.geojson``
     and the overlay.
 
     Args:
-        predictor: a :class:`~cellkit.engine.predict.Predictor`.
-        inputs: image files and folders (:func:`~cellkit.engine.predict.list_images`).
+        predictor: a [`Predictor`][cellkit.engine.predict.Predictor].
+        inputs: image files and folders ([`list_images`][cellkit.engine.predict.list_images]).
         out_dir: the output folder (created).
         overlay: write ``<stem>_overlay.png`` with the cells drawn.
         overlay_radius: radius of the overlay's dots.
@@ -200,13 +200,13 @@ def write_predictions(
         settings: more settings to record and to check on resume (e.g. the checkpoint).
         slide: read every input as a whole slide (``True``), none (``False``), or decide per
             file (``None``).
-        slide_options: keywords of :func:`~cellkit.wsi.predict_slide` (``regions``,
+        slide_options: keywords of [`predict_slide`][cellkit.wsi.pipeline.predict_slide] (``regions``,
             ``tissue``, ``chunk_size``, ``workers``, ``index_class``...).
         mpp: micrometres per pixel of the inputs, overriding what the files record. When the
             model records the pixel size it was trained at, images are resampled to it.
 
     Returns:
-        a :class:`PredictionRun`.
+        a [`PredictionRun`][].
 
     Raises:
         FileExistsError: a file to write exists and is not an earlier run's, or an earlier
@@ -214,8 +214,12 @@ def write_predictions(
         ValueError: ``resume`` with other inputs or settings than the earlier run's.
 
     Examples:
-        >>> # run = write_predictions(Predictor.from_checkpoint("runs/x/best.pt"), ["slides/"], "out/")
-        >>> # run.counts[0]   ->  ('slide1', [412, 97])
+        Not run here (it needs a trained checkpoint and writes ``out/``):
+
+        >>> predictor = Predictor.from_checkpoint("runs/x/best.pt")  # doctest: +SKIP
+        >>> run = write_predictions(predictor, ["slides/"], "out/")  # doctest: +SKIP
+        >>> run.counts[0]  # doctest: +SKIP
+        ('slide1', [412, 97])
     """
     from cellkit.data.io import make_folder, remove_stale_temporaries, write_text_atomic
     from cellkit.engine.predict import list_images
@@ -405,7 +409,10 @@ def predict_at_pixel_size(predictor: Any, image: np.ndarray, mpp: float | None) 
     shrinks), predicted, and the points are mapped back to the image's pixels.
 
     Examples:
-        >>> # det = predict_at_pixel_size(predictor, image, mpp=0.25)  # a 40x scan, model at 0.5
+        Not run here (it needs a trained model):
+
+        >>> # a 40x scan, with a model trained at 0.5 um per pixel
+        >>> det = predict_at_pixel_size(predictor, image, mpp=0.25)  # doctest: +SKIP
     """
     from PIL import Image
 

@@ -1,11 +1,11 @@
 """Pictures of a training run and of an evaluation: the curves, and the errors on the worst images.
 
-* `plot_training` draws `RUN_DIR/curves.png` from the run's `metrics.jsonl`: every loss
+* [`plot_training`][] draws `RUN_DIR/curves.png` from the run's `metrics.jsonl`: every loss
   term against the steps (training solid, validation dashed) and the validation F1 of each
   class, with the best round marked; stage 1 of `ours_plus_plus` (`RUN_DIR/pretrain/`) gets
   its own row. `cellkit train` draws it when the run ends, `cellkit plot RUN_DIR` at any time
   (also while the run trains).
-* `plot_errors` draws the images of an evaluation with the most false positives and misses,
+* [`plot_errors`][] draws the images of an evaluation with the most false positives and misses,
   each cell marked as a true positive, a false positive or a miss; `cellkit evaluate` writes it
   as `OUT_DIR/errors.png`.
 
@@ -34,11 +34,11 @@ import numpy as np
 __all__ = ["CLASS_MARKERS", "ERROR_COLORS", "plot_errors", "plot_training", "read_metrics"]
 
 ERROR_COLORS: dict[str, str] = {"tp": "#00d000", "fp": "#ff2020", "fn": "#ffd400"}
-"""Colours of `plot_errors`: true positives green, false positives red, misses (false
+"""Colours of [`plot_errors`][]: true positives green, false positives red, misses (false
 negatives, the annotated cells nobody found) yellow, which stays visible on haematoxylin blue."""
 
 CLASS_MARKERS: tuple[str, ...] = ("o", "s", "^", "D", "v", "P", "X", "*")
-"""Matplotlib markers of the classes in `plot_errors` (class 0 a circle, 1 a square, ...; repeated
+"""Matplotlib markers of the classes in [`plot_errors`][] (class 0 a circle, 1 a square, ...; repeated
 after the eighth)."""
 
 _METRICS = "metrics.jsonl"
@@ -48,7 +48,7 @@ _METRICS = "metrics.jsonl"
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The records of a `metrics.jsonl` file, one dict per validated round, in order.
+    r"""The records of a `metrics.jsonl` file, one dict per validated round, in order.
 
     A last line without its newline is a record being written (the run is training) and is
     left out when it is not complete JSON.
@@ -64,7 +64,7 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         >>> import tempfile, os
         >>> run = tempfile.mkdtemp()
         >>> with open(os.path.join(run, "metrics.jsonl"), "w") as f:
-        ...     _ = f.write('{"step": 2, "train": {"total": 0.5}}\\n')
+        ...     _ = f.write('{"step": 2, "train": {"total": 0.5}}\n')
         >>> read_metrics(run)
         [{'step': 2, 'train': {'total': 0.5}}]
     """
@@ -306,13 +306,15 @@ def plot_errors(result: Any, out: str | os.PathLike[str], *, count: int = 4) -> 
 
     The images with the most false positives plus misses (false negatives) are drawn with
     each true positive in green (at its annotated point), each false positive in red and
-    each miss in yellow (`ERROR_COLORS`); the marker's shape is the class
-    (`CLASS_MARKERS`), so a cell found with the wrong class shows as a red marker of one
+    each miss in yellow ([`ERROR_COLORS`][]); the marker's shape is the class
+    ([`CLASS_MARKERS`][]), so a cell found with the wrong class shows as a red marker of one
     shape over a yellow one of another. Points are matched exactly as the evaluation
     matched them (its radius and method).
 
     Args:
-        result: an `EvaluationResult` of `evaluate_folder`, which knows each image's file.
+        result: an [`EvaluationResult`][cellkit.engine.evaluate.EvaluationResult] of
+            [`evaluate_folder`][cellkit.engine.evaluate.evaluate_folder], which knows each
+            image's file.
         out: the PNG to write (`cellkit evaluate` writes `OUT_DIR/errors.png`).
         count: how many images, at most.
 
@@ -321,12 +323,15 @@ def plot_errors(result: Any, out: str | os.PathLike[str], *, count: int = 4) -> 
 
     Raises:
         ValueError: when the result does not know the images' files, or `count < 1`.
-        OSError: when an image cannot be read (as `cellkit.data.io.read_image` raises).
+        OSError: when an image cannot be read (as [`cellkit.data.io.read_image`][] raises).
 
     Examples:
-        >>> from cellkit.engine.evaluate import evaluate_folder        # doctest: +SKIP
-        >>> result = evaluate_folder("out/", "data/test", "endonuke", radius=6)  # doctest: +SKIP
-        >>> plot_errors(result, "out/errors.png")                        # doctest: +SKIP
+        Not run here (it needs a folder of predictions and writes ``out/``):
+
+        >>> from cellkit.engine.evaluate import evaluate_folder
+        >>> result = evaluate_folder("out/", "data/test", "endonuke",
+        ...                          radius=6)  # doctest: +SKIP
+        >>> plot_errors(result, "out/errors.png")  # doctest: +SKIP
         PosixPath('out/errors.png')
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg

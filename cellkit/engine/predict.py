@@ -18,19 +18,22 @@ output is the only full-size array.
 
 On a GPU the work stays on the device: each batch of tiles is uploaded once, as uint8 (a
 quarter of the bytes of float32, from pinned memory, without waiting), and normalised there
-(:func:`tiles_to_tensor`); the tiles are blended on the device, in float64 as on the CPU;
+([`tiles_to_tensor`][]); the tiles are blended on the device, in float64 as on the CPU;
 the map comes back to the host once, at the end (or not at all with ``as_tensor=True``, and
-:meth:`Predictor.predict` takes the peaks on the device). ``precision`` runs the network in
+[`Predictor.predict`][] takes the peaks on the device). ``precision`` runs the network in
 bfloat16 or float16 (autocast) and ``fold_bn`` folds every BatchNorm into its convolution
-(:func:`cellkit.models.fuse.fold_batchnorm`). Example::
+([`cellkit.models.fuse.fold_batchnorm`][]). Example:
 
-    from cellkit.engine.predict import Predictor
+```python
+from cellkit.engine.predict import Predictor
 
-    predictor = Predictor.from_checkpoint("runs/ours/best.pt", threshold=0.5)
-    detections = predictor.predict(image)            # (H, W, 3) uint8
-    fast = Predictor.from_checkpoint("runs/ours/best.pt", precision="auto", fold_bn=True)  # on a GPU
-    for path, det in predictor.predict_paths(["slides/"]):
-        print(path, det.counts(predictor.num_classes))
+predictor = Predictor.from_checkpoint("runs/ours/best.pt", threshold=0.5)
+detections = predictor.predict(image)            # (H, W, 3) uint8
+fast = Predictor.from_checkpoint("runs/ours/best.pt",  # on a GPU
+                                 precision="auto", fold_bn=True)
+for path, det in predictor.predict_paths(["slides/"]):
+    print(path, det.counts(predictor.num_classes))
+```
 """
 
 from __future__ import annotations
@@ -63,14 +66,14 @@ __all__ = [
     "tiles_to_tensor",
 ]
 
-#: File suffixes taken from a folder by :func:`list_images` (the formats' own, so every
+#: File suffixes taken from a folder by [`list_images`][] (the formats' own, so every
 #: image cellkit trains on can be predicted).
 from cellkit.data.formats import IMAGE_SUFFIXES  # noqa: E402
 
 PostProcess = Callable[[Any], Detections]
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "auto")
-"""The ``precision`` choices of inference (see :func:`resolve_precision`)."""
+"""The ``precision`` choices of inference (see [`resolve_precision`][])."""
 
 _AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
     "fp32": None,
@@ -114,7 +117,8 @@ def blend_window(height: int, width: int, overlap: int) -> np.ndarray:
         returns: ``(height, width)`` float32.
 
     Examples:
-        >>> (3 * blend_window(5, 5, 2)[2]).round().tolist()  # the middle row, in thirds
+        >>> # the middle row, in thirds
+        >>> (3 * blend_window(5, 5, 2)[2]).round().tolist()
         [1.0, 2.0, 3.0, 2.0, 1.0]
     """
 
@@ -150,7 +154,7 @@ def _model_device(model: Any) -> torch.device:
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """The device to run on: ``None`` -> CUDA when available, else the CPU; a name is checked.
 
-    Training (:func:`cellkit.engine.fit`), inference and the command line all resolve their
+    Training ([`cellkit.engine.fit`][]), inference and the command line all resolve their
     ``device`` argument here, so a bad one fails the same way everywhere, before any work.
 
     Raises:
@@ -193,7 +197,7 @@ def resolve_precision(precision: str | None, device: str | torch.device, amp: bo
     nothing overflows; float16 has 3 more bits of mantissa but overflows above 65504.
 
     Args:
-        precision: one of :data:`PRECISIONS` (any case), or ``None``.
+        precision: one of [`PRECISIONS`][] (any case), or ``None``.
         device: where the network runs.
         amp: the older ``amp=True`` flag (float16 autocast on CUDA).
 
@@ -201,11 +205,12 @@ def resolve_precision(precision: str | None, device: str | torch.device, amp: bo
         ``"fp32"``, ``"bf16"`` or ``"fp16"``.
 
     Raises:
-        ValueError: for a precision that is not one of :data:`PRECISIONS` (the message
+        ValueError: for a precision that is not one of [`PRECISIONS`][] (the message
             lists them), ``"fp16"`` on the CPU, or ``amp=True`` with another precision.
 
     Examples:
-        >>> resolve_precision(None, "cpu"), resolve_precision("auto", "cpu"), resolve_precision("BF16", "cpu")
+        >>> (resolve_precision(None, "cpu"), resolve_precision("auto", "cpu"),
+        ...  resolve_precision("BF16", "cpu"))
         ('fp32', 'fp32', 'bf16')
     """
     dev = torch.device(device)
@@ -260,7 +265,7 @@ def _normaliser(dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _normalise(tiles: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
                memory_format: torch.memory_format) -> torch.Tensor:
-    """``(B, h, w, 3)`` uint8 on the device -> ``(B, 3, h, w)`` float32 (see :func:`tiles_to_tensor`)."""
+    """``(B, h, w, 3)`` uint8 on the device -> ``(B, 3, h, w)`` float32 (see [`tiles_to_tensor`][])."""
     # The same operations in the same order as image_to_tensor: the same float32 numbers.
     x = tiles.permute(0, 3, 1, 2).float().div_(255.0)
     return ((x - mean) / std).contiguous(memory_format=memory_format)
@@ -287,7 +292,7 @@ def tiles_to_tensor(
 
     The tiles travel as uint8 (a quarter of float32's bytes; on CUDA from pinned memory,
     without waiting) and are converted there with the same operations as
-    :func:`cellkit.imaging.image_to_tensor` (``/ 255``, then ImageNet mean and std), so
+    [`cellkit.imaging.image_to_tensor`][] (``/ 255``, then ImageNet mean and std), so
     the numbers are the same (bit for bit on the CPU).
 
     Args:
@@ -356,17 +361,18 @@ def predict_probabilities(
     precision: str | None = None,
     fold_bn: bool = False,
     as_tensor: bool = False,
+    tile_filter: Callable[[int, int, int, int], bool] | None = None,
 ) -> np.ndarray | torch.Tensor:
     """Per-class probability (or density) maps of a whole image of any size, by tiles.
 
     Tiles go through ``model.infer`` (encoder + main decoder) in batches under
     ``torch.inference_mode``; ``model.activation`` (``sigmoid`` by default, ``identity``
     for density models) is applied to each tile's logits (in float32), and the tiles are
-    blended with :func:`blend_window` into one map. The model is put in eval mode for the
+    blended with [`blend_window`][] into one map. The model is put in eval mode for the
     call (its mode is restored after).
 
     Each batch of tiles is uploaded to the device as uint8 and normalised there
-    (:func:`tiles_to_tensor`). The tiles are blended where they are (the CPU or the GPU), by
+    ([`tiles_to_tensor`][]). The tiles are blended where they are (the CPU or the GPU), by
     one row-band blender with float64 sums (float32 where a device has no float64), so the
     blend adds nothing to the difference between devices, and the map comes back once.
 
@@ -383,14 +389,18 @@ def predict_probabilities(
         amp: autocast to float16 on CUDA (ignored on the CPU); the same as
             ``precision="fp16"`` on CUDA.
         precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"auto"`` (see
-            :func:`resolve_precision`); ``None`` = fp32, or fp16 with ``amp`` on CUDA.
+            [`resolve_precision`][]); ``None`` = fp32, or fp16 with ``amp`` on CUDA.
         fold_bn: run a copy of the model with its BatchNorms folded into the convolutions
-            (:func:`cellkit.models.fuse.fold_batchnorm`: the same maps within float32
+            ([`cellkit.models.fuse.fold_batchnorm`][]: the same maps within float32
             rounding, fewer layers). The copy is made at every call and moved to the
             device; ``model`` itself is then neither moved nor changed. To fold once for
-            many images, use :class:`Predictor` or pass a folded model.
+            many images, use [`Predictor`][] or pass a folded model.
         as_tensor: return the maps as a torch tensor on the device (no copy to the host;
-            :func:`cellkit.postprocess.peaks.peaks` takes them there).
+            [`cellkit.postprocess.peaks.peaks`][] takes them there).
+        tile_filter: ``tile_filter(y, x, height, width) -> bool`` for each tile (its top-left
+            corner and size in image pixels); a tile for which it returns False is not run
+            and adds nothing. Pixels that no tile covers are 0 in the maps. Whole slides use
+            it to skip the tiles of a chunk that hold no tissue. ``None``: every tile.
 
     Returns:
         ``(C, H, W)`` float32 maps: a numpy array, or a tensor on the device with
@@ -406,10 +416,12 @@ def predict_probabilities(
     Examples:
         >>> import cellkit
         >>> model = cellkit.build_model(cellkit.presets.ours(size="cpu"))
-        >>> predict_probabilities(model, np.zeros((40, 70, 3), np.uint8), tile_size=32, overlap=8).shape
+        >>> image = np.zeros((40, 70, 3), np.uint8)
+        >>> predict_probabilities(model, image, tile_size=32, overlap=8).shape
         (2, 40, 70)
-        >>> fast = predict_probabilities(model, np.zeros((40, 70, 3), np.uint8), tile_size=32, overlap=8,
-        ...                              precision="auto", fold_bn=True, as_tensor=True)
+        >>> fast = predict_probabilities(model, image, tile_size=32, overlap=8,
+        ...                              precision="auto", fold_bn=True,
+        ...                              as_tensor=True)
         >>> type(fast).__name__, tuple(fast.shape)
         ('Tensor', (2, 40, 70))
     """
@@ -434,6 +446,11 @@ def predict_probabilities(
     height, width = image.shape[:2]
     th, tw = min(tile_size, height), min(tile_size, width)
     tiles = [(y, x) for y in tile_starts(height, tile_size, overlap) for x in tile_starts(width, tile_size, overlap)]
+    if tile_filter is not None:
+        kept = [(y, x) for y, x in tiles if tile_filter(y, x, th, tw)]
+        # With every tile filtered out, the maps are zeros: their channels come from the
+        # model (one tile is run for a model that does not say how many it has).
+        tiles = kept or ([] if isinstance(getattr(model, "num_classes", None), int) else tiles[:1])
     blender: _RowBandBlender | None = None
     mean, std = _normaliser(dev)
     memory_format = _input_memory_format(model)
@@ -464,8 +481,10 @@ def predict_probabilities(
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
-    assert blender is not None  # there is at least one tile
-    result = blender.finish()
+    if blender is None:  # every tile was filtered out
+        result = torch.zeros((int(model.num_classes), height, width), dtype=torch.float32, device=dev)
+    else:
+        result = blender.finish()
     return result if as_tensor else result.cpu().numpy()
 
 
@@ -496,8 +515,8 @@ class _RowBandBlender:
         self.top = 0  # the image row of the band's first row
 
     def add(self, y: int, x: int, probs: torch.Tensor) -> None:
-        if y != self.top:
-            self._flush(y - self.top)
+        while y != self.top:  # rows of skipped tiles are flushed as uncovered (0)
+            self._flush(min(y - self.top, self.tile_h))
         self.total[:, :, x : x + self.tile_w] += probs.to(self.dtype) * self.window
         self.weight[:, x : x + self.tile_w] += self.window
 
@@ -505,7 +524,11 @@ class _RowBandBlender:
         """Write the band's first ``rows`` rows out and move the band down by ``rows``."""
         if not 0 < rows <= self.tile_h:
             raise AssertionError(f"tiles must come in row-major order (band moved by {rows}).")
-        self.out[:, self.top : self.top + rows] = self.total[:, :rows] / self.weight[:rows]
+        rows = min(rows, self.out.shape[1] - self.top)
+        weight = self.weight[:rows]
+        # Pixels no tile covered (tiles skipped by a filter) have no weight: they are 0.
+        self.out[:, self.top : self.top + rows] = torch.where(
+            weight > 0, self.total[:, :rows] / weight.clamp_min(torch.finfo(weight.dtype).tiny), 0.0)
         keep = self.tile_h - rows
         self.total[:, :keep] = self.total[:, rows:].clone()
         self.total[:, keep:] = 0.0
@@ -514,7 +537,8 @@ class _RowBandBlender:
         self.top += rows
 
     def finish(self) -> torch.Tensor:
-        self._flush(self.tile_h)
+        while self.top < self.out.shape[1]:
+            self._flush(self.tile_h)
         return self.out
 
 
@@ -547,7 +571,7 @@ def predict_image(
     precision: str | None = None,
     fold_bn: bool = False,
 ) -> tuple[Detections, np.ndarray]:
-    """Cells of one image: :func:`predict_probabilities`, then ``postprocess`` on the full map.
+    """Cells of one image: [`predict_probabilities`][], then ``postprocess`` on the full map.
 
     Peaks are taken on the blended full-image map, so a cell in the overlap of two tiles
     is found once. On a GPU, a ``peaks`` post-processor (or one with ``accepts_tensors =
@@ -556,16 +580,19 @@ def predict_image(
     Args:
         model: a cellkit model.
         image: ``(H, W, 3)`` uint8 RGB.
-        postprocess: maps -> :class:`Detections`, e.g. ``POSTPROCESSORS.build("peaks",
+        postprocess: maps -> [`Detections`][], e.g. ``POSTPROCESSORS.build("peaks",
             threshold=0.5, min_distance=3)``; ``None`` = ``peaks`` with its defaults.
         tile_size, overlap, batch_size, device, amp, precision, fold_bn: see
-            :func:`predict_probabilities`.
+            [`predict_probabilities`][].
 
     Returns:
         ``(detections, probs)`` with ``probs`` the ``(C, H, W)`` float32 maps.
 
     Examples:
-        >>> # det, probs = predict_image(model, image, POSTPROCESSORS.build("peaks"))
+        Not run here (``model`` and ``image`` stand for yours):
+
+        >>> det, probs = predict_image(  # doctest: +SKIP
+        ...     model, image, POSTPROCESSORS.build("peaks"))
     """
     if postprocess is None:
         from cellkit.registry import POSTPROCESSORS
@@ -583,8 +610,8 @@ def predict_image(
 def list_images(inputs: Iterable[str | Path]) -> list[Path]:
     """Image files from files and folders: a folder gives its images (sorted, not recursive).
 
-    A folder's images are the files whose suffix is in :data:`IMAGE_SUFFIXES` or
-    :data:`cellkit.wsi.SLIDE_SUFFIXES` (any case);
+    A folder's images are the files whose suffix is in [`IMAGE_SUFFIXES`][] or
+    [`cellkit.wsi.SLIDE_SUFFIXES`][] (any case);
     a file given by name is taken whatever its suffix.
 
     Raises:
@@ -593,7 +620,9 @@ def list_images(inputs: Iterable[str | Path]) -> list[Path]:
             (their outputs would overwrite each other).
 
     Examples:
-        >>> # list_images(["slides/", "extra.tif"])
+        Not run here (the files do not exist):
+
+        >>> list_images(["slides/", "extra.tif"])  # doctest: +SKIP
     """
     paths: list[Path] = []
     for item in inputs:
@@ -628,37 +657,42 @@ def list_images(inputs: Iterable[str | Path]) -> list[Path]:
 class Predictor:
     """A model ready to predict images and folders, with its post-processing and tiling.
 
-    On a GPU, :meth:`predict` keeps the maps on the device and takes the peaks there (a
+    On a GPU, [`predict`][] keeps the maps on the device and takes the peaks there (a
     ``peaks`` post-processor, or any with an ``accepts_tensors = True`` attribute; any other
     gets numpy maps); only the detections come back.
 
     Args:
         model: a cellkit model (in eval mode on ``device``).
-        postprocess: maps -> :class:`Detections`.
+        postprocess: maps -> [`Detections`][].
         num_classes: output channels of the model.
         class_names: a name per class (default ``class0``, ``class1``...).
-        tile_size, overlap, batch_size, amp, precision: see :func:`predict_probabilities`.
+        tile_size, overlap, batch_size, amp, precision: see [`predict_probabilities`][].
         fold_bn: fold the BatchNorms into the convolutions once, here
-            (:func:`cellkit.models.fuse.fold_batchnorm`), and predict with the folded copy
-            (:attr:`inference_model`); ``model`` is kept unchanged. A later change to
+            ([`cellkit.models.fuse.fold_batchnorm`][]), and predict with the folded copy
+            (`inference_model`); ``model`` is kept unchanged. A later change to
             ``model``'s weights does not reach the copy: make a new Predictor.
         device: where the model runs.
-        config: the :class:`~cellkit.config.CellkitConfig` it was built from, if known.
+        config: the [`CellkitConfig`][cellkit.config.CellkitConfig] it was built from, if known.
 
     Attributes:
         model: the model given, on ``device``, in eval mode.
         inference_model: the model that predicts: ``model``, or its folded copy with ``fold_bn``.
         precision: the precision inference runs in, resolved for ``device`` (``"fp32"``,
-            ``"bf16"`` or ``"fp16"``, see :func:`resolve_precision`).
+            ``"bf16"`` or ``"fp16"``, see [`resolve_precision`][]).
 
     Raises:
         ValueError: for bad tiling arguments, device or precision, class names that do not
             fit ``num_classes``, or ``fold_bn`` with a model that is not an ``nn.Module``.
 
     Examples:
-        >>> # predictor = Predictor.from_checkpoint("runs/ours/best.pt", threshold=[0.5, 0.4])
-        >>> # det = predictor.predict(image); det.counts(predictor.num_classes)
-        >>> # fast = Predictor.from_checkpoint("runs/ours/best.pt", precision="auto", fold_bn=True)
+        Not run here (they need a trained checkpoint; ``fast`` is for a GPU):
+
+        >>> predictor = Predictor.from_checkpoint(  # doctest: +SKIP
+        ...     "runs/ours/best.pt", threshold=[0.5, 0.4])
+        >>> det = predictor.predict(image)  # doctest: +SKIP
+        >>> det.counts(predictor.num_classes)  # doctest: +SKIP
+        >>> fast = Predictor.from_checkpoint(  # doctest: +SKIP
+        ...     "runs/ours/best.pt", precision="auto", fold_bn=True)
     """
 
     def __init__(
@@ -721,7 +755,7 @@ class Predictor:
         """Load a checkpoint (``RUN_DIR/best.pt``, or a run folder) and its post-processing.
 
         The checkpoint's config is rebuilt with this version of cellkit and its weights
-        checked against the model (:func:`cellkit.engine.checkpoint.load_model`).
+        checked against the model ([`cellkit.engine.checkpoint.load_model`][]).
 
         Args:
             path: a checkpoint file, or a run folder holding ``best.pt`` / ``last.pt``.
@@ -730,8 +764,8 @@ class Predictor:
                 calibrated on the validation images, stored in the checkpoint, else the
                 config's).
             min_distance: peak minimum distance in pixels, one or one per class.
-            tile_size, overlap, batch_size, amp, precision: see :func:`predict_probabilities`.
-            fold_bn: fold the BatchNorms into the convolutions once (see :class:`Predictor`).
+            tile_size, overlap, batch_size, amp, precision: see [`predict_probabilities`][].
+            fold_bn: fold the BatchNorms into the convolutions once (see [`Predictor`][]).
 
         Raises:
             FileNotFoundError: for a missing checkpoint.
@@ -787,42 +821,45 @@ class Predictor:
             fold_bn=fold_bn,
         )
 
-    def probabilities(self, image: np.ndarray, *, as_tensor: bool = False) -> np.ndarray | torch.Tensor:
-        """``(C, H, W)`` float32 maps of an ``(H, W, 3)`` uint8 image (see :func:`predict_probabilities`).
+    def probabilities(self, image: np.ndarray, *, as_tensor: bool = False,
+                      tile_filter: Callable[[int, int, int, int], bool] | None = None) -> np.ndarray | torch.Tensor:
+        """``(C, H, W)`` float32 maps of an ``(H, W, 3)`` uint8 image (see [`predict_probabilities`][]).
 
         Args:
             image: ``(H, W, 3)`` uint8 RGB.
-            as_tensor: return a torch tensor on :attr:`device` instead of a numpy array.
+            as_tensor: return a torch tensor on `device` instead of a numpy array.
         """
         return predict_probabilities(
             self.inference_model, image, self.tile_size, self.overlap, self.batch_size, self.device,
-            precision=self.precision, as_tensor=as_tensor,
+            precision=self.precision, as_tensor=as_tensor, tile_filter=tile_filter,
         )
 
     def predict_with_probabilities(self, image: np.ndarray) -> tuple[Detections, np.ndarray]:
         """``(detections, probs)`` of an ``(H, W, 3)`` uint8 image; ``probs`` is a numpy array.
 
-        On a GPU the peaks are taken on the device's map (see :class:`Predictor`) before it
+        On a GPU the peaks are taken on the device's map (see [`Predictor`][]) before it
         is copied to the host.
         """
         maps = self.probabilities(image, as_tensor=True)
         assert isinstance(maps, torch.Tensor)
         return _postprocess_maps(self.postprocess, maps)
 
-    def predict(self, image: np.ndarray) -> Detections:
+    def predict(self, image: np.ndarray, *,
+                tile_filter: Callable[[int, int, int, int], bool] | None = None) -> Detections:
         """The cells of an ``(H, W, 3)`` uint8 image.
 
         On a GPU with a ``peaks`` post-processor the maps never leave the device: only the
-        detections come back.
+        detections come back. ``tile_filter``: see [`predict_probabilities`][] (tiles it
+        rejects are not run and hold no cells).
         """
-        maps = self.probabilities(image, as_tensor=True)
+        maps = self.probabilities(image, as_tensor=True, tile_filter=tile_filter)
         assert isinstance(maps, torch.Tensor)
         if maps.device.type != "cpu" and _takes_tensors(self.postprocess):
             return self.postprocess(maps)
         return self.postprocess(maps.cpu().numpy())
 
     def predict_file(self, path: str | Path) -> Detections:
-        """The cells of an image file (read with :func:`cellkit.data.io.read_image`)."""
+        """The cells of an image file (read with [`cellkit.data.io.read_image`][])."""
         from cellkit.data.io import read_image
 
         return self.predict(read_image(path))
@@ -830,7 +867,7 @@ class Predictor:
     def predict_paths(
         self, inputs: Iterable[str | Path], progress: bool | None = None
     ) -> Iterator[tuple[Path, np.ndarray, Detections]]:
-        """Predict image files and folders (see :func:`list_images`), one image at a time.
+        """Predict image files and folders (see [`list_images`][]), one image at a time.
 
         Args:
             inputs: files and folders.

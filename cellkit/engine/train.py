@@ -1,15 +1,17 @@
 """Training: the paper's two stages, validation, checkpoints, resuming, one or many processes.
 
-:func:`fit` trains a config into a run folder::
+[`fit`][] trains a config into a run folder:
 
-    import cellkit
-    from cellkit.engine import fit
+```python
+import cellkit
+from cellkit.engine import fit
 
-    cfg = cellkit.presets.ours_plus_plus(size="cpu")
-    result = fit(cfg, "runs/ours_pp")             # stage 1, then stage 2
-    result.best_path                              # runs/ours_pp/best.pt
+cfg = cellkit.presets.ours_plus_plus(size="cpu")
+result = fit(cfg, "runs/ours_pp")             # stage 1, then stage 2
+result.best_path                              # runs/ours_pp/best.pt
+```
 
-Before the first step :func:`resolve_for_data` fixes what depends on the training images
+Before the first step [`resolve_for_data`][] fixes what depends on the training images
 (the cell geometry when ``data.cell_diameter`` is ``"auto"``, crops no larger than the
 images) and the lines saying what was chosen are printed.
 
@@ -17,38 +19,40 @@ images) and the lines saying what was chosen are printed.
 ``train.steps`` (the presets' schedule) a round is ``train.val_every_steps`` optimizer
 steps, whatever the number of images; with ``train.steps = None`` a round is an epoch
 (``steps_per_epoch`` batches or one pass). The learning rate follows
-:func:`schedule_factor` per optimizer step. The ``epoch`` fields below count rounds.
+[`schedule_factor`][] per optimizer step. The ``epoch`` fields below count rounds.
 
 The schedule (section 3 of the paper):
 
 * **Stage 1** (only when ``cfg.pretrain`` is set, i.e. a target is the ``prior``): the
   pre-trained model (encoder + main decoder, circle masks, CE only) is trained for
   ``cfg.pretrain.train.steps`` steps (a share of stage 2's, see
-  :func:`cellkit.presets.set_pretrain_fraction`; 10 of 100 epochs in the paper) and stopped there: early stopping
-  here means a short, fixed schedule, so its *last* checkpoint (``pretrain/last.pt``) is
+  [`cellkit.presets.set_pretrain_fraction`][]; 10 of 100 epochs in the paper) and stopped
+  there: early stopping here means a short, fixed schedule, so its *last* checkpoint (``pretrain/last.pt``) is
   the model whose class-1 output becomes the prior target. Stage 1 has its own folder
   ``<run>/pretrain/`` (``config.yaml``, ``metrics.jsonl``, ``last.pt``, ``best.pt``), is
   resumed like stage 2, and is skipped when finished.
 * The prior of each image is computed once and cached in ``<run>/prior_cache``; the
-  cache's fingerprint is :func:`~cellkit.engine.checkpoint.file_fingerprint` of
+  cache's fingerprint is [`file_fingerprint`][cellkit.engine.checkpoint.file_fingerprint] of
   ``pretrain/last.pt``, so a changed stage-1 checkpoint invalidates it.
 * **Stage 2** trains the multi-task model of ``cfg`` with its weighted loss (``ours_plus_plus``:
   Lt = Lm + 0.5 Lc + 0.5 Lp + 1.0 Ld).
 
-The run folder::
+The run folder:
 
-    <run>/config.yaml      the resolved config (CellkitConfig.to_yaml)
-    <run>/metrics.jsonl    one JSON object per round (see below)
-    <run>/last.pt          the state after the last finished round (resumes training)
-    <run>/best.pt          the state of the best validated round, with the calibrated peaks
-    <run>/calibration.json the peak arguments chosen on the validation images (train.calibrate)
-    <run>/curves.png       the loss terms and validation F1 against the steps (cellkit.engine.plots)
-    <run>/pretrain/...     stage 1, same layout (ours_plus_plus only)
-    <run>/prior_cache/     the cached prior targets (ours_plus_plus only)
+| File | What it holds |
+|---|---|
+| `<run>/config.yaml` | the resolved config (`CellkitConfig.to_yaml`) |
+| `<run>/metrics.jsonl` | one JSON object per round (see below) |
+| `<run>/last.pt` | the state after the last finished round (resumes training) |
+| `<run>/best.pt` | the state of the best validated round, with the calibrated peaks |
+| `<run>/calibration.json` | the peak arguments chosen on the validation images (`train.calibrate`) |
+| `<run>/curves.png` | the loss terms and validation F1 against the steps ([`cellkit.engine.plots`][]) |
+| `<run>/pretrain/...` | stage 1, same layout (`ours_plus_plus` only) |
+| `<run>/prior_cache/` | the cached prior targets (`ours_plus_plus` only) |
 
 Each ``metrics.jsonl`` line holds ``stage``, ``epoch`` (the round, 1-based), ``epochs``,
 ``steps`` (of the round), ``step`` (optimizer steps so far), ``lr`` (at the round's start), ``time`` (seconds, training + validation), ``train`` (mean of every
-loss term over the epoch, by the :class:`~cellkit.losses.WeightedLoss` labels, plus
+loss term over the epoch, by the [`WeightedLoss`][cellkit.losses.WeightedLoss] labels, plus
 ``total``), ``val`` (the same on the validation images), ``f1`` (total F1 per class name at
 ``cfg.train.radius``; ``null`` for a class with no cell in the validation images),
 ``mean_f1`` (the per-image mean F1 per class), ``score``, ``best`` and ``postprocess`` (the
@@ -59,9 +63,9 @@ total F1 of the main head on the validation split (classes without a validation 
 left out of the mean); on a tie the earlier round is kept. Validation runs after every
 round of a step schedule (every ``cfg.train.val_every`` epochs of an epoch schedule) and
 always after the last one. The validation images are predicted exactly as ``cellkit
-predict`` does (tiled :func:`~cellkit.engine.predict.predict_probabilities`); with
+predict`` does (tiled [`predict_probabilities`][cellkit.engine.predict.predict_probabilities]); with
 ``train.calibrate`` each class's peak threshold is chosen on those maps
-(:mod:`cellkit.engine.calibrate`) before :func:`cellkit.metrics.evaluate` matches the peaks
+([`cellkit.engine.calibrate`][]) before [`cellkit.metrics.evaluate`][] matches the peaks
 with the annotated points within ``cfg.train.radius`` pixels. The loss terms are computed
 on whole validation images. After the last round the best weights are calibrated once
 more (minimum distance too) and the result is stored in ``best.pt`` (``postprocess``,
@@ -81,7 +85,7 @@ overwritten. The equality is exact on the CPU; on CUDA, kernels that are not
 deterministic (cuDNN's backward, atomics) make runs differ in the last bits, resumed or
 not.
 
-**Distributed.** Under ``torchrun`` (see :mod:`cellkit.engine.distributed`) each process
+**Distributed.** Under ``torchrun`` (see [`cellkit.engine.distributed`][]) each process
 trains on its shard of the training split with DistributedDataParallel; ``batch_size``
 and ``steps_per_epoch`` are per process (the global batch is ``batch_size x world_size``).
 Epoch losses are averaged over all ranks. Validation is sharded: rank ``r`` predicts
@@ -143,7 +147,7 @@ _RESUMABLE_CHANGES = (
 
 @dataclass
 class TrainResult:
-    """What :func:`fit` returns.
+    """What [`fit`][] returns.
 
     Attributes:
         out_dir: the run folder.
@@ -180,8 +184,8 @@ def fit(
         cfg: the config (e.g. ``cellkit.presets.ours_plus_plus(size="cpu")``).
         out_dir: the run folder; created if missing. A folder that already holds a run is
             refused unless ``resume``.
-        samples: the images (:class:`cellkit.data.Sample`), split into train/val/test by
-            :func:`cellkit.data.split_by_group` with ``cfg.data``'s fractions and seed.
+        samples: the images ([`cellkit.data.Sample`][]), split into train/val/test by
+            [`cellkit.data.split_by_group`][] with ``cfg.data``'s fractions and seed.
             Default: ``cellkit.data.load_dataset`` of ``cfg.data.root`` (or the bundled
             EndoNuke sample) in ``cfg.data.format`` with ``cfg.data``'s class map.
         splits: the split, given directly: ``{"train": [...], "val": [...]}`` and optionally
@@ -200,7 +204,7 @@ def fit(
         max_steps: at most this many steps per epoch (for smoke tests).
 
     Returns:
-        A :class:`TrainResult` (on every rank).
+        A [`TrainResult`][] (on every rank).
 
     Raises:
         FileExistsError: when ``out_dir`` holds a run and ``resume`` is False.
@@ -211,6 +215,8 @@ def fit(
         FloatingPointError: when the training loss is not finite.
 
     Examples:
+        Not run here (it trains a model and writes ``runs/smoke``):
+
         >>> cfg = cellkit.presets.ours(size="cpu")            # doctest: +SKIP
         >>> cfg.train.epochs, cfg.train.steps_per_epoch = 1, 2  # doctest: +SKIP
         >>> fit(cfg, "runs/smoke").history[-1]["f1"]           # doctest: +SKIP
@@ -267,7 +273,7 @@ def resolve_for_data(cfg: CellkitConfig, train: Sequence[Any]) -> tuple[CellkitC
 
     * **geometry**: ``data.cell_diameter`` ``"auto"`` is estimated from the training points
       (never the validation or test ones) and every size derived from it
-      (:func:`cellkit.geometry.resolve_geometry`);
+      ([`cellkit.geometry.resolve_geometry`][]);
     * **crops**: a ``crop_size`` larger than every training image is cut to the smallest
       image side (rounded down to a multiple of 32), instead of padding every crop;
     * the schedule, stated.
@@ -445,7 +451,7 @@ def _resolve_splits(cfg: CellkitConfig, samples: Sequence[Any] | None,
 def _class_map(cfg: CellkitConfig) -> Any:
     """``cfg.data.class_map``, or the format's usual map for ``model.num_classes`` classes.
 
-    The defaults live in :mod:`cellkit.data.formats` (EndoNuke with 2 classes reads as the
+    The defaults live in [`cellkit.data.formats`][] (EndoNuke with 2 classes reads as the
     paper's task, epithelium = 1 and the rest 0; BCData as negative = 0, positive = 1).
     Formats without one keep their labels as written.
     """
@@ -513,7 +519,7 @@ def schedule_factor(step: int, total: int, warmup: float, scheduler: str | None)
 
 
 def _build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig, total_steps: int) -> Any:
-    """A per-step LambdaLR following :func:`schedule_factor` (``None`` when constant)."""
+    """A per-step LambdaLR following [`schedule_factor`][] (``None`` when constant)."""
     if t.scheduler is None and not t.warmup:
         return None
     return torch.optim.lr_scheduler.LambdaLR(
@@ -609,7 +615,7 @@ def _append_metrics(path: Path, record: Mapping[str, Any]) -> None:
 
 @dataclass
 class _Stage:
-    """One training stage: its built parts, its files, and where it stands (see :func:`_run_stage`)."""
+    """One training stage: its built parts, its files, and where it stands (see `_run_stage`)."""
 
     cfg: CellkitConfig
     out: Path
@@ -742,7 +748,7 @@ def _resume(st: _Stage, ckpt: dict[str, Any]) -> None:
 
 
 def _prepare_targets(st: _Stage, stage1: Path | None) -> None:
-    """Call every target's ``prepare(samples, context)`` hook (:mod:`cellkit.masks.prepare`)."""
+    """Call every target's ``prepare(samples, context)`` hook ([`cellkit.masks.prepare`][])."""
     from cellkit.masks.prepare import PrepareContext
 
     preparing = [g for g in st.targets.values() if callable(getattr(g, "prepare", None))]
@@ -1102,7 +1108,7 @@ def _validate(model: nn.Module, val_ds: Any, val_samples: Sequence[Any], loss_fn
     """Loss terms, F1 per class and the peak arguments used, on the validation images.
 
     The loss terms come from whole images through all heads; the F1 from the main head's
-    maps made exactly as ``cellkit predict`` makes them (tiled :func:`predict_probabilities`),
+    maps made exactly as ``cellkit predict`` makes them (tiled [`predict_probabilities`][]),
     peaks with thresholds calibrated on these maps when ``train.calibrate`` (else the
     config's), matched within ``train.radius``. A class with no annotated cell in the
     validation images has F1 ``None`` and does not count in the score. Sharded over ranks;

@@ -1,12 +1,15 @@
 """Losses: pure functions, thin modules registered in ``LOSSES``, and a weighted sum.
 
-- :mod:`cellkit.losses.functional`: the paper's eqs. 1-6 (and FCRN's MSE) on ``(B, C, H, W)`` logits.
-- :mod:`cellkit.losses.modules`: one ``nn.Module`` per loss, registered in
-  :data:`cellkit.registry.LOSSES` as ``ce``, ``iou``, ``dynamic``, ``consistency``,
-  ``prior`` and ``mse`` (importing this package registers them).
-- :mod:`cellkit.losses.combined`: :class:`LossTerm` and :class:`WeightedLoss` (eq. 7).
+- [`cellkit.losses.functional`][cellkit.losses.functional]: the paper's eqs. 1-6 (and
+  FCRN's MSE) on ``(B, C, H, W)`` logits.
+- [`cellkit.losses.modules`][cellkit.losses.modules]: one ``nn.Module`` per loss,
+  registered in [`cellkit.registry.LOSSES`][cellkit.registry.LOSSES] as ``ce``, ``iou``,
+  ``dynamic``, ``consistency``, ``prior`` and ``mse`` (importing this package registers
+  them).
+- [`cellkit.losses.combined`][cellkit.losses.combined]: [`LossTerm`][] and
+  [`WeightedLoss`][] (eq. 7).
 
-Example:
+Examples:
     >>> from cellkit.registry import LOSSES
     >>> LOSSES.build("consistency", norm="l2")
     ConsistencyLoss(norm='l2', stop_gradient=None)

@@ -1,11 +1,12 @@
-"""A weighted sum of loss terms that reports every term, e.g. the paper's eq. 7.
+r"""A weighted sum of loss terms that reports every term, e.g. the paper's eq. 7.
 
-.. math::
-    L_t = \\alpha L_{ce} + (1 - \\alpha) L_{IoU} + \\lambda_c L_c + \\lambda_p L_p + \\lambda_d L_d
+$$
+L_t = \alpha L_{ce} + (1 - \alpha) L_{IoU} + \lambda_c L_c + \lambda_p L_p + \lambda_d L_d
+$$
 
-Each :class:`LossTerm` names the model output it scores and what it scores it against: a
+Each [`LossTerm`][] names the model output it scores and what it scores it against: a
 training target (``target=``) for most losses, or another output (``against=``) for the
-consistency loss. :class:`WeightedLoss` returns the total for ``backward`` and each term's
+consistency loss. [`WeightedLoss`][] returns the total for ``backward`` and each term's
 unweighted value, detached, for logging.
 """
 
@@ -29,11 +30,11 @@ class MissingKeyError(KeyError):
 
 @dataclass
 class LossTerm:
-    """One weighted term of a :class:`WeightedLoss`.
+    """One weighted term of a [`WeightedLoss`][].
 
     Args:
         label: the name the term is reported under (unique within a ``WeightedLoss``).
-        module: a loss module (see :class:`~cellkit.losses.modules.LossModule`).
+        module: a loss module (see [`LossModule`][cellkit.losses.modules.LossModule]).
         weight: the term's weight, finite and ``>= 0``.
         output: the model output (head) to score, e.g. ``"main"``.
         target: the training target to score it against, for ``module.reference == "target"``.
@@ -126,7 +127,8 @@ class WeightedLoss(nn.Module):
         ...     LossTerm("ce", CELoss(), 0.8, output="main", target="circle"),
         ...     LossTerm("iou", IoULoss(), 0.2, output="main", target="circle"),
         ... ])
-        >>> total, terms = loss({"main": torch.zeros(1, 2, 4, 4)}, {"circle": torch.ones(1, 2, 4, 4)})
+        >>> total, terms = loss({"main": torch.zeros(1, 2, 4, 4)},
+        ...                     {"circle": torch.ones(1, 2, 4, 4)})
         >>> sorted(terms)
         ['ce', 'iou']
     """

@@ -9,7 +9,7 @@ Half-precision inputs (``float16``, ``bfloat16``) are computed in ``float32``: t
 over a whole image overflow ``float16``. ``float64`` stays ``float64`` (for ``gradcheck``).
 
 Targets are not checked to lie in ``[0, 1]`` (that would synchronise with the GPU at every
-step); the mask generators in :mod:`cellkit.masks` produce such targets.
+step); the mask generators in [`cellkit.masks`][cellkit.masks] produce such targets.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 Norm = Literal["l1", "l2", "smooth_l1"]
-"""The name of a pointwise norm (the type of the ``norm`` arguments), one of :data:`NORMS`."""
+"""The name of a pointwise norm (the type of the ``norm`` arguments), one of [`NORMS`][]."""
 
 NORMS: tuple[str, ...] = ("l1", "l2", "smooth_l1")
 """The pointwise norms accepted by ``dynamic_loss``, ``consistency_loss`` and ``prior_loss``."""
@@ -109,7 +109,7 @@ def _norm(diff: Tensor, norm: str) -> Tensor:
     """Elementwise norm of a difference: ``|d|`` (l1), ``d**2`` (l2) or smooth L1.
 
     ``smooth_l1`` is Huber with ``beta=1`` (``0.5 d**2`` if ``|d| < 1`` else ``|d| - 0.5``),
-    the default of :func:`torch.nn.functional.smooth_l1_loss`. Differences of probabilities
+    the default of `torch.nn.functional.smooth_l1_loss`. Differences of probabilities
     never exceed 1, so on those it equals ``0.5 * l2``.
 
     Raises:
@@ -128,7 +128,7 @@ def _norm(diff: Tensor, norm: str) -> Tensor:
 
 
 def _check_norm(norm: object) -> Norm:
-    """``norm`` when it is one of :data:`NORMS` (case matters); a ``ValueError`` naming the closest."""
+    """``norm`` when it is one of [`NORMS`][] (case matters); a ``ValueError`` naming the closest."""
     name: Norm = look_up_option(norm, NORMS, what="norm")
     return name
 
@@ -170,22 +170,23 @@ def ce_loss(
 ) -> Tensor:
     r"""Per-class binary cross-entropy between sigmoid maps and soft masks (the paper's eq. 1).
 
-    .. math::
-        L_{ce} = \frac{1}{BCHW} \sum_{b,l,i,j}
-        -\big[w_l\, G \log P + (1 - G) \log(1 - P)\big], \quad P = \sigma(\text{logits})
+    $$
+    L_{ce} = \frac{1}{BCHW} \sum_{b,l,i,j}
+    -\big[w_l\, G \log P + (1 - G) \log(1 - P)\big], \quad P = \sigma(\text{logits})
+    $$
 
-    The printed eq. 1, :math:`\frac{1}{2mn}\sum -G \log P`, omits the background term
-    :math:`(1 - G)\log(1 - P)`. Each class has its own sigmoid map (classes are not
+    The printed eq. 1, $\frac{1}{2mn}\sum -G \log P$, omits the background term
+    $(1 - G)\log(1 - P)$. Each class has its own sigmoid map (classes are not
     exclusive, and the paper's inference thresholds sigmoid outputs), so without that term
     nothing penalises a high probability on background pixels and predicting 1 everywhere
     would be optimal. The binary form is the standard reading for per-class sigmoid maps;
-    it is computed with :func:`torch.nn.functional.binary_cross_entropy_with_logits`,
+    it is computed with `torch.nn.functional.binary_cross_entropy_with_logits`,
     which is numerically stable for large logits.
 
     Args:
         logits: raw network outputs.
         target: masks with values in ``[0, 1]`` (one channel per class).
-        pos_weight: optional weight :math:`w_l` of the positive term, a positive number for
+        pos_weight: optional weight $w_l$ of the positive term, a positive number for
             every class or one per class (``(C,)``), e.g. to weigh up sparse cell pixels.
 
     Shapes:
@@ -216,12 +217,13 @@ def ce_loss(
 def iou_loss(logits: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
     r"""Soft IoU (Jaccard) loss per image and class, averaged over both (the paper's eq. 2).
 
-    .. math::
-        L_{IoU} = \frac{1}{BC} \sum_{b,l} \Big(1 - \frac{I + \epsilon}{U + \epsilon}\Big),
-        \quad I = \sum_{i,j} G P, \quad U = \sum_{i,j} G + \sum_{i,j} P - I
+    $$
+    L_{IoU} = \frac{1}{BC} \sum_{b,l} \Big(1 - \frac{I + \epsilon}{U + \epsilon}\Big),
+    \quad I = \sum_{i,j} G P, \quad U = \sum_{i,j} G + \sum_{i,j} P - I
+    $$
 
-    with :math:`P = \sigma(\text{logits})`. The printed eq. 2,
-    :math:`\frac{1}{2}\sum_l \frac{\sum G P}{\sum G + \sum P}`, omits the ``1 -`` and the
+    with $P = \sigma(\text{logits})$. The printed eq. 2,
+    $\frac{1}{2}\sum_l \frac{\sum G P}{\sum G + \sum P}$, omits the ``1 -`` and the
     ``- I`` in the denominator: as printed it is half a Dice score with the wrong sign (a
     quantity to maximise, not a loss). We implement the standard soft-IoU loss of Rahman &
     Wang (2016), the paper's ref. [10].
@@ -263,10 +265,11 @@ def iou_loss(logits: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
 def dynamic_loss(logits: Tensor, target: Tensor, norm: Norm = "l1") -> Tensor:
     r"""Distance between the dynamic decoder's probabilities and the dynamic masks (eq. 4).
 
-    .. math::
-        L_d = \frac{1}{BCHW} \sum_{b,l,i,j} \lVert \sigma(\text{logits}) - \tilde G \rVert
+    $$
+    L_d = \frac{1}{BCHW} \sum_{b,l,i,j} \lVert \sigma(\text{logits}) - \tilde G \rVert
+    $$
 
-    The paper writes :math:`\lVert\cdot\rVert` (eqs. 4-6) without saying which norm. On a
+    The paper writes $\lVert\cdot\rVert$ (eqs. 4-6) without saying which norm. On a
     scalar the standard reading is the absolute value, so ``"l1"`` is the default;
     ``"l2"`` (the squared difference) and ``"smooth_l1"`` (Huber, ``beta=1``) are options.
 
@@ -303,8 +306,10 @@ def consistency_loss(
 ) -> Tensor:
     r"""Distance between two decoders' probability maps (eq. 5, main vs. dynamic decoder).
 
-    .. math::
-        L_c = \frac{1}{BCHW} \sum_{b,l,i,j} \lVert \sigma(\text{logits}_a) - \sigma(\text{logits}_b) \rVert
+    $$
+    L_c = \frac{1}{BCHW} \sum_{b,l,i,j}
+    \lVert \sigma(\text{logits}_a) - \sigma(\text{logits}_b) \rVert
+    $$
 
     The gradient flows to both decoders by default, as eq. 5 and Fig. 1 imply (the loss
     is minimised with respect to both branches). ``stop_gradient="a"`` (or ``"b"``)
@@ -350,14 +355,15 @@ def consistency_loss(
 def prior_loss(logits: Tensor, target: Tensor, class_index: int = 1, norm: Norm = "l1") -> Tensor:
     r"""Distance between the prior decoder's class-``class_index`` map and the tissue prior (eq. 6).
 
-    .. math::
-        L_p = \frac{1}{BHW} \sum_{b,i,j} \lVert \hat G - \sigma(\text{logits}_{b,l}) \rVert,
-        \quad l = \text{class\_index}
+    $$
+    L_p = \frac{1}{BHW} \sum_{b,i,j} \lVert \hat G - \sigma(\text{logits}_{b,l}) \rVert,
+    \quad l = \mathtt{class\_index}
+    $$
 
     Only the class of interest (positive tumour cells, class 1) is supervised: the other
     cells do not cluster. The printed eq. 6 is a *sum* over the pixels; we take the mean so
-    that its weight :math:`\lambda_p` does not depend on the image size (a sum would make it
-    ``H * W`` times larger than eqs. 4-5). See :func:`dynamic_loss` for ``norm``.
+    that its weight $\lambda_p$ does not depend on the image size (a sum would make it
+    ``H * W`` times larger than eqs. 4-5). See [`dynamic_loss`][] for ``norm``.
 
     Args:
         logits: raw outputs of the prior decoder (all classes; only one is used).
@@ -403,8 +409,9 @@ def mse_loss(pred: Tensor, target: Tensor) -> Tensor:
 
     ``pred`` are raw outputs: no sigmoid, densities are not probabilities.
 
-    .. math::
-        L = \frac{1}{BCHW} \sum_{b,l,i,j} (\text{pred} - \text{target})^2
+    $$
+    L = \frac{1}{BCHW} \sum_{b,l,i,j} (\text{pred} - \text{target})^2
+    $$
 
     Shapes:
         - pred: ``(B, C, H, W)``

@@ -1,22 +1,27 @@
-"""Thin ``nn.Module`` wrappers around :mod:`cellkit.losses.functional`, registered in ``LOSSES``.
+"""Thin ``nn.Module`` wrappers around [`cellkit.losses.functional`][], registered in ``LOSSES``.
 
-Every loss module follows one contract, :class:`LossModule`::
+Every loss module follows one contract, [`LossModule`][]:
 
-    loss(prediction_logits, reference) -> scalar tensor
-    loss.reference  # "target": reference is a training target (a mask)
-                    # "output": reference is another decoder's logits (consistency)
+```text
+loss(prediction_logits, reference) -> scalar tensor
+loss.reference  # "target": reference is a training target (a mask)
+                # "output": reference is another decoder's logits
+                #           (consistency)
+```
 
-so that :class:`~cellkit.losses.combined.WeightedLoss` can feed any registered loss, including
-your own::
+so that [`WeightedLoss`][cellkit.losses.combined.WeightedLoss] can feed any registered
+loss, including your own:
 
-    from cellkit.registry import LOSSES
+```python
+from cellkit.registry import LOSSES
 
-    @LOSSES.register("my_loss")
-    class MyLoss(nn.Module):
-        reference = "target"
+@LOSSES.register("my_loss")
+class MyLoss(nn.Module):
+    reference = "target"
 
-        def forward(self, prediction_logits, reference):
-            ...
+    def forward(self, prediction_logits, reference):
+        ...
+```
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ class LossModule(Protocol):
 
 @LOSSES.register("ce")
 class CELoss(nn.Module):
-    """Per-class binary cross-entropy, see :func:`~cellkit.losses.functional.ce_loss`.
+    """Per-class binary cross-entropy, see [`ce_loss`][cellkit.losses.functional.ce_loss].
 
     Args:
         pos_weight: optional positive-term weight, one number or one per class.
@@ -89,14 +94,15 @@ class CELoss(nn.Module):
 
 @LOSSES.register("iou")
 class IoULoss(nn.Module):
-    """Soft IoU loss, see :func:`~cellkit.losses.functional.iou_loss`.
+    """Soft IoU loss, see [`iou_loss`][cellkit.losses.functional.iou_loss].
 
     Args:
         eps: smoothing constant, ``>= 0``.
 
     Examples:
         >>> import torch
-        >>> IoULoss()(torch.full((1, 1, 1, 2), 20.0), torch.ones(1, 1, 1, 2)).item() < 1e-6
+        >>> logits = torch.full((1, 1, 1, 2), 20.0)
+        >>> IoULoss()(logits, torch.ones(1, 1, 1, 2)).item() < 1e-6
         True
     """
 
@@ -117,14 +123,15 @@ class IoULoss(nn.Module):
 
 @LOSSES.register("dynamic")
 class DynamicLoss(nn.Module):
-    """Dynamic-mask loss (eq. 4), see :func:`~cellkit.losses.functional.dynamic_loss`.
+    """Dynamic-mask loss (eq. 4), see [`dynamic_loss`][cellkit.losses.functional.dynamic_loss].
 
     Args:
         norm: ``"l1"``, ``"l2"`` or ``"smooth_l1"``.
 
     Examples:
         >>> import torch
-        >>> DynamicLoss(norm="l2")(torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)).item()
+        >>> loss = DynamicLoss(norm="l2")
+        >>> loss(torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)).item()
         0.25
     """
 
@@ -143,10 +150,11 @@ class DynamicLoss(nn.Module):
 
 @LOSSES.register("consistency")
 class ConsistencyLoss(nn.Module):
-    """Consistency between two decoders (eq. 5), see :func:`~cellkit.losses.functional.consistency_loss`.
+    """Consistency between two decoders (eq. 5), see
+    [`consistency_loss`][cellkit.losses.functional.consistency_loss].
 
     The reference is the other decoder's logits (``reference = "output"``); in
-    :class:`~cellkit.losses.combined.LossTerm` name it with ``against``. ``"a"`` in
+    [`LossTerm`][cellkit.losses.combined.LossTerm] name it with ``against``. ``"a"`` in
     ``stop_gradient`` is the prediction (``output``), ``"b"`` the reference (``against``).
 
     Args:
@@ -183,7 +191,7 @@ class ConsistencyLoss(nn.Module):
 
 @LOSSES.register("prior")
 class PriorLoss(nn.Module):
-    """Tissue-prior loss (eq. 6), see :func:`~cellkit.losses.functional.prior_loss`.
+    """Tissue-prior loss (eq. 6), see [`prior_loss`][cellkit.losses.functional.prior_loss].
 
     The reference is a one-channel ``(B, 1, H, W)`` (or ``(B, H, W)``) target.
 
@@ -215,7 +223,8 @@ class PriorLoss(nn.Module):
 
 @LOSSES.register("mse")
 class MSELoss(nn.Module):
-    """Mean squared error on raw outputs (FCRN density maps), see :func:`~cellkit.losses.functional.mse_loss`.
+    """Mean squared error on raw outputs (FCRN density maps), see
+    [`mse_loss`][cellkit.losses.functional.mse_loss].
 
     Examples:
         >>> import torch

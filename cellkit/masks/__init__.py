@@ -1,20 +1,21 @@
 """Mask generators: point annotations -> training targets ``(C, H, W)`` float32.
 
-Importing this package registers every generator in :data:`cellkit.registry.MASKS`:
+Importing this package registers every generator in
+[`cellkit.registry.MASKS`][cellkit.registry.MASKS]:
 
-========================  ===========================================================
-``circle``                discs of a fixed radius, the main decoder's proximity masks
-``random_polygon``        a new random polygon per cell per call, the dynamic masks
-``gaussian``              normalised Gaussian densities, the FCRN baseline's target
-``estimated``             Voronoi cells x colour clusters, the EstimateMask baseline
-``prior``                 a pre-trained model's probability map, the tissue prior
-========================  ===========================================================
+| name | target |
+|---|---|
+| ``circle`` | discs of a fixed radius, the main decoder's proximity masks |
+| ``random_polygon`` | a new random polygon per cell per call, the dynamic masks |
+| ``gaussian`` | normalised Gaussian densities, the FCRN baseline's target |
+| ``estimated`` | Voronoi cells x colour clusters, the EstimateMask baseline |
+| ``prior`` | a pre-trained model's probability map, the tissue prior |
 
 Build one by name, ``MASKS.build("circle", radius=4)``, and call it as described by
-:class:`~cellkit.masks.base.MaskGenerator`. The overlap rules and the pixel convention
-are described in :mod:`cellkit.masks.base`.
+[`MaskGenerator`][cellkit.masks.base.MaskGenerator]. The overlap rules and the pixel
+convention are described in [`cellkit.masks.base`][cellkit.masks.base].
 
-Example:
+Examples:
     >>> from cellkit.registry import MASKS
     >>> gen = MASKS.build("circle", radius=1)
     >>> print(gen([[1, 1]], [0], shape=(3, 3), num_classes=1)[0].astype(int))

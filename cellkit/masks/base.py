@@ -2,13 +2,13 @@
 
 A mask generator turns the point annotations of one image into a training target: an
 ``(C, H, W)`` float32 array. Every generator has the same call signature (see
-:class:`MaskGenerator`), so the dataset, the configs and the tests treat them alike.
+[`MaskGenerator`][]), so the dataset, the configs and the tests treat them alike.
 
 Conventions shared by all generators:
 
 * Points are ``(x, y) = (column, row)`` floats; pixel ``(r, c)`` has its centre at
   ``(x=c, y=r)``. A point's *own pixel* is the pixel whose centre is nearest to it,
-  ``(row, col) = (round(y), round(x))`` clipped to the image (:func:`point_pixels`).
+  ``(row, col) = (round(y), round(x))`` clipped to the image ([`point_pixels`][]).
   Generators that draw shapes always set each point's own pixel, however small the shape,
   so no annotated cell is ever missing from its target.
 * Overlaps. Inside one class channel, the shapes of overlapping cells are a union (the
@@ -18,7 +18,7 @@ Conventions shared by all generators:
   ``exclusive=True``, where each pixel belongs to its nearest point only (ties go to the
   point listed first), which splits touching cells along their Voronoi boundary.
 * Randomness comes only from the ``rng`` argument, normalised with
-  ``np.random.default_rng(rng)`` (:func:`as_rng`): an int seed gives the same mask every
+  ``np.random.default_rng(rng)`` ([`as_rng`][]): an int seed gives the same mask every
   time, a ``Generator`` advances from call to call, ``None`` draws fresh entropy.
 """
 
@@ -98,7 +98,8 @@ def as_rng(rng: np.random.Generator | int | None) -> np.random.Generator:
 
     Examples:
         >>> gen = np.random.default_rng(0)
-        >>> as_rng(gen) is gen, int(as_rng(7).integers(100)) == int(as_rng(7).integers(100))
+        >>> same = int(as_rng(7).integers(100)) == int(as_rng(7).integers(100))
+        >>> as_rng(gen) is gen, same
         (True, True)
     """
     return np.random.default_rng(rng)
@@ -133,7 +134,8 @@ def check_call(
     """Validate the arguments of a generator call.
 
     Args:
-        points, classes: the annotations (checked with :func:`cellkit.points.validate_points`).
+        points, classes: the annotations (checked with
+            [`validate_points`][cellkit.points.validate_points]).
         shape: ``(H, W)`` of the image.
         num_classes: number of classes, a positive int.
         image: optional ``(H, W, 3)`` uint8 image; its size must match ``shape``.

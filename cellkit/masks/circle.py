@@ -62,7 +62,7 @@ class CircleMask:
     exclusive: bool = False
 
     #: Keyword arguments that scale with the cell diameter (as a multiple of it), set by
-    #: :func:`cellkit.geometry.apply_geometry` when the geometry comes from the points.
+    #: ``cellkit.geometry.apply_geometry`` when the geometry comes from the points.
     geometry: ClassVar[dict[str, float]] = {"radius": 0.5}
     per_image: ClassVar[bool] = False
 

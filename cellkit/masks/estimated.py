@@ -33,7 +33,7 @@ def kmeans(
     max_iter: int = 30,
     sample_size: int | None = 20000,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """k-means with k-means++ seeding (:func:`scipy.cluster.vq.kmeans2`), deterministic for a seed.
+    """k-means with k-means++ seeding (`scipy.cluster.vq.kmeans2`), deterministic for a seed.
 
     The centres are fitted with ``max_iter`` Lloyd iterations on at most ``sample_size``
     rows drawn at random (all rows when None), then every row is assigned to its nearest
@@ -48,8 +48,10 @@ def kmeans(
     Examples:
         >>> data = np.array([[0.0], [0.1], [5.0], [5.2]])
         >>> centres, labels = kmeans(data, 2, rng=0)
-        >>> sorted(np.round(centres[:, 0], 2).tolist()), labels.tolist() in ([0, 0, 1, 1], [1, 1, 0, 0])
-        ([0.05, 5.1], True)
+        >>> sorted(np.round(centres[:, 0], 2).tolist())
+        [0.05, 5.1]
+        >>> labels.tolist() in ([0, 0, 1, 1], [1, 1, 0, 0])
+        True
     """
     from scipy.cluster.vq import kmeans2, vq
 
@@ -127,7 +129,8 @@ class EstimatedMask:
         >>> image[1:5, 1:4] = 60                      # a dark cell around (x=2, y=2)
         >>> image[2:5, 6:9] = 90                      # another around (x=7, y=3)
         >>> gen = EstimatedMask(radius=2)
-        >>> mask = gen([[2, 2], [7, 3]], [1, 0], shape=(6, 10), num_classes=2, image=image)
+        >>> mask = gen([[2, 2], [7, 3]], [1, 0], shape=(6, 10), num_classes=2,
+        ...            image=image)
         >>> print(mask.astype(int))
         [[[0 0 0 0 0 0 0 0 0 0]
           [0 0 0 0 0 0 0 0 0 0]
@@ -153,7 +156,7 @@ class EstimatedMask:
     cache: bool = True
 
     #: Keyword arguments that scale with the cell diameter (as a multiple of it), set by
-    #: :func:`cellkit.geometry.apply_geometry` when the geometry comes from the points.
+    #: ``cellkit.geometry.apply_geometry`` when the geometry comes from the points.
     geometry: ClassVar[dict[str, float]] = {"radius": 0.5}
     per_image: ClassVar[bool] = True
     _memory: dict[str, tuple[bytes, np.ndarray]] = field(

@@ -54,7 +54,7 @@ class GaussianMask:
     truncate: float = 4.0
 
     #: Keyword arguments that scale with the cell diameter (as a multiple of it), set by
-    #: :func:`cellkit.geometry.apply_geometry` when the geometry comes from the points.
+    #: ``cellkit.geometry.apply_geometry`` when the geometry comes from the points.
     geometry: ClassVar[dict[str, float]] = {"sigma": 0.25}
     per_image: ClassVar[bool] = False
 

@@ -2,10 +2,12 @@
 
 Most targets are a function of the points alone. Some need more, once, before the first
 step: the ``prior`` target needs the stage-1 model's predictions of every image (and a
-cache for them). Such a generator defines::
+cache for them). Such a generator defines:
 
-    needs_stage1: ClassVar[bool] = True      # only if it needs the stage-1 model
-    def prepare(self, samples, context: PrepareContext) -> None: ...
+```python
+needs_stage1: ClassVar[bool] = True  # only if it needs the stage-1 model
+def prepare(self, samples, context: PrepareContext) -> None: ...
+```
 
 and the engine calls ``prepare`` once per training stage, in every process, with the
 training and validation samples, after stage 1 has finished. The engine never looks at
@@ -39,14 +41,15 @@ class PrepareContext:
         stage1: the stage-1 checkpoint, when the config has a stage 1.
         fingerprint: a short hash of ``stage1`` (names caches made from it).
         load_stage1: makes ``image (H, W, 3) uint8 -> (C, H, W) float32`` probabilities of
-            the stage-1 model (tiled like ``cellkit predict``); call :meth:`stage1_predictor`.
+            the stage-1 model (tiled like ``cellkit predict``); call [`stage1_predictor`][].
 
     Examples:
         >>> ctx = PrepareContext(num_classes=2)
-        >>> ctx.stage1_predictor()  # doctest: +ELLIPSIS
+        >>> ctx.stage1_predictor()  # doctest: +ELLIPSIS +NORMALIZE_WHITESPACE
         Traceback (most recent call last):
         ...
-        ValueError: This config has no stage 1 (pretrain), so there is no stage-1 model to predict with; add a ...
+        ValueError: This config has no stage 1 (pretrain), so there is no
+        stage-1 model to predict with; add a ...
     """
 
     num_classes: int

@@ -7,8 +7,8 @@ so it is computed once per image and cached, in memory and optionally on disk.
 
 The network runs on the engine's side: training hands the generator the stage-1 model
 as a predictor (``image -> (C, H, W)`` probabilities, tiled like ``cellkit predict``)
-through its :meth:`PriorMask.prepare` hook (:mod:`cellkit.masks.prepare`), which also
-fills the cache before the first step.
+through its [`PriorMask.prepare`][] hook ([`cellkit.masks.prepare`][cellkit.masks.prepare]),
+which also fills the cache before the first step.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class PriorMask:
     The prior is ``predictor(image)[class_index]``, where ``predictor`` maps an
     ``(H, W, 3)`` uint8 image to ``(C, H, W)`` probabilities (numpy or torch), e.g.
     ``cellkit.engine.predict.Predictor.from_checkpoint(path).probabilities``. In training
-    the engine gives the stage-1 model's predictor through :meth:`prepare`; a YAML config
+    the engine gives the stage-1 model's predictor through [`prepare`][]; a YAML config
     names only ``class_index``.
 
     The points are validated but not used: the prior depends on the image only, and an
@@ -55,7 +55,7 @@ class PriorMask:
     key). A cached entry of the wrong size is recomputed with a warning.
 
     Args:
-        predictor: ``image -> (C, H, W)`` probabilities (None until :meth:`prepare`).
+        predictor: ``image -> (C, H, W)`` probabilities (None until [`prepare`][]).
         class_index: the channel used as prior (1: the class of interest).
         cache_dir: folder of the disk cache (None: memory only).
         fingerprint: name of the model's cache folder (required with ``cache_dir``).
@@ -74,7 +74,8 @@ class PriorMask:
         ...     probs[1, :, image.shape[1] // 2:] = 1.0
         ...     return probs
         >>> prior = PriorMask(predictor=halves)
-        >>> target = prior([], [], shape=(2, 4), num_classes=2, image=np.zeros((2, 4, 3), np.uint8))
+        >>> image = np.zeros((2, 4, 3), np.uint8)
+        >>> target = prior([], [], shape=(2, 4), num_classes=2, image=image)
         >>> print(target.astype(int))
         [[[0 0 1 1]
           [0 0 1 1]]]
@@ -236,7 +237,7 @@ def _safe_name(name: str) -> str:
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` to ``path`` atomically (:func:`cellkit.data.io.atomic_write`)."""
+    """Write ``array`` to ``path`` atomically ([`atomic_write`][cellkit.data.io.atomic_write])."""
     from cellkit.data.io import atomic_write
 
     with atomic_write(path, "wb") as handle:

@@ -7,7 +7,7 @@ Why not rasterise with ``skimage.draw.polygon``: this runs every training iterat
 one ``skimage`` call per cell costs tens of microseconds of Python overhead each. The
 polygons are star-shaped around their point (vertices sorted by angle), so a pixel lies
 inside exactly when it lies on the inner side of the edge of its angular sector; that
-test vectorises over all cells at once. :meth:`RandomPolygonMask.polygons` returns the
+test vectorises over all cells at once. [`RandomPolygonMask.polygons`][] returns the
 same polygons as shapely geometries (for plots, and the tests check that the raster
 matches ``shapely.contains_xy`` on the pixel centres).
 """
@@ -97,7 +97,8 @@ class RandomPolygonMask:
         >>> gen = RandomPolygonMask(base_radius=2.5)
         >>> rng = np.random.default_rng(0)
         >>> for _ in range(2):  # a new polygon at every call
-        ...     print(gen([[3, 3]], [0], shape=(7, 7), num_classes=1, rng=rng)[0].astype(int))
+        ...     mask = gen([[3, 3]], [0], shape=(7, 7), num_classes=1, rng=rng)
+        ...     print(mask[0].astype(int))
         [[0 0 0 0 0 0 0]
          [0 0 0 1 0 0 0]
          [0 0 1 1 1 0 0]
@@ -126,7 +127,7 @@ class RandomPolygonMask:
     exclusive: bool = False
 
     #: Keyword arguments that scale with the cell diameter (as a multiple of it), set by
-    #: :func:`cellkit.geometry.apply_geometry` when the geometry comes from the points.
+    #: ``cellkit.geometry.apply_geometry`` when the geometry comes from the points.
     geometry: ClassVar[dict[str, float]] = {"base_radius": 0.5}
     per_image: ClassVar[bool] = False
 
@@ -203,8 +204,10 @@ class RandomPolygonMask:
             to the image (clip with ``shapely.clip_by_rect`` if needed).
 
         Examples:
+            >>> import shapely
             >>> gen = RandomPolygonMask(base_radius=3)
-            >>> [p.contains(__import__("shapely").Point(5, 5)) for p in gen.polygons([[5, 5]], rng=0)]
+            >>> polygons = gen.polygons([[5, 5]], rng=0)
+            >>> [p.contains(shapely.Point(5, 5)) for p in polygons]
             [True]
         """
         import shapely

@@ -1,11 +1,12 @@
 """Encoders, decoders and the multi-decoder model.
 
 Importing this package registers the encoders ``resnet18``, ``resnet34``, ``resnet50``,
-``resnet101`` in :data:`cellkit.registry.ENCODERS` and the decoder ``deeplabv3plus`` in
-:data:`cellkit.registry.DECODERS`; every encoder and decoder follows the protocols of
-:mod:`cellkit.models.base` (:class:`Encoder`, :class:`Decoder`).
+``resnet101`` in [`cellkit.registry.ENCODERS`][cellkit.registry.ENCODERS] and the decoder
+``deeplabv3plus`` in [`cellkit.registry.DECODERS`][cellkit.registry.DECODERS]; every
+encoder and decoder follows the protocols of [`cellkit.models.base`][cellkit.models.base]
+([`Encoder`][], [`Decoder`][]).
 
-Example:
+Examples:
     >>> from cellkit.registry import DECODERS, ENCODERS
     >>> enc = ENCODERS.build("resnet18", width_multiplier=0.25)
     >>> dec = DECODERS.build("deeplabv3plus", encoder_channels=enc.channels,

@@ -1,15 +1,20 @@
-"""What the builder and :class:`~cellkit.models.MultiDecoderModel` rely on in an encoder and a decoder.
+"""What the builder and [`MultiDecoderModel`][cellkit.models.MultiDecoderModel] rely on in an encoder and
+a decoder.
 
 An encoder reports its features' channels and strides; a decoder is built from those
 numbers alone (``encoder_channels``, ``encoder_strides``, ``num_classes``) and never sees
 the encoder, so one encoder feeds any number of decoders. Both are ``nn.Module`` objects
 (their parameters must train and move with the model), registered in
-:data:`cellkit.registry.ENCODERS` and :data:`cellkit.registry.DECODERS`::
+[`cellkit.registry.ENCODERS`][cellkit.registry.ENCODERS] and
+[`cellkit.registry.DECODERS`][cellkit.registry.DECODERS]:
 
-    encoder = ENCODERS.build(name, **encoder_kwargs)
-    decoder = DECODERS.build(name, encoder_channels=encoder.channels,
-                             encoder_strides=encoder.strides, num_classes=C, **decoder_kwargs)
-    logits = decoder(encoder(x))   # (B, C, h, w) at any stride: the model resizes them
+```python
+encoder = ENCODERS.build(name, **encoder_kwargs)
+decoder = DECODERS.build(name, encoder_channels=encoder.channels,
+                         encoder_strides=encoder.strides, num_classes=C,
+                         **decoder_kwargs)
+logits = decoder(encoder(x))  # (B, C, h, w) at any stride: the model resizes
+```
 
 Both protocols are ``runtime_checkable``: ``isinstance(module, Encoder)`` checks that the
 attributes and the call are there (not their types), as the contract tests do.

@@ -5,11 +5,14 @@ the last stage (output stride 16) or the last two stages (output stride 8) trade
 stride for dilation, so the deepest feature keeps more resolution. Parameter names are
 exactly torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.downsample.0``,
 ...), so an ImageNet checkpoint saved by torchvision loads from a local ``.pth`` file
-without torchvision being installed::
+without torchvision being installed:
 
-    # once, anywhere torchvision is available:
-    #   torch.save(torchvision.models.resnet101(weights="IMAGENET1K_V1").state_dict(), "r101.pth")
-    encoder = ENCODERS.build("resnet101", weights="r101.pth")
+```python
+# once, anywhere torchvision is available:
+#   resnet = torchvision.models.resnet101(weights="IMAGENET1K_V1")
+#   torch.save(resnet.state_dict(), "r101.pth")
+encoder = ENCODERS.build("resnet101", weights="r101.pth")
+```
 """
 
 from __future__ import annotations
@@ -121,7 +124,7 @@ class ResNetEncoder(nn.Module):
     """A ResNet without its classifier, returning the features of its four stages.
 
     Args:
-        block: :class:`BasicBlock` or :class:`Bottleneck`.
+        block: [`BasicBlock`][] or [`Bottleneck`][].
         layers: number of blocks in each of the four stages, e.g. ``(3, 4, 23, 3)``.
         output_stride: 16 (``layer4`` dilated, DeepLabV3+'s default) or 8 (``layer3``
             and ``layer4`` dilated; about 4x the compute of the last stages).
@@ -140,7 +143,8 @@ class ResNetEncoder(nn.Module):
 
     Shapes:
         - Input: ``(B, in_channels, H, W)``.
-        - Output: a list of four tensors ``(B, channels[i], ceil(H / strides[i]), ceil(W / strides[i]))``.
+        - Output: a list of four tensors
+          ``(B, channels[i], ceil(H / strides[i]), ceil(W / strides[i]))``.
 
     Raises:
         ValueError: for an unsupported ``output_stride``, ``in_channels`` or
@@ -275,7 +279,7 @@ def load_torchvision_weights(encoder: nn.Module, path: str | os.PathLike[str]) -
     buffers are allowed (old checkpoints lack them). Everything else must match.
 
     Args:
-        encoder: a :class:`ResNetEncoder` (or any module with torchvision's names).
+        encoder: a [`ResNetEncoder`][] (or any module with torchvision's names).
         path: a ``.pth`` file written by ``torch.save(model.state_dict(), path)``.
 
     Raises:
@@ -341,7 +345,7 @@ def resnet18(
     width_multiplier: float = 1.0,
     weights: str | os.PathLike[str] | None = None,
 ) -> ResNetEncoder:
-    """ResNet-18 encoder (channels ``(64, 128, 256, 512)`` at width 1). See :class:`ResNetEncoder`.
+    """ResNet-18 encoder (channels ``(64, 128, 256, 512)`` at width 1). See [`ResNetEncoder`][].
 
     Examples:
         >>> resnet18(width_multiplier=0.5).channels
@@ -357,7 +361,7 @@ def resnet34(
     width_multiplier: float = 1.0,
     weights: str | os.PathLike[str] | None = None,
 ) -> ResNetEncoder:
-    """ResNet-34 encoder (channels ``(64, 128, 256, 512)`` at width 1). See :class:`ResNetEncoder`.
+    """ResNet-34 encoder (channels ``(64, 128, 256, 512)`` at width 1). See [`ResNetEncoder`][].
 
     Examples:
         >>> resnet34(width_multiplier=0.25).strides
@@ -373,7 +377,7 @@ def resnet50(
     width_multiplier: float = 1.0,
     weights: str | os.PathLike[str] | None = None,
 ) -> ResNetEncoder:
-    """ResNet-50 encoder (channels ``(256, 512, 1024, 2048)`` at width 1). See :class:`ResNetEncoder`.
+    """ResNet-50 encoder (channels ``(256, 512, 1024, 2048)`` at width 1). See [`ResNetEncoder`][].
 
     Examples:
         >>> resnet50(width_multiplier=0.25, output_stride=8).strides
@@ -389,7 +393,7 @@ def resnet101(
     width_multiplier: float = 1.0,
     weights: str | os.PathLike[str] | None = None,
 ) -> ResNetEncoder:
-    """ResNet-101 encoder, the paper's (channels ``(256, 512, 1024, 2048)``). See :class:`ResNetEncoder`.
+    """ResNet-101 encoder, the paper's (channels ``(256, 512, 1024, 2048)``). See [`ResNetEncoder`][].
 
     Examples:
         >>> resnet101(width_multiplier=0.25).channels

@@ -12,12 +12,12 @@ __all__ = ["flops_per_megapixel"]
 def flops_per_megapixel(model: nn.Module, size: int = 256) -> float:
     """FLOPs of ``model.infer`` on one ``size x size`` image, scaled to one megapixel.
 
-    Counted with :class:`torch.utils.flop_counter.FlopCounterMode` (a multiply-add counts
+    Counted with `torch.utils.flop_counter.FlopCounterMode` (a multiply-add counts
     as 2 FLOPs; convolutions and matrix products only, so normalisation and activations
     are not included) in eval mode without gradients; the model's mode is restored.
 
     Args:
-        model: a model with ``infer(x)`` (a :class:`MultiDecoderModel`) and ``in_channels``
+        model: a model with ``infer(x)`` (a [`MultiDecoderModel`][]) and ``in_channels``
             (3 when absent).
         size: side of the square test input; use a multiple of the output stride so no
             padding inflates the count.

@@ -8,20 +8,23 @@ every BatchNorm follows a convolution, so all of them go.
 
 Which BatchNorm follows which convolution is read from the model's structure, not guessed
 from names: ``torch.fx`` cannot trace these models (the input checks and the padding of
-:class:`~cellkit.models.MultiDecoderModel` and the feature count check of the decoder
-depend on the input), so :func:`fold_batchnorm` folds the pairs it knows to be adjacent:
+[`MultiDecoderModel`][cellkit.models.MultiDecoderModel] and the feature count check of the
+decoder depend on the input), so [`fold_batchnorm`][] folds the pairs it knows to be
+adjacent:
 
 * in an ``nn.Sequential`` (one whose ``forward`` is ``nn.Sequential``'s own), a
   ``Conv2d`` child followed by a ``BatchNorm2d`` child (the decoder's conv-BN-ReLU blocks,
   the encoder's ``downsample`` branches);
-* in the encoder's stem and residual blocks (:class:`~cellkit.models.encoders.ResNetEncoder`,
-  :class:`~cellkit.models.encoders.BasicBlock`, :class:`~cellkit.models.encoders.Bottleneck`),
-  whose ``forward`` applies ``bnN`` to ``convN``'s output and to nothing else;
+* in the encoder's stem and residual blocks
+  ([`ResNetEncoder`][cellkit.models.encoders.ResNetEncoder],
+  [`BasicBlock`][cellkit.models.encoders.BasicBlock],
+  [`Bottleneck`][cellkit.models.encoders.Bottleneck]), whose ``forward`` applies ``bnN``
+  to ``convN``'s output and to nothing else;
 * in any module whose class declares the pairs itself, as ``conv_bn_pairs = (("conv1",
   "bn1"), ...)``: a promise that its ``forward`` applies each BatchNorm directly to that
   convolution's output (the way for a plug-in encoder to be folded).
 
-Anything else is left as it is; :func:`remaining_batchnorm` lists what is left.
+Anything else is left as it is; [`remaining_batchnorm`][] lists what is left.
 
 Examples:
     >>> import cellkit
@@ -58,10 +61,13 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     For a convolution with weight ``w`` (``(out, in / groups, kh, kw)``) and bias ``b`` (0
     when it has none) followed by a BatchNorm with running mean ``mean``, running variance
     ``var``, ``eps``, scale ``g`` and shift ``beta`` (1 and 0 when not affine), eval mode
-    computes ``g * (conv(x) - mean) / sqrt(var + eps) + beta``, which is a convolution with::
+    computes ``g * (conv(x) - mean) / sqrt(var + eps) + beta``, which is a convolution
+    with:
 
-        w' = w * g / sqrt(var + eps)              (per output channel)
-        b' = (b - mean) * g / sqrt(var + eps) + beta
+    ```text
+    w' = w * g / sqrt(var + eps)              (per output channel)
+    b' = (b - mean) * g / sqrt(var + eps) + beta
+    ```
 
     The new weight and bias are computed in float64 and stored in the convolution's dtype
     (and memory format), and the BatchNorm becomes ``nn.Identity``. The copy is for
@@ -80,7 +86,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         TypeError: when ``model`` is not an ``nn.Module``.
 
     Examples:
-        >>> conv_bn = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+        >>> conv_bn = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False),
+        ...                         nn.BatchNorm2d(4), nn.ReLU())
         >>> folded = fold_batchnorm(conv_bn)
         >>> [type(m).__name__ for m in folded], folded[0].bias is not None
         (['Conv2d', 'Identity', 'ReLU'], True)

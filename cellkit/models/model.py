@@ -1,7 +1,7 @@
 """One shared encoder, any number of named decoders: the paper's multi-task model.
 
 Training runs every head (``main``, ``dynamic``, ``prior``); inference runs the encoder and
-the main decoder only (:meth:`MultiDecoderModel.infer`), as in the paper.
+the main decoder only ([`MultiDecoderModel.infer`][]), as in the paper.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ class MultiDecoderModel(nn.Module):
 
     Args:
         encoder: a module with ``channels`` and ``strides`` whose ``forward(x)`` returns a
-            list of features (an :class:`~cellkit.models.base.Encoder`), e.g.
+            list of features (an [`Encoder`][cellkit.models.base.Encoder]), e.g.
             ``ENCODERS.build("resnet101")``.
         decoders: named decoders, each with ``num_classes`` and ``forward(features) ->
-            logits`` (a :class:`~cellkit.models.base.Decoder`); the paper's are ``main``,
+            logits`` (a [`Decoder`][cellkit.models.base.Decoder]); the paper's are ``main``,
             ``dynamic`` and ``prior``.
-        main: the name of the decoder used by :meth:`infer`.
+        main: the name of the decoder used by [`infer`][].
         activation: what turns the main head's logits into the maps the peaks are taken
             on: ``"sigmoid"`` (probabilities, the paper's) or ``"identity"`` (density
             regression, FCRN). Inference (``cellkit predict``) applies it.
@@ -55,10 +55,13 @@ class MultiDecoderModel(nn.Module):
             lacking the attributes above.
 
     Examples:
+        >>> import torch
         >>> from cellkit.registry import DECODERS, ENCODERS
         >>> enc = ENCODERS.build("resnet18", width_multiplier=0.25)
         >>> decs = {h: DECODERS.build("deeplabv3plus", encoder_channels=enc.channels,
-        ...     encoder_strides=enc.strides, num_classes=2, width=16) for h in ("main", "dynamic")}
+        ...                           encoder_strides=enc.strides, num_classes=2,
+        ...                           width=16)
+        ...         for h in ("main", "dynamic")}
         >>> model = MultiDecoderModel(enc, decs)
         >>> {k: tuple(v.shape) for k, v in model(torch.zeros(1, 3, 37, 53)).items()}
         {'main': (1, 2, 37, 53), 'dynamic': (1, 2, 37, 53)}

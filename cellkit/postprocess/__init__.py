@@ -1,12 +1,15 @@
-"""Post-processing: per-class probability maps -> cells (:class:`~cellkit.points.Detections`).
+"""Post-processing: per-class probability maps -> cells ([`Detections`][cellkit.points.Detections]).
 
-Every post-processor is registered in :data:`cellkit.registry.POSTPROCESSORS` and follows the
-:class:`PostProcessor` protocol: built with keyword arguments, called on one ``(C, H, W)``
-probability map. The built-in one is ``peaks`` (:class:`LocalPeaks`, the paper's local-peak
-picking)::
+Every post-processor is registered in
+[`cellkit.registry.POSTPROCESSORS`][cellkit.registry.POSTPROCESSORS] and follows the
+[`PostProcessor`][] protocol: built with keyword arguments, called on one ``(C, H, W)``
+probability map. The built-in one is ``peaks`` ([`LocalPeaks`][], the paper's local-peak
+picking):
 
-    post = POSTPROCESSORS.build("peaks", threshold=0.5, min_distance=3)
-    detections = post(torch.sigmoid(model.infer(x))[0])
+```python
+post = POSTPROCESSORS.build("peaks", threshold=0.5, min_distance=3)
+detections = post(torch.sigmoid(model.infer(x))[0])
+```
 """
 
 from __future__ import annotations

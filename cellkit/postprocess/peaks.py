@@ -4,12 +4,12 @@ A *peak* of class ``c`` is a pixel of ``probs[c]`` that is above the class's thr
 equal to the maximum of ``probs[c]`` over the ``(2 * min_distance + 1)`` square window centred
 on it (the window is clipped at the image border). On maps without ties this is exactly
 ``skimage.feature.peak_local_max(probs[c], min_distance=d, threshold_abs=t,
-exclude_border=False)``; ties are resolved as described in :func:`peaks`.
+exclude_border=False)``; ties are resolved as described in [`peaks`][].
 
 The window test runs on the map's device (CPU or GPU); only the candidate pixels (a few per
 cell) travel to the host, where ties and cross-class conflicts are settled on that small set.
 On the CPU, large maps with few pixels above the threshold are tested at those pixels only
-(see :func:`_window_peaks`).
+(see `_window_peaks`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from cellkit.registry import POSTPROCESSORS
 
 __all__ = ["LocalPeaks", "check_peak_kwargs", "peak_kwargs_problems", "peaks", "window_max"]
 
-#: The sparse window test (see :func:`_window_peaks`) is used on the CPU for maps of at least
+#: The sparse window test (see `_window_peaks`) is used on the CPU for maps of at least
 #: this many values (below, the dense window maximum is about as fast and simpler) ...
 _SPARSE_MIN_NUMEL = 1 << 22
 #: ... when at most one value in this many is above the threshold.
@@ -77,7 +77,7 @@ def peaks(
         exclusive: settle cells found in several classes in favour of the highest score.
 
     Returns:
-        :class:`~cellkit.points.Detections` with ``points`` as float32 ``(x, y) = (column,
+        [`Detections`][cellkit.points.Detections] with ``points`` as float32 ``(x, y) = (column,
         row)``, ``classes`` int64, ``scores`` float32 (the map's value at the peak), sorted by
         score descending (then class, row, column).
 
@@ -190,7 +190,7 @@ def _window_peaks(maps: torch.Tensor, thresholds: torch.Tensor, min_distance: in
     Exactly ``torch.nonzero((maps == window_max(maps, d)) & (maps > thresholds))``: the same
     pixels in the same (raster) order, ties included. On the CPU, large maps with few pixels
     above the threshold (the usual probability map: mostly background) take the sparse test
-    of :func:`_sparse_window_peaks`, several times faster there than the dense window
+    of `_sparse_window_peaks`, several times faster there than the dense window
     maximum of every pixel; elsewhere (GPUs, small maps, low thresholds) the dense one is.
 
     Shapes:
@@ -348,9 +348,12 @@ def peak_kwargs_problems(
     ``where.<argument>`` (the bare argument name when ``where`` is empty).
 
     Examples:
-        >>> print(*peak_kwargs_problems({"threshold": 5, "min_distance": 0}), sep="\\n")  # doctest: +ELLIPSIS
-        postprocess.kwargs.threshold: expected a value in [0, 1] (...), got 5; use e.g. 0.5
-        postprocess.kwargs.min_distance: expected an integer >= 1 (...), got 0; use 1 for ... (3x3)
+        >>> problems = peak_kwargs_problems({"threshold": 5, "min_distance": 0})
+        >>> print(*problems, sep="\\n")  # doctest: +ELLIPSIS +NORMALIZE_WHITESPACE
+        postprocess.kwargs.threshold: expected a value in [0, 1] (...), got 5;
+        use e.g. 0.5
+        postprocess.kwargs.min_distance: expected an integer >= 1 (...), got 0;
+        use 1 for ... (3x3)
         >>> peak_kwargs_problems({"threshold": 1.2}, activation="identity")
         []
     """
@@ -402,13 +405,15 @@ def check_peak_kwargs(
     num_classes: int | None = None,
     where: str = "postprocess.kwargs",
 ) -> None:
-    """Raise ``ValueError`` listing :func:`peak_kwargs_problems`, if any.
+    """Raise ``ValueError`` listing [`peak_kwargs_problems`][], if any.
 
     Examples:
-        >>> check_peak_kwargs({"threshold": [0.5, 5]}, where="")  # doctest: +ELLIPSIS
+        >>> check_peak_kwargs({"threshold": [0.5, 5]}, where="")
+        ... # doctest: +ELLIPSIS +NORMALIZE_WHITESPACE
         Traceback (most recent call last):
         ...
-        ValueError: threshold: expected a value in [0, 1] (...), got [0.5, 5]; use e.g. 0.5
+        ValueError: threshold: expected a value in [0, 1] (...), got [0.5, 5];
+        use e.g. 0.5
     """
     problems = peak_kwargs_problems(kwargs, activation=activation, num_classes=num_classes, where=where)
     if problems:
@@ -495,13 +500,13 @@ def _greedy_suppress(rank: np.ndarray, pairs: np.ndarray) -> np.ndarray:
 @POSTPROCESSORS.register("peaks")
 @dataclass
 class LocalPeaks:
-    """Post-processor: probability maps -> cells, by :func:`peaks`.
+    """Post-processor: probability maps -> cells, by [`peaks`][].
 
     Args:
         threshold: minimum value (exclusive) of a peak; one number or one per class, ``>= 0``.
             On probability maps (sigmoid models) it lies in ``[0, 1]``: a config's check
-            (:meth:`cellkit.CellkitConfig.check`, :func:`peak_kwargs_problems`) rejects other
-            values; density maps (FCRN) take thresholds above 1.
+            ([`CellkitConfig.check`][cellkit.config.CellkitConfig.check],
+            [`peak_kwargs_problems`][]) rejects other values; density maps (FCRN) take thresholds above 1.
         min_distance: half-size of the peak window in pixels, an integer ``>= 1``; one number
             or one per class.
         exclusive: settle cells found in several classes in favour of the highest score.
@@ -531,5 +536,5 @@ class LocalPeaks:
                 _per_class(value, len(value), name, integer=integer)
 
     def __call__(self, probs: torch.Tensor | np.ndarray) -> Detections:
-        """Detections of one ``(C, H, W)`` probability map (see :func:`peaks`)."""
+        """Detections of one ``(C, H, W)`` probability map (see [`peaks`][])."""
         return peaks(probs, self.threshold, self.min_distance, self.exclusive)

@@ -1,20 +1,20 @@
 """A whole slide, predicted in bounded memory: what ``cellkit predict slide.svs`` runs.
 
-:func:`predict_slide` goes through a slide in **chunks** of the model's resolution:
+[`predict_slide`][] goes through a slide in **chunks** of the model's resolution:
 
 1. **Resolution.** The model's pixel size (``mpp`` recorded in its checkpoint when it was
    trained with ``--mpp``) and the slide's (from the file, or ``--mpp``) give the scale:
    level-0 pixels per model pixel. Each chunk is read from the coarsest pyramid level at
-   least as fine as that and resampled the rest of the way (:meth:`Slide.read`). When
+   least as fine as that and resampled the rest of the way ([`Slide.read`][]). When
    either pixel size is unknown the slide is read at level 0 as it is (and a warning says so
    when only one is known).
-2. **Tissue only.** A tissue mask is computed on a thumbnail (:func:`~cellkit.wsi.tissue.tissue_mask`);
-   chunks without tissue are not read. With ``regions`` (a QuPath GeoJSON of annotation
+2. **Tissue only.** A tissue mask is computed on a thumbnail
+   ([`tissue_mask`][cellkit.wsi.tissue.tissue_mask]); chunks without tissue are not read. With ``regions`` (a QuPath GeoJSON of annotation
    polygons) only chunks that meet a region are read and only cells inside one are kept,
    counted per region.
 3. **Chunks and seams.** The slide, at the model's resolution, is cut into a grid of square
    *cores* of ``chunk_size`` pixels. Each core is read with a margin around it (the tiling
-   overlap plus twice the peak distance), predicted with the :class:`~cellkit.engine.predict.Predictor`
+   overlap plus twice the peak distance), predicted with the [`Predictor`][cellkit.engine.predict.Predictor]
    (its tiles, blending and peaks, as for any image) and only the cells whose point falls
    in the core are kept. Cores partition the slide, so a cell on a seam is kept by one chunk
    only; the margin gives the pixels near a seam the same context as anywhere else, so the
@@ -57,7 +57,8 @@ import numpy as np
 from cellkit.points import Detections
 from cellkit.wsi.reader import Slide, open_slide
 
-__all__ = ["MASK_UM_PER_PX", "PARTS_SUFFIX", "SlideResult", "chunk_grid", "predict_slide", "slide_files"]
+__all__ = ["MASK_UM_PER_PX", "PARTS_SUFFIX", "TILE_TISSUE_MARGIN_UM", "SlideResult", "chunk_grid", "predict_slide",
+           "slide_files"]
 
 PARTS_SUFFIX = ".cellkit-parts"
 """The folder ``OUT/.STEM.cellkit-parts/`` holds the finished chunks of a slide being predicted."""
@@ -66,10 +67,16 @@ MASK_UM_PER_PX = 8.0
 """The tissue mask's resolution when the slide's pixel size is known (micrometres per mask pixel):
 fine enough for the tissue's outline, coarse enough that pale gaps between cells do not split it."""
 
+TILE_TISSUE_MARGIN_UM = 100.0
+"""Inside a chunk, a tile is run only when the tissue mask finds tissue within this many
+micrometres of it (200 px when the slide's pixel size is unknown). The margin keeps pale tissue
+that the low-resolution mask misses beside stained tissue (and the tissue's edge); tiles of glass
+farther away than that are not run at all."""
+
 
 @dataclass
 class SlideResult:
-    """What :func:`predict_slide` did.
+    """What [`predict_slide`][] did.
 
     Attributes:
         path: the slide file.
@@ -186,14 +193,14 @@ def predict_slide(
     """Predict a whole slide (or a large image) chunk by chunk into ``out_dir`` (see the module).
 
     Args:
-        predictor: a :class:`~cellkit.engine.predict.Predictor`.
-        path: the slide (any format :func:`~cellkit.wsi.open_slide` reads).
+        predictor: a [`Predictor`][cellkit.engine.predict.Predictor].
+        path: the slide (any format [`open_slide`][cellkit.wsi.open_slide] reads).
         out_dir: the output folder (created).
         stem: the output files' name (default: the slide's file stem).
         mpp: micrometres per level-0 pixel of the slide; overrides the file's.
         regions: a QuPath GeoJSON file of annotation polygons (or a list of
-            :class:`~cellkit.wsi.regions.Region`): count only inside them, per region.
-        tissue: skip chunks without tissue (:func:`~cellkit.wsi.tissue.tissue_mask`).
+            [`Region`][cellkit.wsi.regions.Region]): count only inside them, per region.
+        tissue: skip chunks without tissue ([`tissue_mask`][cellkit.wsi.tissue.tissue_mask]).
         chunk_size: side of a chunk's core in model pixels (default 2048 on the CPU, 4096 on CUDA).
         workers: threads reading chunks ahead of the model.
         resume: keep the chunks an earlier, interrupted run of the same settings finished.
@@ -205,7 +212,7 @@ def predict_slide(
             the call before any work: it may be the user's (``STEM.csv`` annotations).
 
     Returns:
-        a :class:`SlideResult`.
+        a [`SlideResult`][].
 
     Raises:
         FileNotFoundError, SlideError: for a slide that cannot be read.
@@ -213,8 +220,11 @@ def predict_slide(
         FileExistsError: for an output file that exists, without ``overwrite`` or ``resume``.
 
     Examples:
-        >>> # result = predict_slide(Predictor.from_checkpoint("runs/x/best.pt"), "slide.svs", "out/")
-        >>> # result.summary["counts"], result.summary["index"]
+        Not run here (it needs a trained checkpoint and a slide, and writes ``out/``):
+
+        >>> predictor = Predictor.from_checkpoint("runs/x/best.pt")  # doctest: +SKIP
+        >>> result = predict_slide(predictor, "slide.svs", "out/")  # doctest: +SKIP
+        >>> result.summary["counts"], result.summary["index"]  # doctest: +SKIP
     """
     from cellkit.data.io import make_folder, remove_stale_temporaries
 
@@ -254,8 +264,15 @@ def predict_slide(
         bar = _Progress(len(todo), f"predict {slide.path.name}", progress)
         mp = 0.0
         try:
+            skip_tiles = (tissue or bool(region_list)) and _takes_tile_filter(predictor)
+            # A tile is run when tissue lies within TILE_TISSUE_MARGIN_UM of it: pale tissue that
+            # the low-resolution mask misses next to stained tissue is still read.
+            near = TILE_TISSUE_MARGIN_UM / slide.mpp if slide.mpp else TILE_TISSUE_MARGIN_UM / 0.5
             for index, (image, box) in _read_ahead(slide, cores, todo, scale, margin, work_w, work_h, workers):
-                det = predictor.predict(image)
+                if skip_tiles:  # tiles of the chunk with no tissue (or outside the regions) are not run
+                    det = predictor.predict(image, tile_filter=_tile_filter(box, mask, thumb_scale, region_list, near))
+                else:
+                    det = predictor.predict(image)
                 kept = _in_core(det, box, cores[index], scale)
                 parts.save(index, kept)
                 core_mp = cores[index][2] * cores[index][3] * scale * scale / 1e6
@@ -300,7 +317,7 @@ def _scale(slide: Slide, model_mpp: float | None) -> float:
 
 
 def _tissue(slide: Slide, thumb: np.ndarray, tissue: bool) -> np.ndarray:
-    """The tissue mask on the thumbnail's grid, computed at about :data:`MASK_UM_PER_PX` when the pixel size is known."""
+    """The tissue mask on the thumbnail's grid, computed at about [`MASK_UM_PER_PX`][] when the pixel size is known."""
     if not tissue:
         return np.ones(thumb.shape[:2], bool)
     from PIL import Image
@@ -332,10 +349,37 @@ def _regions(regions: Any) -> list[Any]:
 
 def _wanted(core: tuple[int, int, int, int], scale: float, mask: np.ndarray, thumb_scale: tuple[float, float],
             regions: Sequence[Any]) -> bool:
+    x, y, w, h = core
+    return _box_wanted((x * scale, y * scale, w * scale, h * scale), mask, thumb_scale, regions)
+
+
+def _takes_tile_filter(predictor: Any) -> bool:
+    import inspect
+
+    try:
+        return "tile_filter" in inspect.signature(predictor.predict).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _tile_filter(box: tuple[float, float, float, float], mask: np.ndarray, thumb_scale: tuple[float, float],
+                 regions: Sequence[Any], near: float) -> Any:
+    """``(y, x, h, w) -> bool`` for the tiles of one chunk image: is there tissue within ``near``
+    level-0 pixels of the tile?"""
+    lx0, ly0, sx, sy = box
+
+    def wanted(y: int, x: int, h: int, w: int) -> bool:
+        return _box_wanted((lx0 + x * sx - near, ly0 + y * sy - near, w * sx + 2 * near, h * sy + 2 * near),
+                           mask, thumb_scale, regions)
+
+    return wanted
+
+
+def _box_wanted(box: tuple[float, float, float, float], mask: np.ndarray, thumb_scale: tuple[float, float],
+                regions: Sequence[Any]) -> bool:
+    """Whether a level-0 box ``(x, y, w, h)`` touches tissue (and a region, when there are any)."""
     from cellkit.wsi.tissue import mask_fraction
 
-    x, y, w, h = core
-    box = (x * scale, y * scale, w * scale, h * scale)
     if mask_fraction(mask, box, thumb_scale) <= 0:
         return False
     if regions:

@@ -1,25 +1,28 @@
 """Whole-slide images: levels, regions and the pixel size, through OpenSlide.
 
-Slides are read with `OpenSlide <https://openslide.org>`_ (``openslide-python`` with the
+Slides are read with [OpenSlide](https://openslide.org) (``openslide-python`` with the
 ``openslide-bin`` wheel, which carries the C library, so ``pip install`` is enough). It was
 chosen over ``tiffslide`` because it reads every format pathologists' scanners write
 (Aperio SVS, Hamamatsu NDPI/VMS, 3DHISTECH MRXS, Leica SCN, Ventana BIF, Philips TIFF,
 DICOM and generic tiled pyramidal TIFF), where ``tiffslide`` has no MRXS, and because it is
 the reference reader that QuPath's and most peers' results are compared with. Plain images
-(PNG, JPEG, BMP, untiled TIFF) are read whole with :func:`cellkit.data.io.read_image` and
-served through the same :class:`Slide` interface, so one pipeline handles both.
+(PNG, JPEG, BMP, untiled TIFF) are read whole with [`cellkit.data.io.read_image`][] and
+served through the same [`Slide`][] interface, so one pipeline handles both.
 
 Coordinates are OpenSlide's: ``(x, y)`` in pixels of level 0 (the full resolution), ``x``
 the column. A level ``l`` has ``downsample[l]`` level-0 pixels per pixel. Pixels outside the
 slide, and transparent pixels (OpenSlide's "no data"), read as white.
 
-Example::
+For example:
 
-    from cellkit.wsi import open_slide
+```python
+from cellkit.wsi import open_slide
 
-    with open_slide("slide.svs") as slide:
-        print(slide.dimensions, slide.mpp, slide.level_downsamples)
-        tile = slide.read(x=1000, y=2000, width=512, height=512, scale=2.0)  # at half resolution
+with open_slide("slide.svs") as slide:
+    print(slide.dimensions, slide.mpp, slide.level_downsamples)
+    # at half resolution
+    tile = slide.read(x=1000, y=2000, width=512, height=512, scale=2.0)
+```
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ def _mpp_from(properties: Any) -> float | None:
 class Slide:
     """A whole slide (or a plain image) read region by region.
 
-    Open with :func:`open_slide`. Attributes:
+    Open with [`open_slide`][]. Attributes:
 
     * ``path``: the file;
     * ``dimensions``: ``(width, height)`` of level 0;
@@ -213,7 +216,7 @@ class Slide:
     def read(self, x: int, y: int, width: int, height: int, scale: float = 1.0) -> np.ndarray:
         """The level-0 box ``(x, y, width, height)`` resampled by ``scale`` (level-0 px per output px).
 
-        Reads the coarsest level that is at least as fine as asked (:meth:`best_level`) and
+        Reads the coarsest level that is at least as fine as asked ([`best_level`][]) and
         resizes what remains with a box filter when shrinking (area averaging) or bilinear
         interpolation when enlarging. ``scale=1`` reads level 0 as it is.
 
@@ -245,7 +248,7 @@ class Slide:
 
 
 def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
-    """Open a whole slide (any format OpenSlide reads) or a plain image as a :class:`Slide`.
+    """Open a whole slide (any format OpenSlide reads) or a plain image as a [`Slide`][].
 
     Args:
         path: the slide or image file (for MRXS, the ``.mrxs`` file beside its data folder).
@@ -256,7 +259,11 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
         SlideError: for a file neither OpenSlide nor the image readers can read, or a bad ``mpp``.
 
     Examples:
-        >>> # with open_slide("CMU-1.svs") as s: s.dimensions, s.mpp   ->  ((46000, 32914), 0.499)
+        Not run here (the slide file is not included):
+
+        >>> with open_slide("CMU-1.svs") as s:  # doctest: +SKIP
+        ...     s.dimensions, s.mpp
+        ((46000, 32914), 0.499)
     """
     p = Path(path)
     if not p.exists():

@@ -2,13 +2,15 @@
 
 Draw the regions to report on (tumour, invasive margin, hot spots) as area annotations in
 QuPath, export them with *File > Export objects as GeoJSON* and read them with
-:func:`read_regions`; :func:`assign_regions` then gives each detected cell the region it lies
-in, for counts and indices per region (:func:`cellkit.wsi.summary.summarize`)::
+[`read_regions`][]; [`assign_regions`][] then gives each detected cell the region it lies
+in, for counts and indices per region ([`cellkit.wsi.summary.summarize`][]):
 
-    from cellkit.wsi.regions import assign_regions, read_regions
+```python
+from cellkit.wsi.regions import assign_regions, read_regions
 
-    regions = read_regions("slide.geojson")
-    region_index = assign_regions(detections.points, regions)  # -1: in no region
+regions = read_regions("slide.geojson")
+region_index = assign_regions(detections.points, regions)  # -1: in no region
+```
 
 Coordinates are level-0 slide pixels ``(x, y)``, as QuPath exports them.
 """
@@ -120,16 +122,16 @@ def read_regions(path: str | os.PathLike[str]) -> list[Region]:
     Reads a FeatureCollection, a single Feature or a JSON list of Features (QuPath writes all
     three). Each Polygon or MultiPolygon feature is one region, its holes honoured; a
     GeometryCollection counts by its polygonal parts. An invalid outline (one that crosses
-    itself) is repaired with :func:`shapely.make_valid`, keeping its polygonal parts.
+    itself) is repaired with `shapely.make_valid`, keeping its polygonal parts.
 
-    Skipped, with one :class:`~cellkit.data.io.DataWarning` saying how many and why: features
+    Skipped, with one [`DataWarning`][cellkit.data.io.DataWarning] saying how many and why: features
     that are not areas (Point, LineString... and features without a geometry), polygons of
     cells, detections and tiles (``properties.objectType``), and polygons empty after repair.
 
     The name is ``properties.name``, else the class (``properties.classification.name``), else
     ``region K`` with K the region's place in the returned list, from 1; a repeated name gets
-    `` (2)``, `` (3)``... appended, so names are unique. The file is parsed as JSON: nothing in it
-    is executed.
+    a space and ``(2)``, ``(3)``... appended (``Tumor (2)``), so names are unique. The file is
+    parsed as JSON: nothing in it is executed.
 
     Args:
         path: the ``.geojson`` (or ``.json``) file.
@@ -145,10 +147,13 @@ def read_regions(path: str | os.PathLike[str]) -> list[Region]:
     Examples:
         >>> import tempfile, os, json
         >>> path = os.path.join(tempfile.mkdtemp(), "regions.geojson")
-        >>> square = {"type": "Polygon", "coordinates": [[[0, 0], [100, 0], [100, 100], [0, 100], [0, 0]]]}
+        >>> square = {"type": "Polygon",
+        ...           "coordinates": [[[0, 0], [100, 0], [100, 100], [0, 100],
+        ...                            [0, 0]]]}
         >>> feature = {"type": "Feature", "geometry": square,
         ...            "properties": {"classification": {"name": "Tumor"}}}
-        >>> _ = open(path, "w").write(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+        >>> collection = {"type": "FeatureCollection", "features": [feature]}
+        >>> _ = open(path, "w").write(json.dumps(collection))
         >>> [(r.name, r.classification, r.area_px) for r in read_regions(path)]
         [('Tumor', 'Tumor', 10000.0)]
     """
@@ -221,12 +226,12 @@ def assign_regions(points: Any, regions: Sequence[Region | Any]) -> np.ndarray:
     A point on a region's boundary is inside it; a point in a hole is not. Where regions
     overlap, a point belongs to the first (the one earlier in ``regions``). Vectorised: the
     points are sorted by ``x`` once, each region's bounding box picks its candidates by binary
-    search, and :func:`shapely.intersects_xy` on the prepared geometry tests them all at once,
+    search, and `shapely.intersects_xy` on the prepared geometry tests them all at once,
     so a million points and hundreds of regions take well under a second.
 
     Args:
         points: ``(N, 2)`` ``(x, y)`` in the regions' coordinates (level-0 pixels).
-        regions: :class:`Region` objects (or bare shapely geometries).
+        regions: [`Region`][] objects (or bare shapely geometries).
 
     Returns:
         ``(N,)`` int64 region indices, -1 for points in no region.
@@ -239,7 +244,8 @@ def assign_regions(points: Any, regions: Sequence[Region | Any]) -> np.ndarray:
 
     Examples:
         >>> from shapely.geometry import box
-        >>> regions = [Region("a", None, box(0, 0, 10, 10)), Region("b", None, box(5, 0, 20, 10))]
+        >>> regions = [Region("a", None, box(0, 0, 10, 10)),
+        ...            Region("b", None, box(5, 0, 20, 10))]
         >>> assign_regions([[1, 1], [7, 5], [15, 5], [10, 10], [30, 5]], regions)
         array([ 0,  0,  1,  0, -1])
     """

@@ -1,17 +1,21 @@
 """What a slide holds: cell counts, the index of the class of interest and densities, per slide and region.
 
-:func:`summarize` turns the classes of a slide's detected cells into a JSON-ready report (counts
+[`summarize`][] turns the classes of a slide's detected cells into a JSON-ready report (counts
 per class, the share of the class of interest such as the Ki-67 index, cells per mm² of tissue,
-the same per annotated region), :func:`write_summary` writes it as JSON and CSV, and
-:func:`draw_thumbnail` draws the slide's thumbnail with the tissue outline, the cells and a
-cell-density map::
+the same per annotated region), [`write_summary`][] writes it as JSON and CSV, and
+[`draw_thumbnail`][] draws the slide's thumbnail with the tissue outline, the cells and a
+cell-density map:
 
-    from cellkit.wsi.summary import summarize, write_summary
+```python
+from cellkit.wsi.summary import summarize, write_summary
 
-    summary = summarize(det.classes, ["negative", "positive"], mpp=0.25,
-                        tissue_area_px=tissue_px, region_index=region_index, regions=regions)
-    summary["index"]                  # {'class': 'positive', 'value': 0.23}
-    write_summary("out", "slide-01", summary)  # out/slide-01.summary.json, .summary.csv
+summary = summarize(det.classes, ["negative", "positive"], mpp=0.25,
+                    tissue_area_px=tissue_px, region_index=region_index,
+                    regions=regions)
+summary["index"]                  # {'class': 'positive', 'value': 0.23}
+# out/slide-01.summary.json, out/slide-01.summary.csv
+write_summary("out", "slide-01", summary)
+```
 
 Areas are in mm², from level-0 pixel areas and the slide's microns per pixel (``mpp``).
 """
@@ -35,7 +39,7 @@ from cellkit.lookup import look_up_option
 __all__ = ["INDEX_CLASS_NAMES", "draw_thumbnail", "summarize", "write_summary"]
 
 INDEX_CLASS_NAMES: tuple[str, ...] = ("positive", "ki67", "ki-67", "tumor_positive")
-"""Class names (compared case-insensitively) that :func:`summarize` takes as the class of interest
+"""Class names (compared case-insensitively) that [`summarize`][] takes as the class of interest
 when no ``index_class`` is given: the first class so named gives the index (the Ki-67 index, the
 share of positive cells).
 """
@@ -109,7 +113,7 @@ def summarize(
     tumour cells / all tumour cells, when the classes are ``negative`` and ``positive``). Areas
     need the slide's microns per pixel: ``area_mm2 = area_px * mpp ** 2 / 1e6``; without ``mpp``
     every area and density is None. A cell counts in one region at most (the first holding it,
-    as :func:`cellkit.wsi.regions.assign_regions` gives it).
+    as [`cellkit.wsi.regions.assign_regions`][] gives it).
 
     Args:
         classes: ``(N,)`` class index of each cell, in ``[0, len(class_names))``.
@@ -118,15 +122,15 @@ def summarize(
         tissue_area_px: the slide's tissue area in level-0 pixels (squared), the area the
             slide's density is taken over.
         index_class: the class of interest; default the first class named (case-insensitively)
-            as in :data:`INDEX_CLASS_NAMES` (``positive``, ``ki67``, ``ki-67``,
+            as in [`INDEX_CLASS_NAMES`][] (``positive``, ``ki67``, ``ki-67``,
             ``tumor_positive``), else none: ``index`` is None.
         region_index: ``(N,)`` index into ``regions`` of the region holding each cell, -1 for
-            none (the output of :func:`~cellkit.wsi.regions.assign_regions`); needs ``regions``.
-        regions: the :class:`~cellkit.wsi.regions.Region` objects (``name``, ``classification``,
+            none (the output of [`assign_regions`][cellkit.wsi.regions.assign_regions]); needs ``regions``.
+        regions: the [`Region`][cellkit.wsi.regions.Region] objects (``name``, ``classification``,
             ``area_px``).
 
     Returns:
-        A dict that :func:`json.dumps` writes as is: ``{"cells": N, "counts": {name: n},
+        A dict that `json.dumps` writes as is: ``{"cells": N, "counts": {name: n},
             "index": {"class": name, "value": share} | None, "tissue_area_mm2": float | None,
             "cells_per_mm2": {"all": d, name: d} | None, "regions": [{"name", "classification",
             "area_mm2", "cells", "counts", "index", "cells_per_mm2"}, ...]}``. ``index["value"]`` is
@@ -140,9 +144,12 @@ def summarize(
             not > 0, or a ``region_index`` that does not match the cells or the regions.
 
     Examples:
-        >>> s = summarize([0, 1, 1, 0, 0], ["negative", "positive"], mpp=0.5, tissue_area_px=4e6)
-        >>> s["counts"], s["index"], s["tissue_area_mm2"], s["cells_per_mm2"]["all"]
-        ({'negative': 3, 'positive': 2}, {'class': 'positive', 'value': 0.4}, 1.0, 5.0)
+        >>> s = summarize([0, 1, 1, 0, 0], ["negative", "positive"], mpp=0.5,
+        ...               tissue_area_px=4e6)
+        >>> s["counts"], s["index"]
+        ({'negative': 3, 'positive': 2}, {'class': 'positive', 'value': 0.4})
+        >>> s["tissue_area_mm2"], s["cells_per_mm2"]["all"]
+        (1.0, 5.0)
         >>> summarize([], ["a", "b"])["index"] is None
         True
     """
@@ -259,20 +266,21 @@ def write_summary(folder: str | os.PathLike[str], stem: str, summary: Mapping[st
     Args:
         folder: the output folder (created when missing).
         stem: the file name stem, usually the slide's (``"slide-01"``).
-        summary: the output of :func:`summarize`.
+        summary: the output of [`summarize`][].
 
     Returns:
         The paths of the JSON and the CSV file.
 
     Raises:
         ValueError: for an empty ``stem`` or one with a path separator, or a summary that does
-            not have the keys :func:`summarize` writes, or holds NaN or infinity.
+            not have the keys [`summarize`][] writes, or holds NaN or infinity.
         cellkit.data.io.WriteError: when a file cannot be written (the message names it).
 
     Examples:
         >>> import tempfile
         >>> folder = tempfile.mkdtemp()
-        >>> json_path, csv_path = write_summary(folder, "s1", summarize([1, 0], ["negative", "positive"]))
+        >>> summary = summarize([1, 0], ["negative", "positive"])
+        >>> json_path, csv_path = write_summary(folder, "s1", summary)
         >>> json_path.name
         's1.summary.json'
         >>> print(csv_path.read_text(), end="")
@@ -371,7 +379,7 @@ def draw_thumbnail(
     """Draw a slide's overview as a PNG: the thumbnail with tissue and cells, and a cell-density map.
 
     Two panels side by side. Left: the thumbnail, the outline of the tissue mask and, when there
-    are fewer than 5000, the cells as dots coloured by class (:func:`cellkit.viz.class_colors`,
+    are fewer than 5000, the cells as dots coloured by class ([`cellkit.viz.class_colors`][],
     as in cellkit's overlays), with a legend. Right: the density of cells, a 2-D histogram of the
     points on the thumbnail's pixel grid smoothed by a Gaussian of ``density_sigma`` pixels,
     over a faded thumbnail. Drawn on matplotlib's Agg canvas without pyplot (no figure is left
@@ -380,7 +388,8 @@ def draw_thumbnail(
     Args:
         thumbnail: ``(h, w, 3)`` uint8 RGB.
         path: the PNG file to write.
-        tissue: ``(h, w)`` bool tissue mask on the thumbnail (:func:`~cellkit.wsi.tissue.tissue_mask`).
+        tissue: ``(h, w)`` bool tissue mask on the thumbnail
+            ([`tissue_mask`][cellkit.wsi.tissue.tissue_mask]).
         points: ``(N, 2)`` cell positions ``(x, y)`` in *thumbnail* pixels (level-0 positions
             times the thumbnail's scale).
         classes: ``(N,)`` class of each cell (default: all drawn in one colour).

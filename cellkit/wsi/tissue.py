@@ -1,15 +1,18 @@
 """Where the tissue is on a slide: a mask from a low-resolution thumbnail, and the tissue share of a tile.
 
-A whole slide is mostly glass. :func:`tissue_mask` finds the tissue on a thumbnail of the slide
-(a few hundred to a few thousand pixels a side) and :func:`mask_fraction` says how much of a
-level-0 box lies on it, so only tiles that hold tissue are read and run through the model::
+A whole slide is mostly glass. [`tissue_mask`][] finds the tissue on a thumbnail of the slide
+(a few hundred to a few thousand pixels a side) and [`mask_fraction`][] says how much of a
+level-0 box lies on it, so only tiles that hold tissue are read and run through the model:
 
-    from cellkit.wsi.tissue import mask_fraction, tissue_mask
+```python
+from cellkit.wsi.tissue import mask_fraction, tissue_mask
 
-    thumb = np.asarray(slide.get_thumbnail((2048, 2048)).convert("RGB"))
-    mask = tissue_mask(thumb)
-    scale = (thumb.shape[1] / slide.dimensions[0], thumb.shape[0] / slide.dimensions[1])
-    keep = mask_fraction(mask, (x, y, 1024, 1024), scale) > 0
+thumb = np.asarray(slide.get_thumbnail((2048, 2048)).convert("RGB"))
+mask = tissue_mask(thumb)
+scale = (thumb.shape[1] / slide.dimensions[0],
+         thumb.shape[0] / slide.dimensions[1])
+keep = mask_fraction(mask, (x, y, 1024, 1024), scale) > 0
+```
 
 Coordinates are ``(x, y)`` pixels, ``x`` along the columns; level-0 boxes are ``(x, y, w, h)``.
 """
@@ -26,13 +29,13 @@ import numpy as np
 __all__ = ["SATURATION_CAP", "SATURATION_FLOOR", "mask_fraction", "tissue_mask"]
 
 SATURATION_FLOOR: float = 0.05
-"""The lowest saturation threshold :func:`tissue_mask` uses: when Otsu's threshold falls below it
+"""The lowest saturation threshold [`tissue_mask`][] uses: when Otsu's threshold falls below it
 (a thumbnail of glass only, whose saturation is noise), the floor is used, so background is never
 split into "tissue" and "glass".
 """
 
 SATURATION_CAP: float = 0.10
-"""The highest saturation threshold :func:`tissue_mask` uses (Otsu's may be higher on pale tissue)."""
+"""The highest saturation threshold [`tissue_mask`][] uses (Otsu's may be higher on pale tissue)."""
 
 _WHITE = 220  # every channel above this: glass, not tissue
 _BLACK = 25  # every channel below this: pen marks, scanner borders, dust
@@ -71,17 +74,17 @@ def tissue_mask(
     2. near-white pixels (every channel > 220: glass) and near-black ones (every channel < 25:
        pen marks, scanner borders) are set to 0: they are never tissue;
     3. a slight Gaussian blur (sigma 1 pixel) against JPEG and sensor noise;
-    4. a threshold by Otsu's method (:func:`skimage.filters.threshold_otsu`), but never below
-       :data:`SATURATION_FLOOR` (0.05), so a thumbnail of glass only gives an empty mask, and
-       never above :data:`SATURATION_CAP` (0.10): pale tissue (IHC counterstain, loose stroma)
+    4. a threshold by Otsu's method (`skimage.filters.threshold_otsu`), but never below
+       [`SATURATION_FLOOR`][] (0.05), so a thumbnail of glass only gives an empty mask, and
+       never above [`SATURATION_CAP`][] (0.10): pale tissue (IHC counterstain, loose stroma)
        spreads the tissue's saturations so widely that Otsu's threshold falls inside the
        tissue (it kept half of the tissue of a mosaic of the bundled EndoNuke tiles, and a
        third of the real CMU-1 H&E region's), where glass stays below 0.05;
     5. a morphological closing with a disk of ``closing_px`` pixels joins the stained parts of
        one piece of tissue across the pale gaps between them (lumina, loose stroma);
     6. objects smaller than ``min_object_px`` are removed
-       (:func:`skimage.morphology.remove_small_objects`: dust, specks) and holes smaller than
-       that are filled (:func:`skimage.morphology.remove_small_holes`: nuclei, small lumina).
+       (`skimage.morphology.remove_small_objects`: dust, specks) and holes smaller than
+       that are filled (`skimage.morphology.remove_small_holes`: nuclei, small lumina).
 
     Otsu's method needs both glass and tissue on the thumbnail; on a thumbnail that is all
     tissue it would split the tissue in two (the cap limits the damage); pass ``threshold``
@@ -204,7 +207,7 @@ def mask_fraction(mask: np.ndarray, box: Sequence[float], scale: float | Sequenc
     tiles that hold the tissue's edge, which the thumbnail blurs.
 
     Args:
-        mask: ``(h, w)`` bool (or 0/1) mask, e.g. from :func:`tissue_mask`.
+        mask: ``(h, w)`` bool (or 0/1) mask, e.g. from [`tissue_mask`][].
         box: ``(x, y, w, h)`` in level-0 slide pixels; ``w`` and ``h`` > 0.
         scale: mask pixels per level-0 pixel (e.g. ``1 / 32``), or a pair ``(sx, sy)`` when the
             thumbnail's two sides were rounded differently (``mask.shape[1] / slide_width``,
@@ -220,7 +223,8 @@ def mask_fraction(mask: np.ndarray, box: Sequence[float], scale: float | Sequenc
     Examples:
         >>> mask = np.zeros((4, 4), bool)
         >>> mask[:2, :2] = True  # tissue in the top-left quarter
-        >>> mask_fraction(mask, (0, 0, 64, 64), 1 / 32)  # the top-left 2x2 mask pixels
+        >>> # the top-left 2x2 mask pixels
+        >>> mask_fraction(mask, (0, 0, 64, 64), 1 / 32)
         1.0
         >>> mask_fraction(mask, (0, 0, 128, 128), 1 / 32)
         0.25
