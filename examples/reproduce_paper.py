@@ -44,6 +44,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,11 +345,13 @@ def index_error(rc: RowCounts, index: np.ndarray | None = None) -> np.ndarray:
 def _statistics(rc: RowCounts, images: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     """``[totalF1(C) ..., meanF1(C) ..., index MAE]`` over the given images and seeds."""
     counts = rc.counts[seeds][:, images]                        # (S, I, 3, C)
-    pooled = np.nanmean(total_f1(counts), axis=0)                # (C,)
-    per_image = np.nanmean(image_f1(counts), axis=1)             # (S, C): mean over images
-    mean = np.nanmean(per_image, axis=0)
-    err = index_error(rc, images)[seeds]
-    return np.concatenate([pooled, mean, [np.nanmean(err)]])
+    with warnings.catch_warnings():  # a class absent from the drawn images is NaN, not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        pooled = np.nanmean(total_f1(counts), axis=0)            # (C,)
+        per_image = np.nanmean(image_f1(counts), axis=1)         # (S, C): mean over images
+        mean = np.nanmean(per_image, axis=0)
+        err = index_error(rc, images)[seeds]
+        return np.concatenate([pooled, mean, [np.nanmean(err)]])
 
 
 def paired_bootstrap(a: RowCounts, b: RowCounts, draws: int = BOOTSTRAP_DRAWS,
@@ -386,12 +389,14 @@ def paired_bootstrap(a: RowCounts, b: RowCounts, draws: int = BOOTSTRAP_DRAWS,
 def seed_spread(rc: RowCounts) -> dict[str, np.ndarray]:
     """Per seed: pooled totalF1 ``(S, C)``, meanF1 ``(S, C)``, index MAE and RMSE ``(S,)``."""
     err = index_error(rc)
-    return {
-        "total_f1": total_f1(rc.counts),
-        "mean_f1": np.nanmean(image_f1(rc.counts), axis=1),
-        "index_mae": np.nanmean(err, axis=1),
-        "index_rmse": np.sqrt(np.nanmean(err ** 2, axis=1)),
-    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {
+            "total_f1": total_f1(rc.counts),
+            "mean_f1": np.nanmean(image_f1(rc.counts), axis=1),
+            "index_mae": np.nanmean(err, axis=1),
+            "index_rmse": np.sqrt(np.nanmean(err ** 2, axis=1)),
+        }
 
 
 # --------------------------------------------------------------------------- tables
