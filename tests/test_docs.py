@@ -280,6 +280,7 @@ RAW_MARKUP = {
     "RST directive": re.compile(r"(?m)^\s*\.\. [a-z][a-z-]*::"),
     "RST table rule": re.compile(r"(?m)^\s*={3,}(?:\s+={3,})+\s*$"),
     "RST literal marker": re.compile(r"(?m)(?<!:)::\s*$"),
+    "RST double backticks": re.compile(r"``"),
     "unrendered math": re.compile(r"\$\$|(?<![\w$])\$[^$\s][^$]*\$(?![\w$])"),
 }
 
@@ -324,11 +325,12 @@ CODE_LINE_MAX = 78
 
 def test_raw_markup_scanner_catches_what_it_should() -> None:
     bad = ("<article><p>See :func:`cellkit.fit` and</p><p>.. math::</p><pre><code>x</code></pre>"
-           "<p>=====  =====</p><p>Example::</p><p>cost $a + b$ here</p>"
+           "<p>=====  =====</p><p>Example::</p><p>cost $a + b$ here</p><p>a ``{'image': x}`` dict</p>"
            "<blockquote><blockquote><blockquote>x</blockquote></blockquote></blockquote>"
            "<pre><code>" + "y" * 90 + "</code></pre></article>")
     kinds = {f.split(":")[0] for f in raw_markup(bad)}
     assert kinds >= {"RST role", "RST directive", "RST table rule", "RST literal marker", "unrendered math",
+                     "RST double backticks",
                      "'>>>' lines rendered as nested quotes (fence them or use an Examples", "code line of 90 characters (> 78)"}
     good = ('<article><p>See <a href="x"><code>fit</code></a>; cost <span class="arithmatex">\\(a+b\\)</span>'
             "; a dict {'a': 1}; C:\\path; time 10:30</p><pre><code>:func:`not a role in code`</code></pre></article>")
