@@ -257,6 +257,13 @@ def predictions_figure(sample: Any, det: Any, f1: dict[str, float], steps: int, 
     save(fig, out / "predictions.png")
 
 
+def prior_maps(model: Any) -> Any:
+    """image -> (C, H, W) probability maps of ``model``: what the prior mask generator calls."""
+    from cellkit.engine.predict import predict_probabilities
+
+    return lambda image: predict_probabilities(model, image, tile_size=256, overlap=32)
+
+
 def masks_figure(sample: Any, prior_model: Any, out: Path) -> None:
     shape, pts, cls = sample.shape, sample.points, sample.classes
     call = dict(shape=shape, num_classes=2, image=sample.image)
@@ -268,7 +275,7 @@ def masks_figure(sample: Any, prior_model: Any, out: Path) -> None:
         "random_polygon, draw 2": polygons(pts, cls, rng=rng, **call),
         "gaussian": cellkit.MASKS.build("gaussian", sigma=RADIUS / 2)(pts, cls, **call),
         "estimated": cellkit.MASKS.build("estimated", radius=RADIUS)(pts, cls, **call),
-        "prior": cellkit.MASKS.build("prior", model=prior_model, class_index=1)(pts, cls, **call),
+        "prior": cellkit.MASKS.build("prior", predictor=prior_maps(prior_model), class_index=1)(pts, cls, **call),
     }
     size, factor = 96, 3
     x0, y0, w, h = busiest_box(sample, size)
@@ -286,19 +293,20 @@ def masks_figure(sample: Any, prior_model: Any, out: Path) -> None:
         else:
             picture = tint(image, target)
         panels.append((name, upscale(picture, factor)))
-    fig = figure(13.0, 7.2)
+    # Drawn about as wide as the docs' content column shows it (688 px), so the text stays legible.
+    fig = figure(9.6, 5.9)
     axes = fig.subplots(2, 4)
     for ax, (title, picture) in zip(axes.flat, panels):
-        show(ax, picture, title)
+        show(ax, picture, title, fontsize=11.5)
     notes = axes.flat[-1]
     notes.axis("off")
-    notes.text(0.0, 0.95, "Targets made from the points\n(96 x 96 crop, enlarged 3x)\n\n"
-               "circle: radius 4 px\nrandom_polygon: new shapes\n  at every call (base radius 4)\n"
-               "gaussian: sigma 2 px, each cell\n  sums to 1\nestimated: Voronoi cells x\n  colour clusters\n"
-               "prior: class-1 probability of\n  the early-stopped model\n  (dark = 0, bright = 1)",
-               va="top", fontsize=10, family="monospace", transform=notes.transAxes)
-    legend(fig)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.06, top=0.95, wspace=0.04, hspace=0.12)
+    notes.text(0.0, 0.97, "Targets made from the points\n(96 x 96 crop, enlarged 3x)\n\n"
+               "circle: radius 4 px\nrandom_polygon: new shapes\n  at every call (radius 4)\n"
+               "gaussian: sigma 2 px,\n  each cell sums to 1\nestimated: Voronoi cells\n  x colour clusters\n"
+               "prior: class-1 probability\n  of the early-stopped\n  model (dark 0, bright 1)",
+               va="top", fontsize=9, family="monospace", transform=notes.transAxes)
+    legend(fig, fontsize=11)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.08, top=0.94, wspace=0.04, hspace=0.16)
     save(fig, out / "masks.png")
 
 

@@ -516,7 +516,9 @@ def write_fig2(counts: dict[str, RowCounts], results: dict[str, list[dict[str, A
 
     keys = counts[columns[0]].keys
     if len(columns) == 2:  # per-image F1 of class 1, mean over seeds: the largest differences
-        f1 = [np.nanmean(image_f1(counts[c].counts)[..., 1], axis=0) for c in columns]
+        with warnings.catch_warnings():  # an image without epithelium has no F1 of it
+            warnings.simplefilter("ignore", RuntimeWarning)
+            f1 = [np.nanmean(image_f1(counts[c].counts)[..., 1], axis=0) for c in columns]
         gap = np.nan_to_num(np.abs(f1[1] - f1[0]), nan=-1.0)
         order = np.argsort(-gap)
     else:
