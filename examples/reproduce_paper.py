@@ -433,7 +433,8 @@ def write_tables(counts: dict[str, RowCounts], pairs: list[dict[str, Any]], clas
     for row, rc in counts.items():
         s = seed_spread(rc)
         delta = vs_ours.get(row)
-        cells = [row, f"{len(rc.seconds) // rc.counts.shape[0]} folds × {rc.counts.shape[0]} seeds",
+        folds = len(rc.seconds) // rc.counts.shape[0]
+        cells = [row, f"{folds} fold{'s' if folds != 1 else ''} × {rc.counts.shape[0]} seeds",
                  _ms(s["total_f1"][:, 0]), _ms(s["total_f1"][:, 1]), _ms(s["mean_f1"][:, 0]),
                  _ms(s["mean_f1"][:, 1]), _ms(s["index_mae"]), _ms(s["index_rmse"]),
                  _ci(delta, 1) if delta else "—", _ci(delta, 0) if delta else "—"]
