@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--regions", metavar="FILE.geojson", type=Path,
                    help="QuPath GeoJSON of annotation polygons: count only inside them, per region")
     w.add_argument("--no-tissue-mask", action="store_true",
-                   help="predict the whole slide, not only where the tissue mask finds tissue")
+                   help="predict the whole slide, not only the chunks and tiles where the tissue mask finds tissue")
     w.add_argument("--chunk-size", type=_positive_int,
                    help="side of the chunks a slide is predicted in, model pixels (default 2048; 4096 on CUDA)")
     w.add_argument("--workers", type=_nonneg_int, default=2, help="threads reading slide chunks ahead")

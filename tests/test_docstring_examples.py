@@ -27,8 +27,7 @@ def test_docstring_examples_run(name: str, tmp_path, monkeypatch) -> None:
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
     failures = []
     for test in finder.find(module, name):
-        result = runner.run(test, out=failures.append)
-        assert result.failed == 0 or failures, test.name
+        runner.run(test, out=failures.append)  # the report of each failing example
     assert not failures, "".join(failures)
     assert not list(tmp_path.iterdir()), f"{name}'s examples wrote {sorted(p.name for p in tmp_path.iterdir())}"
 

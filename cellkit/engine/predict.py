@@ -399,7 +399,8 @@ def predict_probabilities(
             [`cellkit.postprocess.peaks.peaks`][] takes them there).
         tile_filter: ``tile_filter(y, x, height, width) -> bool`` for each tile (its top-left
             corner and size in image pixels); a tile for which it returns False is not run
-            and adds nothing. Pixels that no tile covers are 0 in the maps. Whole slides use
+            and adds nothing (when it rejects every tile of a model without a ``num_classes``,
+            one tile is run to learn the number of channels). Pixels that no tile covers are 0. Whole slides use
             it to skip the tiles of a chunk that hold no tissue. ``None``: every tile.
 
     Returns:

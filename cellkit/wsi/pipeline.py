@@ -200,7 +200,8 @@ def predict_slide(
         mpp: micrometres per level-0 pixel of the slide; overrides the file's.
         regions: a QuPath GeoJSON file of annotation polygons (or a list of
             [`Region`][cellkit.wsi.regions.Region]): count only inside them, per region.
-        tissue: skip chunks without tissue ([`tissue_mask`][cellkit.wsi.tissue.tissue_mask]).
+        tissue: skip chunks without tissue ([`tissue_mask`][cellkit.wsi.tissue.tissue_mask]),
+            and inside a chunk the tiles with no tissue within [`TILE_TISSUE_MARGIN_UM`][].
         chunk_size: side of a chunk's core in model pixels (default 2048 on the CPU, 4096 on CUDA).
         workers: threads reading chunks ahead of the model.
         resume: keep the chunks an earlier, interrupted run of the same settings finished.
