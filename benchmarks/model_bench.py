@@ -337,7 +337,7 @@ def inference(
     of tiles, so the overlap's extra work counts as work done; ``share_of_matmul`` divides
     the FLOPs per second by the measured rate of a large ``torch.mm`` in the same process.
 
-    ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``, ``"auto"``) and ``fold_bn`` are
+    ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``, ``"int8"``, ``"auto"``) and ``fold_bn`` are
     :func:`~cellkit.engine.predict.predict_probabilities`'s (the model is folded once,
     before timing, as :class:`~cellkit.engine.predict.Predictor` does); ``amp`` is the older
     float16 flag. ``share_of_peak`` relates the work done (tile megapixels times
@@ -379,7 +379,11 @@ def inference(
     starts = tile_starts(image_size, tile_size, overlap)
     num_tiles = len(starts) ** 2
     flops_per_tile = flops_per_megapixel(model, size=tile) * tile * tile / 1e6
-    if fold_bn:
+    if resolved == "int8":  # quantized once, before timing (as Predictor does); BatchNorm folded by it
+        from cellkit.models.quantize import quantize_int8
+
+        model = quantize_int8(model)
+    elif fold_bn:
         model = fold_batchnorm(model)  # once, before timing (as Predictor does)
     rates = {"float32": matmul_rate(device)}
     device_name = None
@@ -411,7 +415,7 @@ def inference(
             overlap=overlap,
             batch_size=batch_size,
             device=device,
-            precision=resolved,
+            precision="fp32" if resolved == "int8" else resolved,  # int8: the model is already quantized
         )
 
     if warmup > 0 and device.startswith("cuda"):
@@ -488,7 +492,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--tile-size", type=int, default=512)
     p.add_argument("--overlap", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--precision", default=None, help="fp32, bf16, fp16 or auto (default: fp32)")
+    p.add_argument("--precision", default=None, help="fp32, bf16, fp16, int8 or auto (default: fp32)")
     p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the convolutions")
     p.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last")
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")

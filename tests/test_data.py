@@ -11,6 +11,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
 from cellkit.data import (
@@ -368,6 +370,36 @@ def test_geojson_round_trip_detections(tmp_path):
     assert np.array_equal(rec.points.astype(np.float32), det.points)
     assert rec.classes.tolist() == [1, 0, 1]
     assert np.array_equal(rec.scores, det.scores)
+
+
+@given(values=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=1, max_size=40),
+       wide=st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=1, max_size=40))
+def test_number_texts_are_the_shortest_exact_ones(values, wide):
+    from cellkit.data.writers import _num, _texts
+
+    for arr in (np.array(values, np.float32), np.array(wide, np.float64), np.array([12.0, -0.0, 1e-7, 3e20])):
+        texts = _texts(arr)
+        assert texts == [_num(v) for v in arr]
+        finite = np.isfinite(arr)
+        assert np.array_equal(np.array([float(t) for t in texts], arr.dtype)[finite], arr[finite])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("with_scores", [True, False])
+def test_compact_geojson_is_the_json_of_its_features(tmp_path, dtype, with_scores):
+    # The compact file is put together from text (fast); it must be exactly what json.dumps
+    # writes for the same features (the indented file is written with json.dump).
+    rng = np.random.default_rng(0)
+    points = (rng.random((300, 2)) * 90000).astype(dtype)
+    points[:3] = [[12, 3], [1e-7, 0], [0.1, 2.5]]
+    scores = rng.random(300).astype(np.float32) if with_scores else None
+    classes = rng.integers(0, 3, 300)
+    kwargs = {"points": points, "classes": classes, "scores": scores, "class_names": ["a", 'b "q"', "c"]}
+    write_geojson(tmp_path / "compact.geojson", **kwargs)
+    write_geojson(tmp_path / "indented.geojson", indent=1, **kwargs)
+    features = json.loads((tmp_path / "indented.geojson").read_text())
+    assert (tmp_path / "compact.geojson").read_text() == json.dumps(features) + "\n"
+    assert (tmp_path / "indented.geojson").read_text().endswith("}\n")
 
 
 def test_geojson_annotations_folder_round_trip(tmp_path):

@@ -216,10 +216,13 @@ def test_tiles_to_tensor_rejects_other_inputs(bad: object) -> None:
 
 
 def test_precision_choices() -> None:
-    assert PRECISIONS == ("fp32", "bf16", "fp16", "auto")
+    from cellkit.models.quantize import int8_available
+
+    assert PRECISIONS == ("fp32", "bf16", "fp16", "int8", "auto")
     assert resolve_precision(None, "cpu") == "fp32"
     assert resolve_precision(None, "cpu", amp=True) == "fp32"  # amp is ignored on the CPU, as before
-    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("auto", "cpu") == ("int8" if int8_available() else "fp32")
+    assert resolve_precision("INT8", "cpu") == "int8"
     assert resolve_precision(" BF16", "cpu") == "bf16"
     assert resolve_precision("fp32", "cpu") == "fp32"
 
@@ -227,9 +230,9 @@ def test_precision_choices() -> None:
 @pytest.mark.parametrize("bad", ["fp8", "float16", "", 16])
 def test_bad_precision_names_the_choices(bad: object) -> None:
     image = np.zeros((8, 8, 3), np.uint8)
-    with pytest.raises(ValueError, match="precision.*fp32, bf16, fp16, auto"):
+    with pytest.raises(ValueError, match="precision.*fp32, bf16, fp16, int8, auto"):
         predict_probabilities(ConvBlobModel(), image, precision=bad)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="fp32, bf16, fp16, auto"):
+    with pytest.raises(ValueError, match="fp32, bf16, fp16, int8, auto"):
         Predictor(ConvBlobModel(), POSTPROCESSORS.build("peaks"), 2, precision=bad)  # type: ignore[arg-type]
 
 
@@ -418,7 +421,8 @@ def test_predictor_folds_once_and_finds_the_same_cells() -> None:
     post = POSTPROCESSORS.build("peaks", threshold=0.5, min_distance=3)
     plain = Predictor(model, post, 2, tile_size=32, overlap=8)
     fast = Predictor(model, post, 2, tile_size=32, overlap=8, fold_bn=True, precision="auto")
-    assert fast.precision == "fp32" and plain.inference_model is plain.model  # "auto" is fp32 on the CPU
+    # "auto" is int8 on the CPU, but this test model is no cellkit encoder-decoder: fp32.
+    assert fast.precision == "fp32" and plain.inference_model is plain.model
     assert remaining_batchnorm(fast.inference_model) == [] and remaining_batchnorm(fast.model) == ["net.1"]
     folded = fast.inference_model
     image = blob_image(70, 93, CELLS)
@@ -441,7 +445,7 @@ def test_predictor_from_checkpoint_with_precision_and_fold(tmp_path) -> None:
     torch.manual_seed(0)
     model = randomise_batchnorm(cellkit.build_model(cfg))
     path = save_checkpoint(tmp_path / "best.pt", {"config": cfg.to_dict(), "model": model.state_dict()})
-    with pytest.raises(ValueError, match="fp32, bf16, fp16, auto"):
+    with pytest.raises(ValueError, match="fp32, bf16, fp16, int8, auto"):
         Predictor.from_checkpoint(path, device="cpu", precision="half")
     fast = Predictor.from_checkpoint(path, device="cpu", precision="bf16", fold_bn=True, tile_size=32,
                                      overlap=8)

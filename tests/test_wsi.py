@@ -286,6 +286,10 @@ def test_interrupted_slide_resumes_where_it_stopped(tmp_path: Path) -> None:
         predict_slide(dying, path, tmp_path / "again", **kwargs)
     with pytest.raises(ValueError, match="other settings.*chunk_size"):
         predict_slide(stain_predictor(), path, tmp_path / "again", resume=True, **{**kwargs, "chunk_size": 300})
+    other = stain_predictor()
+    other.precision = "bf16"  # chunks of another arithmetic are not mixed in either
+    with pytest.raises(ValueError, match="other settings.*precision"):
+        predict_slide(other, path, tmp_path / "again", resume=True, **kwargs)
 
 
 def test_regions_count_only_inside_each(tmp_path: Path) -> None:

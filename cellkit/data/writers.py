@@ -73,6 +73,44 @@ def _num(value: Any) -> str:
     return np.format_float_positional(value, trim="-")
 
 
+def _texts(values: np.ndarray) -> list[str]:
+    """[`_num`][] of every value of a float32 or float64 array, without a Python call per value
+    (a slide's hundreds of thousands of cells).
+
+    Python's ``repr`` (float64) and numpy's ``astype(str)`` (float32) give the same shortest
+    digits as ``_num``; they differ only in spelling ``12.0`` and exponents, fixed here.
+
+    Examples:
+        >>> _texts(np.array([12.0, 3.5, 1e-7], np.float32))
+        ['12', '3.5', '0.0000001']
+    """
+    arr = np.asarray(values)
+    if arr.dtype == np.float32:
+        raw = arr.astype(str).tolist()
+    else:
+        arr = arr.astype(np.float64)
+        raw = [repr(v) for v in arr.tolist()]
+    out = []
+    for i, text in enumerate(raw):
+        if text.endswith(".0"):
+            text = text[:-2]
+        elif "e" in text or "n" in text:  # exponents, inf, nan: numpy's positional spelling
+            text = _num(arr[i])
+        out.append(text)
+    return out
+
+
+def _json_floats(texts: Sequence[str]) -> list[str]:
+    """How ``json.dumps`` writes ``float(text)`` for each text (``12`` -> ``12.0``)."""
+    special = {"inf": "Infinity", "-inf": "-Infinity", "nan": "NaN"}
+    out = []
+    for text in texts:
+        value = float(text)
+        r = repr(value)
+        out.append(special.get(r, r))
+    return out
+
+
 def write_csv(
     path: str | os.PathLike[str],
     detections: Any = None,
@@ -106,11 +144,11 @@ def write_csv(
     pts, cls, sc = _unpack(detections, points, classes, scores)
     pts_out = _native(detections, points, pts)
     lines = ["x,y,class" + (",score" if sc is not None else "")]
-    for i in range(len(pts)):
-        row = f"{_num(pts_out[i, 0])},{_num(pts_out[i, 1])},{int(cls[i])}"
-        if sc is not None:
-            row += f",{_num(np.float32(sc[i]))}"
-        lines.append(row)
+    xs, ys, cs = _texts(pts_out[:, 0]), _texts(pts_out[:, 1]), [str(int(c)) for c in cls.tolist()]
+    if sc is None:
+        lines += [f"{x},{y},{c}" for x, y, c in zip(xs, ys, cs)]
+    else:
+        lines += [f"{x},{y},{c},{v}" for x, y, c, v in zip(xs, ys, cs, _texts(sc.astype(np.float32)))]
     with atomic_write(path, "w", newline="") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -193,9 +231,23 @@ def write_geojson(
         if indent is not None:
             json.dump({"type": "FeatureCollection", "features": [feature(i) for i in range(len(pts))]}, f,
                       indent=indent)
-        else:  # streamed, one feature at a time: a slide's million cells never sit in memory as dicts
-            f.write('{"type": "FeatureCollection", "features": [')
-            for i in range(len(pts)):
-                f.write((", " if i else "") + json.dumps(feature(i)))
-            f.write("]}")
+            f.write("\n")
+            return
+        # Compact: the text json.dumps(feature(i)) gives, put together from each class's
+        # properties (dumped once) and the numbers' texts (a slide's million cells never sit
+        # in memory as dicts, nor cost a json.dumps each).
+        xs, ys = _json_floats(_texts(pts_out[:, 0])), _json_floats(_texts(pts_out[:, 1]))
+        heads = {}
+        for c in np.unique(cls).tolist():
+            props = {"objectType": object_type,
+                     "classification": {"name": str(names[c]), "color": list(palette[c % len(palette)])}}
+            text = json.dumps(props)
+            heads[c] = text[:-1] + (f', "measurements": {{{json.dumps(score_name)}: ' if sc is not None else "")
+        tails = _json_floats(_texts(sc.astype(np.float32))) if sc is not None else None
+        f.write('{"type": "FeatureCollection", "features": [')
+        for i, c in enumerate(cls.tolist()):
+            f.write((", " if i else "") + '{"type": "Feature", "geometry": {"type": "Point", "coordinates": ['
+                    + xs[i] + ", " + ys[i] + ']}, "properties": ' + heads[c]
+                    + (tails[i] + "}}}" if tails is not None else "}}"))
+        f.write("]}")
         f.write("\n")

@@ -258,28 +258,55 @@ def predict_slide(
         settings = {"slide": str(slide.path.resolve()), "dimensions": list(slide.dimensions), "mpp": slide.mpp,
                     "model_mpp": model_mpp, "scale": scale, "chunk_size": chunk, "margin": margin,
                     "tissue": bool(tissue), "regions": [r.name for r in region_list],
-                    "postprocess": _jsonable_post(predictor)}
+                    "postprocess": _jsonable_post(predictor),
+                    # Chunks predicted with other tile skipping or arithmetic are not mixed in.
+                    "tile_tissue_margin_um": TILE_TISSUE_MARGIN_UM,
+                    "precision": getattr(predictor, "precision", None)}
         parts = _Parts(out / f".{stem}{PARTS_SUFFIX}", settings, resume)
         done = parts.done()
         todo = [i for i in wanted if i not in done]
         bar = _Progress(len(todo), f"predict {slide.path.name}", progress)
         mp = 0.0
+        skip_tiles = (tissue or bool(region_list)) and _takes_tile_filter(predictor)
+        # A tile is run when tissue lies within TILE_TISSUE_MARGIN_UM of it: pale tissue that
+        # the low-resolution mask misses next to stained tissue is still read.
+        near = TILE_TISSUE_MARGIN_UM / slide.mpp if slide.mpp else TILE_TISSUE_MARGIN_UM / 0.5
+
+        def finish(index: int, det: Detections, box: tuple[float, float, float, float]) -> float:
+            parts.save(index, _in_core(det, box, cores[index], scale))
+            return cores[index][2] * cores[index][3] * scale * scale / 1e6
+
+        def peaks_then_finish(index: int, maps: Any, box: tuple[float, float, float, float]) -> float:
+            return finish(index, predictor.postprocess(maps.numpy()), box)
+
+        # On the CPU, a chunk's peaks are found (and its cells saved) in a thread while the
+        # network runs on the next chunk: the peaks use one core, the network both.
+        overlap = _splits_peaks(predictor)
+        post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellkit-peaks") if overlap else None
+        pending: Future[float] | None = None
         try:
-            skip_tiles = (tissue or bool(region_list)) and _takes_tile_filter(predictor)
-            # A tile is run when tissue lies within TILE_TISSUE_MARGIN_UM of it: pale tissue that
-            # the low-resolution mask misses next to stained tissue is still read.
-            near = TILE_TISSUE_MARGIN_UM / slide.mpp if slide.mpp else TILE_TISSUE_MARGIN_UM / 0.5
             for index, (image, box) in _read_ahead(slide, cores, todo, scale, margin, work_w, work_h, workers):
-                if skip_tiles:  # tiles of the chunk with no tissue (or outside the regions) are not run
-                    det = predictor.predict(image, tile_filter=_tile_filter(box, mask, thumb_scale, region_list, near))
+                # Tiles of the chunk with no tissue (or outside the regions) are not run.
+                extra = {"tile_filter": _tile_filter(box, mask, thumb_scale, region_list, near)} if skip_tiles else {}
+                if post is not None:
+                    maps = predictor.probabilities(image, as_tensor=True, **extra)
+                    if pending is not None:
+                        core_mp = pending.result()
+                        mp += core_mp
+                        bar.update(core_mp)
+                    pending = post.submit(peaks_then_finish, index, maps, box)
                 else:
-                    det = predictor.predict(image)
-                kept = _in_core(det, box, cores[index], scale)
-                parts.save(index, kept)
-                core_mp = cores[index][2] * cores[index][3] * scale * scale / 1e6
+                    core_mp = finish(index, predictor.predict(image, **extra), box)
+                    mp += core_mp
+                    bar.update(core_mp)
+            if pending is not None:
+                core_mp = pending.result()
+                pending = None
                 mp += core_mp
                 bar.update(core_mp)
         finally:
+            if post is not None:
+                post.shutdown(wait=True)  # a chunk being saved is finished, never left half-written
             bar.close()
         cells = parts.load_all(wanted)
         region_index = None
@@ -330,7 +357,11 @@ def _tissue(slide: Slide, thumb: np.ndarray, tissue: bool) -> np.ndarray:
     if slide.mpp:
         side = int(round(max(slide.dimensions) * slide.mpp / MASK_UM_PER_PX))
         if 64 <= side < max(thumb.shape[:2]):
-            low = slide.thumbnail(side)[0]
+            # Averaged down from the thumbnail (already read): a slide without a coarse
+            # pyramid level is not read a second time.
+            h, w = thumb.shape[:2]
+            size = (max(1, round(w * side / max(h, w))), max(1, round(h * side / max(h, w))))
+            low = np.asarray(Image.fromarray(thumb).resize(size, Image.Resampling.BOX))
     mask = tissue_mask(low)
     if low.shape != thumb.shape:
         mask = np.asarray(Image.fromarray(mask).resize((thumb.shape[1], thumb.shape[0]), Image.Resampling.NEAREST))
@@ -352,6 +383,13 @@ def _wanted(core: tuple[int, int, int, int], scale: float, mask: np.ndarray, thu
             regions: Sequence[Any]) -> bool:
     x, y, w, h = core
     return _box_wanted((x * scale, y * scale, w * scale, h * scale), mask, thumb_scale, regions)
+
+
+def _splits_peaks(predictor: Any) -> bool:
+    """Whether the chunks' peaks can run beside the network: a cellkit Predictor on the CPU."""
+    from cellkit.engine.predict import Predictor
+
+    return isinstance(predictor, Predictor) and predictor.device.type == "cpu"
 
 
 def _takes_tile_filter(predictor: Any) -> bool:
