@@ -375,11 +375,14 @@ def test_geojson_round_trip_detections(tmp_path):
 @given(values=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=1, max_size=40),
        wide=st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=1, max_size=40))
 def test_number_texts_are_the_shortest_exact_ones(values, wide):
-    from cellkit.data.writers import _num, _texts
+    from cellkit.data.writers import _json_floats, _num, _texts
 
-    for arr in (np.array(values, np.float32), np.array(wide, np.float64), np.array([12.0, -0.0, 1e-7, 3e20])):
+    edges = [12.0, -0.0, 1e-7, 3e20, 1e16, 9999999999999998.0, 1e-4, 0.00012, -0.00099, 1e-3]
+    for arr in (np.array(values, np.float32), np.array(wide, np.float64), np.array(edges),
+                np.array(edges, np.float32)):
         texts = _texts(arr)
         assert texts == [_num(v) for v in arr]
+        assert _json_floats(texts) == [json.dumps(float(_num(v))) for v in arr]
         finite = np.isfinite(arr)
         assert np.array_equal(np.array([float(t) for t in texts], arr.dtype)[finite], arr[finite])
 

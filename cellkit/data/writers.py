@@ -100,14 +100,27 @@ def _texts(values: np.ndarray) -> list[str]:
     return out
 
 
+def _json_float(text: str) -> str:
+    """How ``json.dumps`` writes ``float(text)``."""
+    r = repr(float(text))
+    return {"inf": "Infinity", "-inf": "-Infinity", "nan": "NaN"}.get(r, r)
+
+
 def _json_floats(texts: Sequence[str]) -> list[str]:
-    """How ``json.dumps`` writes ``float(text)`` for each text (``12`` -> ``12.0``)."""
-    special = {"inf": "Infinity", "-inf": "-Infinity", "nan": "NaN"}
+    """[`_json_float`][] of each of [`_texts`][]'s texts, without parsing most of them.
+
+    A shortest text with a point is ``repr``'s own, unless the number is below 1e-3 (``repr``
+    may write an exponent); an integer gets ``.0``, unless it is long (``repr``'s ``1e+16``)."""
     out = []
     for text in texts:
-        value = float(text)
-        r = repr(value)
-        out.append(special.get(r, r))
+        if "." in text:
+            if text.startswith(("0.000", "-0.000")):
+                text = _json_float(text)
+        elif text.lstrip("-").isdigit() and len(text) <= 16:
+            text += ".0"
+        else:  # inf, nan, long integers
+            text = _json_float(text)
+        out.append(text)
     return out
 
 

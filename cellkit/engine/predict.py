@@ -373,7 +373,11 @@ def tiles_to_tensor(
 
 
 def _input_memory_format(model: Any) -> torch.memory_format:
-    """``channels_last`` for a model whose first 4-D weight is in that format, else contiguous."""
+    """``channels_last`` for a model whose first 4-D weight is in that format (or that says so
+    with an ``input_memory_format`` attribute, as an int8 model does), else contiguous."""
+    declared = getattr(model, "input_memory_format", None)
+    if isinstance(declared, torch.memory_format):
+        return declared
     params = model.parameters() if isinstance(model, nn.Module) else ()
     for p in params:
         if p.ndim == 4:

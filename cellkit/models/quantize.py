@@ -99,6 +99,10 @@ class Int8Model(nn.Module):
     CPU only; it cannot be trained.
     """
 
+    input_memory_format = torch.channels_last
+    """The inputs it takes best: the quantized convolutions work channels-last, and the tiles
+    (``(B, h, w, 3)`` uint8) are that layout already, so no copy is made to change it."""
+
     def __init__(self, net: nn.Module, output_stride: int, num_classes: int, activation: str, main: str) -> None:
         super().__init__()
         self.net = net
@@ -135,8 +139,10 @@ class Int8Model(nn.Module):
             # model does up to rounding (the cells found agree: see the module).
             warnings.filterwarnings("ignore", message="All inputs of this cat operator")
             logits = self.net(padded)
-        # Upsampled in float32 (upsampling the 8-bit logits is no faster: measured).
-        logits = F.interpolate(logits, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+        # Upsampled in float32 (upsampling the 8-bit logits is no faster: measured), from the
+        # contiguous layout: the quantized layers give channels-last maps, which bilinear
+        # upsampling of a few channels runs 5x slower (12 ms against 2.4 ms for 4 tiles).
+        logits = F.interpolate(logits.contiguous(), size=padded.shape[-2:], mode="bilinear", align_corners=False)
         return logits[..., :h, :w]
 
     def forward(self, x: Tensor) -> Tensor:
