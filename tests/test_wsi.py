@@ -292,6 +292,39 @@ def test_interrupted_slide_resumes_where_it_stopped(tmp_path: Path) -> None:
         predict_slide(other, path, tmp_path / "again", resume=True, **kwargs)
 
 
+def test_a_failure_in_the_peaks_thread_stops_the_slide_and_keeps_the_finished_chunks(tmp_path: Path) -> None:
+    # On the CPU a chunk's peaks run in a thread beside the network on the next chunk: an
+    # error there must reach the caller, and the chunks saved before it must be whole.
+    image, _ = mosaic()
+    path = write_pyramid(tmp_path / "m.tif", [image], MPP)
+    kwargs: dict[str, Any] = {"chunk_size": 200, "tissue": False, "progress": False}
+    full = predict_slide(stain_predictor(), path, tmp_path / "full", **kwargs)
+    predictor = stain_predictor()
+
+    class Failing:  # the same peaks (and settings), failing on the fourth chunk
+        def __init__(self, peaks: Any) -> None:
+            self.peaks, self.calls = peaks, 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.peaks, name)
+
+        def __call__(self, maps: Any) -> Any:
+            self.calls += 1
+            if self.calls == 4:
+                raise MemoryError("peaks ran out")
+            return self.peaks(maps)
+
+    predictor.postprocess = Failing(predictor.postprocess)
+    with pytest.raises(MemoryError, match="peaks ran out"):
+        predict_slide(predictor, path, tmp_path / "out", **kwargs)
+    parts = sorted((tmp_path / "out" / ".m.cellkit-parts").glob("chunk-*.npz"))
+    assert len(parts) == 3 and not (tmp_path / "out" / "m.csv").exists()
+    resumed = predict_slide(stain_predictor(), path, tmp_path / "out", resume=True, **kwargs)
+    assert resumed.chunks_resumed == 3
+    assert as_set(resumed.detections.points, resumed.detections.classes) == as_set(
+        full.detections.points, full.detections.classes)
+
+
 def test_regions_count_only_inside_each(tmp_path: Path) -> None:
     image, _ = mosaic()
     path = write_pyramid(tmp_path / "m.tif", [image], MPP)
