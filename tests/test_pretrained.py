@@ -87,6 +87,9 @@ def test_predict_with_a_shipped_model_and_train_from_it(tmp_path: Path, monkeypa
                  str(tmp_path / "tile.png")]) == 0
     meta = json.loads((tmp_path / "out" / "predict.json").read_text())
     assert meta["checkpoint"] == "endonuke-epithelium"
+    from cellkit.models.quantize import int8_available
+
+    assert meta["precision"] == ("int8" if int8_available() else "fp32")  # "auto" on the CPU
     predictor = cellkit.pretrained("endonuke-epithelium", device="cpu")
     assert predictor.num_classes == 2 and isinstance(predictor.predict(np.zeros((40, 40, 3), np.uint8)),
                                                      cellkit.Detections)

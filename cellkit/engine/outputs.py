@@ -280,6 +280,8 @@ def _record(predictor: Any, overlay: bool, overlay_radius: int, settings: Mappin
         },
         "tile_size": predictor.tile_size,
         "overlap": predictor.overlap,
+        # The arithmetic the network ran in (what "auto" resolved to: int8 on the CPU).
+        "precision": getattr(predictor, "precision", None),
         "overlay": bool(overlay),
         "overlay_radius": int(overlay_radius),
     }
