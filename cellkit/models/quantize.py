@@ -4,7 +4,7 @@
 integers (PyTorch's post-training static quantization, FX graph mode, ``x86`` backend):
 weights are quantized per output channel, activations per tensor, with ranges observed on
 calibration images, and every BatchNorm is folded into its convolution on the way. Only the
-encoder and the main decoder are quantized (what [`MultiDecoderModel.infer`][cellkit.models.MultiDecoderModel.infer]
+encoder and the main decoder are quantized (what [`MultiDecoderModel.infer`][cellkit.models.model.MultiDecoderModel.infer]
 runs); the input padding, the final upsampling and the activation stay in float32, so the
 maps are float32 probabilities as before.
 
@@ -94,7 +94,7 @@ class _EncoderDecoder(nn.Module):
 class Int8Model(nn.Module):
     """A cellkit model's inference path with 8-bit convolutions (made by [`quantize_int8`][]).
 
-    Has what prediction uses of a [`MultiDecoderModel`][cellkit.models.MultiDecoderModel]:
+    Has what prediction uses of a [`MultiDecoderModel`][cellkit.models.model.MultiDecoderModel]:
     ``infer(x)`` (and ``forward``, the same), ``num_classes``, ``activation`` and ``main``.
     CPU only; it cannot be trained.
     """
@@ -177,7 +177,7 @@ def quantize_int8(model: nn.Module, calibration: Iterable[np.ndarray] | None = N
     """An 8-bit copy of ``model``'s inference path (the model itself is not changed).
 
     Args:
-        model: a cellkit [`MultiDecoderModel`][cellkit.models.MultiDecoderModel] (what
+        model: a cellkit [`MultiDecoderModel`][cellkit.models.model.MultiDecoderModel] (what
             [`cellkit.build_model`][] and checkpoints give), on the CPU or not (the copy is
             made on the CPU).
         calibration: ``(H, W, 3)`` uint8 RGB images whose activations set the ranges;
