@@ -24,7 +24,8 @@
    a cell whose two peaks straddle the seam is reported twice or missed (in the test's
    mosaic of 1,929 cells in 12 chunks, every cell was the whole image's).
 4. **Memory.** One chunk's image and maps are held at a time (plus the chunks being read
-   ahead by ``workers`` threads), never a full-slide map; cells are kept as arrays.
+   ahead by ``workers`` threads and, on the CPU, the previous chunk's maps, whose peaks a
+   thread finds while the network runs), never a full-slide map; cells are kept as arrays.
 5. **Resume.** Each finished chunk's cells are written atomically into
    ``OUT/.STEM.cellkit-parts/``; a run killed part-way and started again with ``resume=True``
    (``--resume``) reads them back and predicts only the chunks left. The folder is deleted
