@@ -275,3 +275,24 @@ def test_run_score() -> None:
     assert run_score({"a": 0.5, "b": 1.0}) == pytest.approx(0.75)
     assert run_score({"a": None, "b": 0.4}) == pytest.approx(0.4)
     assert np.isnan(run_score({})) and np.isnan(run_score(None))
+
+
+def test_best_checkpoint_keeps_calibration_crops_for_int8(baseline: TrainResult, monkeypatch) -> None:
+    from cellkit.engine.predict import Predictor
+    from cellkit.models import quantize
+    from cellkit.models.quantize import int8_available
+
+    crops = load_checkpoint(baseline.best_path)["int8_calibration"]
+    # One central crop (at most 192 px a side) per evenly spaced training image, at most 16.
+    expected = [s.image[:192, :192] for s in SPLITS["train"]][: train_module.INT8_CALIBRATION_CROPS]
+    assert [c.dtype for c in crops] == [torch.uint8] * len(expected)
+    assert all(np.array_equal(c.numpy(), e) for c, e in zip(crops, expected))
+    if not int8_available():
+        return
+    seen = []
+    real = quantize.quantize_int8
+    monkeypatch.setattr(quantize, "quantize_int8", lambda model, calibration=None: seen.append(calibration)
+                        or real(model, calibration))
+    predictor = Predictor.from_checkpoint(baseline.best_path, device="cpu", precision="auto")
+    assert predictor.precision == "int8" and len(seen) == 1  # calibrated on the crops, not the bundled tiles
+    assert all(np.array_equal(a, b.numpy()) for a, b in zip(seen[0], crops)) and len(seen[0]) == len(crops)

@@ -269,9 +269,10 @@ def _native_bf16(dev: torch.device) -> bool:
             return bool(torch.cuda.is_bf16_supported())
 
 
-def _int8(model: Any, asked: str | None) -> tuple[Any, str]:
-    """``(model to run, precision)`` for a resolved ``"int8"``: the quantized copy, or, when
-    ``"auto"`` chose int8 for a model that cannot be quantized, the model itself in fp32."""
+def _int8(model: Any, asked: str | None, calibration: Sequence[np.ndarray] | None = None) -> tuple[Any, str]:
+    """``(model to run, precision)`` for a resolved ``"int8"``: the quantized copy (calibrated on
+    ``calibration``, else the bundled tiles), or, when ``"auto"`` chose int8 for a model that
+    cannot be quantized, the model itself in fp32."""
     from cellkit.models.quantize import Int8Model, is_quantizable, quantize_int8
 
     if isinstance(model, Int8Model):
@@ -280,12 +281,25 @@ def _int8(model: Any, asked: str | None) -> tuple[Any, str]:
     if auto and not is_quantizable(model):
         return model, "fp32"
     try:
-        return quantize_int8(model), "int8"
+        return quantize_int8(model, calibration), "int8"
     except ValueError as exc:
         if not auto:
             raise
         warnings.warn(f"{exc} (precision='auto' runs it in fp32.)", stacklevel=3)
         return model, "fp32"
+
+
+def _stored_calibration(ckpt: dict[str, Any]) -> list[np.ndarray] | None:
+    """The int8 calibration crops a checkpoint holds (``cellkit train`` stores them), if any."""
+    crops = ckpt.get("int8_calibration")
+    if not crops:
+        return None
+    out = []
+    for crop in crops:
+        arr = crop.cpu().numpy() if isinstance(crop, torch.Tensor) else np.asarray(crop)
+        if arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype == np.uint8:
+            out.append(arr)
+    return out or None
 
 
 def _autocast(dev: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -724,6 +738,11 @@ class Predictor:
             ``model``'s weights does not reach the copy: make a new Predictor.
         device: where the model runs.
         config: the [`CellkitConfig`][cellkit.config.CellkitConfig] it was built from, if known.
+        int8_calibration: ``(h, w, 3)`` uint8 images whose activations set the int8 ranges
+            (``precision="int8"``, or ``"auto"`` on the CPU); default the bundled EndoNuke
+            tiles. [`from_checkpoint`][cellkit.engine.predict.Predictor.from_checkpoint] passes
+            the crops of the model's own training images that ``cellkit train`` stores in
+            ``best.pt``.
 
     Attributes:
         model: the model given, on ``device``, in eval mode.
@@ -763,6 +782,7 @@ class Predictor:
         config: Any = None,
         precision: str | None = None,
         fold_bn: bool = False,
+        int8_calibration: Sequence[np.ndarray] | None = None,
     ) -> None:
         _check_tiling(tile_size, overlap, batch_size)
         self.device = _model_device(model) if device is None else resolve_device(device)
@@ -787,7 +807,7 @@ class Predictor:
         if self.precision == "int8":
             # Quantized once (BatchNorms folded by the quantizer); "auto" falls back to fp32
             # for a model that cannot be quantized.
-            self.inference_model, self.precision = _int8(self.model, precision)
+            self.inference_model, self.precision = _int8(self.model, precision, int8_calibration)
         if self.fold_bn and self.precision != "int8":
             from cellkit.models.fuse import fold_batchnorm
 
@@ -879,6 +899,7 @@ class Predictor:
             config=cfg,
             precision=precision,
             fold_bn=fold_bn,
+            int8_calibration=_stored_calibration(ckpt),
         )
 
     def probabilities(self, image: np.ndarray, *, as_tensor: bool = False,
