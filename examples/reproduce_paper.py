@@ -494,7 +494,7 @@ def write_fig3(counts: dict[str, RowCounts], out: Path, class_name: str) -> None
         ax.set_ylabel(title)
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-        ax.set_title(f"{title} against r (band: range over {seeds} seeds)", fontsize=10)
+        ax.set_title(f"{title} against r (band: range over {seeds} seed{'s' if seeds != 1 else ''})", fontsize=10)
     axes[1].legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(out / "fig3.png", dpi=110)
