@@ -14,7 +14,28 @@ from torch import Tensor, nn
 
 from cellkit.lookup import look_up_option
 
-__all__ = ["MultiDecoderModel"]
+__all__ = ["MultiDecoderModel", "pad_to_stride"]
+
+
+def pad_to_stride(x: Tensor, stride: int) -> Tensor:
+    """``x`` padded at the bottom and right to a multiple of ``stride`` (at least two strides a side).
+
+    Reflected where the image is larger than the padding, replicated otherwise; the model's
+    outputs are cropped back to the input's size. Shared by every model that runs the
+    encoder (the float model and its int8 copy, [`cellkit.models.quantize`][]).
+
+    Examples:
+        >>> import torch
+        >>> pad_to_stride(torch.zeros(1, 3, 30, 33), 16).shape
+        torch.Size([1, 3, 32, 48])
+    """
+    h, w = x.shape[-2:]
+    pad_h = max(math.ceil(h / stride), 2) * stride - h
+    pad_w = max(math.ceil(w / stride), 2) * stride - w
+    if pad_h == 0 and pad_w == 0:
+        return x
+    mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
 
 
 class MultiDecoderModel(nn.Module):
@@ -144,14 +165,7 @@ class MultiDecoderModel(nn.Module):
         return heads
 
     def _pad(self, x: Tensor) -> Tensor:
-        h, w = x.shape[-2:]
-        m = self.output_stride
-        pad_h = max(math.ceil(h / m), 2) * m - h
-        pad_w = max(math.ceil(w / m), 2) * m - w
-        if pad_h == 0 and pad_w == 0:
-            return x
-        mode = "reflect" if pad_h < h and pad_w < w else "replicate"
-        return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+        return pad_to_stride(x, self.output_stride)
 
     def _run(self, x: Tensor, heads: tuple[str, ...]) -> dict[str, Tensor]:
         h, w = x.shape[-2:]
