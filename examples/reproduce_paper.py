@@ -32,7 +32,13 @@ each image is counted once per seed. Writes into ``--out`` (default
   ``runs/<row>/fold<k>/seed<s>/`` (the folders of ``cellkit train``).
 
 A run that is interrupted and started again reuses the (row, fold, seed) runs already
-finished and resumes the one in progress.
+finished and resumes the one in progress. ``--reuse per_image.json`` (repeatable) takes
+finished runs from the record of an earlier run instead (for example the records kept in
+``docs/images/``, when the run folders are gone): a run is taken only where its row, fold,
+seed, radii and held-out images all match this run's; the others are trained. Fig. 2
+needs the checkpoints, so it is drawn only where they are still there::
+
+    python examples/reproduce_paper.py --reuse docs/images/results-endonuke-default/per_image.json
 """
 
 from __future__ import annotations
@@ -159,6 +165,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", default="all",
                    help="comma-separated rows, or 'table1' (the paper's five) or 'all' (with the ablations; "
                    f"the default). Rows: {', '.join(ROWS)}")
+    p.add_argument("--reuse", type=Path, action="append", default=[], metavar="PER_IMAGE_JSON",
+                   help="take finished (row, fold, seed) runs from the per_image.json of an earlier run "
+                   "instead of training them again (repeatable; a run is taken only where row, fold, seed, "
+                   "radii and held-out images match)")
     p.add_argument("--smoke", action="store_true", help="a few steps, few images, one seed (for tests)")
     return p.parse_args(argv)
 
@@ -238,6 +248,51 @@ def make_folds(samples: list, fmt: str, folds: int, seed: int = 0) -> list[tuple
 # --------------------------------------------------------------------------- one run
 
 
+def load_records(paths: list[Path]) -> dict[tuple[str, int, int], dict[str, Any]]:
+    """Finished runs recorded in ``per_image.json`` files, by ``(row, fold, seed)``.
+
+    A record is plain JSON (reading it runs nothing): ``{row: [run, ...]}`` where each run
+    has ``row``, ``fold``, ``seed``, ``radius``, ``radii`` and ``images``, as
+    [`run_one`][] writes them. A later file wins over an earlier one for the same run.
+    """
+    found: dict[tuple[str, int, int], dict[str, Any]] = {}
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except OSError as exc:
+            raise SystemExit(f"reproduce_paper.py: error: --reuse {path}: cannot read it ({exc.strerror}); "
+                             "give the per_image.json of an earlier run") from None
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"reproduce_paper.py: error: --reuse {path} is not JSON ({exc}); give the "
+                             "per_image.json of an earlier run") from None
+        needed = ("row", "fold", "seed", "radius", "radii", "images")
+        runs = [r for rs in data.values() for r in rs] if isinstance(data, dict) and all(
+            isinstance(rs, list) for rs in data.values()) else None
+        if runs is None or not all(isinstance(r, dict) and all(k in r for k in needed) for r in runs):
+            raise SystemExit(f"reproduce_paper.py: error: --reuse {path} is not a per_image.json record: "
+                             f"expected {{row: [run, ...]}} with runs holding {', '.join(needed)}; give the "
+                             "per_image.json that reproduce_paper.py wrote")
+        for r in runs:
+            found[(r["row"], int(r["fold"]), int(r["seed"]))] = {**r, "reused_from": str(path)}
+    return found
+
+
+def take_record(record: dict[str, Any] | None, splits: dict[str, list], eval_radius: float,
+                result_path: Path) -> dict[str, Any] | None:
+    """``record`` as this run's result when it measured the same images at the same radii."""
+    if record is None:
+        return None
+    keys = [s.key for s in splits["test"]]
+    if ([i["key"] for i in record["images"]] != keys or float(record["radius"]) != float(eval_radius)
+            or [float(r) for r in record["radii"]] != [float(r) for r in RADII]):
+        log(f"[{record['row']} fold {record['fold']} seed {record['seed']}] the record in "
+            f"{record['reused_from']} holds other images or radii: training it")
+        return None
+    write_text_atomic(result_path, json.dumps(record))
+    log(f"[{record['row']} fold {record['fold']} seed {record['seed']}] taken from {record['reused_from']}")
+    return record
+
+
 def image_counts(pred: Any, truth_points: np.ndarray, truth_classes: np.ndarray, radii: list[float],
                  num_classes: int) -> np.ndarray:
     """``(len(radii), 3, C)``: tp, fp, fn per class at each matching radius, for one image."""
@@ -248,12 +303,21 @@ def image_counts(pred: Any, truth_points: np.ndarray, truth_classes: np.ndarray,
 
 
 def run_one(row: str, fold: int, seed: int, cfg: cellkit.CellkitConfig, splits: dict[str, list], run_dir: Path,
-            eval_radius: float, num_classes: int, device: str | None) -> dict[str, Any]:
-    """Train one (row, fold, seed) and count its held-out images; reuses a finished run."""
+            eval_radius: float, num_classes: int, device: str | None,
+            record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train one (row, fold, seed) and count its held-out images; reuses a finished run.
+
+    ``record``: the same run from an earlier run's ``per_image.json`` (``--reuse``), taken
+    instead of training where it measured the same images at the same radii.
+    """
     result_path = run_dir / "test_result.json"
     if result_path.is_file():
         log(f"[{row} fold {fold} seed {seed}] finished earlier: reusing {result_path}")
         return json.loads(result_path.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    taken = None if (run_dir / "config.yaml").is_file() else take_record(record, splits, eval_radius, result_path)
+    if taken is not None:
+        return taken
     started = time.time()
     resume = (run_dir / "config.yaml").is_file()  # fit marks a run folder with it first
     log(f"[{row} fold {fold} seed {seed}] training into {run_dir}" + (" (resuming)" if resume else ""))
@@ -529,6 +593,9 @@ def write_fig2(counts: dict[str, RowCounts], results: dict[str, list[dict[str, A
     def checkpoint(row: str, key: str) -> str:  # seed 0 of the fold that held ``key`` out
         for r in results[row]:
             if r["seed"] == min(x["seed"] for x in results[row]) and any(i["key"] == key for i in r["images"]):
+                if not r.get("best_checkpoint"):
+                    raise FileNotFoundError(f"{row} fold {r['fold']} was taken from {r.get('reused_from')}, "
+                                            "which keeps no checkpoint")
                 return r["best_checkpoint"]
         raise KeyError(key)
 
@@ -576,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     schedule = SCHEDULES["smoke" if args.smoke else args.preset]
     seeds = 1 if args.smoke else args.seeds
     rows = choose_rows(args.rows)
+    records = load_records(args.reuse)
     if "Ours" not in rows:
         rows = ["Ours", *rows]  # every claim is measured against it
     dataset_name = Path(data).name if args.data is not None else "endonuke"
@@ -631,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg.data.class_names = tuple(class_names)
                 run_dir = out / "runs" / ROWS[row].slug / f"fold{fold}" / f"seed{seed}"
                 results[row].append(run_one(row, fold, seed, cfg, sp, run_dir, eval_radius, num_classes,
-                                            args.device))
+                                            args.device, records.get((row, fold, seed))))
 
     counts = {row: gather(res) for row, res in results.items()}
     pairs = comparisons(counts)
@@ -640,7 +708,8 @@ def main(argv: list[str] | None = None) -> int:
     by_key = {s.key: s for sp in fold_splits for s in sp["test"]}
     write_fig2(counts, results, by_key, out, class_names, args.device)
     write_text_atomic(out / "per_image.json", json.dumps(
-        {row: [{k: v for k, v in r.items() if k != "best_checkpoint"} for r in res] for row, res in results.items()}))
+        {row: [{k: v for k, v in r.items() if k not in ("best_checkpoint", "reused_from")} for r in res]
+         for row, res in results.items()}))
     wall = time.time() - started
     meta = {
         "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
@@ -656,6 +725,8 @@ def main(argv: list[str] | None = None) -> int:
         "held_out_images": len(by_key),
         "class_names": class_names,
         "bootstrap_draws": BOOTSTRAP_DRAWS,
+        "reused": {row: sum("reused_from" in r for r in res) for row, res in results.items()
+                   if any("reused_from" in r for r in res)},
     }
     write_text_atomic(out / "run_info.json", json.dumps(meta, indent=2))
     print(f"\nTable 1 on {dataset_name} (r = {eval_radius:g} px; {len(by_key)} held-out images, "
