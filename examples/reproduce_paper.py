@@ -706,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
     text = write_tables(counts, pairs, class_names, out)
     write_fig3(counts, out, class_names[1])
     by_key = {s.key: s for sp in fold_splits for s in sp["test"]}
-    write_fig2(counts, results, by_key, out, class_names, args.device)
+    fig2 = write_fig2(counts, results, by_key, out, class_names, args.device)
     write_text_atomic(out / "per_image.json", json.dumps(
         {row: [{k: v for k, v in r.items() if k not in ("best_checkpoint", "reused_from")} for r in res]
          for row, res in results.items()}))
@@ -733,7 +733,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(fold_splits)} fold(s) x {seeds} seed(s); mean ± std over seeds; "
           f"N = {class_names[0]}, P = {class_names[1]}):\n")
     print(text)
-    print(f"\nResults in {out}/ (table1.md, comparisons.md, fig2.png, fig3.png, per_image.json, runs/); "
+    written = "table1.md, comparisons.md, " + ("fig2.png, " if fig2 is not None else "") + "fig3.png, per_image.json"
+    print(f"\nResults in {out}/ ({written}, runs/); "
           f"wall time {wall / 60:.1f} min")
     return 0
 

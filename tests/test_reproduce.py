@@ -99,6 +99,61 @@ def test_a_second_start_reuses_finished_runs(smoke_run, capsys):
     assert (out / "runs" / "ours" / "fold0" / "seed0" / "best.pt").stat().st_mtime_ns == before
 
 
+def _record_of(out, tmp_path, rows):
+    """A per_image.json of the smoke run's finished runs of ``rows`` (from their run folders)."""
+    slugs = {"Ours": "ours", "Ours+": "ours_plus"}
+    record = {row: [json.loads((out / "runs" / slugs[row] / "fold0" / "seed0" / "test_result.json").read_text())]
+              for row in rows}
+    path = tmp_path / "record.json"
+    path.write_text(json.dumps(record))
+    return path
+
+
+def test_reuse_takes_recorded_runs_instead_of_training(smoke_run, tmp_path, capsys):
+    script, out = smoke_run
+    first = tmp_path / "first"  # its own run: other tests start the smoke run's folder again
+    assert script.main(["--smoke", "--out", str(first), "--rows", "Ours,Ours+", "--reuse",
+                        str(_record_of(out, tmp_path, ["Ours", "Ours+"]))]) == 0
+    capsys.readouterr()
+    fresh = tmp_path / "again"
+    assert script.main(["--smoke", "--out", str(fresh), "--rows", "Ours,Ours+",
+                        "--reuse", str(first / "per_image.json")]) == 0
+    err = capsys.readouterr().err
+    assert err.count(f"] taken from {first / 'per_image.json'}") == 2 and "training into" not in err
+    assert not (fresh / "runs" / "ours" / "fold0" / "seed0" / "best.pt").exists()
+    assert "fig2.png not drawn" in err  # the record keeps no checkpoint
+    old = json.loads((first / "per_image.json").read_text())
+    new = json.loads((fresh / "per_image.json").read_text())
+    assert new == old  # the same counts, without the reuse marker
+    assert json.loads((fresh / "run_info.json").read_text())["reused"] == {"Ours": 1, "Ours+": 1}
+    assert (fresh / "table1.csv").read_text() == (first / "table1.csv").read_text()
+
+
+def test_reuse_trains_a_run_whose_record_holds_other_images(smoke_run, tmp_path, capsys):
+    script, out = smoke_run
+    ours = json.loads(_record_of(out, tmp_path, ["Ours"]).read_text())["Ours"][0]
+    ours["images"] = ours["images"][:1]  # another split: the record does not fit this run
+    path = tmp_path / "per_image.json"
+    path.write_text(json.dumps({"Ours": [ours]}))
+    capsys.readouterr()
+    assert script.main(["--smoke", "--out", str(tmp_path / "run"), "--rows", "Ours", "--reuse", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "holds other images or radii: training it" in err and f"training into {tmp_path / 'run'}" in err
+
+
+@pytest.mark.parametrize("text, match", [("{not json", "is not JSON"),
+                                         ('{"Ours": [{"row": "Ours"}]}', "not a per_image.json record"),
+                                         ("[1, 2]", "not a per_image.json record")])
+def test_reuse_of_a_bad_record_is_a_clear_error(tmp_path, script, text, match):
+    path = tmp_path / "record.json"
+    path.write_text(text)
+    with pytest.raises(SystemExit, match=match) as info:
+        script.main(["--smoke", "--out", str(tmp_path / "run"), "--reuse", str(path)])
+    assert str(path) in str(info.value)
+    with pytest.raises(SystemExit, match="cannot read it"):
+        script.main(["--smoke", "--out", str(tmp_path / "run"), "--reuse", str(tmp_path / "missing.json")])
+
+
 def test_unknown_row_is_a_clear_error(tmp_path, script):
     with pytest.raises(SystemExit, match="unknown rows"):
         script.main(["--smoke", "--out", str(tmp_path), "--rows", "Ours+++"])
