@@ -304,11 +304,12 @@ def image_counts(pred: Any, truth_points: np.ndarray, truth_classes: np.ndarray,
 
 def run_one(row: str, fold: int, seed: int, cfg: cellkit.CellkitConfig, splits: dict[str, list], run_dir: Path,
             eval_radius: float, num_classes: int, device: str | None,
-            record: dict[str, Any] | None = None) -> dict[str, Any]:
+            record: dict[str, Any] | None = None, commit: str = "unknown") -> dict[str, Any]:
     """Train one (row, fold, seed) and count its held-out images; reuses a finished run.
 
     ``record``: the same run from an earlier run's ``per_image.json`` (``--reuse``), taken
-    instead of training where it measured the same images at the same radii.
+    instead of training where it measured the same images at the same radii. ``commit``
+    (the code that trains it) is kept in the result, so a reused run keeps its provenance.
     """
     result_path = run_dir / "test_result.json"
     if result_path.is_file():
@@ -340,6 +341,7 @@ def run_one(row: str, fold: int, seed: int, cfg: cellkit.CellkitConfig, splits: 
         "row": row, "fold": fold, "seed": seed, "radius": float(eval_radius), "radii": RADII,
         "images": images, "best_checkpoint": str(trained.best_path),
         "train_seconds": round(train_seconds, 1), "seconds": round(time.time() - started, 1),
+        "commit": commit,
     }
     write_text_atomic(result_path, json.dumps(result))
     return result
@@ -699,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg.data.class_names = tuple(class_names)
                 run_dir = out / "runs" / ROWS[row].slug / f"fold{fold}" / f"seed{seed}"
                 results[row].append(run_one(row, fold, seed, cfg, sp, run_dir, eval_radius, num_classes,
-                                            args.device, records.get((row, fold, seed))))
+                                            args.device, records.get((row, fold, seed)), commit))
 
     counts = {row: gather(res) for row, res in results.items()}
     pairs = comparisons(counts)

@@ -127,6 +127,7 @@ def test_reuse_takes_recorded_runs_instead_of_training(smoke_run, tmp_path, caps
     assert new == old  # the same counts, without the reuse marker
     assert json.loads((fresh / "run_info.json").read_text())["reused"] == {"Ours": 1, "Ours+": 1}
     assert (fresh / "table1.csv").read_text() == (first / "table1.csv").read_text()
+    assert {r["commit"] for rs in new.values() for r in rs} == {script._commit()}  # provenance travels
 
 
 def test_reuse_trains_a_run_whose_record_holds_other_images(smoke_run, tmp_path, capsys):
