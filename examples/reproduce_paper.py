@@ -164,7 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="results folder")
     p.add_argument("--rows", default="all",
                    help="comma-separated rows, or 'table1' (the paper's five) or 'all' (with the ablations; "
-                   f"the default). Rows: {', '.join(ROWS)}")
+                   f"the default). Rows: {', '.join(ROWS).replace('%', '%%')}")
     p.add_argument("--reuse", type=Path, action="append", default=[], metavar="PER_IMAGE_JSON",
                    help="take finished (row, fold, seed) runs from the per_image.json of an earlier run "
                    "instead of training them again (repeatable; a run is taken only where row, fold, seed, "
