@@ -318,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="side of the chunks a slide is predicted in, model pixels (default 2048; 4096 on CUDA)")
     w.add_argument("--workers", type=_nonneg_int, default=2, help="threads reading slide chunks ahead")
     w.add_argument("--index-class", metavar="NAME",
-                   help="the class whose share is reported per slide and region (default: a class named positive)")
+                   help="the class whose share is reported per slide and region (default: a class named positive, "
+                   "else class 1, the class of interest)")
     _add_common(p)
     p.set_defaults(func=_cmd_predict)
 

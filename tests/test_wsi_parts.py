@@ -389,7 +389,9 @@ def test_summarize_without_mpp_or_area_has_no_densities() -> None:
 def test_summarize_index_class_choice() -> None:
     assert summarize([0, 1], ["other", "Ki-67"])["index"] == {"class": "Ki-67", "value": 0.5}
     assert summarize([0, 1], ["tumor_negative", "TUMOR_POSITIVE"])["index"]["class"] == "TUMOR_POSITIVE"
-    assert summarize([0, 1], ["a", "b"])["index"] is None
+    # No class so named: class 1 (cellkit's class of interest); one class: no index.
+    assert summarize([0, 1, 1], ["a", "b"])["index"] == {"class": "b", "value": pytest.approx(2 / 3)}
+    assert summarize([0, 0], ["cells"])["index"] is None
     assert summarize([0, 1, 1], ["a", "b"], index_class="a")["index"] == {
         "class": "a",
         "value": pytest.approx(1 / 3),

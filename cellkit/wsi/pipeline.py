@@ -208,7 +208,9 @@ def predict_slide(
         resume: keep the chunks an earlier, interrupted run of the same settings finished.
         progress: a bar; ``None`` = a bar on a terminal, a line every 30 s otherwise.
         thumbnail_size: longer side of the thumbnail (tissue mask and picture), pixels.
-        index_class: the class whose share is reported (default: a class named ``positive``).
+        index_class: the class whose share is reported (default: a class named ``positive``,
+            else class 1, cellkit's class of interest; see
+            [`summarize`][cellkit.wsi.summary.summarize]).
         overwrite: replace the slide's output files when they exist. Without it (and without
             ``resume``, which continues a run of this function), an existing output file stops
             the call before any work: it may be the user's (``STEM.csv`` annotations).

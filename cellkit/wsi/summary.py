@@ -41,7 +41,7 @@ __all__ = ["INDEX_CLASS_NAMES", "draw_thumbnail", "summarize", "write_summary"]
 INDEX_CLASS_NAMES: tuple[str, ...] = ("positive", "ki67", "ki-67", "tumor_positive")
 """Class names (compared case-insensitively) that [`summarize`][] takes as the class of interest
 when no ``index_class`` is given: the first class so named gives the index (the Ki-67 index, the
-share of positive cells).
+share of positive cells); without one, class 1 (cellkit's class of interest) gives it.
 """
 
 _DISPLAY_PX = 640  # the longer side of the images as drawn (about the figure's pixels per panel)
@@ -78,7 +78,11 @@ def _index_class(index_class: str | None, names: list[str]) -> str | None:
             )
         )
     wanted = {n.lower() for n in INDEX_CLASS_NAMES}
-    return next((n for n in names if n.strip().lower() in wanted), None)
+    named = next((n for n in names if n.strip().lower() in wanted), None)
+    if named is not None:
+        return named
+    # cellkit's convention (the paper's P columns): class 1 is the class of interest.
+    return names[1] if len(names) >= 2 else None
 
 
 def _scope(
@@ -123,7 +127,9 @@ def summarize(
             slide's density is taken over.
         index_class: the class of interest; default the first class named (case-insensitively)
             as in [`INDEX_CLASS_NAMES`][] (``positive``, ``ki67``, ``ki-67``,
-            ``tumor_positive``), else none: ``index`` is None.
+            ``tumor_positive``), else class 1 (cellkit's class of interest, the paper's P:
+            ``epithelium`` for the shipped ``endonuke-epithelium`` model); with one class,
+            ``index`` is None.
         region_index: ``(N,)`` index into ``regions`` of the region holding each cell, -1 for
             none (the output of [`assign_regions`][cellkit.wsi.regions.assign_regions]); needs ``regions``.
         regions: the [`Region`][cellkit.wsi.regions.Region] objects (``name``, ``classification``,
