@@ -14,11 +14,20 @@ the wall time of the whole call (after one untimed warm-up on a small slide; wit
 ``--repeat N``, the median of N calls, all of them listed in ``seconds_all``).
 Issue targets: CPU ``cpu`` size >= 2 MP/s; GPU ``paper`` size >= 300 MP/s end to end.
 
+``--model NAME`` times a shipped model (``endonuke-epithelium``: real weights, its own
+thresholds, its int8 calibration) instead of random weights. ``--command`` also times the
+command a user types, ``cellkit predict SLIDE --model NAME --out DIR`` in a new process, from
+its start to its exit (Python and torch start-up, loading and quantizing the model, the slide,
+every file): ``command_seconds`` (median; all in ``command_seconds_all``) and
+``command_tissue_mp_per_s``. The difference to ``seconds`` is what one process pays once,
+however many slides it is given.
+
 Usage::
 
     python benchmarks/slide_bench.py --size cpu                          # the mosaic, as cellkit predict runs
     python benchmarks/slide_bench.py --size paper --device cuda --precision auto --fold-bn --side 16384
     python benchmarks/slide_bench.py --slide ../shared/data/wsi/CMU-1-Small-Region.svs
+    python benchmarks/slide_bench.py --model endonuke-epithelium --command --repeat 3
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -64,7 +74,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1,
                    help="timed calls (the figure is their median; all are listed: this machine's runs vary)")
     p.add_argument("--json", type=Path, help="also write the JSON here")
-    return p.parse_args(argv)
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="a shipped model (e.g. endonuke-epithelium) instead of random weights at --size")
+    p.add_argument("--command", action="store_true",
+                   help="also time 'cellkit predict SLIDE --model NAME --out DIR' as a new process (needs --model)")
+    args = p.parse_args(argv)
+    if args.command and not args.model:
+        p.error("--command times 'cellkit predict --model NAME': give --model too (e.g. --model endonuke-epithelium)")
+    return args
 
 
 def write_mosaic(path: Path, side: int) -> Path:
@@ -94,6 +111,13 @@ def write_mosaic(path: Path, side: int) -> Path:
 
 def build_predictor(args: argparse.Namespace) -> Any:
     from cellkit.engine.predict import Predictor
+
+    if args.model:  # a shipped model, as cellkit predict --model loads it
+        extra = {"precision": args.precision, "fold_bn": args.fold_bn}
+        from cellkit.zoo import pretrained
+
+        return pretrained(args.model, device=args.device, tile_size=args.tile_size,
+                          batch_size=args.batch_size, **extra), extra
     from cellkit.imaging import image_to_tensor
     from cellkit.data.bundled import bundled_endonuke
     import cellkit.postprocess  # noqa: F401
@@ -140,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         seconds = float(np.median(times))
+        command_runs = [time_command(args, slide, tmpdir / f"cmd{k}") for k in range(max(1, args.repeat))
+                        ] if args.command else []
+        command_times = [t for t, _ in command_runs]
         with open_slide(slide) as s:
             level0_mp = s.dimensions[0] * s.dimensions[1] / 1e6
         tissue_mm2 = result.summary.get("tissue_area_mm2")
@@ -147,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         tissue_mp = tissue_mm2 * 1e6 / (mpp * mpp) / 1e6 if tissue_mm2 else None
     out = {
         "benchmark": "slide",
-        "size": args.size,
+        "size": None if args.model else args.size,
         "device": args.device,
         "options": {"tile_size": args.tile_size, "batch_size": args.batch_size, "chunk_size": args.chunk_size,
                     "workers": args.workers, **extra},
@@ -161,13 +188,41 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_all": [round(t, 2) for t in times],
         "tissue_mp_per_s": round(tissue_mp / seconds, 3) if tissue_mp else None,
         "slide_mp_per_s": round(level0_mp / seconds, 3),
+        "model": args.model or f"random weights, {args.size} size",
         "machine": machine_info(HERE.parent),
     }
+    if command_times:
+        command_seconds = float(np.median(command_times))
+        out["command"] = (f"cellkit predict {out['slide'] if args.slide else 'mosaic.tif'} --model {args.model} "
+                          f"--out DIR --device {args.device} --precision {args.precision}")
+        out["command_seconds"] = round(command_seconds, 2)
+        out["command_seconds_all"] = [round(t, 2) for t in command_times]
+        out["command_tissue_mp_per_s"] = round(tissue_mp / command_seconds, 3) if tissue_mp else None
+        out["command_cells"] = command_runs[0][1]  # the command finds the cells the call found
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
     return 0
+
+
+def time_command(args: argparse.Namespace, slide: Path, out: Path) -> tuple[float, int]:
+    """Wall seconds of ``cellkit predict SLIDE --model NAME --out OUT`` in a new process, and
+    the cells its summary counts."""
+    cmd = [sys.executable, "-m", "cellkit", "predict", str(slide), "--model", args.model, "--out", str(out),
+           "--device", args.device, "--precision", args.precision, "--tile-size", str(args.tile_size),
+           "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
+    if args.chunk_size:
+        cmd += ["--chunk-size", str(args.chunk_size)]
+    if not args.fold_bn:
+        cmd.append("--no-fold-bn")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"slide_bench: {' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    (summary,) = out.glob("*.summary.json")
+    return seconds, int(json.loads(summary.read_text(encoding="utf-8"))["cells"])
 
 
 if __name__ == "__main__":

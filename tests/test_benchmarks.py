@@ -166,3 +166,30 @@ def test_accuracy_summary_pools_the_folds(tmp_path: Path) -> None:
     assert summary["index_error_mae"] == pytest.approx(0.1333, abs=1e-4) and summary["held_out_images"] == 3
     (tmp_path / "accuracy.json").write_text(json.dumps({"datasets": {"bcdata": {"presets": {"ours": summary}}}}))
     assert "| bcdata | ours | a | 0.667 |" in acc.table(tmp_path)
+
+
+# --------------------------------------------------------------------------- slide_bench.py
+
+
+def test_slide_bench_times_the_users_command_and_it_finds_the_same_cells(tmp_path: Path) -> None:
+    out = tmp_path / "slide.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "slide_bench.py"), "--side", "2048", "--model",
+         "endonuke-epithelium", "--command", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text(), parse_constant=_reject_constant)
+    assert report["model"] == "endonuke-epithelium" and report["precision"] == "int8"
+    assert report["cells"] > 100  # real weights on real IHC tiles
+    assert report["command_cells"] == report["cells"], "cellkit predict and predict_slide disagree"
+    assert report["command"].startswith("cellkit predict mosaic.tif --model endonuke-epithelium")
+    assert len(report["command_seconds_all"]) == 1 and report["command_tissue_mp_per_s"] > 0
+
+
+def test_slide_bench_command_needs_a_model() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "slide_bench.py"), "--command"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and "give --model too" in proc.stderr
