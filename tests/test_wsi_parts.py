@@ -17,7 +17,7 @@ from shapely.geometry import MultiPolygon, Point, Polygon, box
 
 from cellkit.data.io import DataWarning
 from cellkit.wsi.regions import Region, assign_regions, read_regions
-from cellkit.wsi.summary import draw_thumbnail, summarize, write_summary
+from cellkit.wsi.summary import density_map, draw_thumbnail, summarize, write_summary
 from cellkit.wsi.tissue import SATURATION_FLOOR, mask_fraction, tissue_mask
 
 SLIDE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
@@ -527,6 +527,43 @@ def test_draw_thumbnail_writes_a_two_panel_png_without_pyplot_state(tmp_path: Pa
     with Image.open(tmp_path / "tall.png") as png:
         assert png.size[0] > png.size[1]
     assert plt.get_fignums() == before
+
+
+def test_density_map_in_cells_per_mm2_matches_a_known_density() -> None:
+    # One cell every 4 x 4 thumbnail pixels of 8 um: 1 cell per (32 um)² = 976.6 cells per mm².
+    ys, xs = np.mgrid[2:200:4, 2:200:4]
+    points = np.c_[xs.ravel(), ys.ravel()].astype(float)
+    pixel_area = (8e-3) ** 2
+    d = density_map(points, (200, 200), sigma=6.0, pixel_area_mm2=pixel_area)
+    inside = d[40:160, 40:160]  # away from the border, where zero padding takes density away
+    assert inside.mean() == pytest.approx(1 / (32e-3) ** 2, rel=1e-3)
+    assert inside.std() / inside.mean() < 0.01  # smooth at sigma > the lattice's spacing
+    assert d.sum() * pixel_area == pytest.approx(len(points), rel=0.05)  # a few % lost at the border
+    raw = density_map(points, (200, 200), sigma=0.0)
+    assert raw.sum() == len(points) and raw.max() == 1.0  # cells per pixel without an area
+
+
+def test_draw_thumbnail_with_a_pixel_size_labels_the_density_in_mm2(tmp_path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    labels: list[str] = []
+    original = Figure.colorbar
+
+    def spy(self, *args, **kwargs):  # the colour bar's label, read where the figure makes it
+        bar = original(self, *args, **kwargs)
+        real = bar.set_label
+        bar.set_label = lambda text, *a, **k: (labels.append(text), real(text, *a, **k))[1]
+        return bar
+
+    image = np.full((40, 60, 3), 240, np.uint8)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Figure, "colorbar", spy)
+        draw_thumbnail(image, tmp_path / "um.png", points=[[10, 10]], pixel_um=8.0)
+        draw_thumbnail(image, tmp_path / "px.png", points=[[10, 10]])
+    assert labels == ["cells per mm² (smoothed)", "cells per thumbnail pixel (smoothed)"]
+    with pytest.raises(ValueError, match=r"draw_thumbnail: pixel_um must be > 0"):
+        draw_thumbnail(image, tmp_path / "bad.png", pixel_um=0.0)
+    assert not (tmp_path / "bad.png").exists()
 
 
 def test_draw_thumbnail_rejects_bad_input(tmp_path: Path) -> None:

@@ -567,8 +567,10 @@ def _write_outputs(out: Path, stem: str, predictor: Any, slide: Slide, cells: De
                         region_index=region_index, regions=list(regions) or None)
     summary = {"slide": str(slide.path), "dimensions": list(slide.dimensions), "mpp": slide.mpp,
                "model_mpp": settings.get("model_mpp"), "scale": settings.get("scale"), **summary}
+    # Micrometres per thumbnail pixel: the density map in cells per mm² where the slide has an mpp.
+    pixel_um = (slide.mpp / thumb_scale[0], slide.mpp / thumb_scale[1]) if slide.mpp else None
     draw_thumbnail(thumb, files[0], tissue=mask, points=(cells.points + 0.5) * np.array(thumb_scale, np.float32) - 0.5,
-                   classes=cells.classes, class_names=names)
+                   classes=cells.classes, class_names=names, pixel_um=pixel_um)
     write_summary(out, stem, summary)
     colors = class_colors(len(names))
     write_geojson(files[3], cells, names, colors=colors.tolist())

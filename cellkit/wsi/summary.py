@@ -36,7 +36,7 @@ import numpy as np
 from cellkit.data.io import atomic_write
 from cellkit.lookup import look_up_option
 
-__all__ = ["INDEX_CLASS_NAMES", "draw_thumbnail", "summarize", "write_summary"]
+__all__ = ["INDEX_CLASS_NAMES", "density_map", "draw_thumbnail", "summarize", "write_summary"]
 
 INDEX_CLASS_NAMES: tuple[str, ...] = ("positive", "ki67", "ki-67", "tumor_positive")
 """Class names (compared case-insensitively) that [`summarize`][] takes as the class of interest
@@ -48,8 +48,8 @@ _DISPLAY_PX = 640  # the longer side of the images as drawn (about the figure's 
 _MAX_POINTS_DRAWN = 5000  # more points hide the thumbnail; the density map shows them instead
 
 
-def _scale_mm2(mpp: float | Sequence[float] | None) -> float | None:
-    """mm² per level-0 pixel for ``mpp`` (one number, or ``(mpp_x, mpp_y)``), None without it."""
+def _scale_mm2(mpp: float | Sequence[float] | None, what: str = "summarize: mpp") -> float | None:
+    """mm² per pixel for ``mpp`` (one number, or ``(mpp_x, mpp_y)``), None without it."""
     if mpp is None:
         return None
     if isinstance(mpp, (int, float, np.integer, np.floating)):
@@ -57,12 +57,12 @@ def _scale_mm2(mpp: float | Sequence[float] | None) -> float | None:
     else:
         values = [float(v) for v in mpp]
         if len(values) != 2:
-            raise ValueError(f"summarize: mpp must be one number or a pair (mpp_x, mpp_y), got {mpp!r}.")
+            raise ValueError(f"{what} must be one number or a pair (x, y), got {mpp!r}.")
         mx, my = values
     if not (math.isfinite(mx) and math.isfinite(my) and mx > 0 and my > 0):
         raise ValueError(
-            f"summarize: mpp must be > 0 microns per pixel (about 0.25 at 40x, 0.5 at 20x), got {mpp!r}; "
-            "pass mpp=None when the slide does not record it."
+            f"{what} must be > 0 microns per pixel (about 0.25 at 40x, 0.5 at 20x), got {mpp!r}; "
+            "pass None when the slide does not record it."
         )
     return mx * my / 1e6
 
@@ -156,7 +156,9 @@ def summarize(
         ({'negative': 3, 'positive': 2}, {'class': 'positive', 'value': 0.4})
         >>> s["tissue_area_mm2"], s["cells_per_mm2"]["all"]
         (1.0, 5.0)
-        >>> summarize([], ["a", "b"])["index"] is None
+        >>> summarize([0, 1, 1, 1], ["a", "b"])["index"]  # no class named positive: class 1
+        {'class': 'b', 'value': 0.75}
+        >>> summarize([0, 0], ["cells"])["index"] is None
         True
     """
     names = [str(n) for n in class_names]
@@ -372,6 +374,40 @@ def _check_points(points: Any, classes: Any) -> tuple[np.ndarray, np.ndarray | N
     return pts, cls.astype(np.int64)
 
 
+def density_map(
+    points: np.ndarray, shape: tuple[int, int], sigma: float, pixel_area_mm2: float | None = None
+) -> np.ndarray:
+    """Cell density on a pixel grid: a 2-D histogram of ``points`` smoothed by a Gaussian.
+
+    Args:
+        points: ``(N, 2)`` positions ``(x, y)`` in the grid's pixels.
+        shape: ``(h, w)`` of the grid.
+        sigma: the Gaussian's standard deviation in pixels (0: the histogram as is). Cells near
+            the border lose the part of their Gaussian that falls outside (zero padding).
+        pixel_area_mm2: the area of one pixel; with it the map is in cells per mm², else in
+            cells per pixel.
+
+    Returns:
+        ``(h, w)`` float64; its sum is the number of cells (less what the smoothing moves out of
+        the grid), times ``1 / pixel_area_mm2`` when that is given.
+
+    Examples:
+        >>> d = density_map(np.array([[2.0, 1.0]]), (3, 4), sigma=0, pixel_area_mm2=0.01)
+        >>> float(d[1, 2]), float(d.sum())
+        (100.0, 100.0)
+    """
+    from scipy import ndimage
+
+    pts = np.asarray(points, np.float64).reshape(-1, 2)
+    h, w = shape
+    density, _, _ = np.histogram2d(pts[:, 1], pts[:, 0], bins=(h, w), range=((0, h), (0, w)))
+    if sigma > 0:
+        density = ndimage.gaussian_filter(density, sigma=float(sigma), mode="constant")
+    if pixel_area_mm2 is not None:
+        density /= pixel_area_mm2
+    return density
+
+
 def draw_thumbnail(
     thumbnail: np.ndarray,
     path: str | os.PathLike[str],
@@ -381,6 +417,7 @@ def draw_thumbnail(
     classes: Any = None,
     class_names: Sequence[str] | None = None,
     density_sigma: float | None = None,
+    pixel_um: float | Sequence[float] | None = None,
 ) -> None:
     """Draw a slide's overview as a PNG: the thumbnail with tissue and cells, and a cell-density map.
 
@@ -402,6 +439,10 @@ def draw_thumbnail(
         class_names: the name of each class, for the legend.
         density_sigma: the smoothing, in thumbnail pixels; default 1 % of the thumbnail's
             larger side (at least 1).
+        pixel_um: micrometres per *thumbnail* pixel (one number, or ``(x, y)``): the slide's
+            mpp divided by the thumbnail's scale. With it the density map is in cells per mm²
+            (what [`summarize`][] reports) and its smoothing in µm; without it, in cells per
+            thumbnail pixel.
 
     Raises:
         ValueError: for a thumbnail that is not ``(h, w, 3)`` uint8, a mask of another size,
@@ -500,9 +541,8 @@ def draw_thumbnail(
         left_title += f"\n({n} cells: too many to draw as dots)"
     left.set_title(left_title, fontsize="medium")
 
-    density, _, _ = np.histogram2d(pts[:, 1], pts[:, 0], bins=(h, w), range=((0, h), (0, w)))
-    if density_sigma > 0:
-        density = ndimage.gaussian_filter(density, sigma=float(density_sigma), mode="constant")
+    area_mm2 = _scale_mm2(pixel_um, "draw_thumbnail: pixel_um")  # of one thumbnail pixel
+    density = density_map(pts, (h, w), float(density_sigma), area_mm2)
     faded = (0.4 * small.astype(np.float32) + 0.6 * 255.0).astype(np.uint8)
     right.imshow(faded, interpolation="nearest", extent=extent)
     if step > 1:  # the mean density over each shown pixel
@@ -521,8 +561,13 @@ def draw_thumbnail(
     )
     bar_ax = make_axes_locatable(right).append_axes("right", size="4%", pad=0.08)  # panels stay equal
     bar = fig.colorbar(image, cax=bar_ax)
-    bar.set_label("cells per thumbnail pixel (smoothed)")
-    right.set_title(f"cell density ({n} cells, sigma {float(density_sigma):g} px)", fontsize="medium")
+    if area_mm2 is not None:
+        bar.set_label("cells per mm² (smoothed)")
+        sigma_um = float(density_sigma) * math.sqrt(area_mm2) * 1e3
+        right.set_title(f"cell density ({n} cells, sigma {sigma_um:.0f} µm)", fontsize="medium")
+    else:
+        bar.set_label("cells per thumbnail pixel (smoothed)")
+        right.set_title(f"cell density ({n} cells, sigma {float(density_sigma):g} px)", fontsize="medium")
     for ax in (left, right):
         ax.set_xlim(-0.5, w - 0.5)
         ax.set_ylim(h - 0.5, -0.5)
