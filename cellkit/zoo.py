@@ -133,7 +133,11 @@ def pretrained(name: str, device: Any = None, **kwargs: Any) -> Any:
         device: ``None`` = CUDA when available, else the CPU.
         **kwargs: more
             [`Predictor.from_checkpoint`][cellkit.engine.predict.Predictor.from_checkpoint]
-            options (``threshold``, ``tile_size``, ``precision``...).
+            options (``threshold``, ``tile_size``, ``precision``...). As ``cellkit predict
+            --model NAME`` runs it, ``precision`` defaults to ``"auto"`` (8-bit integers on the
+            CPU, bfloat16 or float16 on CUDA; see
+            [`resolve_precision`][cellkit.engine.predict.resolve_precision]) and ``fold_bn`` to
+            True; pass ``precision="fp32"`` for float32.
 
     Examples:
         Not run here (``image`` stands for yours; the weights may be absent from a
@@ -145,6 +149,8 @@ def pretrained(name: str, device: Any = None, **kwargs: Any) -> Any:
     """
     from cellkit.engine.predict import Predictor
 
+    kwargs.setdefault("precision", "auto")  # the same cells as cellkit predict --model NAME
+    kwargs.setdefault("fold_bn", True)
     return Predictor.from_checkpoint(model_path(name), device=device, **kwargs)
 
 

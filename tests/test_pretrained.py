@@ -117,12 +117,16 @@ def test_the_shipped_model_works_offline_on_held_out_tiles() -> None:
     from cellkit.data import load_dataset
     from cellkit.data.bundled import bundled_endonuke
     from cellkit.metrics import evaluate
+    from cellkit.models.quantize import int8_available
 
     assert "endonuke-epithelium" in cellkit.zoo.available()
     card = cellkit.model_card("endonuke-epithelium")
     assert "CC BY 4.0" in card and "Held-out scores" in card and "aa41c5e" in card
     predictor = cellkit.pretrained("endonuke-epithelium", device="cpu")
     assert predictor.class_names == ["other", "epithelium"]
+    # As cellkit predict --model runs it: precision "auto" (int8 on the CPU), unless asked.
+    assert predictor.precision == ("int8" if int8_available() else "fp32")
+    assert cellkit.pretrained("endonuke-epithelium", device="cpu", precision="fp32").precision == "fp32"
     weights = torch.load(cellkit.zoo.model_path("endonuke-epithelium"), weights_only=True)["model"]
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float16}
     samples = [s for s in load_dataset(bundled_endonuke(), "endonuke", class_map="endonuke_epithelium")
