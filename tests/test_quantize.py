@@ -34,7 +34,7 @@ def tiles(n: int = 4) -> list[np.ndarray]:
 def shipped() -> Predictor:
     from cellkit.zoo import pretrained
 
-    return pretrained("endonuke-epithelium", device="cpu")
+    return pretrained("endonuke-epithelium", device="cpu", precision="fp32", fold_bn=False)
 
 
 @pytest.fixture(scope="module")
