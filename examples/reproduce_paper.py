@@ -687,21 +687,30 @@ def main(argv: list[str] | None = None) -> int:
                     for sp in fold_splits))
 
     results: dict[str, list[dict[str, Any]]] = {}
-    total_runs = len(rows) * len(fold_splits) * seeds
-    done = 0
-    for row in rows:
-        results[row] = []
-        for fold, sp in enumerate(fold_splits):
-            for seed in range(seeds):
-                done += 1
-                elapsed = time.time() - started
-                log(f"=== {row} ({ROWS[row].what}), fold {fold + 1}/{len(fold_splits)}, seed {seed + 1}/{seeds}: "
-                    f"run {done}/{total_runs}, {elapsed / 60:.0f} min so far ===")
-                cfg = row_config(row, schedule, seed, num_classes)
-                cfg.data.class_names = tuple(class_names)
-                run_dir = out / "runs" / ROWS[row].slug / f"fold{fold}" / f"seed{seed}"
-                results[row].append(run_one(row, fold, seed, cfg, sp, run_dir, eval_radius, num_classes,
-                                            args.device, records.get((row, fold, seed)), commit))
+    plan = [(row, fold, seed) for row in rows for fold in range(len(fold_splits)) for seed in range(seeds)]
+
+    def run_dir_of(row: str, fold: int, seed: int) -> Path:
+        return out / "runs" / ROWS[row].slug / f"fold{fold}" / f"seed{seed}"
+
+    def to_train(key: tuple[str, int, int]) -> bool:  # neither finished earlier nor in a --reuse record
+        return key not in records and not (run_dir_of(*key) / "test_result.json").is_file()
+
+    trained_runs, trained_seconds = 0, 0.0
+    for done, (row, fold, seed) in enumerate(plan, start=1):
+        results.setdefault(row, [])
+        elapsed = time.time() - started
+        left = sum(to_train(key) for key in plan[done - 1:])
+        eta = (f", about {left * trained_seconds / trained_runs / 60:.0f} min left ({left} runs to train)"
+               if trained_runs and left else "")
+        log(f"=== {row} ({ROWS[row].what}), fold {fold + 1}/{len(fold_splits)}, seed {seed + 1}/{seeds}: "
+            f"run {done}/{len(plan)}, {elapsed / 60:.0f} min so far{eta} ===")
+        cfg = row_config(row, schedule, seed, num_classes)
+        cfg.data.class_names = tuple(class_names)
+        trains, run_started = to_train((row, fold, seed)), time.time()
+        results[row].append(run_one(row, fold, seed, cfg, fold_splits[fold], run_dir_of(row, fold, seed),
+                                    eval_radius, num_classes, args.device, records.get((row, fold, seed)), commit))
+        if trains:
+            trained_runs, trained_seconds = trained_runs + 1, trained_seconds + time.time() - run_started
 
     counts = {row: gather(res) for row, res in results.items()}
     pairs = comparisons(counts)
