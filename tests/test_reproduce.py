@@ -155,6 +155,12 @@ def test_reuse_of_a_bad_record_is_a_clear_error(tmp_path, script, text, match):
         script.main(["--smoke", "--out", str(tmp_path / "run"), "--reuse", str(tmp_path / "missing.json")])
 
 
+def test_default_rows_are_every_row_on_one_split_and_table1_with_folds(script):
+    assert script.parse_args([]).rows is None  # chosen once the folds are known
+    assert script.choose_rows(script.default_rows(1)) == list(script.ROWS)
+    assert script.choose_rows(script.default_rows(3)) == script.TABLE1
+
+
 def test_unknown_row_is_a_clear_error(tmp_path, script):
     with pytest.raises(SystemExit, match="unknown rows"):
         script.main(["--smoke", "--out", str(tmp_path), "--rows", "Ours+++"])

@@ -156,7 +156,7 @@ def summarize(
         ({'negative': 3, 'positive': 2}, {'class': 'positive', 'value': 0.4})
         >>> s["tissue_area_mm2"], s["cells_per_mm2"]["all"]
         (1.0, 5.0)
-        >>> summarize([0, 1, 1, 1], ["a", "b"])["index"]  # no class named positive: class 1
+        >>> summarize([0, 1, 1, 1], ["a", "b"])["index"]  # no "positive": class 1
         {'class': 'b', 'value': 0.75}
         >>> summarize([0, 0], ["cells"])["index"] is None
         True
@@ -392,7 +392,8 @@ def density_map(
         the grid), times ``1 / pixel_area_mm2`` when that is given.
 
     Examples:
-        >>> d = density_map(np.array([[2.0, 1.0]]), (3, 4), sigma=0, pixel_area_mm2=0.01)
+        >>> d = density_map(np.array([[2.0, 1.0]]), (3, 4), sigma=0,
+        ...                 pixel_area_mm2=0.01)
         >>> float(d[1, 2]), float(d.sum())
         (100.0, 100.0)
     """
