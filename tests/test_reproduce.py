@@ -39,21 +39,21 @@ def test_smoke_trains_every_row_and_tables_finite_f1(smoke_run):
     script, out = smoke_run
     with open(out / "table1.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert [r["method"] for r in rows] == list(script.ROWS)  # Table 1's five, then the ablations
+    assert [r["method"] for r in rows] == script.ALL  # Table 1's five, then the ablations
     assert [r["ablation"] for r in rows] == ["false"] * 5 + ["true"] * 5
     for row in rows:
         for column in ("total_f1_n_mean", "total_f1_p_mean", "mean_f1_n_mean", "mean_f1_p_mean", "index_mae"):
             value = float(row[column])
             assert math.isfinite(value) and 0.0 <= value <= 1.0, (row["method"], column, value)
     markdown = (out / "table1.md").read_text()
-    assert sum(line.startswith("| ") for line in markdown.splitlines()) == 1 + len(script.ROWS)
+    assert sum(line.startswith("| ") for line in markdown.splitlines()) == 1 + len(script.ALL)
 
 
 def test_smoke_compares_every_row_with_its_references(smoke_run):
     script, out = smoke_run
     with open(out / "comparisons.csv") as fh:
         pairs = [(r["row"], r["against"]) for r in csv.DictReader(fh)]
-    expected = [(row, ref) for row, spec in script.ROWS.items() for ref in spec.against]
+    expected = [(row, ref) for row in script.ALL for ref in script.ROWS[row].against]
     assert pairs == expected
     assert ("Ours++", "Ours+") in pairs and ("FCRN", "Ours") in pairs
 
@@ -63,7 +63,7 @@ def test_smoke_writes_figures_records_and_runs(smoke_run):
     for name in ("fig2.png", "fig3.png", "fig3.csv", "split.json", "run_info.json", "per_image.json"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "fig2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for spec in script.ROWS.values():
+    for spec in (script.ROWS[row] for row in script.ALL):
         run = out / "runs" / spec.slug / "fold0" / "seed0"
         assert (run / "best.pt").is_file() and (run / "test_result.json").is_file(), spec.slug
     assert (out / "runs" / "ours_plus_plus" / "fold0" / "seed0" / "pretrain" / "last.pt").is_file()
@@ -72,7 +72,7 @@ def test_smoke_writes_figures_records_and_runs(smoke_run):
     assert np.array(image["counts"]).shape == (3, 2)
     assert np.array(image["counts_vs_radius"]).shape == (len(script.RADII), 3, 2)
     info = json.loads((out / "run_info.json").read_text())
-    assert info["folds"] == 1 and info["seeds"] == 1 and set(info["run_minutes"]) == set(script.ROWS)
+    assert info["folds"] == 1 and info["seeds"] == 1 and set(info["run_minutes"]) == set(script.ALL)
 
 
 def test_ablation_configs_change_what_they_say(script):
@@ -89,6 +89,13 @@ def test_ablation_configs_change_what_they_say(script):
     at10 = script.row_config("Ours++ prior@10%", script.SCHEDULES["default"], 0, 2)
     at50 = script.row_config("Ours++ prior@50%", script.SCHEDULES["default"], 0, 2)
     assert at10.pretrain.train.steps == 40 < pp.pretrain.train.steps == 100 < at50.pretrain.train.steps == 200
+    # The shipped model fine-tuned: Ours with its weights to start from; by name only, not in 'all'.
+    ours = script.row_config("Ours", script.SCHEDULES["default"], 0, 2)
+    tuned = script.row_config("Ours fine-tuned", script.SCHEDULES["default"], 0, 2)
+    assert ours.train.init_from is None and tuned.train.init_from == "endonuke-epithelium"
+    tuned.train.init_from, tuned.name = None, ours.name
+    assert tuned.to_dict() == ours.to_dict()  # nothing else changed
+    assert "Ours fine-tuned" not in script.choose_rows("all") and script.ROWS["Ours fine-tuned"].against == ("Ours",)
 
 
 def test_a_second_start_reuses_finished_runs(smoke_run, capsys):
@@ -157,7 +164,7 @@ def test_reuse_of_a_bad_record_is_a_clear_error(tmp_path, script, text, match):
 
 def test_default_rows_are_every_row_on_one_split_and_table1_with_folds(script):
     assert script.parse_args([]).rows is None  # chosen once the folds are known
-    assert script.choose_rows(script.default_rows(1)) == list(script.ROWS)
+    assert script.choose_rows(script.default_rows(1)) == script.ALL
     assert script.choose_rows(script.default_rows(3)) == script.TABLE1
 
 
