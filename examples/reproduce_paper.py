@@ -564,13 +564,16 @@ def write_fig3(counts: dict[str, RowCounts], out: Path, class_name: str) -> None
     rows = [r for r in counts if not ROWS[r].ablation] or list(counts)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     lines = ["row,radius,totalF1_P_mean,totalF1_P_min,totalF1_P_max,meanF1_P_mean,meanF1_P_min,meanF1_P_max"]
-    for row in rows:
+    # Rows that coincide stay visible: each has its own marker and dash pattern.
+    markers, dashes = "os^Dv<>PX*", ("-", "--", "-.", ":")
+    for k, row in enumerate(rows):
         rc = counts[row]
         vs_r = np.moveaxis(rc.counts_vs_radius, 2, 0)                 # (R, S, I, 3, C)
         total = total_f1(vs_r)[..., 1]                                 # (R, S)
         mean = np.nanmean(image_f1(vs_r)[..., 1], axis=2)              # (R, S)
         for ax, values in zip(axes, (total, mean)):
-            (line,) = ax.plot(RADII, values.mean(1), marker="o", ms=3, label=row)
+            (line,) = ax.plot(RADII, values.mean(1), marker=markers[k % len(markers)], ms=4,
+                              ls=dashes[k % len(dashes)], label=row)
             ax.fill_between(RADII, values.min(1), values.max(1), color=line.get_color(), alpha=0.2, lw=0)
         for i, r in enumerate(RADII):
             lines.append(f"{row},{r},{total[i].mean():.4f},{total[i].min():.4f},{total[i].max():.4f},"
