@@ -447,8 +447,8 @@ def draw_thumbnail(
 
     Raises:
         ValueError: for a thumbnail that is not ``(h, w, 3)`` uint8, a mask of another size,
-            points that are not ``(N, 2)``, classes that do not match them, or a
-            ``density_sigma`` below 0.
+            points that are not ``(N, 2)``, classes that do not match them, a
+            ``density_sigma`` below 0, or a ``pixel_um`` that is not > 0.
         cellkit.data.io.WriteError: when the file cannot be written.
 
     Examples:
@@ -485,6 +485,7 @@ def draw_thumbnail(
                 "compute the mask on this thumbnail."
             )
     pts, cls = _check_points(points, classes)
+    area_mm2 = _scale_mm2(pixel_um, "draw_thumbnail: pixel_um")  # of one thumbnail pixel
     if density_sigma is None:
         density_sigma = max(1.0, 0.01 * max(h, w))
     if not (math.isfinite(float(density_sigma)) and float(density_sigma) >= 0):
@@ -542,7 +543,6 @@ def draw_thumbnail(
         left_title += f"\n({n} cells: too many to draw as dots)"
     left.set_title(left_title, fontsize="medium")
 
-    area_mm2 = _scale_mm2(pixel_um, "draw_thumbnail: pixel_um")  # of one thumbnail pixel
     density = density_map(pts, (h, w), float(density_sigma), area_mm2)
     faded = (0.4 * small.astype(np.float32) + 0.6 * 255.0).astype(np.uint8)
     right.imshow(faded, interpolation="nearest", extent=extent)
