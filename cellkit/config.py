@@ -208,6 +208,10 @@ class DataConfig:
         split: the BCData split folder (``train``/``validation``/``test``), if any.
         val_fraction, test_fraction: held-out shares, split by group (slide/tile range).
         split_seed: seed of the split.
+        group: what keeps a slide in one split: ``None`` or ``"format"`` (the format's
+            rule: EndoNuke blocks of 100 tile ids, others each image), ``"image"``,
+            ``"blocks:N"``, ``"runs:GAP"``, ``"prefix"``, ``"regex:PATTERN"`` or
+            ``"csv:FILE"`` ([`resolve_groups`][cellkit.data.split.resolve_groups]).
         cell_diameter: the cells' diameter in pixels, from which the target sizes, peak
             distance and validation matching radius are derived
             ([`apply_geometry`][cellkit.geometry.apply_geometry]); ``"auto"`` = estimated
@@ -224,6 +228,7 @@ class DataConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     split_seed: int = 0
+    group: str | None = None
     cell_diameter: float | str | None = None
     mpp: float | None = None
 

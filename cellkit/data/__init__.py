@@ -16,8 +16,18 @@ Examples:
 
 from __future__ import annotations
 
-from .augment import Augment, brightness_contrast, flip, flip_points, hed_jitter, rot90, rot90_points
-from .bundled import bundled_endonuke
+from .augment import (
+    AUGMENT_PROFILES,
+    Augment,
+    augment_profile,
+    brightness_contrast,
+    flip,
+    flip_points,
+    hed_jitter,
+    rot90,
+    rot90_points,
+)
+from .bundled import ENDONUKE_MPP, bundled_endonuke
 from .classes import BCDATA, CLASS_MAPS, ENDONUKE, ENDONUKE_EPITHELIUM, ClassMap, get_class_map
 from .dataset import PointDataset, Sample, collate, crop, pad_to, random_crop
 from .io import (
@@ -40,7 +50,16 @@ from .readers import (
     read_endonuke_labels,
     read_geojson_points,
 )
-from .split import bcdata_group, endonuke_group, split_by_group
+from .split import (
+    GROUP_RULES,
+    bcdata_group,
+    endonuke_group,
+    endonuke_region,
+    group_folds,
+    id_runs,
+    resolve_groups,
+    split_by_group,
+)
 from .writers import DEFAULT_COLORS, write_csv, write_geojson
 
 __all__ = [
@@ -51,7 +70,9 @@ __all__ = [
     "ENDONUKE_EPITHELIUM",
     "FORMATS",
     "IMAGE_EXTENSIONS",
+    "AUGMENT_PROFILES",
     "Augment",
+    "augment_profile",
     "ClassMap",
     "DatasetFormat",
     "DataError",
@@ -60,13 +81,19 @@ __all__ = [
     "PointRecords",
     "Sample",
     "atomic_write",
+    "GROUP_RULES",
     "bcdata_group",
     "brightness_contrast",
+    "ENDONUKE_MPP",
     "bundled_endonuke",
     "collate",
     "crop",
     "detect_format",
     "endonuke_group",
+    "endonuke_region",
+    "group_folds",
+    "id_runs",
+    "resolve_groups",
     "get_format",
     "flip",
     "flip_points",

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["bundled_endonuke"]
+__all__ = ["ENDONUKE_MPP", "bundled_endonuke"]
+
+ENDONUKE_MPP = 0.5
+"""Micrometres per pixel of the EndoNuke tiles: each 200-px tile is a 100 um field of the
+slide (the dataset's description, Naumov et al., Data 2022). ``cellkit train`` on the bundled
+sample records it with the model, so ``cellkit predict`` resamples scans of another pixel size."""
 
 # cellkit/data/bundled.py -> the repository root is three levels up.
 _REPO_ROOT = Path(__file__).resolve().parents[2]

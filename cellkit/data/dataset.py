@@ -410,6 +410,8 @@ class PointDataset(Dataset):
         # Float annotations in the last half pixel would leave the image after a flip.
         points = np.clip(sample.points, 0, [w - 1, h - 1])
         classes = sample.classes
+        if self.augment is not None and getattr(self.augment, "scale_p", 0.0):
+            image, points, maps = self.augment.rescale(image, points, maps, rng=rng)
         if self.crop_size is not None:
             image, points, maps, keep = random_crop(
                 image, points, self.crop_size, maps, rng=rng,

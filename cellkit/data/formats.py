@@ -19,8 +19,10 @@ A [`DatasetFormat`][] holds
   folder: [`IMAGE_SUFFIXES`][]);
 * ``class_maps``: the usual class map for a number of classes (EndoNuke with 2 classes is
   the paper's task, epithelium against the rest);
-* ``group``: the key -> group function used to split it (EndoNuke: blocks of 10 tile ids,
-  so neighbouring tiles of one scan stay together; others: each image on its own).
+* ``group``: the key -> group function used to split it (EndoNuke: blocks of 100 tile ids,
+  so validation tiles sit away from training tiles of one scan; others: each image on its
+  own). ``cellkit train --group`` replaces it for one run
+  ([`resolve_groups`][cellkit.data.split.resolve_groups]).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from cellkit.registry import Registry
 
 from .classes import BCDATA, ENDONUKE, ENDONUKE_EPITHELIUM, ClassMap
 from .io import IMAGE_EXTENSIONS
-from .split import bcdata_group, endonuke_group
+from .split import bcdata_group, endonuke_region
 
 __all__ = ["FORMATS", "IMAGE_SUFFIXES", "DatasetFormat", "format_names", "get_format"]
 
@@ -109,7 +111,7 @@ def _builtin() -> None:
         class_maps={2: BCDATA}, group=bcdata_group))
     _register(DatasetFormat(
         "endonuke", r._endonuke_jobs, "images/<id>.png + labels/<id>.txt (x y class)",
-        class_maps={2: ENDONUKE_EPITHELIUM, 3: ENDONUKE}, group=endonuke_group))
+        class_maps={2: ENDONUKE_EPITHELIUM, 3: ENDONUKE}, group=endonuke_region))
     _register(DatasetFormat(
         "geojson", r._geojson_jobs, "<stem>.geojson (QuPath points or cell detections) beside each image"))
 

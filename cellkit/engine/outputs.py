@@ -28,6 +28,7 @@ import io
 import json
 import shutil
 import sys
+import warnings
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ import numpy as np
 
 __all__ = ["PredictionRun", "predict_at_pixel_size", "write_predictions"]
 
+from cellkit.data.io import DataWarning
 from cellkit.engine.evaluate import OUTPUT_STEMS, PREDICT_META, jsonable
 
 COUNTS = "counts.csv"
@@ -389,6 +391,7 @@ def _predict_images(predictor: Any, paths: list[Path], out: Path, run: Predictio
             run.skipped[path.name] = str(err)
             continue
         by_stem[path.stem] = [int(c) for c in result.detections.counts(predictor.num_classes)]
+    sizes = _PixelSizeNotes(predictor, options.get("mpp"))
     for path in tqdm(plain, desc="predict", unit="image", disable=not show or not plain):
         try:
             image = read_image(path)
@@ -397,10 +400,56 @@ def _predict_images(predictor: Any, paths: list[Path], out: Path, run: Predictio
                 raise
             run.skipped[path.name] = str(err)
             continue
-        det = predict_at_pixel_size(predictor, image, options.get("mpp"))
+        det = predict_at_pixel_size(predictor, image, sizes.mpp_of(path))
         write_image_files(out, path.stem, image, det, predictor.class_names, overlay, overlay_radius)
         by_stem[path.stem] = [int(c) for c in det.counts(predictor.num_classes)]
     return by_stem
+
+
+def model_mpp(predictor: Any) -> float | None:
+    """The micrometres per pixel a predictor's model was trained at, when its config records it."""
+    value = getattr(getattr(getattr(predictor, "config", None), "data", None), "mpp", None)
+    return float(value) if value else None
+
+
+class _PixelSizeNotes:
+    """The pixel size of each plain image (``--mpp``, else the file's), saying once what is done.
+
+    When the model and the image both know their pixel size, the image is resampled to the
+    model's; when one of them does not, the image is predicted as it is, with one warning
+    per run that says how to fix it.
+    """
+
+    def __init__(self, predictor: Any, given: float | None) -> None:
+        self.model = model_mpp(predictor)
+        self.given = float(given) if given else None
+        self.said: set[str] = set()
+
+    def _say(self, key: str, text: str) -> None:
+        if key not in self.said:
+            self.said.add(key)
+            warnings.warn(text, DataWarning, stacklevel=3)
+
+    def mpp_of(self, path: Path) -> float | None:
+        from cellkit.data.io import image_mpp
+
+        mpp = self.given if self.given is not None else image_mpp(path)
+        if self.model is None:
+            here = f" ({mpp:g} um/px)" if mpp is not None else ""
+            self._say("model", f"the model records no pixel size, so {path.name}{here} and the other images are "
+                      "predicted at their own pixels; a model trained with cellkit train --mpp (micrometres per "
+                      "pixel of its images) resamples every image to its own pixel size.")
+            return None
+        if mpp is None:
+            self._say("image", f"{path.name} records no pixel size; it is predicted as if it were at the model's "
+                      f"{self.model:g} um/px (cells of another size are found less well). Pass --mpp with the "
+                      "scanner's micrometres per pixel (e.g. --mpp 0.25 for a 40x scan) to resample it.")
+            return None
+        if abs(mpp / self.model - 1.0) > 1e-6:
+            source = "--mpp" if self.given is not None else "the file"
+            self._say(f"resample {mpp:g}", f"images at {mpp:g} um/px ({source}) are resampled to the model's "
+                      f"{self.model:g} um/px (x{mpp / self.model:.3g}) and the cells mapped back to their pixels.")
+        return mpp
 
 
 def predict_at_pixel_size(predictor: Any, image: np.ndarray, mpp: float | None) -> Any:

@@ -302,6 +302,18 @@ def _stored_calibration(ckpt: dict[str, Any]) -> list[np.ndarray] | None:
     return out or None
 
 
+def _stain_target(ckpt: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The CIELAB statistics of a checkpoint's training crops (else of the bundled tiles)."""
+    from cellkit.imaging import lab_stats
+
+    crops = _stored_calibration(ckpt)
+    if not crops:
+        from cellkit.models.quantize import _bundled_tiles
+
+        crops = _bundled_tiles()
+    return lab_stats(crops)
+
+
 def _autocast(dev: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
     dtype = _AUTOCAST_DTYPES[precision]
     if dtype is None:
@@ -718,6 +730,67 @@ def list_images(inputs: Iterable[str | Path]) -> list[Path]:
     return list(dict.fromkeys(paths))
 
 
+# The dihedral transforms of test-time augmentation, in the order ``tta=k`` takes the first k:
+# (transpose, flip rows, flip columns) applied in that order to the image.
+_TTA = ((False, False, False), (False, False, True), (False, True, False), (False, True, True),
+        (True, False, False), (True, True, True), (True, False, True), (True, True, False))
+TTA_CHOICES = (1, 2, 4, 8)
+"""The test-time augmentations ``tta`` takes: 1 (none), 2 (+ left-right flip), 4 (all flips),
+8 (flips and quarter turns: the eight symmetries of the square)."""
+
+
+def _tta_image(image: np.ndarray, t: tuple[bool, bool, bool]) -> np.ndarray:
+    out = image.transpose(1, 0, 2) if t[0] else image
+    if t[1]:
+        out = out[::-1]
+    if t[2]:
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out)
+
+
+def _tta_back(maps: torch.Tensor, t: tuple[bool, bool, bool]) -> torch.Tensor:
+    """Undo ``_tta_image`` on ``(C, h, w)`` maps."""
+    if t[2]:
+        maps = maps.flip(-1)
+    if t[1]:
+        maps = maps.flip(-2)
+    return maps.transpose(-1, -2) if t[0] else maps
+
+
+def _tta_filter(tile_filter: Callable[[int, int, int, int], bool] | None, t: tuple[bool, bool, bool],
+                height: int, width: int) -> Callable[[int, int, int, int], bool] | None:
+    """``tile_filter`` of the original image, asked about a tile of the transformed one."""
+    if tile_filter is None or t == (False, False, False):
+        return tile_filter
+    th, tw = (width, height) if t[0] else (height, width)  # the transformed image's size
+
+    def wrapped(y: int, x: int, h: int, w: int) -> bool:
+        if t[1]:
+            y = th - y - h
+        if t[2]:
+            x = tw - x - w
+        if t[0]:
+            y, x, h, w = x, y, w, h
+        return bool(tile_filter(y, x, h, w))
+
+    return wrapped
+
+
+def check_tta(tta: int | bool | None) -> int:
+    """``tta`` as a number of transforms (``True`` = 8, ``False``/``None`` = 1).
+
+    Raises:
+        ValueError: for anything but 1, 2, 4, 8 (or a bool / None).
+    """
+    if tta is None or tta is False:
+        return 1
+    if tta is True:
+        return 8
+    if isinstance(tta, (int, np.integer)) and int(tta) in TTA_CHOICES:
+        return int(tta)
+    raise ValueError(f"tta must be one of {TTA_CHOICES} (1 = none, 8 = flips and quarter turns), got {tta!r}.")
+
+
 class Predictor:
     """A model ready to predict images and folders, with its post-processing and tiling.
 
@@ -743,6 +816,13 @@ class Predictor:
             tiles. [`from_checkpoint`][cellkit.engine.predict.Predictor.from_checkpoint] passes
             the crops of the model's own training images that ``cellkit train`` stores in
             ``best.pt``.
+        tta: test-time augmentation: the maps of ``tta`` flipped and turned copies of the
+            image (1, 2, 4 or 8, see [`TTA_CHOICES`][]) are turned back and averaged before
+            the peaks; ``tta`` times the network's work. 1 = none.
+        stain_target: ``(mean, std)`` CIELAB statistics to move every image's colours to
+            before it is predicted ([`cellkit.imaging.reinhard`][]); ``None`` = the image as
+            it is. [`from_checkpoint`][cellkit.engine.predict.Predictor.from_checkpoint]
+            with ``stain_norm="reinhard"`` takes them from the model's training crops.
 
     Attributes:
         model: the model given, on ``device``, in eval mode.
@@ -783,8 +863,13 @@ class Predictor:
         precision: str | None = None,
         fold_bn: bool = False,
         int8_calibration: Sequence[np.ndarray] | None = None,
+        tta: int | bool = 1,
+        stain_target: tuple[Any, Any] | None = None,
     ) -> None:
         _check_tiling(tile_size, overlap, batch_size)
+        self.tta = check_tta(tta)
+        self.stain_target = None if stain_target is None else (np.asarray(stain_target[0], float),
+                                                               np.asarray(stain_target[1], float))
         self.device = _model_device(model) if device is None else resolve_device(device)
         self.precision = resolve_precision(precision, self.device, amp)
         if fold_bn and not isinstance(model, nn.Module):
@@ -831,6 +916,8 @@ class Predictor:
         amp: bool = False,
         precision: str | None = None,
         fold_bn: bool = False,
+        tta: int | bool = 1,
+        stain_norm: str | None = None,
     ) -> Predictor:
         """Load a checkpoint (``RUN_DIR/best.pt``, or a run folder) and its post-processing.
 
@@ -846,6 +933,10 @@ class Predictor:
             min_distance: peak minimum distance in pixels, one or one per class.
             tile_size, overlap, batch_size, amp, precision: see [`predict_probabilities`][].
             fold_bn: fold the BatchNorms into the convolutions once (see [`Predictor`][]).
+            tta: test-time augmentation, 1, 2, 4 or 8 transforms (see [`Predictor`][]).
+            stain_norm: ``"reinhard"``: move every image's colours to those of the model's
+                training crops (stored by ``cellkit train``, else the bundled tiles);
+                ``None``/``"none"``: as they are.
 
         Raises:
             FileNotFoundError: for a missing checkpoint.
@@ -859,6 +950,10 @@ class Predictor:
 
         dev = resolve_device(device)
         resolve_precision(precision, dev, amp)  # a bad one fails before the checkpoint is read
+        check_tta(tta)
+        norm = (stain_norm or "none").strip().lower()
+        if norm not in ("none", "reinhard"):
+            raise ValueError(f"stain_norm must be 'none' or 'reinhard', got {stain_norm!r}.")
         model, cfg, ckpt = load_model(path, device=dev)
         num_classes = int(cfg.model.num_classes)
         # The thresholds calibrated on the validation images at training time, when stored.
@@ -900,6 +995,8 @@ class Predictor:
             precision=precision,
             fold_bn=fold_bn,
             int8_calibration=_stored_calibration(ckpt),
+            tta=tta,
+            stain_target=_stain_target(ckpt) if norm == "reinhard" else None,
         )
 
     def probabilities(self, image: np.ndarray, *, as_tensor: bool = False,
@@ -910,10 +1007,28 @@ class Predictor:
             image: ``(H, W, 3)`` uint8 RGB.
             as_tensor: return a torch tensor on `device` instead of a numpy array.
         """
-        return predict_probabilities(
-            self.inference_model, image, self.tile_size, self.overlap, self.batch_size, self.device,
-            precision=self.precision, as_tensor=as_tensor, tile_filter=tile_filter,
-        )
+        if getattr(self, "stain_target", None) is not None:
+            from cellkit.imaging import reinhard
+
+            image = reinhard(image, *self.stain_target)
+        if getattr(self, "tta", 1) <= 1:
+            return predict_probabilities(
+                self.inference_model, image, self.tile_size, self.overlap, self.batch_size, self.device,
+                precision=self.precision, as_tensor=as_tensor, tile_filter=tile_filter,
+            )
+        h, w = image.shape[:2]
+        total: torch.Tensor | None = None
+        for t in _TTA[: self.tta]:
+            maps = predict_probabilities(
+                self.inference_model, _tta_image(image, t), self.tile_size, self.overlap, self.batch_size,
+                self.device, precision=self.precision, as_tensor=True, tile_filter=_tta_filter(tile_filter, t, h, w),
+            )
+            assert isinstance(maps, torch.Tensor)
+            back = _tta_back(maps, t)
+            total = back.clone() if total is None else total.add_(back)
+        assert total is not None
+        total.div_(self.tta)
+        return total if as_tensor else total.cpu().numpy()
 
     def predict_with_probabilities(self, image: np.ndarray) -> tuple[Detections, np.ndarray]:
         """``(detections, probs)`` of an ``(H, W, 3)`` uint8 image; ``probs`` is a numpy array.

@@ -465,21 +465,24 @@ def _class_map(cfg: CellkitConfig) -> Any:
 
 
 def _split(samples: list[Any], cfg: CellkitConfig) -> dict[str, list[Any]]:
-    """Split by group (EndoNuke: blocks of 10 tile ids; BCData and others: each image)."""
+    """Split by group (``data.group``; by default the format's: EndoNuke blocks of 100 tile
+    ids, BCData and others each image)."""
     from cellkit import data
 
     d = cfg.data
     fractions = (max(0.0, 1.0 - d.val_fraction - d.test_fraction), d.val_fraction, d.test_fraction)
-    group = data.get_format(d.format).group
+    default = data.get_format(d.format).group
+    rule = getattr(d, "group", None)
     try:
-        parts = data.split_by_group(samples, group, fractions=fractions, seed=d.split_seed,
-                                    names=("train", "val", "test"))
+        groups = data.resolve_groups(samples, rule, default)
     except ValueError:
-        if group is None:
+        if rule not in (None, "format") or default is None:
             raise
         # Keys without the format's numeric ids (samples passed by the caller): one group per image.
-        parts = data.split_by_group(samples, None, fractions=fractions, seed=d.split_seed,
-                                    names=("train", "val", "test"))
+        groups = data.resolve_groups(samples, "image")
+    by_key = {str(getattr(s, "key", s)): g for s, g in zip(samples, groups)}
+    parts = data.split_by_group(samples, lambda k: by_key[k], fractions=fractions, seed=d.split_seed,
+                                names=("train", "val", "test"))
     return {name: list(parts.get(name, [])) for name in ("train", "val", "test")}
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from cellkit.models.base import Decoder, Encoder
 from cellkit.models.decoders import ASPP, DeepLabV3PlusDecoder
+from cellkit.models.efficientnet import EfficientNetLite, efficientnet_lite0
 from cellkit.models.encoders import (
     BasicBlock,
     Bottleneck,
@@ -39,9 +40,11 @@ __all__ = [
     "Bottleneck",
     "Decoder",
     "DeepLabV3PlusDecoder",
+    "EfficientNetLite",
     "Encoder",
     "MultiDecoderModel",
     "ResNetEncoder",
+    "efficientnet_lite0",
     "flops_per_megapixel",
     "load_torchvision_weights",
     "resnet18",

