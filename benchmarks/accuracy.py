@@ -88,6 +88,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--predict-args", default="", help="extra cellkit predict options (e.g. --tta 8)")
     p.add_argument("--checkpoints-of", default=None, metavar="PRESET[-TAG]",
                    help="train nothing: predict with the finished runs of this variant (for --predict-args)")
+    p.add_argument("--transfer-table", metavar="DATASET", default=None,
+                   help="only print a Markdown table of every variant under --out/DATASET (e.g. endonuke-ranges): "
+                   "pooled totalF1 per class (mean +- std over seeds), per held-out fold, and the paired "
+                   "bootstrap difference to --baseline")
+    p.add_argument("--baseline", default="ours", help="the variant --transfer-table compares against")
+    p.add_argument("--transfer-plot", nargs=2, metavar=("DATASET", "PNG"), default=None,
+                   help="only draw the variants under --out/DATASET: pooled totalF1 per class (bars: mean over "
+                   "seeds) and each held-out fold (dots), into PNG")
+    p.add_argument("--within", default=None, metavar="DATASET/VARIANT=LABEL",
+                   help="with --transfer-plot: also mark a within-region run's pooled totalF1 (dashed line)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
                    help="only print the paired bootstrap of B - A (folders DATASET/PRESET[-TAG] under --out)")
     return p.parse_args(argv)
@@ -327,6 +337,101 @@ def compare(a: Path, b: Path, n_boot: int = 2000, seed: int = 0) -> dict[str, An
     return out
 
 
+def transfer_table(folder: Path, baseline: str = "ours") -> str:
+    """Markdown: per variant, pooled totalF1 per class over all folds (mean +- std over seeds),
+    per held-out fold (pooled over seeds), and B - baseline with its paired bootstrap 95 % interval."""
+    variants = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name != "folds"
+                      and any(p.glob("fold*/result.json")))
+    lines = []
+    for name in [baseline] + [v for v in variants if v != baseline]:
+        results = [json.loads(r.read_text()) for r in sorted((folder / name).glob("fold*/result.json"))]
+        if not results:
+            continue
+        classes = results[0]["per_image"]["classes"]
+        seeds = sorted({r.get("seed", 0) for r in results})
+        folds = sorted({r["fold"] for r in results})
+
+        def pooled(rs: list[dict[str, Any]]) -> np.ndarray:
+            counts = sum(np.array([[c["tp"], c["fp"], c["fn"]] for c in r["per_image"]["images"].values()]).sum(0)
+                         for r in rs)
+            return _pooled_f1(counts)
+
+        per_seed = np.array([pooled([r for r in results if r.get("seed", 0) == s]) for s in seeds])
+        cells = [f"{per_seed[:, c].mean():.3f} ± {per_seed[:, c].std():.3f}" for c in range(len(classes))]
+        per_fold = [pooled([r for r in results if r["fold"] == k]) for k in folds]
+        fold_text = [" / ".join(f"{f[c]:.2f}" for f in per_fold) for c in range(len(classes))]
+        diff = ["" for _ in classes]
+        if name != baseline and (folder / baseline).is_dir():
+            cmp = compare(folder / baseline, folder / name)
+            diff = [f"{cmp['classes'][c]['b_minus_a']:+.3f} [{cmp['classes'][c]['ci95'][0]:+.3f}, "
+                    f"{cmp['classes'][c]['ci95'][1]:+.3f}]" for c in classes]
+        if not lines:
+            head = " | ".join(f"{c} totalF1 | {c} per fold | {c} vs {baseline}" for c in classes)
+            lines = [f"| variant | runs | {head} |", "|---|---|" + "---|" * (3 * len(classes))]
+        body = " | ".join(f"{cells[c]} | {fold_text[c]} | {diff[c]}" for c in range(len(classes)))
+        lines.append(f"| {name} | {len(folds)} folds x {len(seeds)} seeds | {body} |")
+    return "\n".join(lines)
+
+
+def _variant_scores(folder: Path) -> tuple[list[str], np.ndarray, dict[int, np.ndarray]]:
+    """Class names, pooled totalF1 per seed ``(S, C)`` and per held-out fold ``{fold: (C,)}`` (pooled over seeds)."""
+    results = [json.loads(r.read_text()) for r in sorted(folder.glob("fold*/result.json"))]
+    classes = results[0]["per_image"]["classes"]
+
+    def pooled(rs: list[dict[str, Any]]) -> np.ndarray:
+        return _pooled_f1(sum(np.array([[c["tp"], c["fp"], c["fn"]] for c in r["per_image"]["images"].values()])
+                              .sum(0) for r in rs))
+
+    seeds = sorted({r.get("seed", 0) for r in results})
+    per_seed = np.array([pooled([r for r in results if r.get("seed", 0) == s]) for s in seeds])
+    per_fold = {k: pooled([r for r in results if r["fold"] == k]) for k in sorted({r["fold"] for r in results})}
+    return classes, per_seed, per_fold
+
+
+def transfer_plot(folder: Path, png: Path, baseline: str = "ours", within: tuple[Path, str] | None = None) -> Path:
+    """Bars: each variant's pooled totalF1 per class (mean over seeds; whiskers: the seeds' range);
+    dots: each held-out fold. A dashed line: a within-region run's pooled totalF1, when given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name != "folds"
+                      and any(p.glob("fold*/result.json")))
+    variants = [baseline] + [v for v in variants if v != baseline] if baseline in variants else variants
+    scores = {v: _variant_scores(folder / v) for v in variants}
+    classes = scores[variants[0]][0]
+    fig, axes = plt.subplots(1, len(classes), figsize=(4.2 * len(classes), 3.4), squeeze=False)
+    markers = "os^Dv"
+    for c, (ax, name) in enumerate(zip(axes[0], classes)):
+        for i, v in enumerate(variants):
+            _, per_seed, per_fold = scores[v]
+            mean = per_seed[:, c].mean()
+            ax.bar(i, mean, color="#9ecae1" if v == baseline else "#3182bd", width=0.6)
+            if len(per_seed) > 1:
+                ax.plot([i, i], [per_seed[:, c].min(), per_seed[:, c].max()], color="k", lw=1)
+            for k, f in per_fold.items():
+                ax.plot(i + 0.18, f[c], markers[k % len(markers)], color="#e6550d", ms=4,
+                        label=f"held-out fold {k}" if i == 0 else None)
+            ax.text(i, 0.02, f"{mean:.2f}", ha="center", va="bottom", fontsize=8, color="white")
+        if within is not None:
+            out, spec = within
+            path, _, label = spec.partition("=")
+            _, w_seed, _ = _variant_scores(out / path)
+            ax.axhline(w_seed[:, c].mean(), ls="--", color="#636363", lw=1, label=label or "within region")
+        ax.set_xticks(range(len(variants)), variants, rotation=25, ha="right", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("totalF1, held-out range (pooled)")
+        ax.set_title(f"{name}: across regions")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
 def machine() -> dict[str, Any]:
     import torch
 
@@ -410,6 +515,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.plot is not None:
         print(plot_curves(args.out, args.plot))
+        return 0
+    if args.transfer_plot is not None:
+        print(transfer_plot(args.out / args.transfer_plot[0], Path(args.transfer_plot[1]), args.baseline,
+                            args.within and (args.out, args.within)))
+        return 0
+    if args.transfer_table is not None:
+        print(transfer_table(args.out / args.transfer_table, args.baseline))
         return 0
     if args.compare is not None:
         print(json.dumps(compare(args.out / args.compare[0], args.out / args.compare[1]), indent=2))

@@ -434,6 +434,16 @@ def _set_num_classes(cfg: Any, num_classes: int) -> None:
         stage.model.num_classes = num_classes
 
 
+def _encoder_of(source: str) -> tuple[str, dict[str, Any]]:
+    """The encoder (name, keywords without ``weights``) of a checkpoint or shipped model."""
+    from cellkit.engine.checkpoint import load_checkpoint
+    from cellkit.zoo import resolve_checkpoint
+
+    model = (load_checkpoint(resolve_checkpoint(source)).get("config") or {}).get("model") or {}
+    kwargs = {k: v for k, v in dict(model.get("encoder_kwargs") or {}).items() if k != "weights"}
+    return str(model.get("encoder", "resnet18")), kwargs
+
+
 def build_train_config(args: argparse.Namespace) -> Any:
     """The training config of ``cellkit train``'s arguments: preset or file, then the overrides."""
     from cellkit.config import CellkitConfig
@@ -497,6 +507,10 @@ def build_train_config(args: argparse.Namespace) -> Any:
             from cellkit.models.encoders import encoder_settings
 
             stage.model.encoder, stage.model.encoder_kwargs = encoder_settings(args.encoder, stage.model)
+        elif args.init_from is not None and not args.config:
+            # Fine-tuning: the encoder of the weights it starts from (their own weights replace
+            # any ImageNet start, so no extra package is needed).
+            stage.model.encoder, stage.model.encoder_kwargs = _encoder_of(args.init_from)
     if args.val_every_steps is not None:
         cfg.train.val_every_steps = args.val_every_steps
     if args.no_calibrate:

@@ -498,6 +498,14 @@ def _data_problems(cfg: CellkitConfig, where: str) -> list[str]:
 
 def _data_value_problems(d: DataConfig, where: str) -> list[str]:
     out = []
+    group = getattr(d, "group", None)
+    if group is not None:
+        from cellkit.data.split import resolve_groups
+
+        try:
+            resolve_groups([], str(group))
+        except ValueError as err:
+            out.append(f"{where}.group: {err}")
     size = d.cell_diameter
     if not (size is None or size == "auto" or (isinstance(size, (int, float)) and not isinstance(size, bool)
                                                 and 0 < size < float("inf"))):

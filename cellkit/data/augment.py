@@ -348,8 +348,8 @@ class Augment:
         hed_sigma, hed_bias: its strengths.
         brightness_contrast_p: probability of [`brightness_contrast`][].
         brightness, contrast: its strengths.
-        saturation_p, saturation: [`saturation`][] and its strength.
-        gamma_p, gamma: [`gamma`][] and its strength (``log`` of the exponent).
+        saturation_p, saturation: [`saturation`][cellkit.data.augment.saturation] and its strength.
+        gamma_p, gamma: [`gamma`][cellkit.data.augment.gamma] and its strength (``log`` of the exponent).
         blur_p, blur_sigma: [`blur`][] and its largest sigma, pixels.
         jpeg_p, jpeg_quality: [`jpeg`][] and its quality range.
         scale_p, scale: probability and range of a zoom by ``U(1 - scale, 1 + scale)``,

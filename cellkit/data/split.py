@@ -183,7 +183,7 @@ def resolve_groups(keys: Sequence[Any], rule: str | None, default: Callable[[Any
     Examples:
         >>> resolve_groups(["a_1", "a_2", "b_1"], "prefix")
         ['a', 'a', 'b']
-        >>> resolve_groups(["321", "784", "1010"], "runs:100")
+        >>> resolve_groups(["321", "390", "1010"], "runs:100")
         [0, 0, 1]
         >>> resolve_groups(["435", "439"], "blocks:10")
         [43, 43]
