@@ -108,12 +108,14 @@ def test_predict_with_a_shipped_model_and_train_from_it(tmp_path: Path, monkeypa
         resolve_checkpoint("endonuke-epithelum")
 
 
-# Tiles held out of the shipped model's training (the benchmark's EndoNuke test split; its model card).
-HELD_OUT = ["391", "4654", "4770", "550", "602", "641", "668", "773"]
+# Bundled tiles from the three ranges of ids. The shipped model trained on every bundled tile
+# (its card reports the across-region figures of its recipe), so this checks the packaged
+# weights, not how well they transfer.
+TILES = ["391", "4654", "4770", "550", "602", "641", "668", "773", "1030"]
 
 
-def test_the_shipped_model_works_offline_on_held_out_tiles() -> None:
-    """The weights inside the package load on a fresh install and find the held-out tiles' cells."""
+def test_the_shipped_model_works_offline() -> None:
+    """The weights inside the package load on a fresh install, record their pixel size and find the cells."""
     from cellkit.data import load_dataset
     from cellkit.data.bundled import bundled_endonuke
     from cellkit.metrics import evaluate
@@ -121,18 +123,20 @@ def test_the_shipped_model_works_offline_on_held_out_tiles() -> None:
 
     assert "endonuke-epithelium" in cellkit.zoo.available()
     card = cellkit.model_card("endonuke-epithelium")
-    assert "CC BY 4.0" in card and "Held-out scores" in card and "aa41c5e" in card
+    assert "CC BY 4.0" in card and "never saw" in card and "2f7a37f" in card and "0.5 um per pixel" in card
     predictor = cellkit.pretrained("endonuke-epithelium", device="cpu")
     assert predictor.class_names == ["other", "epithelium"]
+    assert predictor.config.data.mpp == 0.5 and predictor.config.model.encoder == "efficientnet_lite0"
+    assert "weights" not in predictor.config.model.encoder_kwargs  # needs no ImageNet file to predict
     # As cellkit predict --model runs it: precision "auto" (int8 on the CPU), unless asked.
     assert predictor.precision == ("int8" if int8_available() else "fp32")
     assert cellkit.pretrained("endonuke-epithelium", device="cpu", precision="fp32").precision == "fp32"
     weights = torch.load(cellkit.zoo.model_path("endonuke-epithelium"), weights_only=True)["model"]
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float16}
     samples = [s for s in load_dataset(bundled_endonuke(), "endonuke", class_map="endonuke_epithelium")
-               if s.key in HELD_OUT]
-    assert len(samples) == len(HELD_OUT)
+               if s.key in TILES]
+    assert len(samples) == len(TILES)
     report = evaluate([predictor.predict(s.image) for s in samples], [(s.points, s.classes) for s in samples],
                       radius=6.0, num_classes=2)
-    # The card's held-out totalF1 on all 31 tiles is 0.84 / 0.79; on these 8, well above chance.
+    # On all 251 tiles (its training data) 0.85 / 0.75; across regions 0.83 / 0.70.
     assert report.total_f1[0] > 0.7 and report.total_f1[1] > 0.6, report.total_f1
