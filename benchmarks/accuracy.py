@@ -337,29 +337,21 @@ def compare(a: Path, b: Path, n_boot: int = 2000, seed: int = 0) -> dict[str, An
     return out
 
 
+def _variants(folder: Path, baseline: str) -> list[str]:
+    """The variant folders under ``folder`` with finished runs, ``baseline`` first."""
+    variants = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name != "folds"
+                      and any(p.glob("fold*/result.json")))
+    return [baseline] + [v for v in variants if v != baseline] if baseline in variants else variants
+
+
 def transfer_table(folder: Path, baseline: str = "ours") -> str:
     """Markdown: per variant, pooled totalF1 per class over all folds (mean +- std over seeds),
     per held-out fold (pooled over seeds), and B - baseline with its paired bootstrap 95 % interval."""
-    variants = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name != "folds"
-                      and any(p.glob("fold*/result.json")))
-    lines = []
-    for name in [baseline] + [v for v in variants if v != baseline]:
-        results = [json.loads(r.read_text()) for r in sorted((folder / name).glob("fold*/result.json"))]
-        if not results:
-            continue
-        classes = results[0]["per_image"]["classes"]
-        seeds = sorted({r.get("seed", 0) for r in results})
-        folds = sorted({r["fold"] for r in results})
-
-        def pooled(rs: list[dict[str, Any]]) -> np.ndarray:
-            counts = sum(np.array([[c["tp"], c["fp"], c["fn"]] for c in r["per_image"]["images"].values()]).sum(0)
-                         for r in rs)
-            return _pooled_f1(counts)
-
-        per_seed = np.array([pooled([r for r in results if r.get("seed", 0) == s]) for s in seeds])
+    lines: list[str] = []
+    for name in _variants(folder, baseline):
+        classes, per_seed, per_fold = _variant_scores(folder / name)
         cells = [f"{per_seed[:, c].mean():.3f} ± {per_seed[:, c].std():.3f}" for c in range(len(classes))]
-        per_fold = [pooled([r for r in results if r["fold"] == k]) for k in folds]
-        fold_text = [" / ".join(f"{f[c]:.2f}" for f in per_fold) for c in range(len(classes))]
+        fold_text = [" / ".join(f"{f[c]:.2f}" for f in per_fold.values()) for c in range(len(classes))]
         diff = ["" for _ in classes]
         if name != baseline and (folder / baseline).is_dir():
             cmp = compare(folder / baseline, folder / name)
@@ -369,7 +361,7 @@ def transfer_table(folder: Path, baseline: str = "ours") -> str:
             head = " | ".join(f"{c} totalF1 | {c} per fold | {c} vs {baseline}" for c in classes)
             lines = [f"| variant | runs | {head} |", "|---|---|" + "---|" * (3 * len(classes))]
         body = " | ".join(f"{cells[c]} | {fold_text[c]} | {diff[c]}" for c in range(len(classes)))
-        lines.append(f"| {name} | {len(folds)} folds x {len(seeds)} seeds | {body} |")
+        lines.append(f"| {name} | {len(per_fold)} folds x {len(per_seed)} seeds | {body} |")
     return "\n".join(lines)
 
 
@@ -396,9 +388,7 @@ def transfer_plot(folder: Path, png: Path, baseline: str = "ours", within: tuple
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    variants = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name != "folds"
-                      and any(p.glob("fold*/result.json")))
-    variants = [baseline] + [v for v in variants if v != baseline] if baseline in variants else variants
+    variants = _variants(folder, baseline)
     scores = {v: _variant_scores(folder / v) for v in variants}
     classes = scores[variants[0]][0]
     fig, axes = plt.subplots(1, len(classes), figsize=(4.2 * len(classes), 3.4), squeeze=False)

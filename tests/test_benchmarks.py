@@ -194,3 +194,24 @@ def test_slide_bench_command_needs_a_model() -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2 and "give --model too" in proc.stderr
+
+
+def test_accuracy_compare_and_transfer_table_pool_per_image_counts(tmp_path: Path) -> None:
+    """Pooled totalF1 from per-image counts, paired by run and image, by hand."""
+    acc = _accuracy_module()
+
+    def write(variant: str, fold: int, seed: int, images: dict) -> None:
+        run = tmp_path / variant / (f"fold{fold}" + (f"-seed{seed}" if seed else ""))
+        run.mkdir(parents=True)
+        (run / "result.json").write_text(json.dumps(
+            {"fold": fold, "seed": seed, "per_image": {"classes": ["a"], "images": images}}))
+
+    # ours: tp 6, fp 2, fn 2 -> F1 = 12 / 16 = 0.75; better: tp 8, fp 0, fn 0 -> 1.0
+    write("ours", 0, 0, {"x": {"tp": [3], "fp": [1], "fn": [1]}, "y": {"tp": [3], "fp": [1], "fn": [1]}})
+    write("better", 0, 0, {"x": {"tp": [4], "fp": [0], "fn": [0]}, "y": {"tp": [4], "fp": [0], "fn": [0]}})
+    out = acc.compare(tmp_path / "ours", tmp_path / "better", n_boot=200)
+    assert out["pairs"] == 2 and out["classes"]["a"]["a"] == 0.75 and out["classes"]["a"]["b"] == 1.0
+    assert out["classes"]["a"]["b_minus_a"] == 0.25 and out["classes"]["a"]["ci95"] == [0.25, 0.25]
+    table = acc.transfer_table(tmp_path, "ours").splitlines()
+    assert table[2].startswith("| ours | 1 folds x 1 seeds | 0.750 ± 0.000 | 0.75 |")
+    assert "| better |" in table[3] and "+0.250 [+0.250, +0.250]" in table[3]
