@@ -111,6 +111,19 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _mpp(text: str) -> float:
+    from cellkit.data.io import MPP_RANGE
+
+    value = _positive_float(text)
+    lo, hi = MPP_RANGE
+    if not lo <= value <= hi:
+        raise argparse.ArgumentTypeError(
+            f"expected micrometres per pixel between {lo:g} and {hi:g} (0.25 for a 40x scan, 0.5 for 20x), "
+            f"got {text!r}; is it in another unit (nanometres, millimetres)?"
+        )
+    return value
+
+
 def _length(text: str) -> tuple[float, str]:
     """``"16"`` (pixels) or ``"8um"`` (micrometres) -> ``(value, unit)``."""
     raw = text.strip().lower()
@@ -228,11 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the cells' diameter in pixels, or in micrometres with the suffix um (needs --mpp); "
                    "every size (targets, peak distance, validation radius) follows from it. Default: "
                    "estimated from the training points")
-    t.add_argument("--mpp", type=_positive_float, help="micrometres per pixel of the images")
+    t.add_argument("--mpp", type=_mpp, help="micrometres per pixel of the images")
     t.add_argument("--group", metavar="RULE",
                    help="what keeps a slide in one split (validation is whole groups): format (default; "
                    "EndoNuke blocks of 100 ids, others each image), image, prefix (file name up to its first "
                    "_ or -), blocks:N, runs:GAP, regex:PATTERN, csv:FILE (image,group rows)")
+    t.add_argument("--trust-plugins", action="store_true",
+                   help="import the plug-ins that --config's plugins: list names (this runs their code; "
+                        "without it, only the modules named in --plugins are imported)")
     t.add_argument("--init-from", metavar="MODEL_OR_CHECKPOINT",
                    help="start from trained weights: a shipped model (e.g. endonuke-epithelium) or a checkpoint; "
                         "the encoder is kept, the heads too when the classes agree (else re-made)")
@@ -318,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-images", action="store_true",
                    help="leave unreadable images out (listed in predict.json) instead of stopping")
     w = p.add_argument_group("whole slides (SVS, NDPI, MRXS, SCN, BIF, pyramidal TIFF: read by OpenSlide)")
-    w.add_argument("--mpp", type=_positive_float,
+    w.add_argument("--mpp", type=_mpp,
                    help="micrometres per pixel of the inputs' full resolution (default: what the files record); "
                         "inputs are resampled to the model's pixel size when both are known")
     slide_mode = w.add_mutually_exclusive_group()
@@ -354,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--radius", type=_length,
                    help="matching radius in pixels (default 6), or in micrometres with the suffix um (e.g. 3um: needs --mpp "
                         "or a prediction run that recorded its pixel size)")
-    e.add_argument("--mpp", type=_positive_float, help="micrometres per pixel of the images (for a radius in um)")
+    e.add_argument("--mpp", type=_mpp, help="micrometres per pixel of the images (for a radius in um)")
     e.add_argument("--radii", metavar="START:STOP[:STEP]",
                    help="also compute F1 against the radius, e.g. 2:20 or 2:20:2 (stop included) or 2,4,8")
     e.add_argument("--json", metavar="FILE", help="where to write the scores (default OUT_DIR/evaluation.json)")
@@ -467,10 +483,19 @@ def build_train_config(args: argparse.Namespace) -> Any:
         if args.size is not None:
             raise ValueError("--size chooses a preset's model; with --config, set the model in the file.")
         cfg = CellkitConfig.from_yaml(Path(args.config))
-        if cfg.plugins:  # the user's own file names them: imported before anything is checked
-            from cellkit.plugins import load_plugins
+        if cfg.plugins:  # imported before anything is checked, with the user's consent
+            from cellkit.plugins import load_plugins, split_plugin_names
 
-            load_plugins(cfg.plugins, entry_points=False, origin=f"{args.config}'s plugins: list")
+            given = set(split_plugin_names(getattr(args, "plugins", None) or []))
+            unasked = [name for name in cfg.plugins if name not in given]
+            if unasked and not getattr(args, "trust_plugins", False):
+                raise ValueError(
+                    f"{args.config} lists the plug-ins {', '.join(unasked)} under plugins:, and importing a "
+                    "plug-in runs its code; cellkit imports only those you name on the command line. If you "
+                    "trust them (a config from someone else can name any module, e.g. a helpers.py beside "
+                    f"it), pass --plugins {','.join(unasked)} or --trust-plugins; else delete the plugins: list."
+                )
+            load_plugins(cfg.plugins, entry_points=False, origin=f"{args.config}'s plugins: list", announce=True)
         if diameter is not None:
             cfg = apply_geometry(cfg, Geometry(diameter, "given", args.mpp))
         if args.steps is not None:
@@ -678,13 +703,28 @@ def _check_replaceable_evaluation(path: Path) -> None:
         return
     try:
         earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         earlier = None
     if not (isinstance(earlier, dict) and "classes" in earlier and "radius" in earlier):
         raise FileExistsError(
             f"--json {path} exists and is not a report of cellkit evaluate, so writing the scores there would "
             "replace it; choose a new file name (or delete that file first if it is yours to lose)."
         )
+
+
+def _check_evaluation_pictures(pred_dir: Path, curve: bool) -> None:
+    """Refuse, before any work, to replace files in the predictions folder that cellkit did not write."""
+    from cellkit.engine.writes import check_outputs, written_by_cellkit
+
+    planned = [pred_dir / "errors.png"]
+    if curve:
+        planned += [pred_dir / "f1_vs_radius.csv", pred_dir / "f1_vs_radius.png"]
+    check_outputs(
+        "cellkit evaluate", planned,
+        ours=lambda p: written_by_cellkit(p, "curve-csv" if p.suffix == ".csv" else "png"),
+        fix="these names are where cellkit evaluate draws its pictures; move those files out of the "
+            "predictions folder (or evaluate a copy of it)",
+    )
 
 
 def _radius_in_pixels(args: argparse.Namespace) -> float:
@@ -699,7 +739,7 @@ def _radius_in_pixels(args: argparse.Namespace) -> float:
         meta = Path(args.pred) / "predict.json"
         try:
             mpp = json.loads(meta.read_text(encoding="utf-8")).get("mpp")
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             mpp = None
     if not mpp:
         raise ValueError(f"--radius {value:g}um needs the images' pixel size: pass --mpp (micrometres per pixel).")
@@ -715,6 +755,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     radii = parse_radii(args.radii) if args.radii else None  # a bad spec fails before any work
     json_path = Path(args.json) if args.json else Path(args.pred) / "evaluation.json"
     _check_replaceable_evaluation(json_path)
+    _check_evaluation_pictures(Path(args.pred), radii is not None)
     radius = _radius_in_pixels(args)
     result = evaluate_folder(
         args.pred,
@@ -841,7 +882,7 @@ def _main(argv: list[str]) -> int:
     try:
         # Plug-ins first (--plugins, then installed packages' entry points): every name they
         # register is known before a config is checked or a checkpoint's model is rebuilt.
-        load_plugins(getattr(args, "plugins", None) or [], entry_points=True)
+        load_plugins(getattr(args, "plugins", None) or [], entry_points=True, announce=True)
         return int(args.func(args) or 0)
     except (FileNotFoundError, ValueError, KeyError, ConfigError, CheckpointError, RegistryError, OSError,
             PluginError) as err:

@@ -316,7 +316,7 @@ def load_exported_metadata(path: str | Path) -> dict[str, Any]:
         )
     try:
         meta = json.loads(text)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise ValueError(f"{path}: the {METADATA_KEY} metadata is not valid JSON ({err}); export it again.") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: expected a JSON object as {METADATA_KEY}, got {type(meta).__name__}; export it again.")
@@ -327,6 +327,11 @@ def load_exported_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def _resolve_format(format: str | None, out: Path) -> str:
+    if out.is_dir():
+        raise IsADirectoryError(
+            f"--out {out} is a folder; cellkit export writes one file: give its name, ending in .onnx (ONNX) or "
+            f".pt (TorchScript), e.g. --out {out / 'model.onnx'}."
+        )
     if format is None:
         found = _SUFFIXES.get(out.suffix.lower())
         if found is None:

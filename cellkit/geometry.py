@@ -42,6 +42,9 @@ __all__ = [
     "resolve_geometry",
 ]
 
+#: The smallest cell diameter (pixels) an estimate may give; below it the points are wrong.
+MIN_CELL_DIAMETER = 2.0
+
 #: The quantile of nearest-neighbour distances taken as the cell diameter.
 DIAMETER_QUANTILE = 0.10
 #: Distances under this fraction of the median are double clicks on one cell, not neighbours.
@@ -141,12 +144,18 @@ def estimate_cell_diameter(point_sets: Iterable[Any], quantile: float = DIAMETER
         10.0
     """
     distances, images = [], 0
+    densest: tuple[float, str, int] = (0.0, "", 0)  # points per 100 x 100 px, image, points
     for item in point_sets:
         pts = getattr(item, "points", item)
         d = nearest_neighbour_distances(np.asarray(pts))
         if len(d):
             distances.append(d)
             images += 1
+        image = getattr(item, "image", None)
+        if image is not None and len(d):
+            per = len(pts) / max(1.0, image.shape[0] * image.shape[1] / 1e4)
+            if per > densest[0]:
+                densest = (per, str(getattr(item, "path", None) or getattr(item, "key", "?")), len(pts))
     if not distances:
         raise ValueError(
             "Cannot estimate the cell diameter: no image has two distinct annotated points. Give it "
@@ -155,6 +164,16 @@ def estimate_cell_diameter(point_sets: Iterable[Any], quantile: float = DIAMETER
     d = np.concatenate(distances)
     d = d[d >= DOUBLE_CLICK_FRACTION * np.median(d)]
     value = float(np.quantile(d, quantile))
+    if value < MIN_CELL_DIAMETER:
+        where = (f" The densest image is {densest[1]}: {densest[2]} points, {densest[0]:.0f} per 100 x 100 "
+                 "pixels." if densest[1] else "")
+        raise ValueError(
+            f"The annotated points sit {value:.2g} px apart ({int(quantile * 100)}th percentile of the "
+            f"nearest-neighbour distances of {len(d)} points in {images} images), closer than any cell is "
+            f"wide (cellkit expects at least {MIN_CELL_DIAMETER:g} px): the annotations look wrong.{where} Are "
+            "points repeated, or their coordinates in another unit or scale than the image's pixels? Fix the "
+            "files; if the cells really are that small, enlarge the images."
+        )
     source = (f"{int(quantile * 100)}th percentile of the nearest-neighbour distances of {len(d)} "
               f"annotated cells in {images} training images")
     return value, source

@@ -7,8 +7,10 @@ from three places:
 
 * **the command line**: `cellkit train --plugins my_plugins ...` (also `predict`,
   `evaluate` and every other command), a comma-separated list;
-* **a training YAML**: a top-level `plugins: [my_plugins]` list, honoured by
-  `cellkit train --config my.yaml` (and recorded in the run's `config.yaml`);
+* **a training YAML**: a top-level `plugins: [my_plugins]` list, imported by
+  `cellkit train --config my.yaml` only with your consent on the command line: the same
+  names in `--plugins`, or `--trust-plugins` (a YAML, like a run's `config.yaml`, may come
+  from someone else);
 * **installed packages**: every entry point of the group `cellkit.plugins`, loaded by
   every `cellkit` command. A package declares one in its `pyproject.toml`:
 
@@ -25,8 +27,9 @@ processes can import it by name too. Each module is imported once per process, h
 times it is named.
 
 **Importing a plug-in runs its code.** That is the user's explicit choice: a module named on
-the command line, in the YAML they pass to `cellkit train --config`, or declared by a package
-they installed. Nothing else imports anything: a checkpoint or a config read by
+the command line (or a YAML's `plugins:` list with `--trust-plugins`), or declared by a
+package they installed; the command line prints a line for each plug-in it imports. Nothing
+else imports anything: a checkpoint or a config read by
 `cellkit predict`, `load_model` or `CellkitConfig.from_yaml` never does, even when its
 `plugins:` list names modules; a checkpoint whose parts are not registered fails with an
 error that names the missing part and the `--plugins` to pass.
@@ -113,6 +116,7 @@ def load_plugins(
     *,
     entry_points: bool = True,
     origin: str = "--plugins",
+    announce: bool = False,
 ) -> list[str]:
     """Import the plug-in modules named, and those that installed packages declare.
 
@@ -131,6 +135,8 @@ def load_plugins(
             (imported) or `module:function` (the function is called with no arguments).
         origin: where the names come from, for error messages (`"--plugins"`,
             `"my.yaml's plugins: list"`).
+        announce: print a line to stderr for each plug-in module not imported yet, as the
+            command line does: importing runs its code, and the user sees whose.
 
     Returns:
         What was loaded, in order and once each: the module names, then the entry points'
@@ -145,10 +151,23 @@ def load_plugins(
         >>> load_plugins(["json"], entry_points=False)   # any importable module
         ['json']
     """
-    loaded = list(dict.fromkeys(_import_module(name, origin) for name in split_plugin_names(modules)))
+    loaded = []
+    for name in split_plugin_names(modules):
+        if announce and _module_name(name) not in sys.modules:
+            print(f"cellkit: importing the plug-in {name} (named in {origin}); this runs its code",
+                  file=sys.stderr, flush=True)
+        loaded.append(_import_module(name, origin))
+    loaded = list(dict.fromkeys(loaded))
     if entry_points and os.environ.get(DISABLE_ENTRY_POINTS_VARIABLE, "").strip() not in ("1", "true", "yes"):
-        loaded += _load_entry_points()
+        loaded += _load_entry_points(announce)
     return loaded
+
+
+def _module_name(name: str) -> str:
+    """The module a plug-in name imports (a ``.py`` path's stem)."""
+    if name.endswith(".py") or os.sep in name or (os.altsep and os.altsep in name):
+        return Path(name).stem
+    return name
 
 
 def _one_line(err: BaseException) -> str:
@@ -265,7 +284,7 @@ def _distribution(ep: Any) -> str:
     return f"the installed distribution {dist.name!r} {dist.version}"
 
 
-def _load_entry_points() -> list[str]:
+def _load_entry_points(announce: bool = False) -> list[str]:
     out: list[str] = []
     seen: set[tuple[str, str]] = set()
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
@@ -279,6 +298,10 @@ def _load_entry_points() -> list[str]:
                f"(pip uninstall {ep.dist.name})" if getattr(ep, "dist", None) is not None
                else "reinstall or uninstall the package that declares it")
         fix += f"; or set {DISABLE_ENTRY_POINTS_VARIABLE}=1 to skip the entry points of installed packages"
+        if announce and module_name not in sys.modules:
+            print(f"cellkit: importing the plug-in {ep.value} (entry point {ep.name!r} of {dist}); this runs "
+                  f"its code ({DISABLE_ENTRY_POINTS_VARIABLE}=1 skips installed packages' plug-ins)",
+                  file=sys.stderr, flush=True)
         try:
             loaded = ep.load()
             if attr and (module_name, attr) not in _CALLED:

@@ -130,12 +130,11 @@ def save_png(path: str | Path, image: np.ndarray) -> Path:
     """Write an ``(H, W, 3)`` uint8 image as PNG, atomically."""
     from PIL import Image
 
-    from cellkit.data.io import write_bytes_atomic
+    from cellkit.engine.writes import write_png
 
     buf = io.BytesIO()
     Image.fromarray(check_image(image, str(path))).save(buf, format="PNG")
-    write_bytes_atomic(path, buf.getvalue())
-    return Path(path)
+    return write_png(path, buf.getvalue())
 
 
 def plot_f1_vs_radius(
@@ -168,7 +167,7 @@ def plot_f1_vs_radius(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from cellkit.data.io import write_bytes_atomic
+    from cellkit.engine.writes import write_png
 
     radii = [float(r) for r in curve["radii"]]
     names = [str(n) for n in curve["classes"]]
@@ -192,5 +191,4 @@ def plot_f1_vs_radius(
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    write_bytes_atomic(path, buf.getvalue())
-    return Path(path)
+    return write_png(path, buf.getvalue())

@@ -163,8 +163,17 @@ def test_train_with_plugins_list_in_yaml(plugin_dir: Path, data_dir: Path, tmp_p
                                          capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path / "plug.yaml", data_dir, plugins=[PLUGIN])
     run = tmp_path / "run"
+    # A YAML (maybe a colleague's run folder) does not import by itself: consent is asked for.
+    _unload(PLUGIN, (MASK, LOSS))
     code = main(["train", "--config", str(config), "--out", str(run), "--device", "cpu", "--max-steps", "1"])
-    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and PLUGIN not in sys.modules and not run.exists()
+    assert f"--plugins {PLUGIN} or --trust-plugins" in err and "runs its code" in err
+    code = main(["train", "--config", str(config), "--out", str(run), "--device", "cpu", "--max-steps", "1",
+                 "--trust-plugins"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert f"cellkit: importing the plug-in {PLUGIN}" in err  # every import is printed
     assert yaml.safe_load((run / "config.yaml").read_text())["plugins"] == [PLUGIN]
     assert MASK in cellkit.MASKS and (run / "best.pt").is_file()
 

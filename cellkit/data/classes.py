@@ -235,6 +235,14 @@ class ClassMap:
                 if not src or not dst:
                     raise ValueError(f"class map entry {entry!r} has an empty side.")
                 items.append((src, int(dst) if dst.lstrip("+-").isdigit() else dst))
+            sources = [str(src) for src, _ in items]
+            twice = sorted({s for s in sources if sources.count(s) > 1})
+            if twice:
+                raise ValueError(
+                    f"the class map gives the source label(s) {', '.join(repr(s) for s in twice)} more than once "
+                    f"({', '.join(e.strip() for e in spec if str(e).split('=')[0].strip() in twice)}); a label "
+                    "maps to one class: keep one entry each."
+                )
         else:
             raise ValueError(
                 f"a class map must be 'source=target' pairs ('0=0,1=1,2=0'), a dict or a preset "

@@ -8,8 +8,15 @@ reaches the rest of cellkit in one form: ``(H, W, 3)`` uint8 RGB. The conversion
 - greyscale (and greyscale + alpha) is repeated into three channels;
 - 16-bit images are scaled to 8 bits by ``value / 257`` (65535 -> 255), with a warning
   (precision is lost, and 12-bit data stored in 16 bits comes out dark);
-- palette, CMYK and other colour modes are converted to RGB by Pillow;
-- float images in ``[0, 1]`` are scaled by 255.
+- palette, CMYK and other colour modes are converted to RGB (CMYK without a colour
+  profile, with a note);
+- float images in ``[0, 1]`` are scaled by 255;
+- a multi-page TIFF gives its first page, with a note saying how many it holds.
+
+Images are read whole, so their size is bounded: one that declares more than
+[`MAX_IMAGE_PIXELS`][] pixels (Pillow's own bomb limit, about 13,400 x 13,400) is refused
+from its header, before anything is decoded, with a [`DataError`][] that says to save it as
+a tiled pyramidal TIFF (read as a whole slide, tile by tile) or cut it into tiles.
 
 Files are written through [`atomic_write`][]: a temporary file in the same folder,
 then ``os.replace``, so a reader never sees a half-written file and an interrupted
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -31,6 +39,7 @@ import numpy as np
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
     "DataError",
     "DataWarning",
     "ImageNote",
@@ -45,6 +54,15 @@ __all__ = [
     "write_bytes_atomic",
     "write_text_atomic",
 ]
+
+MAX_IMAGE_PIXELS = 178_956_970
+"""The most pixels an image read whole may declare (twice Pillow's warning limit, where
+Pillow itself refuses decompression bombs): 537 MB of RGB. Larger images are read as whole
+slides (tiled TIFF, scanner formats) or must be cut into tiles."""
+
+MPP_RANGE = (0.01, 100.0)
+"""Micrometres per pixel a user may give (``--mpp``): a 100x objective's 0.05 to a 1x
+overview's 20, with room; a value outside is a typo or another unit (nanometres, mm)."""
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 """Image file extensions the folder readers look for, in order of preference."""
@@ -186,35 +204,64 @@ def load_image(path: str | os.PathLike[str]) -> tuple[np.ndarray, list[ImageNote
 
     Raises:
         FileNotFoundError: when the file does not exist.
-        DataError: when the file is truncated, corrupt or not an image.
+        DataError: when the file is truncated, corrupt or not an image, or declares more
+            than [`MAX_IMAGE_PIXELS`][] pixels (checked before decoding).
     """
     from PIL import Image, UnidentifiedImageError
 
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such image file.")
+    notes: list[ImageNote] = []
     try:
         if p.suffix.lower() in (".tif", ".tiff"):
-            arr = _read_tiff(p)
+            arr = _read_tiff(p, notes)
         else:
-            with Image.open(p) as im:
-                arr = _pil_to_array(im)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # cellkit's limit below
+                with Image.open(p) as im:
+                    _check_size(p, *im.size)
+                    arr = _pil_to_array(im, p, notes)
     except DataError:
         raise
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{p}: declares more pixels than cellkit reads whole ({MAX_IMAGE_PIXELS / 1e6:.0f} "
+                        f"megapixels; Pillow says: {exc}); {_TOO_LARGE_FIX}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(
             f"{p}: cannot read the image ({type(exc).__name__}: {exc}); the file is truncated, "
             "corrupt or not an image. Re-export it, or skip such images "
             "(--skip-bad-images in cellkit predict, on_error='skip' in Python)."
         ) from exc
-    return to_rgb_uint8(arr, where=str(p))
+    rgb, more = to_rgb_uint8(arr, where=str(p))
+    return rgb, notes + more
 
 
-def _pil_to_array(im: Any) -> np.ndarray:
+_TOO_LARGE_FIX = (
+    "save it as a tiled, pyramidal TIFF (QuPath: File > Export images > OME TIFF; or "
+    "vips tiffsave in.png out.tif --tile --pyramid), which cellkit predict reads as a whole slide, tile by "
+    "tile; or cut it into tiles for training."
+)
+
+
+def _check_size(p: Path, width: int, height: int) -> None:
+    """Refuse, from the header, an image that declares more pixels than cellkit reads whole."""
+    if int(width) * int(height) > MAX_IMAGE_PIXELS:
+        raise DataError(
+            f"{p}: declares {int(width)} x {int(height)} pixels ({int(width) * int(height) / 1e6:.0f} "
+            f"megapixels), more than cellkit reads whole ({MAX_IMAGE_PIXELS / 1e6:.0f} megapixels); "
+            f"{_TOO_LARGE_FIX}"
+        )
+
+
+def _pil_to_array(im: Any, p: Path | None = None, notes: list[ImageNote] | None = None) -> np.ndarray:
     mode = im.mode
     if mode == "P" or mode == "PA":
         im = im.convert("RGBA" if ("transparency" in im.info or mode == "PA") else "RGB")
     elif mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+        if mode == "CMYK" and notes is not None:
+            notes.append(ImageNote("cmyk", f"{p}: a CMYK image, converted to RGB without a colour profile; "
+                                   "colours may differ from a viewer's. Save it as RGB for exact colours."))
         im = im.convert("RGB")
     elif mode in ("RGBa", "La"):
         im = im.convert("RGBA" if mode == "RGBa" else "LA")
@@ -224,17 +271,28 @@ def _pil_to_array(im: Any) -> np.ndarray:
     return np.asarray(im)
 
 
-def _read_tiff(p: Path) -> np.ndarray:
+def _read_tiff(p: Path, notes: list[ImageNote] | None = None) -> np.ndarray:
     # Pillow cannot read 16-bit RGB TIFFs; tifffile (a scikit-image dependency) can.
+    notes = notes if notes is not None else []
     try:
         import tifffile
     except ImportError:  # pragma: no cover - tifffile ships with scikit-image
         from PIL import Image
 
         with Image.open(p) as im:
-            return _pil_to_array(im)
+            _check_size(p, *im.size)
+            return _pil_to_array(im, p, notes)
     try:
-        arr = tifffile.imread(p, key=0)
+        with tifffile.TiffFile(p) as tif:
+            page = tif.pages.first if hasattr(tif.pages, "first") else tif.pages[0]
+            _check_size(p, int(page.imagewidth), int(page.imagelength))
+            pages = sum(1 for pg in tif.pages if not getattr(pg, "is_reduced", False))  # not pyramid levels
+            photometric = int(page.photometric)
+            colormap = page.colormap
+            samples = int(page.samplesperpixel)
+            arr = page.asarray()
+    except DataError:
+        raise
     except Exception as exc:  # tifffile raises many types for corrupt files
         raise DataError(
             f"{p}: cannot read the TIFF ({type(exc).__name__}: {exc}); the file is truncated, "
@@ -242,8 +300,27 @@ def _read_tiff(p: Path) -> np.ndarray:
             "(--skip-bad-images in cellkit predict, on_error='skip' in Python)."
         ) from exc
     arr = np.asarray(arr)
+    if pages > 1:
+        notes.append(ImageNote("pages", f"{p}: a TIFF of {pages} pages; only the first "
+                               f"({int(arr.shape[1])} x {int(arr.shape[0])} pixels) is read. Save each page "
+                               "as its own file to use the others."))
     if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (1, 2, 3, 4):
         arr = np.moveaxis(arr, 0, -1)  # planar (C, H, W) storage
+    if photometric == 3 and colormap is not None and arr.ndim == 2:  # palette
+        cmap = np.asarray(colormap)
+        cmap = (cmap / 257.0).round().astype(np.uint8) if cmap.max() > 255 else cmap.astype(np.uint8)
+        return np.ascontiguousarray(cmap.T[np.clip(arr, 0, cmap.shape[1] - 1)])
+    if photometric == 0 and arr.ndim == 2 and np.issubdtype(arr.dtype, np.integer):  # white is zero
+        return np.iinfo(arr.dtype).max - arr if arr.dtype != np.bool_ else ~arr
+    if photometric == 5:  # separated: CMYK
+        if arr.ndim != 3 or samples < 4 or arr.shape[2] < 4:
+            raise DataError(f"{p}: a separated (CMYK) TIFF with {samples} inks; expected 4 (C, M, Y, K). Save "
+                            "it as RGB.")
+        ink = arr[..., :4].astype(np.float64) / float(_dtype_max(arr))
+        rgb = (1.0 - ink[..., :3]) * (1.0 - ink[..., 3:4])
+        notes.append(ImageNote("cmyk", f"{p}: a CMYK TIFF, converted to RGB without a colour profile; "
+                               "colours may differ from a viewer's. Save it as RGB for exact colours."))
+        return np.round(rgb * 255.0).astype(np.uint8)
     return arr
 
 
@@ -348,7 +425,7 @@ class WriteError(OSError):
 
 #: Temporary files are named ``.<target name>.cellkit-<pid>-<random>.tmp`` beside their target.
 _TMP_MARK = ".cellkit-"
-_STALE_AFTER_S = 24 * 3600  # where the writer's process cannot be asked (other OS, old names)
+_TMP_NAME = re.compile(r"\.(.+)\.cellkit-([0-9]+)-[A-Za-z0-9_]+\.tmp")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -366,20 +443,19 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _temporary_is_stale(tmp: Path, target_name: str | None) -> bool:
-    import time
+    """Whether ``tmp`` is a temporary file of a cellkit write whose process is gone.
 
-    name = tmp.name
-    if target_name is not None:
-        rest = name[len(target_name) + 1 :]  # ".cellkit-<pid>-<random>.tmp" (older: ".<random>.tmp")
-    else:
-        at = name.rfind(_TMP_MARK)
-        rest = name[at:] if at > 0 else ""
-    pid_text = rest[len(_TMP_MARK) :].split("-", 1)[0] if rest.startswith(_TMP_MARK) else ""
-    if pid_text.isdigit() and os.name != "nt":
-        return not _pid_alive(int(pid_text))
-    if target_name is None:
-        return False  # in a folder sweep, only files that are surely cellkit's
-    return time.time() - tmp.stat().st_mtime > _STALE_AFTER_S
+    Only names of cellkit's exact pattern (``.<name>.cellkit-<pid>-<random>.tmp``, the
+    random part as ``tempfile`` makes it) with a process id that no longer runs qualify;
+    a file of any other name (a user's ``.notes.csv.backup.tmp``), of a live process, or
+    where processes cannot be asked (Windows) is never stale.
+    """
+    match = _TMP_NAME.fullmatch(tmp.name)
+    if match is None or os.name == "nt":
+        return False
+    if target_name is not None and match.group(1) != target_name:
+        return False
+    return not _pid_alive(int(match.group(2)))
 
 
 def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
@@ -387,8 +463,8 @@ def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
 
     A write interrupted by ``SIGKILL`` or a power cut cannot clean up after itself; its
     temporary file (``.<name>.cellkit-<pid>-<random>.tmp``) stays. This removes those whose
-    process is gone (on Windows, and for names without a process id: those older than a
-    day). A temporary file of a write still running is left alone.
+    process is gone. A temporary file of a write still running, any file of another name
+    (a user's own ``.<name>.<something>.tmp``), and, on Windows, every file is left alone.
 
     Args:
         path: a file (its temporaries beside it), or a folder (every cellkit temporary in it).

@@ -362,6 +362,11 @@ def geojson_features(path: str | os.PathLike[str]) -> list[Any]:
             f"{p}: line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg}); the file is "
             "truncated, corrupt or not GeoJSON."
         ) from exc
+    except RecursionError:
+        raise DataError(
+            f"{p}: the JSON is nested deeper than it can be read (thousands of [ or {{ inside each other); "
+            "GeoJSON nests a few levels. The file is corrupt or not GeoJSON."
+        ) from None
     if isinstance(data, list):
         return data
     if isinstance(data, Mapping) and data.get("type") == "FeatureCollection":
@@ -550,6 +555,11 @@ def read_geojson_points(
                 ploc += f" ({kind} centroid)"
             if not isinstance(c, (list, tuple)) or len(c) < 2:
                 raise DataError(f"{p}: {ploc}: coordinates must be [x, y], got {c!r}.")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in c[:2]):
+                raise DataError(
+                    f"{p}: {ploc}: coordinates must be numbers [x, y] (GeoJSON writes them unquoted), got "
+                    f"{c[:2]!r}; fix the file's writer, or write the points as numbers."
+                )
             points.append((_coordinate(c[0], "x", f"{p}: {ploc}"), _coordinate(c[1], "y", f"{p}: {ploc}")))
             classes.append(cls)
             scores.append(score)
@@ -591,6 +601,15 @@ def _find_labels(folder: Path, extensions: Sequence[str]) -> dict[str, list[Path
     return found
 
 
+def _is_cellkit_overlay(path: Path) -> bool:
+    """Whether an image is an overlay of ``cellkit predict`` (its name, and cellkit's mark or record)."""
+    if not path.name.endswith("_overlay.png"):
+        return False
+    from cellkit.engine.writes import is_marked_png
+
+    return is_marked_png(path) or (path.parent / "predict.json").is_file()
+
+
 def _pair_jobs(
     image_dir: Path,
     label_dir: Path,
@@ -616,6 +635,10 @@ def _pair_jobs(
         elif not labs:
             want = " or ".join(f"{stem}{e}" for e in extensions)
             error = f"{imgs[0]}: image with no label file; expected {want} in {label_dir}."
+            if _is_cellkit_overlay(imgs[0]):
+                error = (f"{imgs[0]}: an overlay that cellkit predict drew (the predicted cells on an image), not an "
+                         f"image to train on; move the prediction files (*_overlay.png, predict.json, counts.csv) "
+                         f"out of {image_dir}, and predict into a folder of its own (--out).")
             jobs.append(_Job(key, imgs[0], None, error=error))
         else:
             lab = labs[0]
@@ -744,6 +767,8 @@ _NOTE_TEXT = {
     "transparent": "had transparent pixels; the alpha channel was dropped, so those pixels "
     "show the RGB values stored under them",
     "16bit": "were 16-bit and were scaled to 8 bits (value / 257)",
+    "cmyk": "were CMYK and were converted to RGB without a colour profile (save them as RGB for exact colours)",
+    "pages": "were TIFFs of several pages, of which only the first is read (save each page as its own file)",
 }
 
 

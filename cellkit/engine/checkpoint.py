@@ -125,6 +125,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise FileNotFoundError(
             f"Checkpoint {path} does not exist; pass RUN_DIR/best.pt or RUN_DIR/last.pt of a `cellkit train` run."
         )
+    other = _other_kind(path)
+    if other is not None:
+        raise CheckpointError(f"{path} is {other}")
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
             state = torch.load(path, map_location=map_location, weights_only=True)
@@ -147,6 +150,35 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path} is not a cellkit checkpoint: {_describe(state)}")
     state["path"] = str(path)
     return state
+
+
+def _other_kind(path: Path) -> str | None:
+    """What a file that is surely not a checkpoint is, and what to pass instead (read, never run)."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(256)
+    except OSError:
+        return None
+    instead = "pass the checkpoint it came from (RUN_DIR/best.pt of cellkit train, or a shipped model's name)"
+    if head.startswith(b"\x1f\x8b") or head.startswith(b"BZh") or head.startswith(b"\xfd7zXZ"):
+        return ("a compressed archive (.tar.gz, .gz, .bz2 or .xz), not a checkpoint: unpack it first "
+                f"(tar xf {path.name}, or gunzip) and pass the .pt file inside.")
+    if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and (b"pytorch" in head[:64] or b"onnx" in head[:64])):
+        return ("an ONNX model (what cellkit export writes), not a checkpoint: it runs in ONNX Runtime and other "
+                f"programs (docs/export.md); cellkit predict, evaluate and --init-from need the weights, so {instead}.")
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except (OSError, zipfile.BadZipFile):
+            return None
+        if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+            return ("a TorchScript model (what cellkit export --out model.pt or torch.jit.save writes), not a "
+                    "checkpoint: it runs with torch.jit.load in other programs (docs/export.md); cellkit predict, "
+                    f"evaluate and --init-from need the weights, so {instead}.")
+    return None
 
 
 def _describe(state: Any) -> str:
@@ -226,8 +258,40 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
             f"its config builds with cellkit {__version__}: " + "; ".join(parts)
             + ". Retrain, or use the cellkit version that wrote it."
         )
+    _check_stored_settings(cfg, ckpt)
     model.to(device).eval()
     return model, cfg, ckpt
+
+
+def _check_stored_settings(cfg: Any, ckpt: dict[str, Any]) -> None:
+    """The settings a checkpoint stores beside its weights, checked as strictly as a config's.
+
+    Peak thresholds and distances (the config's and the calibrated ones) and the class names
+    are what predictions are made with; a checkpoint edited by hand, or received damaged,
+    must not predict nothing in silence.
+    """
+    from cellkit.config import _postprocess_problems
+    from cellkit.postprocess.peaks import peak_kwargs_problems
+
+    problems = _postprocess_problems(cfg, "config")
+    stored = ckpt.get("postprocess")
+    if stored is not None and cfg.postprocess.name == "peaks":
+        if not isinstance(stored, dict):
+            problems.append(f"postprocess: expected the calibrated peak settings as a dict, got "
+                            f"{type(stored).__name__}")
+        else:
+            problems += peak_kwargs_problems(stored, activation=cfg.model.activation,
+                                             num_classes=int(cfg.model.num_classes), where="postprocess")
+    k = int(cfg.model.num_classes)
+    for key, names in (("class_names", ckpt.get("class_names")), ("config.data.class_names", cfg.data.class_names)):
+        if names is not None and (not isinstance(names, (list, tuple)) or len(names) != k
+                                  or not all(isinstance(n, str) for n in names)):
+            problems.append(f"{key}: expected {k} names (one per class of the model), got {names!r}")
+    if problems:
+        raise CheckpointError(
+            f"{ckpt['path']} stores settings that cellkit would refuse in a config: " + "; ".join(problems)
+            + ". The file was edited or damaged: use the checkpoint as cellkit train wrote it (or train again)."
+        )
 
 
 def file_fingerprint(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -110,7 +110,7 @@ def _read_meta(pred_dir: Path) -> dict[str, Any]:
         return {}
     try:
         meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, json.JSONDecodeError, RecursionError) as err:
         raise ValueError(
             f"{meta_path} is not readable JSON ({err}); it should be the record cellkit predict wrote. Predict "
             "the images again into a new folder, or delete that file to score the .csv files without it."

@@ -84,7 +84,7 @@ def _read_meta(out: Path) -> dict[str, Any] | None:
         return None
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise ValueError(
             f"{path} is not the record of a cellkit prediction run ({err}); cellkit will not write over "
             "a folder it cannot read. Choose another --out."
@@ -94,6 +94,11 @@ def _read_meta(out: Path) -> dict[str, Any] | None:
             f"{path} is not the record of a cellkit prediction run (expected a JSON object with 'inputs'); "
             "choose another --out."
         )
+    from cellkit.engine.writes import plain_name
+
+    for key in ("inputs", "images"):  # the names decide what --overwrite deletes
+        for name in meta.get(key) or []:
+            plain_name(name, path)
     return meta
 
 
@@ -225,6 +230,7 @@ def write_predictions(
     """
     from cellkit.data.io import make_folder, remove_stale_temporaries, write_text_atomic
     from cellkit.engine.predict import list_images
+    from cellkit.engine.writes import claim_each_once
 
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: --resume continues a run, --overwrite replaces it.")
@@ -242,6 +248,9 @@ def write_predictions(
             f"image names {clash} clash with the summary files written to --out ({', '.join(OUTPUT_STEMS)}); "
             "rename them."
         )
+    _check_slide_options(paths, slides, slide_options, predictor)
+    # Two inputs never write one file (a slide a.svs's a.summary.csv, an image a.summary.png's .csv).
+    claim_each_once({str(p): _image_files(out, p.stem, overlay, p.stem in slides) for p in paths})
     slide_options = dict(slide_options or {})
     extra = {**dict(settings or {}), "mpp": mpp, "slides": sorted(slides),
              **({"slide_options": {k: str(v) if isinstance(v, Path) else v for k, v in slide_options.items()
@@ -266,6 +275,24 @@ def write_predictions(
     write_text_atomic(out / COUNTS, counts_csv(run.counts, predictor.class_names))
     save_meta("done")
     return run
+
+
+def _check_slide_options(paths: Sequence[Path], slides: Collection[str], options: Mapping[str, Any] | None,
+                         predictor: Any) -> None:
+    """Options that only whole slides use: refused for plain images, checked before any work."""
+    options = dict(options or {})
+    if options.get("regions") is not None:
+        plain = [p.name for p in paths if p.stem not in slides]
+        if plain:
+            raise ValueError(
+                f"--regions counts cells inside regions of whole slides, but {', '.join(plain[:5])} "
+                f"{'is a plain image' if len(plain) == 1 else 'are plain images'} (read whole, in image pixels): "
+                "predict those without --regions, or pass --slide to read them as slides."
+            )
+    if slides and options.get("index_class") is not None:
+        from cellkit.wsi.summary import _index_class
+
+        _index_class(options["index_class"], list(predictor.class_names))
 
 
 def _record(predictor: Any, overlay: bool, overlay_radius: int, settings: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -343,14 +370,13 @@ def _claim_folder(out: Path, stems: list[str], overlay: bool, record: Mapping[st
                 "predict again, or choose another --out."
             )
         return []
-    removed = [f for f in sorted(ours) if f.is_file()]
-    for f in removed:
-        f.unlink()
+    from cellkit.engine.writes import remove_recorded
     from cellkit.wsi.pipeline import PARTS_SUFFIX
 
+    removed = remove_recorded(out, ours)
     for stem in before:  # the finished chunks of an interrupted slide
         parts = out / f".{stem}{PARTS_SUFFIX}"
-        if parts.is_dir():
+        if parts.is_dir() and not parts.is_symlink():
             shutil.rmtree(parts)
             removed.append(parts)
     return removed

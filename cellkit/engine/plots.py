@@ -90,11 +90,11 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as err:
-            if number == len(lines):  # no newline after it: a round being written right now
+        except (json.JSONDecodeError, RecursionError) as err:
+            if number == len(lines) and not isinstance(err, RecursionError):  # a round being written now
                 break
             raise ValueError(
-                f"{file}, line {number}: not JSON ({err.msg}); expected one JSON object per line as cellkit "
+                f"{file}, line {number}: not JSON ({getattr(err, 'msg', 'nested too deeply')}); expected one JSON object per line as cellkit "
                 "train writes them. Restore the file (the checkpoints hold the same history) or train again."
             ) from err
         if not isinstance(record, dict):
@@ -234,11 +234,19 @@ def plot_training(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] |
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from cellkit.data.io import atomic_write
+    from cellkit.engine.writes import write_png
+
+    from cellkit.engine.writes import check_outputs
 
     run = Path(run_dir).expanduser()
     if run.name == _METRICS and run.is_file():
         run = run.parent
+    target = Path(out) if out is not None else run / "curves.png"
+    if target.suffix.lower() != ".png":
+        raise ValueError(f"The training curves are a PNG picture: expected a file name ending in .png, got "
+                         f"{target}; e.g. --out {target.with_suffix('.png').name}.")
+    check_outputs("cellkit plot", [target], fix="give a new file name ending in .png (a picture cellkit drew "
+                  "before is replaced; any other file is not)")
     main_file, pre_file = run / _METRICS, run / "pretrain" / _METRICS
     stages: list[tuple[str, list[dict[str, Any]]]] = []
     if pre_file.is_file():
@@ -259,12 +267,9 @@ def plot_training(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] |
         _draw_f1(axes[row][1], records, title)
     fig.suptitle(f"Training of {run.resolve().name}", fontsize="large")
     fig.tight_layout()
-    target = Path(out) if out is not None else run / "curves.png"
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    with atomic_write(target, "wb") as fh:
-        fh.write(buf.getvalue())
-    return target
+    return write_png(target, buf.getvalue())
 
 
 # --------------------------------------------------------------------------- evaluation errors
@@ -338,7 +343,8 @@ def plot_errors(result: Any, out: str | os.PathLike[str], *, count: int = 4) -> 
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    from cellkit.data.io import atomic_write, read_image
+    from cellkit.data.io import read_image
+    from cellkit.engine.writes import write_png
     from cellkit.metrics import detection_counts
 
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
@@ -409,6 +415,4 @@ def plot_errors(result: Any, out: str | os.PathLike[str], *, count: int = 4) -> 
     target = Path(out)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    with atomic_write(target, "wb") as fh:
-        fh.write(buf.getvalue())
-    return target
+    return write_png(target, buf.getvalue())

@@ -352,6 +352,16 @@ def _check_out_dir(out: Path, resume: bool) -> None:
         )
     if not resume and _holds_run(out):
         raise FileExistsError(RUN_EXISTS_MESSAGE.format(out=out))
+    if not resume:
+        from cellkit.engine.writes import check_outputs
+
+        # A new run writes these too; in a folder that is not a run they are someone else's.
+        check_outputs(
+            "cellkit train", [out / "curves.png", out / "calibration.json"],
+            ours=lambda p: False,
+            fix=f"a run folder holds only what cellkit train writes: give a new or empty --out (not {out}, "
+                "which is not a run's folder: a data folder?)",
+        )
     if resume and not _holds_run(out):
         raise FileNotFoundError(
             f"Nothing to resume in {out}: it holds no cellkit run (no config.yaml, last.pt or metrics.jsonl). "
@@ -420,6 +430,7 @@ def _resolve_splits(cfg: CellkitConfig, samples: Sequence[Any] | None,
             samples = data.load_dataset(root, cfg.data.format, class_map=class_map, split=cfg.data.split,
                                         num_classes=cfg.model.num_classes)
         out = _split(list(samples), cfg)
+    out = _without_tiny_images(out)
     if not out["train"]:
         raise ValueError(
             "The training split is empty; pass more images or lower data.val_fraction/test_fraction."
@@ -446,6 +457,27 @@ def _resolve_splits(cfg: CellkitConfig, samples: Sequence[Any] | None,
                     "source label -> class), or raise model.num_classes."
                 )
     return out, _class_names(cfg, names)
+
+
+#: Images with a side below this many pixels hold no cell worth a crop: they are left out.
+MIN_IMAGE_SIDE = 16
+
+
+def _without_tiny_images(split: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """The splits less images smaller than ``MIN_IMAGE_SIDE`` a side, with a warning naming them."""
+    from cellkit.data.io import DataWarning
+
+    tiny = [s for part in split.values() for s in part if min(s.image.shape[:2]) < MIN_IMAGE_SIDE]
+    if not tiny:
+        return split
+    shown = ", ".join(f"{getattr(s, 'path', None) or s.key} ({s.image.shape[1]} x {s.image.shape[0]})"
+                      for s in tiny[:5]) + (f" and {len(tiny) - 5} more" if len(tiny) > 5 else "")
+    warnings.warn(
+        f"{len(tiny)} image(s) are smaller than {MIN_IMAGE_SIDE} px a side and were left out of training and "
+        f"validation (they would shrink every crop to their size): {shown}. Remove them from the data "
+        "folder, or check that they were exported whole.", DataWarning, stacklevel=3)
+    drop = {id(s) for s in tiny}
+    return {k: [s for s in v if id(s) not in drop] for k, v in split.items()}
 
 
 def _class_map(cfg: CellkitConfig) -> Any:

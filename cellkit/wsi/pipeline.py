@@ -232,7 +232,10 @@ def predict_slide(
     """
     from cellkit.data.io import make_folder, remove_stale_temporaries
 
+    from cellkit.wsi.summary import _index_class
+
     t0 = time.perf_counter()
+    _index_class(index_class, list(predictor.class_names))  # a typo fails now, not after the slide
     out = Path(out_dir)
     make_folder(out)
     remove_stale_temporaries(out)
@@ -245,13 +248,14 @@ def predict_slide(
                 f"slide's outputs); pass overwrite=True (or resume=True to finish an interrupted run), or choose "
                 "another output folder."
             )
+        region_list = _regions(regions)
+        _check_regions_overlap(region_list, slide, regions)
         model_mpp = _model_mpp(predictor)
         scale = _scale(slide, model_mpp)
         thumb, _ = slide.thumbnail(thumbnail_size)
         # Thumbnail pixels per level-0 pixel along x and y (the sides round differently).
         thumb_scale = (thumb.shape[1] / slide.dimensions[0], thumb.shape[0] / slide.dimensions[1])
         mask = _tissue(slide, thumb, tissue)
-        region_list = _regions(regions)
         chunk = int(chunk_size or _default_chunk(predictor))
         margin = int(getattr(predictor, "overlap", 64)) + 2 * _max_min_distance(predictor) + 2
         work_w = max(1, int(math.ceil(slide.dimensions[0] / scale)))
@@ -370,6 +374,30 @@ def _tissue(slide: Slide, thumb: np.ndarray, tissue: bool) -> np.ndarray:
         mask = np.asarray(Image.fromarray(mask).resize((thumb.shape[1], thumb.shape[0]), Image.Resampling.NEAREST))
     # One thumbnail pixel of dilation: a chunk that only touches tissue is still read.
     return ndimage.binary_dilation(mask, iterations=1)
+
+
+def _check_regions_overlap(region_list: Sequence[Any], slide: Any, source: Any) -> None:
+    """Refuse regions that all lie outside the slide; warn about those that do."""
+    if not region_list:
+        return
+    from shapely.geometry import box
+
+    w, h = slide.dimensions
+    bounds = box(0, 0, w, h)
+    outside = [str(r.name) for r in region_list if not r.geometry.intersects(bounds)]
+    named = source if isinstance(source, (str, Path)) else "the regions given"
+    if len(outside) == len(region_list):
+        x0, y0, x1, y1 = region_list[0].geometry.bounds
+        raise ValueError(
+            f"None of the {len(region_list)} regions of {named} overlaps {slide.path} ({w} x {h} pixels; the "
+            f"first region spans x {x0:.0f}..{x1:.0f}, y {y0:.0f}..{y1:.0f}): are they drawn on another slide, or "
+            "in other units than the slide's full-resolution pixels (as QuPath exports them)?"
+        )
+    if outside:
+        import warnings
+
+        warnings.warn(f"{len(outside)} of the {len(region_list)} regions of {named} lie outside {slide.path} "
+                      f"({w} x {h} pixels) and count no cells: {', '.join(outside[:5])}.", stacklevel=3)
 
 
 def _regions(regions: Any) -> list[Any]:
@@ -506,7 +534,7 @@ class _Parts:
             earlier = None
             try:
                 earlier = json.loads(record.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+            except (OSError, ValueError, RecursionError):
                 earlier = None
             if resume and earlier is not None and earlier != settings:
                 diffs = [k for k in sorted(set(earlier) | set(settings)) if earlier.get(k) != settings.get(k)]

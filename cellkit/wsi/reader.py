@@ -44,6 +44,8 @@ SLIDE_SUFFIXES: tuple[str, ...] = (".svs", ".ndpi", ".vms", ".vmu", ".mrxs", ".s
 
 _VENDOR_SUFFIXES = frozenset(SLIDE_SUFFIXES) - {".tif", ".tiff", ".dcm"}
 _LARGE_PIXELS = 64_000_000  # a TIFF above this many pixels is read as a slide, never whole
+_BLOCK_SIDE = 2048  # a read that shrinks more than _BLOCK_PIXELS level pixels goes block by block
+_BLOCK_PIXELS = 4 * _BLOCK_SIDE * _BLOCK_SIDE
 
 
 class SlideError(ValueError):
@@ -227,6 +229,10 @@ class Slide:
         level = self.best_level(scale)
         down = self.level_downsamples[level]
         lw, lh = max(1, int(math.ceil(width / down))), max(1, int(math.ceil(height / down)))
+        if lw * lh > _BLOCK_PIXELS and (lw > out_w or lh > out_h):
+            # A slide without a fine-enough pyramid level (one tiled level, say): shrink it block
+            # by block, so memory is bounded whatever the slide declares.
+            return self._read_in_blocks(x, y, width, height, level, out_w, out_h)
         region = self.read_region(x, y, lw, lh, level)
         if (lw, lh) == (out_w, out_h):
             return region
@@ -234,6 +240,28 @@ class Slide:
         box = (0.0, 0.0, width / down, height / down)
         resample = Image.Resampling.BOX if scale / down >= 1 else Image.Resampling.BILINEAR
         return np.asarray(Image.fromarray(region).resize((out_w, out_h), resample=resample, box=box))
+
+    def _read_in_blocks(self, x: int, y: int, width: int, height: int, level: int, out_w: int,
+                        out_h: int) -> np.ndarray:
+        """:meth:`read` of a large box, a block of at most ``_BLOCK_SIDE`` level pixels a side at a time."""
+        down = self.level_downsamples[level]
+        rx, ry = width / down / out_w, height / down / out_h  # level pixels per output pixel
+        step_x, step_y = max(1, int(_BLOCK_SIDE // rx)), max(1, int(_BLOCK_SIDE // ry))
+        out = np.empty((out_h, out_w, 3), np.uint8)
+        for oy in range(0, out_h, step_y):
+            bh = min(step_y, out_h - oy)
+            ly0, ly1 = oy * ry, (oy + bh) * ry
+            iy0, iy1 = int(math.floor(ly0)), int(math.ceil(ly1))
+            for ox in range(0, out_w, step_x):
+                bw = min(step_x, out_w - ox)
+                lx0, lx1 = ox * rx, (ox + bw) * rx
+                ix0, ix1 = int(math.floor(lx0)), int(math.ceil(lx1))
+                region = self.read_region(x + int(round(ix0 * down)), y + int(round(iy0 * down)),
+                                          max(1, ix1 - ix0), max(1, iy1 - iy0), level)
+                box = (lx0 - ix0, ly0 - iy0, lx1 - ix0, ly1 - iy0)
+                out[oy:oy + bh, ox:ox + bw] = np.asarray(
+                    Image.fromarray(region).resize((bw, bh), resample=Image.Resampling.BOX, box=box))
+        return out
 
     def thumbnail(self, max_side: int = 1024) -> tuple[np.ndarray, float]:
         """A low-resolution RGB image of the whole slide and its scale (thumbnail px per level-0 px).
@@ -268,8 +296,11 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist; give the slide file (e.g. slide.svs).")
-    if mpp is not None and not (math.isfinite(float(mpp)) and float(mpp) > 0):
-        raise SlideError(f"mpp (micrometres per pixel) must be a positive number, got {mpp!r} for {p}.")
+    from cellkit.data.io import MPP_RANGE
+
+    if mpp is not None and not (math.isfinite(float(mpp)) and MPP_RANGE[0] <= float(mpp) <= MPP_RANGE[1]):
+        raise SlideError(f"mpp (micrometres per pixel) must be a number between {MPP_RANGE[0]:g} and "
+                         f"{MPP_RANGE[1]:g} (0.25 for a 40x scan), got {mpp!r} for {p}.")
     fmt = _detect(p)
     if fmt is not None:
         openslide = _openslide()
