@@ -356,13 +356,18 @@ def _check_replaceable(out: Path, overwrite: bool) -> None:
         raise FileExistsError(
             f"{out} exists; pass overwrite=True (--overwrite) to replace it, or choose another file name."
         )
-    try:
-        load_exported_metadata(out)
-    except (ValueError, ImportError, OSError):
-        raise FileExistsError(
-            f"{out} exists and is not a model exported by cellkit, so it is not replaced even with overwrite; "
-            "choose another file name (or delete that file first if it is yours to lose)."
-        ) from None
+    from cellkit.engine.writes import check_outputs
+
+    def exported(path: Path) -> bool:
+        try:
+            load_exported_metadata(path)
+        except (ValueError, ImportError, OSError):
+            return False
+        return True
+
+    check_outputs("cellkit export", [out], ours=exported,
+                  fix="it is not a model exported by cellkit, so it is not replaced even with overwrite; choose "
+                      "another file name (or delete that file first if it is yours to lose)")
 
 
 def _import_onnx_tools(need_runtime: bool) -> dict[str, Any]:

@@ -348,7 +348,7 @@ def test_predict_into_the_data_folder_never_replaces_annotations(checkpoint: Pat
     before = _files(data)
     assert _predict(checkpoint, data, data) == 2
     line = _error(capsys)
-    assert "did not write and would replace" in line and "img0.csv" in line and "annotations" in line
+    assert "would replace" in line and "it did not write" in line and "img0.csv" in line and "annotations" in line
     assert _files(data) == before  # nothing written, nothing replaced
 
 

@@ -335,14 +335,12 @@ def _claim_folder(out: Path, stems: list[str], overlay: bool, record: Mapping[st
     ours = _earlier_files(out, earlier) if earlier is not None else set()
     planned = [f for s in stems for f in _image_files(out, s, overlay, s in slides)] + [out / COUNTS,
                                                                                        out / PREDICT_META]
-    foreign = [f for f in planned if f.exists() and f not in ours]
-    if foreign:
-        names = ", ".join(f.name for f in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise FileExistsError(
-            f"Cannot predict into {out}: it holds {len(foreign)} file(s) that cellkit predict did not write and would "
-            f"replace ({names}). Is --out the data folder? Its annotations would be lost. Choose an empty or new "
-            "--out."
-        )
+    from cellkit.engine.writes import check_outputs
+
+    check_outputs(
+        "cellkit predict", planned, ours=lambda f: f in ours,
+        fix="is --out the data folder? Its annotations would be lost: choose an empty or new --out",
+    )
     if earlier is None:
         if resume:
             raise FileNotFoundError(
