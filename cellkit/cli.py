@@ -195,7 +195,7 @@ def _add_data_options(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``cellkit`` argument parser with its three commands."""
+    """The ``cellkit`` argument parser with its five commands: train, predict, evaluate, plot, export."""
     parser = _Parser(
         prog="cellkit",
         description="Cell recognition (finding, classifying, counting) in IHC images trained from point "
@@ -714,7 +714,7 @@ def _check_replaceable_evaluation(path: Path) -> None:
 
 def _check_evaluation_pictures(pred_dir: Path, curve: bool) -> None:
     """Refuse, before any work, to replace files in the predictions folder that cellkit did not write."""
-    from cellkit.engine.writes import check_outputs, written_by_cellkit
+    from cellkit.data.guard import check_outputs, written_by_cellkit
 
     planned = [pred_dir / "errors.png"]
     if curve:

@@ -356,7 +356,7 @@ def _check_replaceable(out: Path, overwrite: bool) -> None:
         raise FileExistsError(
             f"{out} exists; pass overwrite=True (--overwrite) to replace it, or choose another file name."
         )
-    from cellkit.engine.writes import check_outputs
+    from cellkit.data.guard import check_outputs
 
     def exported(path: Path) -> bool:
         try:

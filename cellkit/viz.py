@@ -130,7 +130,7 @@ def save_png(path: str | Path, image: np.ndarray) -> Path:
     """Write an ``(H, W, 3)`` uint8 image as PNG, atomically."""
     from PIL import Image
 
-    from cellkit.engine.writes import write_png
+    from cellkit.data.guard import write_png
 
     buf = io.BytesIO()
     Image.fromarray(check_image(image, str(path))).save(buf, format="PNG")
@@ -167,7 +167,7 @@ def plot_f1_vs_radius(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from cellkit.engine.writes import write_png
+    from cellkit.data.guard import write_png
 
     radii = [float(r) for r in curve["radii"]]
     names = [str(n) for n in curve["classes"]]

@@ -223,7 +223,8 @@ def test_predictor_from_checkpoint(tmp_path, tiny_model: nn.Module) -> None:
     from PIL import Image
 
     Image.fromarray(image).save(tmp_path / "img.png")
-    found = Predictor.from_checkpoint(tmp_path, device="cpu").predict_folder(tmp_path, progress=False)
+    found = {p.stem: det for p, _, det in
+             Predictor.from_checkpoint(tmp_path, device="cpu").predict_paths([tmp_path], progress=False)}
     assert list(found) == ["img"]
 
 

@@ -26,7 +26,7 @@ from cellkit.builder import build_model
 from cellkit.cli import main
 from cellkit.data.io import MAX_IMAGE_PIXELS, DataError, atomic_write, load_image, read_image
 from cellkit.engine.checkpoint import CheckpointError, load_model, save_checkpoint
-from cellkit.engine.writes import OutputClash, check_outputs, is_marked_png, mark_png, plain_name
+from cellkit.data.guard import OutputClash, check_outputs, is_marked_png, mark_png, plain_name
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -297,3 +298,38 @@ def test_best_checkpoint_keeps_calibration_crops_for_int8(baseline: TrainResult,
     predictor = Predictor.from_checkpoint(baseline.best_path, device="cpu", precision="auto")
     assert predictor.precision == "int8" and len(seen) == 1  # calibrated on the crops, not the bundled tiles
     assert all(np.array_equal(a, b.numpy()) for a, b in zip(seen[0], crops)) and len(seen[0]) == len(crops)
+
+
+def test_predict_default_uses_thresholds_calibrated_on_its_own_maps(tmp_path: Path, monkeypatch) -> None:
+    """Training calibrates the peaks on the maps that cellkit predict's default (int8 on the CPU) makes."""
+    from cellkit.engine import calibrate as calibrate_module
+    from cellkit.engine.predict import Predictor
+    from cellkit.models.quantize import int8_available
+
+    cfg = tiny("ours", epochs=1)
+    cfg.train.calibrate = True
+    result = fit(cfg, tmp_path / "run", splits=SPLITS, device="cpu", progress=False)
+    ckpt = load_checkpoint(result.best_path)
+    report = json.loads((result.out_dir / "calibration.json").read_text())
+    if not int8_available():  # no x86 int8 engine: predict's default is fp32, calibrated as before
+        assert "postprocess_int8" not in ckpt and "int8" not in report
+        return
+    assert "postprocess_int8" in ckpt and report["int8"]["postprocess"] == ckpt["postprocess_int8"]
+    default = Predictor.from_checkpoint(result.best_path, device="cpu", precision="auto")
+    fp32 = Predictor.from_checkpoint(result.best_path, device="cpu", precision="fp32")
+    assert default.precision == "int8"
+    assert list(np.atleast_1d(default.postprocess.threshold)) == list(np.atleast_1d(
+        ckpt["postprocess_int8"]["threshold"]))
+    assert list(np.atleast_1d(fp32.postprocess.threshold)) == list(np.atleast_1d(ckpt["postprocess"]["threshold"]))
+    # The maps the int8 thresholds were calibrated on are the maps the default predictor makes.
+    seen = []
+    real = calibrate_module.calibrate_peaks
+    monkeypatch.setattr(calibrate_module, "calibrate_peaks",
+                        lambda maps, *a, **k: seen.append(list(maps)) or real(maps, *a, **k))
+    model = Predictor.from_checkpoint(result.best_path, device="cpu", precision="fp32").model
+    truths = [(s.points, s.classes) for s in SPLITS["val"]]
+    again = train_module._int8_calibration(cfg, model, ckpt, SPLITS["val"], truths, default.class_names,
+                                           ckpt["postprocess"], None)
+    assert again is not None and len(seen) == 1
+    for maps, sample in zip(seen[0], SPLITS["val"]):
+        assert np.array_equal(maps, default.probabilities(sample.image))

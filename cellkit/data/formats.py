@@ -38,7 +38,7 @@ from .classes import BCDATA, ENDONUKE, ENDONUKE_EPITHELIUM, ClassMap
 from .io import IMAGE_EXTENSIONS
 from .split import bcdata_group, endonuke_region
 
-__all__ = ["FORMATS", "IMAGE_SUFFIXES", "DatasetFormat", "format_names", "get_format"]
+__all__ = ["FORMATS", "IMAGE_SUFFIXES", "DatasetFormat", "get_format"]
 
 IMAGE_SUFFIXES: tuple[str, ...] = IMAGE_EXTENSIONS
 """The image suffixes cellkit reads (training, ``cellkit predict`` on a folder)."""
@@ -94,11 +94,6 @@ def get_format(name: str) -> DatasetFormat:
         ['negative', 'positive']
     """
     return FORMATS.build(str(name).strip().lower())
-
-
-def format_names() -> tuple[str, ...]:
-    """The registered format names, in registration order."""
-    return tuple(FORMATS)
 
 
 def _builtin() -> None:

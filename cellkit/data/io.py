@@ -26,11 +26,12 @@ write leaves the old file intact.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -40,12 +41,15 @@ import numpy as np
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_IMAGE_PIXELS",
+    "MPP_RANGE",
+    "SLIDE_SUFFIXES",
     "DataError",
     "DataWarning",
     "ImageNote",
     "WriteError",
     "atomic_write",
     "image_mpp",
+    "jsonable",
     "make_folder",
     "load_image",
     "read_image",
@@ -63,6 +67,11 @@ slides (tiled TIFF, scanner formats) or must be cut into tiles."""
 MPP_RANGE = (0.01, 100.0)
 """Micrometres per pixel a user may give (``--mpp``): a 100x objective's 0.05 to a 1x
 overview's 20, with room; a value outside is a typo or another unit (nanometres, mm)."""
+
+SLIDE_SUFFIXES: tuple[str, ...] = (".svs", ".ndpi", ".vms", ".vmu", ".mrxs", ".scn", ".bif", ".svslide",
+                                   ".tif", ".tiff", ".dcm")
+"""Suffixes of whole-slide files (``.tif``/``.tiff`` only when tiled and pyramidal, or large);
+[`cellkit.wsi.reader`][] reads them, and folders of inputs list them."""
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 """Image file extensions the folder readers look for, in order of preference."""
@@ -416,6 +425,31 @@ def read_image(path: str | os.PathLike[str], *, warn: bool = True) -> np.ndarray
         for note in notes:
             warnings.warn(note.message, DataWarning, stacklevel=2)
     return arr
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` for ``json.dumps(allow_nan=False)``: NaN/inf -> None, numpy -> builtins.
+
+    The one conversion of the JSON files cellkit writes (``metrics.jsonl``,
+    ``calibration.json``, ``predict.json``, ``evaluation.json``): mappings (keys as strings),
+    sequences and arrays recursively; numpy numbers and booleans as Python ones.
+
+    Examples:
+        >>> jsonable({"f1": np.array([0.5, np.nan]), "n": np.int64(3),
+        ...           "ok": np.bool_(True)})
+        {'f1': [0.5, None], 'n': 3, 'ok': True}
+    """
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [jsonable(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(float(value)) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
 
 
 class WriteError(OSError):

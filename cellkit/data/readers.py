@@ -605,7 +605,7 @@ def _is_cellkit_overlay(path: Path) -> bool:
     """Whether an image is an overlay of ``cellkit predict`` (its name, and cellkit's mark or record)."""
     if not path.name.endswith("_overlay.png"):
         return False
-    from cellkit.engine.writes import is_marked_png
+    from cellkit.data.guard import is_marked_png
 
     return is_marked_png(path) or (path.parent / "predict.json").is_file()
 

@@ -274,14 +274,15 @@ def _check_stored_settings(cfg: Any, ckpt: dict[str, Any]) -> None:
     from cellkit.postprocess.peaks import peak_kwargs_problems
 
     problems = _postprocess_problems(cfg, "config")
-    stored = ckpt.get("postprocess")
-    if stored is not None and cfg.postprocess.name == "peaks":
+    for key in ("postprocess", "postprocess_int8"):
+        stored = ckpt.get(key)
+        if stored is None or cfg.postprocess.name != "peaks":
+            continue
         if not isinstance(stored, dict):
-            problems.append(f"postprocess: expected the calibrated peak settings as a dict, got "
-                            f"{type(stored).__name__}")
+            problems.append(f"{key}: expected the calibrated peak settings as a dict, got {type(stored).__name__}")
         else:
             problems += peak_kwargs_problems(stored, activation=cfg.model.activation,
-                                             num_classes=int(cfg.model.num_classes), where="postprocess")
+                                             num_classes=int(cfg.model.num_classes), where=key)
     k = int(cfg.model.num_classes)
     for key, names in (("class_names", ckpt.get("class_names")), ("config.data.class_names", cfg.data.class_names)):
         if names is not None and (not isinstance(names, (list, tuple)) or len(names) != k

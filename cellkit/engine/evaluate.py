@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from cellkit.data.io import jsonable  # defined with the other file helpers; part of this module's API
 from cellkit.points import Detections
 
 __all__ = [
@@ -127,31 +128,6 @@ def _default_names(format: str, num_classes: int) -> list[str] | None:
     from cellkit.data.formats import FORMATS, get_format
 
     return get_format(format).class_names(num_classes) if format in FORMATS else None
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` for ``json.dumps(allow_nan=False)``: NaN/inf -> None, numpy -> builtins.
-
-    The one conversion of the JSON files cellkit writes (``metrics.jsonl``,
-    ``calibration.json``, ``predict.json``, ``evaluation.json``): mappings (keys as strings),
-    sequences and arrays recursively; numpy numbers and booleans as Python ones.
-
-    Examples:
-        >>> jsonable({"f1": np.array([0.5, np.nan]), "n": np.int64(3),
-        ...           "ok": np.bool_(True)})
-        {'f1': [0.5, None], 'n': 3, 'ok': True}
-    """
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [jsonable(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(float(value)) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
 
 
 @dataclass

@@ -94,7 +94,7 @@ def _read_meta(out: Path) -> dict[str, Any] | None:
             f"{path} is not the record of a cellkit prediction run (expected a JSON object with 'inputs'); "
             "choose another --out."
         )
-    from cellkit.engine.writes import plain_name
+    from cellkit.data.guard import plain_name
 
     for key in ("inputs", "images"):  # the names decide what --overwrite deletes
         for name in meta.get(key) or []:
@@ -230,7 +230,7 @@ def write_predictions(
     """
     from cellkit.data.io import make_folder, remove_stale_temporaries, write_text_atomic
     from cellkit.engine.predict import list_images
-    from cellkit.engine.writes import claim_each_once
+    from cellkit.data.guard import claim_each_once
 
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: --resume continues a run, --overwrite replaces it.")
@@ -335,7 +335,7 @@ def _claim_folder(out: Path, stems: list[str], overlay: bool, record: Mapping[st
     ours = _earlier_files(out, earlier) if earlier is not None else set()
     planned = [f for s in stems for f in _image_files(out, s, overlay, s in slides)] + [out / COUNTS,
                                                                                        out / PREDICT_META]
-    from cellkit.engine.writes import check_outputs
+    from cellkit.data.guard import check_outputs
 
     check_outputs(
         "cellkit predict", planned, ours=lambda f: f in ours,
@@ -368,7 +368,7 @@ def _claim_folder(out: Path, stems: list[str], overlay: bool, record: Mapping[st
                 "predict again, or choose another --out."
             )
         return []
-    from cellkit.engine.writes import remove_recorded
+    from cellkit.data.guard import remove_recorded
     from cellkit.wsi.pipeline import PARTS_SUFFIX
 
     removed = remove_recorded(out, ours)

@@ -234,9 +234,9 @@ def plot_training(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] |
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from cellkit.engine.writes import write_png
+    from cellkit.data.guard import write_png
 
-    from cellkit.engine.writes import check_outputs
+    from cellkit.data.guard import check_outputs
 
     run = Path(run_dir).expanduser()
     if run.name == _METRICS and run.is_file():
@@ -344,7 +344,7 @@ def plot_errors(result: Any, out: str | os.PathLike[str], *, count: int = 4) -> 
     from matplotlib.lines import Line2D
 
     from cellkit.data.io import read_image
-    from cellkit.engine.writes import write_png
+    from cellkit.data.guard import write_png
     from cellkit.metrics import detection_counts
 
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:

@@ -32,7 +32,7 @@ predictor = Predictor.from_checkpoint("runs/ours/best.pt", threshold=0.5)
 detections = predictor.predict(image)            # (H, W, 3) uint8
 fast = Predictor.from_checkpoint("runs/ours/best.pt",  # on a GPU
                                  precision="auto", fold_bn=True)
-for path, det in predictor.predict_paths(["slides/"]):
+for path, image, det in predictor.predict_paths(["images/"]):
     print(path, det.counts(predictor.num_classes))
 ```
 """
@@ -714,7 +714,7 @@ def list_images(inputs: Iterable[str | Path]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            from cellkit.wsi.reader import SLIDE_SUFFIXES
+            from cellkit.data.io import SLIDE_SUFFIXES
 
             suffixes = tuple(dict.fromkeys((*IMAGE_SUFFIXES, *SLIDE_SUFFIXES)))
             found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in suffixes)
@@ -991,7 +991,7 @@ class Predictor:
         names = ckpt.get("class_names") or cfg.data.class_names
         if names is not None and len(names) != num_classes:
             names = None  # a stale name list is worse than numbered classes
-        return cls(
+        predictor = cls(
             model,
             postprocess,
             num_classes,
@@ -1008,6 +1008,11 @@ class Predictor:
             tta=tta,
             stain_target=_stain_target(ckpt) if norm == "reinhard" else None,
         )
+        if predictor.precision == "int8" and isinstance(ckpt.get("postprocess_int8"), dict):
+            # Thresholds calibrated at training time on the int8 maps this predictor makes.
+            predictor.postprocess = POSTPROCESSORS.build(
+                cfg.postprocess.name, **{**kwargs, **ckpt["postprocess_int8"], **given})
+        return predictor
 
     def probabilities(self, image: np.ndarray, *, as_tensor: bool = False,
                       tile_filter: Callable[[int, int, int, int], bool] | None = None) -> np.ndarray | torch.Tensor:
@@ -1064,12 +1069,6 @@ class Predictor:
             return self.postprocess(maps)
         return self.postprocess(maps.cpu().numpy())
 
-    def predict_file(self, path: str | Path) -> Detections:
-        """The cells of an image file (read with [`cellkit.data.io.read_image`][])."""
-        from cellkit.data.io import read_image
-
-        return self.predict(read_image(path))
-
     def predict_paths(
         self, inputs: Iterable[str | Path], progress: bool | None = None
     ) -> Iterator[tuple[Path, np.ndarray, Detections]]:
@@ -1091,7 +1090,3 @@ class Predictor:
         for path in tqdm(paths, desc="predict", unit="image", disable=not show):
             image = read_image(path)
             yield path, image, self.predict(image)
-
-    def predict_folder(self, folder: str | Path, progress: bool | None = None) -> dict[str, Detections]:
-        """Detections of every image of ``folder``, by file stem."""
-        return {p.stem: det for p, _, det in self.predict_paths([folder], progress)}

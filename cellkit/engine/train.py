@@ -353,7 +353,7 @@ def _check_out_dir(out: Path, resume: bool) -> None:
     if not resume and _holds_run(out):
         raise FileExistsError(RUN_EXISTS_MESSAGE.format(out=out))
     if not resume:
-        from cellkit.engine.writes import check_outputs
+        from cellkit.data.guard import check_outputs
 
         # A new run writes these too; in a folder that is not a run they are someone else's.
         check_outputs(
@@ -710,12 +710,13 @@ def _run_stage(cfg: CellkitConfig, out: Path, *, stage1: Path | None = None, **k
             record, improved = _round(st, ddp_model, loader, val_ds, scheduler, epoch, sizes)
             _save_round(st, record, improved, scheduler, sum(sizes) if cfg.train.steps is not None else None)
         barrier()
+    if st.info.is_main and st.best_path.is_file() and st.split["train"]:
+        _store_int8_calibration(st.best_path, st.split["train"])  # first: the int8 calibration uses them
+    barrier()
     if (cfg.train.calibrate and st.split["val"] and st.best_path.is_file()
             and not (finished and "calibration" in load_checkpoint(st.best_path, map_location="cpu"))):
         _final_calibration(cfg, unwrap(st.model), st.best_path, out, st.split["val"], st.class_names, st.ctx,
                            st.info, st.progress)
-    if st.info.is_main and st.best_path.is_file() and st.split["train"]:
-        _store_int8_calibration(st.best_path, st.split["train"])
     barrier()
     return st.result()
 
@@ -1059,8 +1060,15 @@ def _final_calibration(cfg: CellkitConfig, model: nn.Module, best_path: Path, ou
     if info.is_main:
         best["postprocess"] = cal.kwargs
         best["calibration"] = cal.to_dict()
+        report = cal.to_dict()
+        cal8 = _int8_calibration(cfg, model, best, val_samples, truths, class_names, cal.kwargs, grid_d)
+        if cal8 is not None:
+            # What cellkit predict runs by default on the CPU: its thresholds come from its own maps.
+            best["postprocess_int8"] = cal8.kwargs
+            best["calibration_int8"] = cal8.to_dict()
+            report = {**report, "int8": cal8.to_dict()}
         save_checkpoint(best_path, best)
-        write_text_atomic(out / "calibration.json", json.dumps(jsonable(cal.to_dict()), indent=2) + "\n")
+        write_text_atomic(out / "calibration.json", json.dumps(jsonable(report), indent=2) + "\n")
         if progress is not False:
             thresholds = cal.kwargs.get("threshold")
             per = [f"{n} threshold {thresholds[c]:.3g}" if isinstance(thresholds, list) else n
@@ -1068,6 +1076,34 @@ def _final_calibration(cfg: CellkitConfig, model: nn.Module, best_path: Path, ou
             print(f"calibrated peaks on {len(val_samples)} validation images: "
                   + ", ".join(f"{p} F1 {_fmt(cal.f1[n])}" for p, n in zip(per, class_names))
                   + f" (score {_fmt(cal.before)} -> {_fmt(cal.score)})", file=sys.stderr, flush=True)
+
+
+def _int8_calibration(cfg: CellkitConfig, model: nn.Module, best: Mapping[str, Any], val_samples: Sequence[Any],
+                      truths: Sequence[tuple[Any, Any]], class_names: list[str], start: Mapping[str, Any],
+                      grid_d: list[int] | None) -> Any:
+    """Peaks calibrated on the maps ``cellkit predict`` makes by default on the CPU (int8).
+
+    The maps come from a [`Predictor`][cellkit.engine.predict.Predictor] built as
+    ``Predictor.from_checkpoint`` builds it (``precision="auto"`` on the CPU, quantized on the
+    crops ``best.pt`` stores), so the thresholds fit what users run. ``None`` where ``"auto"``
+    does not run int8 (no x86 engine; a depthwise or non-cellkit model).
+    """
+    import copy
+
+    from cellkit.engine.calibrate import calibrate_peaks
+    from cellkit.engine.predict import Predictor, _stored_calibration
+    from cellkit.registry import POSTPROCESSORS
+
+    cpu_model = copy.deepcopy(model).cpu().eval()
+    post = POSTPROCESSORS.build(cfg.postprocess.name, **dict(start))
+    predictor = Predictor(cpu_model, post, int(cfg.model.num_classes), class_names, device="cpu",
+                          precision="auto", int8_calibration=_stored_calibration(dict(best)))
+    if predictor.precision != "int8":
+        return None
+    maps = [predictor.probabilities(s.image) for s in val_samples]
+    return calibrate_peaks(maps, truths, radius=cfg.train.radius, class_names=class_names, kwargs=dict(start),
+                           name=cfg.postprocess.name, min_distances=grid_d,
+                           relative=cfg.model.activation == "identity", rounds=1)
 
 
 def _better(score: float, best: float) -> bool:

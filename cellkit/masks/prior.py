@@ -148,10 +148,6 @@ class PriorMask:
             raise ValueError(f"{_WHERE}: a disk cache needs a fingerprint naming the model.")
         return self.cache_dir / _safe_name(self.fingerprint)
 
-    def clear_memory(self) -> None:
-        """Forget the priors cached in memory (the disk cache stays)."""
-        self._memory.clear()
-
     def __call__(
         self,
         points: Any,

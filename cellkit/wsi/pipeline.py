@@ -514,7 +514,7 @@ def _in_core(det: Detections, box: tuple[float, float, float, float], core: tupl
 
 
 def _jsonable_post(predictor: Any) -> dict[str, Any]:
-    from cellkit.engine.evaluate import jsonable
+    from cellkit.data.io import jsonable
 
     post = predictor.postprocess
     return json.loads(json.dumps({k: jsonable(getattr(post, k)) for k in ("threshold", "min_distance", "exclusive")

@@ -36,11 +36,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["SLIDE_SUFFIXES", "Slide", "SlideError", "is_whole_slide", "open_slide"]
+from cellkit.data.io import SLIDE_SUFFIXES  # defined with the image suffixes: inputs are listed below wsi
 
-SLIDE_SUFFIXES: tuple[str, ...] = (".svs", ".ndpi", ".vms", ".vmu", ".mrxs", ".scn", ".bif", ".svslide",
-                                   ".tif", ".tiff", ".dcm")
-"""Suffixes of whole-slide files (``.tif``/``.tiff`` only when tiled and pyramidal, or large)."""
+__all__ = ["SLIDE_SUFFIXES", "Slide", "SlideError", "is_whole_slide", "open_slide"]
 
 _VENDOR_SUFFIXES = frozenset(SLIDE_SUFFIXES) - {".tif", ".tiff", ".dcm"}
 _LARGE_PIXELS = 64_000_000  # a TIFF above this many pixels is read as a slide, never whole
@@ -345,11 +343,4 @@ def _image_mpp(path: Path) -> float | None:
             return um / per_unit if (um and per_unit > 0) else None
     except Exception:  # noqa: BLE001 - a missing tag is no pixel size, not an error
         return None
-
-
-def level_scale(mpp: float | None, target_mpp: float | None) -> float:
-    """Level-0 pixels per pixel of the resolution a model wants (1 when either is unknown)."""
-    if mpp is None or target_mpp is None:
-        return 1.0
-    return float(target_mpp) / float(mpp)
 

@@ -577,6 +577,6 @@ def draw_thumbnail(
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", pil_kwargs={"compress_level": 1})  # fast; a few % larger
-    from cellkit.engine.writes import write_png
+    from cellkit.data.guard import write_png
 
     write_png(path, buf.getvalue())

@@ -179,7 +179,7 @@ def check_outputs(
         ... # doctest: +ELLIPSIS +NORMALIZE_WHITESPACE
         Traceback (most recent call last):
         ...
-        cellkit.engine.writes.OutputClash: cellkit evaluate would replace
+        cellkit.data.guard.OutputClash: cellkit evaluate would replace
         1 file it did not write: .../errors.png; ...
     """
     is_ours = ours or (lambda p: written_by_cellkit(p))
