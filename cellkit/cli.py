@@ -462,61 +462,87 @@ def _encoder_of(source: str) -> tuple[str, dict[str, Any]]:
 
 def build_train_config(args: argparse.Namespace) -> Any:
     """The training config of ``cellkit train``'s arguments: preset or file, then the overrides."""
+    cmap = _parse_class_map(args.class_map, args.class_names)
+    diameter = _cell_diameter(args)
+    cfg = _config_from_file(args, diameter) if args.config else _config_from_preset(args, diameter)
+    _apply_stage_options(cfg, args)
+    _apply_data_options(cfg, args, cmap)
+    _apply_schedule_options(cfg, args)
+    return _checked(cfg, args)
+
+
+def _cell_diameter(args: argparse.Namespace) -> float | None:
+    """``--cell-diameter`` (pixels, or micrometres over ``--mpp``) or twice ``--radius``."""
+    if args.cell_diameter is None:
+        return None if args.radius is None else 2 * args.radius
+    if args.radius is not None:
+        raise ValueError("--radius and --cell-diameter both set the cell size; give one (radius = diameter / 2).")
+    value, unit = args.cell_diameter
+    if unit == "um":
+        if args.mpp is None:
+            raise ValueError(f"--cell-diameter {value:g}um needs --mpp (micrometres per pixel) to be in pixels.")
+        value = value / args.mpp
+    return float(value)
+
+
+def _config_from_file(args: argparse.Namespace, diameter: float | None) -> Any:
+    """``--config FILE`` with its plug-ins (when the user agrees), cell size and schedule overrides."""
     from cellkit.config import CellkitConfig
     from cellkit.geometry import Geometry, apply_geometry
-    from cellkit.presets import get_preset, set_pretrain_fraction
+    from cellkit.presets import set_pretrain_fraction
 
-    cmap = _parse_class_map(args.class_map, args.class_names)
-    diameter = None
-    if args.cell_diameter is not None:
-        if args.radius is not None:
-            raise ValueError("--radius and --cell-diameter both set the cell size; give one (radius = diameter / 2).")
-        value, unit = args.cell_diameter
-        if unit == "um":
-            if args.mpp is None:
-                raise ValueError(f"--cell-diameter {value:g}um needs --mpp (micrometres per pixel) to be in pixels.")
-            value = value / args.mpp
-        diameter = value
-    elif args.radius is not None:
-        diameter = 2 * args.radius
-    if args.config:
-        if args.size is not None:
-            raise ValueError("--size chooses a preset's model; with --config, set the model in the file.")
-        cfg = CellkitConfig.from_yaml(Path(args.config))
-        if cfg.plugins:  # imported before anything is checked, with the user's consent
-            from cellkit.plugins import load_plugins, split_plugin_names
+    if args.size is not None:
+        raise ValueError("--size chooses a preset's model; with --config, set the model in the file.")
+    cfg = CellkitConfig.from_yaml(Path(args.config))
+    if cfg.plugins:  # imported before anything is checked, with the user's consent
+        _load_config_plugins(args, cfg.plugins)
+    if diameter is not None:
+        cfg = apply_geometry(cfg, Geometry(diameter, "given", args.mpp))
+    if args.steps is not None:
+        old = cfg.train.steps
+        cfg.train.steps = args.steps
+        if cfg.pretrain is not None and cfg.pretrain.train.steps is not None and old:
+            set_pretrain_fraction(cfg, cfg.pretrain.train.steps / old)
+    if args.pretrain_fraction is not None:
+        set_pretrain_fraction(cfg, args.pretrain_fraction)
+    return cfg
 
-            given = set(split_plugin_names(getattr(args, "plugins", None) or []))
-            unasked = [name for name in cfg.plugins if name not in given]
-            if unasked and not getattr(args, "trust_plugins", False):
-                raise ValueError(
-                    f"{args.config} lists the plug-ins {', '.join(unasked)} under plugins:, and importing a "
-                    "plug-in runs its code; cellkit imports only those you name on the command line. If you "
-                    "trust them (a config from someone else can name any module, e.g. a helpers.py beside "
-                    f"it), pass --plugins {','.join(unasked)} or --trust-plugins; else delete the plugins: list."
-                )
-            load_plugins(cfg.plugins, entry_points=False, origin=f"{args.config}'s plugins: list", announce=True)
-        if diameter is not None:
-            cfg = apply_geometry(cfg, Geometry(diameter, "given", args.mpp))
-        if args.steps is not None:
-            old = cfg.train.steps
-            cfg.train.steps = args.steps
-            if cfg.pretrain is not None and cfg.pretrain.train.steps is not None and old:
-                set_pretrain_fraction(cfg, cfg.pretrain.train.steps / old)
-        if args.pretrain_fraction is not None:
-            set_pretrain_fraction(cfg, args.pretrain_fraction)
-    else:
-        name = args.preset or "ours"
-        kwargs: dict[str, Any] = {"size": args.size or "cpu"}
-        if diameter is not None:
-            kwargs["cell_diameter"] = diameter
-        if args.steps is not None:
-            kwargs["steps"] = args.steps
-        if args.pretrain_fraction is not None:
-            if name != "ours_plus_plus":
-                raise ValueError(f"--pretrain-fraction is for ours_plus_plus (stage 1); {name} has no stage 1.")
-            kwargs["pretrain_fraction"] = args.pretrain_fraction
-        cfg = get_preset(name, **kwargs)
+
+def _load_config_plugins(args: argparse.Namespace, names: list[str]) -> None:
+    """Import the plug-ins a YAML lists, only those the command line names (or all with --trust-plugins)."""
+    from cellkit.plugins import load_plugins, split_plugin_names
+
+    given = set(split_plugin_names(getattr(args, "plugins", None) or []))
+    unasked = [name for name in names if name not in given]
+    if unasked and not getattr(args, "trust_plugins", False):
+        raise ValueError(
+            f"{args.config} lists the plug-ins {', '.join(unasked)} under plugins:, and importing a "
+            "plug-in runs its code; cellkit imports only those you name on the command line. If you "
+            "trust them (a config from someone else can name any module, e.g. a helpers.py beside "
+            f"it), pass --plugins {','.join(unasked)} or --trust-plugins; else delete the plugins: list."
+        )
+    load_plugins(names, entry_points=False, origin=f"{args.config}'s plugins: list", announce=True)
+
+
+def _config_from_preset(args: argparse.Namespace, diameter: float | None) -> Any:
+    """``--preset`` (default ``ours``) at ``--size`` with the cell size and schedule given."""
+    from cellkit.presets import get_preset
+
+    name = args.preset or "ours"
+    kwargs: dict[str, Any] = {"size": args.size or "cpu"}
+    if diameter is not None:
+        kwargs["cell_diameter"] = diameter
+    if args.steps is not None:
+        kwargs["steps"] = args.steps
+    if args.pretrain_fraction is not None:
+        if name != "ours_plus_plus":
+            raise ValueError(f"--pretrain-fraction is for ours_plus_plus (stage 1); {name} has no stage 1.")
+        kwargs["pretrain_fraction"] = args.pretrain_fraction
+    return get_preset(name, **kwargs)
+
+
+def _apply_stage_options(cfg: Any, args: argparse.Namespace) -> None:
+    """The options that hold for every stage: pixel size, start weights, sampling, augmentation, encoder."""
     for stage in cfg.stages():
         if args.mpp is not None:
             stage.data.mpp = args.mpp
@@ -541,6 +567,9 @@ def build_train_config(args: argparse.Namespace) -> Any:
     if args.no_calibrate:
         cfg.train.calibrate = False
 
+
+def _apply_data_options(cfg: Any, args: argparse.Namespace, cmap: Any) -> None:
+    """``--data``/``--format`` (else the bundled sample), ``--split``, ``--group`` and the class map."""
     data = cfg.data
     if args.data is not None:
         root = Path(args.data).expanduser()
@@ -554,13 +583,10 @@ def build_train_config(args: argparse.Namespace) -> Any:
     elif data.root is not None and not Path(data.root).is_dir():
         raise FileNotFoundError(f"data folder {data.root} (from the config) does not exist; pass --data.")
     if data.root is None:
-        from cellkit.data import bundled_endonuke
+        from cellkit.data import ENDONUKE_MPP, bundled_endonuke
 
-        data.root = str(bundled_endonuke())
-        data.format = "endonuke"
+        data.root, data.format = str(bundled_endonuke()), "endonuke"
         if data.mpp is None:
-            from cellkit.data import ENDONUKE_MPP
-
             for stage in cfg.stages():  # the bundled tiles' scale, kept with the model
                 stage.data.mpp = ENDONUKE_MPP
     if args.split is not None:
@@ -570,34 +596,38 @@ def build_train_config(args: argparse.Namespace) -> Any:
 
         resolve_groups([], args.group)  # an unknown rule or unreadable file: an error before any work
         data.group = args.group
-    if cmap is not None:
-        data.class_map = {str(k): int(v) for k, v in cmap.mapping.items()}
-        data.class_names = tuple(cmap.names)
-        _set_num_classes(cfg, cmap.num_classes)
-    elif data.class_map is None:
+    if cmap is None and data.class_map is None:
         # The format's usual task for this many classes (EndoNuke with 2: epithelium against
         # the rest, as in the paper; BCData: negative, positive).
-        default = get_format(data.format).class_map(cfg.model.num_classes)
-        if default is not None:
-            data.class_map = {str(k): int(v) for k, v in default.mapping.items()}
-            data.class_names = tuple(default.names)
+        cmap = get_format(data.format).class_map(cfg.model.num_classes)
+        if cmap is None:
+            return
+    elif cmap is None:
+        return
+    else:
+        _set_num_classes(cfg, cmap.num_classes)
+    data.class_map = {str(k): int(v) for k, v in cmap.mapping.items()}
+    data.class_names = tuple(cmap.names)
 
-    tr = cfg.train
+
+#: ``cellkit train`` options that set a field of ``train:`` as given.
+_SCHEDULE_OPTIONS = ("epochs", "batch_size", "crop_size", "steps_per_epoch", "lr", "seed", "num_workers")
+
+
+def _apply_schedule_options(cfg: Any, args: argparse.Namespace) -> None:
+    """``--epochs`` (an epoch schedule instead of steps) and the options of ``_SCHEDULE_OPTIONS``."""
     if args.epochs is not None:
         if args.steps is not None:
             raise ValueError("--steps and --epochs are two schedules; give one.")
-        tr.steps = None  # an epoch schedule: epochs x (steps per epoch or one pass)
-    for attr, value in (
-        ("epochs", args.epochs),
-        ("batch_size", args.batch_size),
-        ("crop_size", args.crop_size),
-        ("steps_per_epoch", args.steps_per_epoch),
-        ("lr", args.lr),
-        ("seed", args.seed),
-        ("num_workers", args.num_workers),
-    ):
+        cfg.train.steps = None  # an epoch schedule: epochs x (steps per epoch or one pass)
+    for attr in _SCHEDULE_OPTIONS:
+        value = getattr(args, attr)
         if value is not None:
-            setattr(tr, attr, value)
+            setattr(cfg.train, attr, value)
+
+
+def _checked(cfg: Any, args: argparse.Namespace) -> Any:
+    """The config with the run's plug-ins recorded, checked once (a missing plug-in named)."""
     from cellkit.builder import check_config
     from cellkit.config import ConfigError
     from cellkit.plugins import missing_plugin_hint, split_plugin_names

@@ -231,7 +231,6 @@ def predict_slide(
         >>> result.summary["counts"], result.summary["index"]  # doctest: +SKIP
     """
     from cellkit.data.io import make_folder, remove_stale_temporaries
-
     from cellkit.wsi.summary import _index_class
 
     t0 = time.perf_counter()
@@ -241,13 +240,7 @@ def predict_slide(
     remove_stale_temporaries(out)
     with open_slide(path, mpp=mpp) as slide:
         stem = stem or slide.path.stem
-        existing = [f for f in slide_files(out, stem) if f.exists()]
-        if existing and not (overwrite or resume):
-            raise FileExistsError(
-                f"{existing[0]} exists and predict_slide would replace it (and {len(existing) - 1} more of the "
-                f"slide's outputs); pass overwrite=True (or resume=True to finish an interrupted run), or choose "
-                "another output folder."
-            )
+        _refuse_existing(out, stem, overwrite or resume)
         region_list = _regions(regions)
         _check_regions_overlap(region_list, slide, regions)
         model_mpp = _model_mpp(predictor)
@@ -267,63 +260,26 @@ def predict_slide(
                     "tissue": bool(tissue), "regions": [r.name for r in region_list],
                     "postprocess": _jsonable_post(predictor),
                     # Chunks predicted with other tile skipping or arithmetic are not mixed in.
-                    "tile_tissue_margin_um": TILE_TISSUE_MARGIN_UM,
-                    "precision": getattr(predictor, "precision", None)}
+                    "tile_tissue_margin_um": TILE_TISSUE_MARGIN_UM, "precision": getattr(predictor, "precision", None)}
         parts = _Parts(out / f".{stem}{PARTS_SUFFIX}", settings, resume)
         done = parts.done()
         todo = [i for i in wanted if i not in done]
         bar = _Progress(len(todo), f"predict {slide.path.name}", progress)
-        mp = 0.0
-        skip_tiles = (tissue or bool(region_list)) and _takes_tile_filter(predictor)
-        # A tile is run when tissue lies within TILE_TISSUE_MARGIN_UM of it: pale tissue that
-        # the low-resolution mask misses next to stained tissue is still read.
+        # Tiles run where tissue lies within TILE_TISSUE_MARGIN_UM (pale tissue by stained tissue).
         near = TILE_TISSUE_MARGIN_UM / slide.mpp if slide.mpp else TILE_TISSUE_MARGIN_UM / 0.5
+        skip_tiles = (tissue or bool(region_list)) and _takes_tile_filter(predictor)
 
-        def finish(index: int, det: Detections, box: tuple[float, float, float, float]) -> float:
-            parts.save(index, _in_core(det, box, cores[index], scale))
-            return cores[index][2] * cores[index][3] * scale * scale / 1e6
+        def tile_filter(box: tuple[float, float, float, float]) -> dict[str, Any]:
+            # Tiles of the chunk with no tissue (or outside the regions) are not run.
+            return {"tile_filter": _tile_filter(box, mask, thumb_scale, region_list, near)} if skip_tiles else {}
 
-        def peaks_then_finish(index: int, maps: Any, box: tuple[float, float, float, float]) -> float:
-            return finish(index, predictor.postprocess(maps.numpy()), box)
-
-        # On the CPU, a chunk's peaks are found (and its cells saved) in a thread while the
-        # network runs on the next chunk: the peaks use one core, the network both.
-        overlap = _splits_peaks(predictor)
-        post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellkit-peaks") if overlap else None
-        pending: Future[float] | None = None
+        chunks = _read_ahead(slide, cores, todo, scale, margin, work_w, work_h, workers)
         try:
-            for index, (image, box) in _read_ahead(slide, cores, todo, scale, margin, work_w, work_h, workers):
-                # Tiles of the chunk with no tissue (or outside the regions) are not run.
-                extra = {"tile_filter": _tile_filter(box, mask, thumb_scale, region_list, near)} if skip_tiles else {}
-                if post is not None:
-                    maps = predictor.probabilities(image, as_tensor=True, **extra)
-                    if pending is not None:
-                        core_mp = pending.result()
-                        mp += core_mp
-                        bar.update(core_mp)
-                    pending = post.submit(peaks_then_finish, index, maps, box)
-                else:
-                    core_mp = finish(index, predictor.predict(image, **extra), box)
-                    mp += core_mp
-                    bar.update(core_mp)
-            if pending is not None:
-                core_mp = pending.result()
-                pending = None
-                mp += core_mp
-                bar.update(core_mp)
+            mp = _predict_chunks(predictor, chunks, cores, scale, parts, bar, tile_filter)
         finally:
-            if post is not None:
-                post.shutdown(wait=True)  # a chunk being saved is finished, never left half-written
+            chunks.close()  # its reading threads stop now, not when the traceback is freed
             bar.close()
-        cells = parts.load_all(wanted)
-        region_index = None
-        if region_list:
-            from cellkit.wsi.regions import assign_regions
-
-            region_index = assign_regions(cells.points, region_list)
-            inside = region_index >= 0
-            cells = Detections(cells.points[inside], cells.classes[inside], cells.scores[inside])
-            region_index = region_index[inside]
+        cells, region_index = _in_regions(parts.load_all(wanted), region_list)
         files = _write_outputs(out, stem, predictor, slide, cells, thumb, thumb_scale, mask, region_list,
                                region_index, index_class, settings)
         parts.remove()
@@ -331,6 +287,63 @@ def predict_slide(
                              chunks=len(wanted), chunks_resumed=len(wanted) - len(todo), scale=scale,
                              seconds=time.perf_counter() - t0, megapixels=mp)
     return result
+
+
+def _refuse_existing(out: Path, stem: str, allowed: bool) -> None:
+    """Refuse to replace a slide's outputs unless overwrite (or resume) was asked for."""
+    existing = [f for f in slide_files(out, stem) if f.exists()]
+    if existing and not allowed:
+        raise FileExistsError(
+            f"{existing[0]} exists and predict_slide would replace it (and {len(existing) - 1} more of the "
+            f"slide's outputs); pass overwrite=True (or resume=True to finish an interrupted run), or choose "
+            "another output folder."
+        )
+
+
+def _predict_chunks(predictor: Any, chunks: Any, cores: list[tuple[int, int, int, int]], scale: float,
+                    parts: Any, bar: Any, tile_filter: Any) -> float:
+    """Predict each ``(index, (image, box))`` chunk and save its cells; the megapixels done.
+
+    On the CPU, a chunk's peaks are found (and its cells saved) in a thread while the
+    network runs on the next chunk: the peaks use one core, the network both.
+    """
+    def finish(index: int, det: Detections, box: tuple[float, float, float, float]) -> float:
+        parts.save(index, _in_core(det, box, cores[index], scale))
+        core_mp = cores[index][2] * cores[index][3] * scale * scale / 1e6
+        bar.update(core_mp)
+        return core_mp
+
+    def peaks_then_finish(index: int, maps: Any, box: tuple[float, float, float, float]) -> float:
+        return finish(index, predictor.postprocess(maps.numpy()), box)
+
+    if not _splits_peaks(predictor):
+        return sum(finish(index, predictor.predict(image, **tile_filter(box)), box)
+                   for index, (image, box) in chunks)
+    mp = 0.0
+    post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellkit-peaks")
+    pending: Future[float] | None = None
+    try:
+        for index, (image, box) in chunks:
+            maps = predictor.probabilities(image, as_tensor=True, **tile_filter(box))
+            if pending is not None:
+                mp += pending.result()
+            pending = post.submit(peaks_then_finish, index, maps, box)
+        if pending is not None:
+            mp += pending.result()
+    finally:
+        post.shutdown(wait=True)  # a chunk being saved is finished, never left half-written
+    return mp
+
+
+def _in_regions(cells: Detections, region_list: Sequence[Any]) -> tuple[Detections, np.ndarray | None]:
+    """The cells inside the regions and the region of each (all cells and ``None`` without regions)."""
+    if not region_list:
+        return cells, None
+    from cellkit.wsi.regions import assign_regions
+
+    region_index = assign_regions(cells.points, region_list)
+    inside = region_index >= 0
+    return Detections(cells.points[inside], cells.classes[inside], cells.scores[inside]), region_index[inside]
 
 
 def _scale(slide: Slide, model_mpp: float | None) -> float:

@@ -462,11 +462,46 @@ def draw_thumbnail(
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    from mpl_toolkits.axes_grid1 import make_axes_locatable
     from PIL import Image
-    from scipy import ndimage
 
+    from cellkit.data.guard import write_png
+
+    thumb, mask, pts, cls, names, colours = _thumbnail_inputs(thumbnail, tissue, points, classes, class_names)
+    h, w = thumb.shape[:2]
+    area_mm2 = _scale_mm2(pixel_um, "draw_thumbnail: pixel_um")  # of one thumbnail pixel
+    if density_sigma is None:
+        density_sigma = max(1.0, 0.01 * max(h, w))
+    if not (math.isfinite(float(density_sigma)) and float(density_sigma) >= 0):
+        raise ValueError(
+            f"draw_thumbnail: density_sigma must be >= 0 thumbnail pixels, got {density_sigma!r}."
+        )
+    # Panels keep the thumbnail's shape within bounds, so the figure is always wider than tall.
+    panel_h = 5.0
+    panel_w = float(np.clip(panel_h * w / h, 2.6, 9.0))
+    fig = Figure(figsize=(2 * panel_w + 1.6, panel_h + 0.9), dpi=110)
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
+    # Images are drawn at about the figure's resolution (drawing a 1024-px thumbnail and
+    # contouring its mask cost seconds): shrunk, placed with `extent` in thumbnail pixels.
+    step = max(1, int(math.ceil(max(h, w) / _DISPLAY_PX)))
+    shown_size = (max(1, w // step), max(1, h // step))
+    small = np.asarray(Image.fromarray(thumb).resize(shown_size, Image.Resampling.BOX)) if step > 1 else thumb
+    _draw_tissue_and_cells(left, small, mask, step, (h, w), pts, cls, names, colours)
+    _draw_density(fig, right, small, step, (h, w), pts, float(density_sigma), area_mm2)
+    for ax in (left, right):
+        ax.set_xlim(-0.5, w - 0.5)
+        ax.set_ylim(h - 0.5, -0.5)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", pil_kwargs={"compress_level": 1})  # fast; a few % larger
+    write_png(path, buf.getvalue())
+
+
+def _thumbnail_inputs(thumbnail: Any, tissue: Any, points: Any, classes: Any,
+                      class_names: Sequence[str] | None) -> tuple[Any, ...]:
+    """``draw_thumbnail``'s inputs checked: thumbnail, mask, points, classes, names, colours."""
     from cellkit.viz import class_colors
 
     thumb = np.asarray(thumbnail)
@@ -485,13 +520,6 @@ def draw_thumbnail(
                 "compute the mask on this thumbnail."
             )
     pts, cls = _check_points(points, classes)
-    area_mm2 = _scale_mm2(pixel_um, "draw_thumbnail: pixel_um")  # of one thumbnail pixel
-    if density_sigma is None:
-        density_sigma = max(1.0, 0.01 * max(h, w))
-    if not (math.isfinite(float(density_sigma)) and float(density_sigma) >= 0):
-        raise ValueError(
-            f"draw_thumbnail: density_sigma must be >= 0 thumbnail pixels, got {density_sigma!r}."
-        )
     names = [str(n) for n in class_names] if class_names is not None else None
     n_classes = max(int(cls.max()) + 1 if cls is not None and cls.size else 1, len(names) if names else 0)
     if names is not None and cls is not None and cls.size and cls.max() >= len(names):
@@ -499,84 +527,71 @@ def draw_thumbnail(
             f"draw_thumbnail: class {int(cls.max())} has no name: class_names has {len(names)} "
             f"entries {names}."
         )
-    colours = class_colors(n_classes) / 255.0
+    return thumb, mask, pts, cls, names, class_colors(n_classes) / 255.0
 
-    # Panels keep the thumbnail's shape within bounds, so the figure is always wider than tall.
-    panel_h = 5.0
-    panel_w = float(np.clip(panel_h * w / h, 2.6, 9.0))
-    fig = Figure(figsize=(2 * panel_w + 1.6, panel_h + 0.9), dpi=110)
-    FigureCanvasAgg(fig)
-    left, right = fig.subplots(1, 2)
 
-    # Images are drawn at about the figure's resolution (drawing a 1024-px thumbnail and
-    # contouring its mask cost seconds): shrunk, placed with `extent` in thumbnail pixels.
+def _draw_tissue_and_cells(ax: Any, small: np.ndarray, mask: np.ndarray | None, step: int, size: tuple[int, int],
+                           pts: np.ndarray, cls: np.ndarray | None, names: list[str] | None,
+                           colours: np.ndarray) -> None:
+    """The left panel: the thumbnail, the tissue outline, the cells as dots (when not too many)."""
+    from matplotlib.lines import Line2D
+    from PIL import Image
+    from scipy import ndimage
+
+    h, w = size
     extent = (-0.5, w - 0.5, h - 0.5, -0.5)
-    step = max(1, int(math.ceil(max(h, w) / _DISPLAY_PX)))
-    shown_size = (max(1, w // step), max(1, h // step))
-    small = np.asarray(Image.fromarray(thumb).resize(shown_size, Image.Resampling.BOX)) if step > 1 else thumb
-    left.imshow(small, interpolation="nearest", extent=extent)
+    ax.imshow(small, interpolation="nearest", extent=extent)
     if mask is not None and mask.any() and not mask.all():
+        shown_size = (small.shape[1], small.shape[0])
         small_mask = (np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(shown_size, Image.Resampling.BOX))
                       >= 128) if step > 1 else mask
         edge = small_mask & ~ndimage.binary_erosion(small_mask, iterations=1, border_value=1)
         edge = ndimage.binary_dilation(edge)
         outline = np.zeros((*edge.shape, 4), np.float32)
         outline[edge] = (0.0, 0.63, 1.0, 1.0)  # #00a0ff
-        left.imshow(outline, interpolation="nearest", extent=extent)
+        ax.imshow(outline, interpolation="nearest", extent=extent)
     n = len(pts)
     drawn = 0 < n < _MAX_POINTS_DRAWN
     if drawn:
         point_cls = cls if cls is not None else np.zeros(n, np.int64)
-        left.scatter(pts[:, 0], pts[:, 1], s=4, c=colours[point_cls], linewidths=0)
+        ax.scatter(pts[:, 0], pts[:, 1], s=4, c=colours[point_cls], linewidths=0)
         handles = []
         for c in np.unique(point_cls):
             label = names[c] if names is not None else (f"class {c}" if cls is not None else "cells")
             handles.append(
                 Line2D([], [], marker="o", linestyle="", color=colours[c], markersize=5, label=label)
             )
-        left.legend(handles=handles, loc="upper right", fontsize="small", framealpha=0.8)
-    if mask is not None:
-        left_title = "tissue (outline)" + (" and cells" if drawn else "")
-    else:
-        left_title = "thumbnail" + (" and cells" if drawn else "")
+        ax.legend(handles=handles, loc="upper right", fontsize="small", framealpha=0.8)
+    title = ("tissue (outline)" if mask is not None else "thumbnail") + (" and cells" if drawn else "")
     if n >= _MAX_POINTS_DRAWN:
-        left_title += f"\n({n} cells: too many to draw as dots)"
-    left.set_title(left_title, fontsize="medium")
+        title += f"\n({n} cells: too many to draw as dots)"
+    ax.set_title(title, fontsize="medium")
 
-    density = density_map(pts, (h, w), float(density_sigma), area_mm2)
+
+def _draw_density(fig: Any, ax: Any, small: np.ndarray, step: int, size: tuple[int, int], pts: np.ndarray,
+                  density_sigma: float, area_mm2: float | None) -> None:
+    """The right panel: the smoothed cell density over the faded thumbnail, with its colour bar."""
+    from mpl_toolkits.axes_grid1 import make_axes_locatable
+
+    h, w = size
+    extent = (-0.5, w - 0.5, h - 0.5, -0.5)
+    density = density_map(pts, (h, w), density_sigma, area_mm2)
     faded = (0.4 * small.astype(np.float32) + 0.6 * 255.0).astype(np.uint8)
-    right.imshow(faded, interpolation="nearest", extent=extent)
+    ax.imshow(faded, interpolation="nearest", extent=extent)
     if step > 1:  # the mean density over each shown pixel
         hh, ww = (h // step) * step, (w // step) * step
         density = density[:hh, :ww].reshape(hh // step, step, ww // step, step).mean(axis=(1, 3))
     peak = float(density.max())
     shown = np.ma.masked_less_equal(density, 0.02 * peak) if peak > 0 else np.ma.masked_all(density.shape)
-    image = right.imshow(
-        shown,
-        cmap="inferno_r",
-        vmin=0.0,
-        vmax=peak if peak > 0 else 1.0,
-        alpha=0.85,
-        interpolation="nearest",
-        extent=extent,
-    )
-    bar_ax = make_axes_locatable(right).append_axes("right", size="4%", pad=0.08)  # panels stay equal
+    image = ax.imshow(shown, cmap="inferno_r", vmin=0.0, vmax=peak if peak > 0 else 1.0, alpha=0.85,
+                      interpolation="nearest", extent=extent)
+    bar_ax = make_axes_locatable(ax).append_axes("right", size="4%", pad=0.08)  # panels stay equal
     bar = fig.colorbar(image, cax=bar_ax)
+    n = len(pts)
     if area_mm2 is not None:
         bar.set_label("cells per mm² (smoothed)")
-        sigma_um = float(density_sigma) * math.sqrt(area_mm2) * 1e3
-        right.set_title(f"cell density ({n} cells, sigma {sigma_um:.0f} µm)", fontsize="medium")
+        sigma_um = density_sigma * math.sqrt(area_mm2) * 1e3
+        ax.set_title(f"cell density ({n} cells, sigma {sigma_um:.0f} µm)", fontsize="medium")
     else:
         bar.set_label("cells per thumbnail pixel (smoothed)")
-        right.set_title(f"cell density ({n} cells, sigma {float(density_sigma):g} px)", fontsize="medium")
-    for ax in (left, right):
-        ax.set_xlim(-0.5, w - 0.5)
-        ax.set_ylim(h - 0.5, -0.5)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", pil_kwargs={"compress_level": 1})  # fast; a few % larger
-    from cellkit.data.guard import write_png
-
-    write_png(path, buf.getvalue())
+        ax.set_title(f"cell density ({n} cells, sigma {density_sigma:g} px)", fontsize="medium")
