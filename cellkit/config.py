@@ -555,68 +555,12 @@ def _to_plain(value: Any) -> Any:
 def _from_plain(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
     """Convert ``value`` to type ``tp`` (dataclasses, containers, optionals), collecting problems."""
     origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            problems.append(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
-            return None
-        hints = typing.get_type_hints(tp)
-        names = [f.name for f in dataclasses.fields(tp)]
-        kwargs = {}
-        for key, item in value.items():
-            if key not in names:
-                problems.append(f"{where}: {unknown_option_message(key, names, what='key')}")
-                continue
-            kwargs[key] = _from_plain(hints[key], item, f"{where}.{key}", problems)
-        required = [
-            f.name
-            for f in dataclasses.fields(tp)
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        ]
-        for name in required:
-            if name not in value:
-                problems.append(f"{where}: missing required key {name!r}")
-        try:
-            return tp(**kwargs)
-        except TypeError:
-            return None
+        return _dataclass_from_plain(tp, value, where, problems)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        non_none = [a for a in args if a is not type(None)]
-        if len(non_none) == 1:
-            return _from_plain(non_none[0], value, where, problems)
-        for arg in non_none:  # e.g. str | int: the first that fits without problems
-            trial: list[str] = []
-            out = _from_plain(arg, value, where, trial)
-            if not trial:
-                return out
-        problems.append(f"{where}: expected {tp}, got {value!r}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            problems.append(f"{where}: expected a list, got {value!r}")
-            return value
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_from_plain(args[0], v, f"{where}[{i}]", problems) for i, v in enumerate(value))
-        if len(args) != len(value):
-            problems.append(f"{where}: expected {len(args)} values, got {len(value)}")
-            return tuple(value)
-        return tuple(_from_plain(a, v, f"{where}[{i}]", problems) for i, (a, v) in enumerate(zip(args, value)))
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            problems.append(f"{where}: expected a list, got {value!r}")
-            return value
-        return [_from_plain(args[0], v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            problems.append(f"{where}: expected a mapping, got {value!r}")
-            return value
-        return {k: _from_plain(args[1], v, f"{where}.{k}", problems) for k, v in value.items()}
-    if tp is Any:
-        return value
+        return _union_from_plain(tp, value, where, problems)
+    if origin in (tuple, list, dict):
+        return _container_from_plain(tp, value, where, problems)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{where}: expected a number, got {value!r}")
@@ -630,5 +574,65 @@ def _from_plain(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
         if not isinstance(value, tp):
             problems.append(f"{where}: expected {tp.__name__}, got {value!r}")
         return value
+    return value  # Any, and types the config does not check
+
+
+def _dataclass_from_plain(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
+    if isinstance(value, tp):
+        return value
+    if not isinstance(value, dict):
+        problems.append(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return None
+    hints = typing.get_type_hints(tp)
+    names = [f.name for f in dataclasses.fields(tp)]
+    kwargs = {}
+    for key, item in value.items():
+        if key not in names:
+            problems.append(f"{where}: {unknown_option_message(key, names, what='key')}")
+            continue
+        kwargs[key] = _from_plain(hints[key], item, f"{where}.{key}", problems)
+    required = [f.name for f in dataclasses.fields(tp)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    for name in required:
+        if name not in value:
+            problems.append(f"{where}: missing required key {name!r}")
+    try:
+        return tp(**kwargs)
+    except TypeError:
+        return None
+
+
+def _union_from_plain(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    non_none = [a for a in args if a is not type(None)]
+    if len(non_none) == 1:
+        return _from_plain(non_none[0], value, where, problems)
+    for arg in non_none:  # e.g. str | int: the first that fits without problems
+        trial: list[str] = []
+        out = _from_plain(arg, value, where, trial)
+        if not trial:
+            return out
+    problems.append(f"{where}: expected {tp}, got {value!r}")
     return value
 
+
+def _container_from_plain(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {value!r}")
+            return value
+        return {k: _from_plain(args[1], v, f"{where}.{k}", problems) for k, v in value.items()}
+    if not isinstance(value, (list, tuple)):
+        problems.append(f"{where}: expected a list, got {value!r}")
+        return value
+    if origin is list:
+        return [_from_plain(args[0], v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_from_plain(args[0], v, f"{where}[{i}]", problems) for i, v in enumerate(value))
+    if len(args) != len(value):
+        problems.append(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(value)
+    return tuple(_from_plain(a, v, f"{where}[{i}]", problems) for i, (a, v) in enumerate(zip(args, value)))

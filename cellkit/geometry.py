@@ -37,6 +37,7 @@ import numpy as np
 __all__ = [
     "Geometry",
     "apply_geometry",
+    "check_estimated_diameter",
     "estimate_cell_diameter",
     "nearest_neighbour_distances",
     "resolve_geometry",
@@ -144,18 +145,12 @@ def estimate_cell_diameter(point_sets: Iterable[Any], quantile: float = DIAMETER
         10.0
     """
     distances, images = [], 0
-    densest: tuple[float, str, int] = (0.0, "", 0)  # points per 100 x 100 px, image, points
     for item in point_sets:
         pts = getattr(item, "points", item)
         d = nearest_neighbour_distances(np.asarray(pts))
         if len(d):
             distances.append(d)
             images += 1
-        image = getattr(item, "image", None)
-        if image is not None and len(d):
-            per = len(pts) / max(1.0, image.shape[0] * image.shape[1] / 1e4)
-            if per > densest[0]:
-                densest = (per, str(getattr(item, "path", None) or getattr(item, "key", "?")), len(pts))
     if not distances:
         raise ValueError(
             "Cannot estimate the cell diameter: no image has two distinct annotated points. Give it "
@@ -164,16 +159,6 @@ def estimate_cell_diameter(point_sets: Iterable[Any], quantile: float = DIAMETER
     d = np.concatenate(distances)
     d = d[d >= DOUBLE_CLICK_FRACTION * np.median(d)]
     value = float(np.quantile(d, quantile))
-    if value < MIN_CELL_DIAMETER:
-        where = (f" The densest image is {densest[1]}: {densest[2]} points, {densest[0]:.0f} per 100 x 100 "
-                 "pixels." if densest[1] else "")
-        raise ValueError(
-            f"The annotated points sit {value:.2g} px apart ({int(quantile * 100)}th percentile of the "
-            f"nearest-neighbour distances of {len(d)} points in {images} images), closer than any cell is "
-            f"wide (cellkit expects at least {MIN_CELL_DIAMETER:g} px): the annotations look wrong.{where} Are "
-            "points repeated, or their coordinates in another unit or scale than the image's pixels? Fix the "
-            "files; if the cells really are that small, enlarge the images."
-        )
     source = (f"{int(quantile * 100)}th percentile of the nearest-neighbour distances of {len(d)} "
               f"annotated cells in {images} training images")
     return value, source
@@ -215,6 +200,40 @@ def apply_geometry(cfg: Any, geometry: Geometry) -> Any:
     return out
 
 
+def check_estimated_diameter(value: float, samples: Sequence[Any]) -> None:
+    """Stop training on points that sit closer than any cell is wide (`MIN_CELL_DIAMETER`).
+
+    A dataset whose estimated diameter is below 2 px has wrong annotations (points repeated
+    with jitter, coordinates in another unit or scale): the error names the densest image.
+
+    Examples:
+        >>> check_estimated_diameter(8.0, [])
+        >>> check_estimated_diameter(0.05, [])
+        Traceback (most recent call last):
+        ...
+        ValueError: The annotated points sit 0.05 px apart ...
+    """
+    if value >= MIN_CELL_DIAMETER:
+        return
+    densest: tuple[float, str, int] = (0.0, "", 0)  # points per 100 x 100 px, image, points
+    for item in samples:
+        image = getattr(item, "image", None)
+        pts = np.asarray(getattr(item, "points", item)).reshape(-1, 2)
+        if image is not None and len(pts):
+            per = len(pts) / max(1.0, image.shape[0] * image.shape[1] / 1e4)
+            if per > densest[0]:
+                densest = (per, str(getattr(item, "path", None) or getattr(item, "key", "?")), len(pts))
+    where = (f" The densest image is {densest[1]}: {densest[2]} points, {densest[0]:.0f} per 100 x 100 "
+             "pixels." if densest[1] else "")
+    raise ValueError(
+        f"The annotated points sit {value:.2g} px apart (the cell diameter estimated from their "
+        f"nearest-neighbour distances), closer than any cell is wide (cellkit expects at least "
+        f"{MIN_CELL_DIAMETER:g} px): the annotations look wrong.{where} Are points repeated, or their "
+        "coordinates in another unit or scale than the image's pixels? Fix the files; if the cells really "
+        "are that small, enlarge the images."
+    )
+
+
 def resolve_geometry(cfg: Any, samples: Sequence[Any]) -> tuple[Any, Geometry | None]:
     """Apply ``cfg.data.cell_diameter``: ``"auto"`` = estimate from ``samples``, a number = given.
 
@@ -235,6 +254,7 @@ def resolve_geometry(cfg: Any, samples: Sequence[Any]) -> tuple[Any, Geometry | 
                 f"data.cell_diameter must be 'auto', a number of pixels or null, got {value!r}."
             )
         diameter, source = estimate_cell_diameter(samples)
+        check_estimated_diameter(diameter, samples)
         geometry = Geometry(round(diameter, 2), source, mpp)
     else:
         geometry = Geometry(float(value), "given", mpp)

@@ -108,3 +108,42 @@ def test_the_rule_sees_imports_inside_functions_and_skips_type_only_ones(tmp_pat
                      "def f():\n    from ..engine.train import fit\n    from cellkit import wsi\n    return fit\n")
     assert later_imports(probe, "cellkit.data.probe") == [
         "line 5: cellkit.engine.train (engine)", "line 6: cellkit.wsi (wsi)"]
+
+
+MAX_BODY_LINES = 60
+"""No function in ``cellkit/`` is longer than this (docstring aside)."""
+
+
+def _argparse_table(node: ast.FunctionDef) -> bool:
+    """A function that is mostly ``add_argument``/``add_parser`` calls: a table of options, data not code."""
+    calls = [n for n in ast.walk(node) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
+    table = [c for c in calls if c.func.attr in ("add_argument", "add_parser", "add_mutually_exclusive_group",
+                                                  "set_defaults", "add_subparsers")]
+    return len(table) >= 20 and len(table) >= 0.6 * len(node.body)
+
+
+def long_functions(source: str, where: str) -> list[str]:
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        body = node.body
+        if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+            body = body[1:]  # the docstring
+        if not body:
+            continue
+        lines = body[-1].end_lineno - body[0].lineno + 1
+        if lines > MAX_BODY_LINES and not _argparse_table(node):
+            out.append(f"{where}:{node.lineno} {node.name} ({lines} lines)")
+    return out
+
+
+def test_no_function_is_longer_than_60_lines() -> None:
+    found = [f for p in SOURCES for f in long_functions(p.read_text(encoding="utf-8"), str(p.relative_to(ROOT)))]
+    assert not found, f"functions over {MAX_BODY_LINES} lines (split them into steps with names): {found}"
+
+
+def test_the_length_rule_counts_code_not_docstrings() -> None:
+    body = "\n".join(f"    x{i} = {i}" for i in range(61))
+    assert long_functions(f'def f():\n    """Doc."""\n{body}\n', "m.py") == ["m.py:1 f (61 lines)"]
+    assert long_functions(f'def f():\n    """{"a" * 10}\n' + "\n" * 80 + '    """\n    return 1\n', "m.py") == []

@@ -314,13 +314,13 @@ def test_absurd_annotations_stop_training_or_are_left_out(tmp_path: Path) -> Non
 
     from cellkit.data import Sample
     from cellkit.engine import fit
-    from cellkit.geometry import estimate_cell_diameter
+    from cellkit.geometry import check_estimated_diameter, estimate_cell_diameter
 
     rng = np.random.default_rng(0)
     dense = Sample(np.zeros((200, 200, 3), np.uint8), rng.uniform(0, 199, (1_000_000, 2)),
                    np.zeros(1_000_000, np.int64), key="dense", path="data/dense.png")
     with pytest.raises(ValueError, match=r"closer than any cell is wide.*data/dense\.png: 1000000 points"):
-        estimate_cell_diameter([dense])
+        check_estimated_diameter(estimate_cell_diameter([dense])[0], [dense])
     tiny = Sample(np.zeros((1, 1, 3), np.uint8), np.zeros((1, 2)), np.zeros(1, np.int64), key="dot",
                   path="data/dot.png")
     splits = {"train": [*SPLITS["train"], tiny], "val": SPLITS["val"]}

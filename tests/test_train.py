@@ -268,7 +268,7 @@ def test_bad_arguments_fail_clearly(tmp_path) -> None:
     with pytest.raises(ValueError, match="max_steps"):
         fit(tiny(), tmp_path / "c", splits=SPLITS, device="cpu", max_steps=0)
     with pytest.raises(ConfigError, match="num_classes"):
-        bad = {"train": [Sample(np.zeros((8, 8, 3), np.uint8), [[1, 1]], [2], "k")], "val": []}
+        bad = {"train": [Sample(np.zeros((16, 16, 3), np.uint8), [[1, 1]], [2], "k")], "val": []}
         fit(tiny(), tmp_path / "d", splits=bad, device="cpu")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 

@@ -464,6 +464,40 @@ def _polygon_centroid(geometry: Mapping[str, Any], where: str) -> list[float]:
     return [float(centroid.x), float(centroid.y)]
 
 
+def _feature_coordinates(feature: Any, loc: str, ignored: dict[str, int]) -> tuple[str, list[Any], Any] | None:
+    """``(geometry type, the cells' coordinates, properties)`` of a feature, or ``None`` (counted
+    in ``ignored``) when it is not a cell."""
+    if not isinstance(feature, Mapping):
+        raise DataError(f"{loc}: expected a Feature object, got {type(feature).__name__}.")
+    geometry = feature.get("geometry")
+    props = feature.get("properties") or {}
+    if not isinstance(props, Mapping):
+        raise DataError(f"{loc}: 'properties' must be an object.")
+    if geometry is None:
+        ignored["null"] = ignored.get("null", 0) + 1
+        return None
+    if not isinstance(geometry, Mapping):
+        raise DataError(f"{loc}: 'geometry' must be an object.")
+    kind = geometry.get("type")
+    coords = geometry.get("coordinates")
+    if kind == "Point":
+        return kind, [coords], props
+    if kind == "MultiPoint":
+        if not isinstance(coords, list):
+            raise DataError(f"{loc}: MultiPoint coordinates must be a list of [x, y].")
+        return kind, coords, props
+    if kind in ("Polygon", "MultiPolygon"):
+        object_type = _geojson_object_type(feature, props)
+        if object_type not in CELL_OBJECT_TYPES:
+            named = props.get("objectType") or feature.get("id")
+            skipped = kind if object_type is None else f"{named} {kind}"
+            ignored[skipped] = ignored.get(skipped, 0) + 1
+            return None
+        return kind, [_polygon_centroid(geometry, f"{loc} ({kind} {object_type})")], props
+    ignored[str(kind)] = ignored.get(str(kind), 0) + 1
+    return None
+
+
 def read_geojson_points(
     path: str | os.PathLike[str], class_map: ClassMap | None = None, score_name: str = "score"
 ) -> PointRecords:
@@ -514,36 +548,10 @@ def read_geojson_points(
     ignored: dict[str, int] = {}
     for i, feature in enumerate(features):
         loc = f"{p}: feature {i}"
-        if not isinstance(feature, Mapping):
-            raise DataError(f"{loc}: expected a Feature object, got {type(feature).__name__}.")
-        geometry = feature.get("geometry")
-        props = feature.get("properties") or {}
-        if not isinstance(props, Mapping):
-            raise DataError(f"{loc}: 'properties' must be an object.")
-        if geometry is None:
-            ignored["null"] = ignored.get("null", 0) + 1
+        found = _feature_coordinates(feature, loc, ignored)
+        if found is None:
             continue
-        if not isinstance(geometry, Mapping):
-            raise DataError(f"{loc}: 'geometry' must be an object.")
-        kind = geometry.get("type")
-        coords = geometry.get("coordinates")
-        if kind == "Point":
-            coord_list = [coords]
-        elif kind == "MultiPoint":
-            if not isinstance(coords, list):
-                raise DataError(f"{loc}: MultiPoint coordinates must be a list of [x, y].")
-            coord_list = coords
-        elif kind in ("Polygon", "MultiPolygon"):
-            object_type = _geojson_object_type(feature, props)
-            if object_type not in CELL_OBJECT_TYPES:
-                named = props.get("objectType") or feature.get("id")
-                skipped = kind if object_type is None else f"{named} {kind}"
-                ignored[skipped] = ignored.get(skipped, 0) + 1
-                continue
-            coord_list = [_polygon_centroid(geometry, f"{loc} ({kind} {object_type})")]
-        else:
-            ignored[str(kind)] = ignored.get(str(kind), 0) + 1
-            continue
+        kind, coord_list, props = found
         label = _geojson_label(props)
         cls = _class_of(label, class_map, f"{loc} (class {label!r})")
         score = _geojson_score(props, score_name.lower())
@@ -941,15 +949,7 @@ def load_dataset(
     empty: list[str] = []
     for job in jobs:
         try:
-            if job.error is not None:
-                raise DataError(job.error)
-            assert job.image is not None and job.read is not None
-            image, image_notes = load_image(job.image)
-            records = job.read()
-            check_inside(records, image.shape[:2], job.label or job.image)
-            if num_classes is not None:
-                check_classes(records, num_classes, job.label or job.image, cmap)
-            sample = Sample(image, records.points, records.classes, job.key, str(job.image), records.scores)
+            sample, records, image_notes = _read_job(job, num_classes, cmap)
         except (DataError, OSError) as exc:
             if on_error == "raise":
                 raise
@@ -959,15 +959,35 @@ def load_dataset(
         if not len(records):
             empty.append(_label_name(job, r, fmt))
         for note in image_notes:
-            notes.setdefault(note.kind, []).append(job.image.name)
+            notes.setdefault(note.kind, []).append(Path(sample.path or "").name)
         for kind, n in records.ignored.items():
             ignored[kind] = ignored.get(kind, 0) + n
+    _report_reading(r, fmt, len(jobs), samples, notes, ignored, empty, skipped, require_cells)
+    return samples
+
+
+def _read_job(job: _Job, num_classes: int | None, cmap: ClassMap | None) -> tuple[Sample, PointRecords, list[Any]]:
+    """One image and its points, checked (inside the image, classes in range)."""
+    if job.error is not None:
+        raise DataError(job.error)
+    assert job.image is not None and job.read is not None
+    image, image_notes = load_image(job.image)
+    records = job.read()
+    check_inside(records, image.shape[:2], job.label or job.image)
+    if num_classes is not None:
+        check_classes(records, num_classes, job.label or job.image, cmap)
+    return Sample(image, records.points, records.classes, job.key, str(job.image), records.scores), records, image_notes
+
+
+def _report_reading(r: Path, fmt: str, n_jobs: int, samples: list[Sample], notes: dict[str, list[str]],
+                    ignored: dict[str, int], empty: list[str], skipped: list[str], require_cells: bool) -> None:
+    """The warnings (and errors) of a dataset read: conversions, ignored features, empty and skipped images."""
     for kind, names in notes.items():
         shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
         warnings.warn(
-            f"{r}: {len(names)} of {len(jobs)} images {_NOTE_TEXT.get(kind, kind)}: {shown}.",
+            f"{r}: {len(names)} of {n_jobs} images {_NOTE_TEXT.get(kind, kind)}: {shown}.",
             DataWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     if samples and require_cells and len(empty) == len(samples):
         raise DataError(_no_cells_message(r, fmt, len(samples), ignored))
@@ -977,7 +997,7 @@ def load_dataset(
             + ", ".join(f"{n} {kind}" for kind, n in sorted(ignored.items())) + "."
             + _ignored_hint(ignored),
             DataWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     if empty and len(empty) < len(samples):
         shown = ", ".join(empty[:5]) + (f", ... ({len(empty) - 5} more)" if len(empty) > 5 else "")
@@ -986,14 +1006,13 @@ def load_dataset(
             f"images without cells: {shown}. If those images do have cells, their annotations "
             "are missing: check these files.",
             DataWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     if skipped:
         if not samples:
-            raise DataError(f"{r}: all {len(jobs)} images were skipped; the first error: {skipped[0]}")
+            raise DataError(f"{r}: all {n_jobs} images were skipped; the first error: {skipped[0]}")
         warnings.warn(
-            f"{r}: skipped {len(skipped)} of {len(jobs)} images:\n  " + "\n  ".join(skipped),
+            f"{r}: skipped {len(skipped)} of {n_jobs} images:\n  " + "\n  ".join(skipped),
             DataWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    return samples

@@ -238,7 +238,6 @@ def evaluate_folder(
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"{pred_dir}: no such predictions folder; pass the --out folder of cellkit predict.")
     meta = _read_meta(pred_dir)
-    names: list[str] | None = None
     cmap = _class_map_of(class_map, meta)
     recorded_names = meta.get("class_names") if isinstance(meta.get("class_names"), list) else None
     if class_map is not None and cmap is not None and recorded_names and cmap.num_classes != len(recorded_names):
@@ -256,15 +255,7 @@ def evaluate_folder(
         warnings.warn(f"{data_root}: no image has an annotated cell, so every prediction counts as a false "
                       "positive and recall is undefined.", DataWarning, stacklevel=2)
 
-    by_stem: dict[str, Any] = {}
-    for s in samples:
-        stem = _stem(s)
-        if stem in by_stem:
-            raise ValueError(
-                f"Two ground-truth images share the name {stem!r} ({by_stem[stem].key} and {s.key}); "
-                "pick one with --split."
-            )
-        by_stem[stem] = s
+    by_stem = _by_stem(samples)
     files = {p.stem: p for p in sorted(pred_dir.glob("*.csv")) if p.stem not in OUTPUT_STEMS}
     missing = [k for k in by_stem if k not in files]
     if missing and not allow_missing:
@@ -281,6 +272,30 @@ def evaluate_folder(
         _check_inside_image(det, by_stem[k], files.get(k))
     truths = [(np.asarray(by_stem[k].points), np.asarray(by_stem[k].classes)) for k in keys]
 
+    names = _evaluation_names(cmap, meta, format, truths, predictions)
+    report = evaluate(predictions, truths, radius, len(names), names, method)
+    paths = [str(by_stem[k].path) if getattr(by_stem[k], "path", None) else None for k in keys]
+    return EvaluationResult(report, keys, predictions, truths, names, missing, unmatched, paths)
+
+
+def _by_stem(samples: list[Any]) -> dict[str, Any]:
+    """The ground-truth samples by the stem their predictions are named after (one each)."""
+    by_stem: dict[str, Any] = {}
+    for s in samples:
+        stem = _stem(s)
+        if stem in by_stem:
+            raise ValueError(
+                f"Two ground-truth images share the name {stem!r} ({by_stem[stem].key} and {s.key}); "
+                "pick one with --split."
+            )
+        by_stem[stem] = s
+    return by_stem
+
+
+def _evaluation_names(cmap: Any, meta: Mapping[str, Any], format: str, truths: list[Any],
+                      predictions: list[Any]) -> list[str]:
+    """The class names scored: the class map's, the prediction run's, else the format's or numbered."""
+    names: list[str] | None = None
     if cmap is not None:
         names = list(cmap.names)
     elif meta.get("class_names"):
@@ -298,9 +313,7 @@ def evaluate_folder(
             f"{names}; pass --class-map mapping the data's labels to the model's classes "
             "(e.g. endonuke_epithelium, or '0=0,1=1,2=0')."
         )
-    report = evaluate(predictions, truths, radius, len(names), names, method)
-    paths = [str(by_stem[k].path) if getattr(by_stem[k], "path", None) else None for k in keys]
-    return EvaluationResult(report, keys, predictions, truths, names, missing, unmatched, paths)
+    return names
 
 
 def _check_inside_image(det: Any, sample: Any, path: Path | None) -> None:

@@ -341,11 +341,9 @@ def plot_errors(result: Any, out: str | os.PathLike[str], *, count: int = 4) -> 
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
 
-    from cellkit.data.io import read_image
     from cellkit.data.guard import write_png
-    from cellkit.metrics import detection_counts
+    from cellkit.data.io import read_image
 
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"count must be an integer >= 1 (the number of images drawn), got {count!r}.")
@@ -358,17 +356,7 @@ def plot_errors(result: Any, out: str | os.PathLike[str], *, count: int = 4) -> 
         )
     radius, method = float(result.report.radius), str(result.report.method)
     names = [str(n) for n in result.class_names]
-    k = len(names)
-    errors = []
-    for pred, truth in zip(result.predictions, result.truths):
-        _, fp, fn = detection_counts(pred.points, pred.classes, truth[0], truth[1], radius, k, method,
-                                     pred.scores)
-        errors.append(int(fp.sum() + fn.sum()))
-    chosen = sorted(range(len(keys)), key=lambda i: -errors[i])[:count]
-    missing_files = [keys[i] for i in chosen if paths[i] is None]
-    if missing_files:
-        raise ValueError(f"the image files of {', '.join(missing_files)} are not known to the evaluation.")
-
+    chosen = _worst_images(result, paths, keys, radius, method, count)
     cols = 1 if len(chosen) == 1 else 2
     rows = math.ceil(len(chosen) / cols)
     fig = Figure(figsize=(6.0 * cols, 6.0 * rows + 1.0), dpi=100, layout="constrained")
@@ -378,34 +366,9 @@ def plot_errors(result: Any, out: str | os.PathLike[str], *, count: int = 4) -> 
     for ax in axes[len(chosen):]:
         ax.set_axis_off()
     for ax, i in zip(axes, chosen):
-        image = read_image(paths[i], warn=False)
-        parts = _classify(result.predictions[i], result.truths[i], radius, k, method)
-        ax.imshow(image, interpolation="nearest")
-        for kind in ("fn", "fp", "tp"):
-            points, classes = parts[kind]
-            for c in np.unique(classes):
-                sel = classes == c
-                ax.scatter(points[sel, 0], points[sel, 1], s=46,
-                           marker=CLASS_MARKERS[int(c) % len(CLASS_MARKERS)], facecolors="none",
-                           edgecolors=ERROR_COLORS[kind], linewidths=1.4)
-        n = {kind: len(parts[kind][1]) for kind in parts}
-        ax.set_title(f"{keys[i]}: {n['tp']} TP, {n['fp']} FP, {n['fn']} missed", fontsize="medium")
-        ax.set_xlim(-0.5, image.shape[1] - 0.5)
-        ax.set_ylim(image.shape[0] - 0.5, -0.5)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    handles = [
-        Line2D([], [], ls="none", marker="o", markerfacecolor="none", markeredgecolor=ERROR_COLORS["tp"],
-               markeredgewidth=1.6, markersize=9, label="true positive"),
-        Line2D([], [], ls="none", marker="o", markerfacecolor="none", markeredgecolor=ERROR_COLORS["fp"],
-               markeredgewidth=1.6, markersize=9, label="false positive"),
-        Line2D([], [], ls="none", marker="o", markerfacecolor="none", markeredgecolor=ERROR_COLORS["fn"],
-               markeredgewidth=1.6, markersize=9, label="missed (false negative)"),
-    ] + [
-        Line2D([], [], ls="none", marker=CLASS_MARKERS[c % len(CLASS_MARKERS)], markerfacecolor="none",
-               markeredgecolor="black", markersize=9, label=f"class {name}")
-        for c, name in enumerate(names)
-    ]
+        _draw_errors(ax, read_image(paths[i], warn=False), result.predictions[i], result.truths[i], keys[i],
+                     radius, len(names), method)
+    handles = _error_legend(names)
     legend = fig.add_subplot(grid[rows, :])
     legend.set_axis_off()
     legend.legend(handles=handles, loc="center", ncol=min(len(handles), 6), fontsize="small", frameon=False)
@@ -416,3 +379,53 @@ def plot_errors(result: Any, out: str | os.PathLike[str], *, count: int = 4) -> 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return write_png(target, buf.getvalue())
+
+def _worst_images(result: Any, paths: list[Any], keys: list[str], radius: float, method: str,
+                  count: int) -> list[int]:
+    """The indices of the ``count`` images with the most errors (false positives + misses)."""
+    from cellkit.metrics import detection_counts
+
+    k = len(result.class_names)
+    errors = []
+    for pred, truth in zip(result.predictions, result.truths):
+        _, fp, fn = detection_counts(pred.points, pred.classes, truth[0], truth[1], radius, k, method,
+                                     pred.scores)
+        errors.append(int(fp.sum() + fn.sum()))
+    chosen = sorted(range(len(keys)), key=lambda i: -errors[i])[:count]
+    missing_files = [keys[i] for i in chosen if paths[i] is None]
+    if missing_files:
+        raise ValueError(f"the image files of {', '.join(missing_files)} are not known to the evaluation.")
+    return chosen
+
+
+def _draw_errors(ax: Any, image: np.ndarray, prediction: Any, truth: Any, key: str, radius: float, k: int,
+                 method: str) -> None:
+    """One image with its true positives, false positives and misses as coloured rings."""
+    parts = _classify(prediction, truth, radius, k, method)
+    ax.imshow(image, interpolation="nearest")
+    for kind in ("fn", "fp", "tp"):
+        points, classes = parts[kind]
+        for c in np.unique(classes):
+            sel = classes == c
+            ax.scatter(points[sel, 0], points[sel, 1], s=46, marker=CLASS_MARKERS[int(c) % len(CLASS_MARKERS)],
+                       facecolors="none", edgecolors=ERROR_COLORS[kind], linewidths=1.4)
+    n = {kind: len(parts[kind][1]) for kind in parts}
+    ax.set_title(f"{key}: {n['tp']} TP, {n['fp']} FP, {n['fn']} missed", fontsize="medium")
+    ax.set_xlim(-0.5, image.shape[1] - 0.5)
+    ax.set_ylim(image.shape[0] - 0.5, -0.5)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _error_legend(names: list[str]) -> list[Any]:
+    """The legend's entries: the three kinds of ring, then each class's marker."""
+    from matplotlib.lines import Line2D
+
+    rings = (("tp", "true positive"), ("fp", "false positive"), ("fn", "missed (false negative)"))
+    return [Line2D([], [], ls="none", marker="o", markerfacecolor="none", markeredgecolor=ERROR_COLORS[kind],
+                   markeredgewidth=1.6, markersize=9, label=label) for kind, label in rings] + [
+        Line2D([], [], ls="none", marker=CLASS_MARKERS[c % len(CLASS_MARKERS)], markerfacecolor="none",
+               markeredgecolor="black", markersize=9, label=f"class {name}")
+        for c, name in enumerate(names)
+    ]
+

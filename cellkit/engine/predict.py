@@ -513,21 +513,7 @@ def predict_probabilities(
     from cellkit.builder import apply_activation
 
     dev = _model_device(model) if device is None else resolve_device(device)
-    asked = precision
-    precision = resolve_precision(precision, dev, amp)
-    if precision == "int8":
-        model, precision = _int8(model, asked)
-    if fold_bn and precision != "int8":
-        if not isinstance(model, nn.Module):
-            raise ValueError(
-                f"fold_bn=True needs an nn.Module whose BatchNorms can be folded, got "
-                f"{type(model).__name__}; pass fold_bn=False."
-            )
-        from cellkit.models.fuse import fold_batchnorm
-
-        model = fold_batchnorm(model)
-    if isinstance(model, nn.Module):
-        model.to(dev)
+    model, precision = _model_to_run(model, dev, precision, amp, fold_bn)
     activation = getattr(model, "activation", "sigmoid")
     height, width = image.shape[:2]
     th, tw = min(tile_size, height), min(tile_size, width)
@@ -572,6 +558,27 @@ def predict_probabilities(
     else:
         result = blender.finish()
     return result if as_tensor else result.cpu().numpy()
+
+
+def _model_to_run(model: Any, dev: torch.device, precision: str | None, amp: bool,
+                  fold_bn: bool) -> tuple[Any, str]:
+    """``(model, precision)`` as inference runs them: quantized for int8, BatchNorms folded if asked, on ``dev``."""
+    asked = precision
+    precision = resolve_precision(precision, dev, amp)
+    if precision == "int8":
+        model, precision = _int8(model, asked)
+    if fold_bn and precision != "int8":
+        if not isinstance(model, nn.Module):
+            raise ValueError(
+                f"fold_bn=True needs an nn.Module whose BatchNorms can be folded, got "
+                f"{type(model).__name__}; pass fold_bn=False."
+            )
+        from cellkit.models.fuse import fold_batchnorm
+
+        model = fold_batchnorm(model)
+    if isinstance(model, nn.Module):
+        model.to(dev)
+    return model, precision
 
 
 class _RowBandBlender:

@@ -116,6 +116,40 @@ def _unique(name: str, taken: set[str]) -> str:
     return f"{name} ({k})"
 
 
+def _region_geometry(feature: Any, loc: str, skipped: dict[str, int]) -> tuple[Any, Any] | None:
+    """``(shapely geometry, properties)`` of a feature that is a region, else ``None`` (counted in ``skipped``)."""
+    if not isinstance(feature, Mapping) or feature.get("type", "Feature") != "Feature":
+        got = feature.get("type") if isinstance(feature, Mapping) else type(feature).__name__
+        raise DataError(f"{loc}: expected a GeoJSON Feature object, got {got!r}.")
+    props = feature.get("properties") or {}
+    if not isinstance(props, Mapping):
+        raise DataError(f"{loc}: 'properties' must be an object, got {type(props).__name__}.")
+    geometry = feature.get("geometry")
+    if geometry is None:
+        skipped["without geometry"] = skipped.get("without geometry", 0) + 1
+        return None
+    if not isinstance(geometry, Mapping) or not isinstance(geometry.get("type"), str):
+        raise DataError(
+            f"{loc}: 'geometry' is not a GeoJSON geometry (an object with a 'type'), "
+            f"got {geometry!r:.80}."
+        )
+    kind = geometry["type"]
+    if kind not in ("Polygon", "MultiPolygon", "GeometryCollection"):
+        skipped[kind] = skipped.get(kind, 0) + 1
+        return None
+    object_type = _geojson_object_type(feature, props)
+    if object_type in _NOT_REGIONS:
+        key = f"{object_type} {kind}"
+        skipped[key] = skipped.get(key, 0) + 1
+        return None
+    geom = _geometry(geometry, f"{loc} ({kind})")
+    if geom.is_empty or geom.area <= 0:
+        key = "empty " + (kind if kind != "GeometryCollection" else "GeometryCollection (no polygon)")
+        skipped[key] = skipped.get(key, 0) + 1
+        return None
+    return geom, props
+
+
 def read_regions(path: str | os.PathLike[str]) -> list[Region]:
     """Read the area annotations of a QuPath GeoJSON export as regions.
 
@@ -165,36 +199,10 @@ def read_regions(path: str | os.PathLike[str]) -> list[Region]:
     taken: set[str] = set()
     skipped: dict[str, int] = {}
     for i, feature in enumerate(features):
-        loc = f"{p}: feature {i}"
-        if not isinstance(feature, Mapping) or feature.get("type", "Feature") != "Feature":
-            got = feature.get("type") if isinstance(feature, Mapping) else type(feature).__name__
-            raise DataError(f"{loc}: expected a GeoJSON Feature object, got {got!r}.")
-        props = feature.get("properties") or {}
-        if not isinstance(props, Mapping):
-            raise DataError(f"{loc}: 'properties' must be an object, got {type(props).__name__}.")
-        geometry = feature.get("geometry")
-        if geometry is None:
-            skipped["without geometry"] = skipped.get("without geometry", 0) + 1
+        found = _region_geometry(feature, f"{p}: feature {i}", skipped)
+        if found is None:
             continue
-        if not isinstance(geometry, Mapping) or not isinstance(geometry.get("type"), str):
-            raise DataError(
-                f"{loc}: 'geometry' is not a GeoJSON geometry (an object with a 'type'), "
-                f"got {geometry!r:.80}."
-            )
-        kind = geometry["type"]
-        if kind not in ("Polygon", "MultiPolygon", "GeometryCollection"):
-            skipped[kind] = skipped.get(kind, 0) + 1
-            continue
-        object_type = _geojson_object_type(feature, props)
-        if object_type in _NOT_REGIONS:
-            key = f"{object_type} {kind}"
-            skipped[key] = skipped.get(key, 0) + 1
-            continue
-        geom = _geometry(geometry, f"{loc} ({kind})")
-        if geom.is_empty or geom.area <= 0:
-            key = "empty " + (kind if kind != "GeometryCollection" else "GeometryCollection (no polygon)")
-            skipped[key] = skipped.get(key, 0) + 1
-            continue
+        geom, props = found
         classification = geojson_classification(props)
         raw_name = props.get("name")
         name = str(raw_name).strip() if raw_name is not None and str(raw_name).strip() else None

@@ -161,27 +161,7 @@ def summarize(
         >>> summarize([0, 0], ["cells"])["index"] is None
         True
     """
-    names = [str(n) for n in class_names]
-    if not names:
-        raise ValueError("summarize: class_names is empty; pass the name of each class index.")
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"summarize: class_names must be unique, got {names} ({dup} repeated).")
-    raw = np.asarray(classes)
-    if raw.size == 0:
-        raw = raw.reshape(0)
-    if raw.ndim != 1:
-        raise ValueError(f"summarize: expected classes of shape (N,), got shape {raw.shape}.")
-    integral = raw.dtype.kind in "iu" or (raw.dtype.kind == "f" and bool(np.all(np.mod(raw, 1) == 0)))
-    if raw.size and not integral:
-        raise ValueError(f"summarize: classes must be integer class indices, got dtype {raw.dtype}.")
-    cls = raw.astype(np.int64)
-    if cls.size and (cls.min() < 0 or cls.max() >= len(names)):
-        bad = int(cls.min()) if cls.min() < 0 else int(cls.max())
-        raise ValueError(
-            f"summarize: class {bad} has no name: expected classes in 0..{len(names) - 1} for "
-            f"class_names {names}."
-        )
+    names, cls = _summary_classes(classes, class_names)
     to_mm2 = _scale_mm2(mpp)
     index_name = _index_class(index_class, names)
 
@@ -207,26 +187,7 @@ def summarize(
             raise ValueError("summarize: region_index was given without regions; pass regions=... too.")
         return out
     regions = list(regions)
-    if region_index is None:
-        if regions:
-            raise ValueError(
-                "summarize: regions were given without region_index; compute it with "
-                "cellkit.wsi.regions.assign_regions(points, regions)."
-            )
-        region_index = np.full(len(cls), -1, np.int64)
-    ridx = np.asarray(region_index)
-    if ridx.size == 0:
-        ridx = ridx.reshape(0)
-    if ridx.shape != cls.shape:
-        raise ValueError(
-            f"summarize: region_index has shape {ridx.shape}, expected one region per cell: ({len(cls)},)."
-        )
-    ridx = ridx.astype(np.int64)
-    if ridx.size and (ridx.min() < -1 or ridx.max() >= len(regions)):
-        raise ValueError(
-            f"summarize: region_index must lie in -1..{len(regions) - 1} (-1: in no region) for "
-            f"{len(regions)} regions, got {int(ridx.min())}..{int(ridx.max())}."
-        )
+    ridx = _region_indices(region_index, regions, len(cls))
     for r, region in enumerate(regions):
         area_px = float(region.area_px)
         area_mm2 = area_px * to_mm2 if to_mm2 is not None else None
@@ -240,6 +201,57 @@ def summarize(
             }
         )
     return out
+
+
+def _summary_classes(classes: Any, class_names: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """``summarize``'s class names (unique) and classes (integers naming one of them), checked."""
+    names = [str(n) for n in class_names]
+    if not names:
+        raise ValueError("summarize: class_names is empty; pass the name of each class index.")
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"summarize: class_names must be unique, got {names} ({dup} repeated).")
+    raw = np.asarray(classes)
+    if raw.size == 0:
+        raw = raw.reshape(0)
+    if raw.ndim != 1:
+        raise ValueError(f"summarize: expected classes of shape (N,), got shape {raw.shape}.")
+    integral = raw.dtype.kind in "iu" or (raw.dtype.kind == "f" and bool(np.all(np.mod(raw, 1) == 0)))
+    if raw.size and not integral:
+        raise ValueError(f"summarize: classes must be integer class indices, got dtype {raw.dtype}.")
+    cls = raw.astype(np.int64)
+    if cls.size and (cls.min() < 0 or cls.max() >= len(names)):
+        bad = int(cls.min()) if cls.min() < 0 else int(cls.max())
+        raise ValueError(
+            f"summarize: class {bad} has no name: expected classes in 0..{len(names) - 1} for "
+            f"class_names {names}."
+        )
+    return names, cls
+
+
+def _region_indices(region_index: Any, regions: list[Any], n: int) -> np.ndarray:
+    """``summarize``'s region of each cell (-1: none), checked against the regions."""
+    if region_index is None:
+        if regions:
+            raise ValueError(
+                "summarize: regions were given without region_index; compute it with "
+                "cellkit.wsi.regions.assign_regions(points, regions)."
+            )
+        return np.full(n, -1, np.int64)
+    ridx = np.asarray(region_index)
+    if ridx.size == 0:
+        ridx = ridx.reshape(0)
+    if ridx.shape != (n,):
+        raise ValueError(
+            f"summarize: region_index has shape {ridx.shape}, expected one region per cell: ({n},)."
+        )
+    ridx = ridx.astype(np.int64)
+    if ridx.size and (ridx.min() < -1 or ridx.max() >= len(regions)):
+        raise ValueError(
+            f"summarize: region_index must lie in -1..{len(regions) - 1} (-1: in no region) for "
+            f"{len(regions)} regions, got {int(ridx.min())}..{int(ridx.max())}."
+        )
+    return ridx
 
 
 def _number(value: Any) -> str:
