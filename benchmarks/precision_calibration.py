@@ -53,7 +53,8 @@ def main() -> None:
 
     from cellkit.data import bundled_endonuke, load_dataset
     from cellkit.data.io import read_image
-    from cellkit.engine import train as train_module
+    from cellkit.engine import plan as plan_module
+    from cellkit.engine import validation as validation_module
     from cellkit.engine.checkpoint import load_model, save_checkpoint
     from cellkit.engine.predict import Predictor
 
@@ -68,12 +69,12 @@ def main() -> None:
         if not (run / "best.pt").is_file():
             continue
         model, cfg, ckpt = load_model(run / "best.pt")  # its config is the run's config.yaml
-        split = train_module._split(list(load_dataset(fold / "train", "endonuke")), cfg)
+        split = plan_module._split(list(load_dataset(fold / "train", "endonuke")), cfg)
         names = list(ckpt.get("class_names") or cfg.data.class_names)
         truths = [(s.points, s.classes) for s in split["val"]]
         d0 = cfg.postprocess.kwargs.get("min_distance")
         grid = sorted({max(1, int(round(f * d0))) for f in (0.67, 1.0, 1.33)}) if isinstance(d0, int) else None
-        cal8 = train_module._int8_calibration(cfg, model, ckpt, split["val"], truths, names,
+        cal8 = validation_module._int8_calibration(cfg, model, ckpt, split["val"], truths, names,
                                               dict(ckpt["postprocess"]), grid)
         if cal8 is None:
             raise SystemExit("this machine's PyTorch has no x86 int8 engine: nothing to compare")

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "cellkit"
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("core", ("cellkit.registry", "cellkit.lookup", "cellkit.points", "cellkit.imaging", "cellkit.plugins")),
+    ("core", ("cellkit.registry", "cellkit.lookup", "cellkit.points", "cellkit.imaging", "cellkit.plugins",
+              "cellkit.progress")),
     ("parts", ("cellkit.data", "cellkit.masks", "cellkit.losses", "cellkit.models", "cellkit.postprocess",
                "cellkit.metrics", "cellkit.viz", "cellkit.weights")),
     ("recipe", ("cellkit.config", "cellkit.geometry", "cellkit.builder", "cellkit.presets")),

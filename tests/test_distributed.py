@@ -31,7 +31,9 @@ WORKER = textwrap.dedent(
     from cellkit.config import CellkitConfig
     from cellkit.data import Sample
     from cellkit.engine import fit
+    from cellkit.engine import runs as R
     from cellkit.engine import train as T
+    from cellkit.engine import validation as V
 
     out, record = sys.argv[1], sys.argv[2]
     rank = int(os.environ["RANK"])
@@ -44,9 +46,10 @@ WORKER = textwrap.dedent(
             return fn(path, *args, **kwargs)
         return wrapper
 
-    T.save_checkpoint = recording(T.save_checkpoint)
-    T._append_metrics = recording(T._append_metrics)
-    T._write_metrics = recording(T._write_metrics)
+    for module in (T, R, V):  # every module of the engine that writes into the run folder
+        for name in ("save_checkpoint", "_append_metrics", "_write_metrics"):
+            if hasattr(module, name):
+                setattr(module, name, recording(getattr(module, name)))
     to_yaml = CellkitConfig.to_yaml
     CellkitConfig.to_yaml = lambda self, path=None: recording(lambda p: to_yaml(self, p))(path)
     wrap_model = T.wrap_model

@@ -86,7 +86,7 @@ def test_group_rules(tmp_path: Path) -> None:
 
 def test_training_splits_whole_groups(tmp_path: Path) -> None:
     """``data.group`` reaches the validation split: no group is on both sides."""
-    from cellkit.engine.train import _split
+    from cellkit.engine.plan import _split
 
     samples = [Sample(np.zeros((8, 8, 3), np.uint8), [[1, 1]], [0], f"slide{g}_{i}") for g in range(6) for i in range(4)]
     cfg = cellkit.presets.ours(size="cpu")

@@ -20,7 +20,8 @@ from cellkit.data.formats import FORMATS, IMAGE_SUFFIXES, DatasetFormat, get_for
 from cellkit.engine import fit
 from cellkit.engine.calibrate import calibrate_peaks, score_maps
 from cellkit.engine.predict import Predictor, list_images
-from cellkit.engine.train import _plan, describe_schedule, resolve_for_data, run_score, schedule_factor
+from cellkit.engine.plan import _plan, describe_schedule, resolve_for_data, schedule_factor
+from cellkit.engine.validation import run_score
 from cellkit.geometry import Geometry, apply_geometry, estimate_cell_diameter, resolve_geometry
 
 # --------------------------------------------------------------------------- formats

@@ -27,7 +27,9 @@ from cellkit.engine import (
     run_score,
     save_checkpoint,
 )
+from cellkit.engine import runs as runs_module
 from cellkit.engine import train as train_module
+from cellkit.engine import validation as validation_module
 from cellkit.presets import PRESETS
 
 RUN_FILES = {"config.yaml", "metrics.jsonl", "last.pt", "best.pt"}
@@ -129,7 +131,7 @@ def test_run_folder(baseline: TrainResult) -> None:
 def test_resume_after_interruption_matches_uninterrupted_run(baseline, tmp_path, monkeypatch) -> None:
     """A run killed in its second epoch, resumed in a new call, ends with the same weights."""
     out = tmp_path / "run"
-    real_train_epoch = train_module._train_epoch
+    real_train_epoch = train_module.train_one_epoch
     calls = []
 
     def killed_in_epoch_2(*args, **kwargs):
@@ -138,10 +140,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(baseline, tmp_path,
             raise RuntimeError("killed")
         return real_train_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "_train_epoch", killed_in_epoch_2)
+    monkeypatch.setattr(train_module, "train_one_epoch", killed_in_epoch_2)
     with pytest.raises(RuntimeError, match="killed"):
         fit(tiny("ours", epochs=2), out, splits=SPLITS, device="cpu", progress=False)
-    monkeypatch.setattr(train_module, "_train_epoch", real_train_epoch)
+    monkeypatch.setattr(train_module, "train_one_epoch", real_train_epoch)
     assert load_checkpoint(out / "last.pt")["epoch"] == 1
     # The same seed gives the same first epoch (a repeatable CPU run).
     assert without_time(load_checkpoint(out / "last.pt")["history"]) == without_time(baseline.history[:1])
@@ -286,7 +288,7 @@ def test_best_checkpoint_keeps_calibration_crops_for_int8(baseline: TrainResult,
 
     crops = load_checkpoint(baseline.best_path)["int8_calibration"]
     # One central crop (at most 192 px a side) per evenly spaced training image, at most 16.
-    expected = [s.image[:192, :192] for s in SPLITS["train"]][: train_module.INT8_CALIBRATION_CROPS]
+    expected = [s.image[:192, :192] for s in SPLITS["train"]][: runs_module.INT8_CALIBRATION_CROPS]
     assert [c.dtype for c in crops] == [torch.uint8] * len(expected)
     assert all(np.array_equal(c.numpy(), e) for c, e in zip(crops, expected))
     if not int8_available():
@@ -328,7 +330,7 @@ def test_predict_default_uses_thresholds_calibrated_on_its_own_maps(tmp_path: Pa
                         lambda maps, *a, **k: seen.append(list(maps)) or real(maps, *a, **k))
     model = Predictor.from_checkpoint(result.best_path, device="cpu", precision="fp32").model
     truths = [(s.points, s.classes) for s in SPLITS["val"]]
-    again = train_module._int8_calibration(cfg, model, ckpt, SPLITS["val"], truths, default.class_names,
+    again = validation_module._int8_calibration(cfg, model, ckpt, SPLITS["val"], truths, default.class_names,
                                            ckpt["postprocess"], None)
     assert again is not None and len(seen) == 1
     for maps, sample in zip(seen[0], SPLITS["val"]):

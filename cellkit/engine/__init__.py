@@ -36,7 +36,9 @@ from cellkit.engine.distributed import DistInfo, dist_info
 from cellkit.engine.evaluate import EvaluationResult, evaluate_folder
 from cellkit.engine.plots import plot_errors, plot_training
 from cellkit.engine.predict import Predictor, predict_image, predict_probabilities
-from cellkit.engine.train import RUN_EXISTS_MESSAGE, TrainResult, fit, run_score
+from cellkit.engine.runs import RUN_EXISTS_MESSAGE
+from cellkit.engine.train import TrainResult, fit
+from cellkit.engine.validation import run_score
 
 __all__ = [
     "RUN_EXISTS_MESSAGE",

@@ -228,9 +228,9 @@ def write_predictions(
         >>> run.counts[0]  # doctest: +SKIP
         ('slide1', [412, 97])
     """
+    from cellkit.data.guard import claim_each_once
     from cellkit.data.io import make_folder, remove_stale_temporaries, write_text_atomic
     from cellkit.engine.predict import list_images
-    from cellkit.data.guard import claim_each_once
 
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: --resume continues a run, --overwrite replaces it.")

@@ -234,9 +234,7 @@ def plot_training(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] |
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from cellkit.data.guard import write_png
-
-    from cellkit.data.guard import check_outputs
+    from cellkit.data.guard import check_outputs, write_png
 
     run = Path(run_dir).expanduser()
     if run.name == _METRICS and run.is_file():

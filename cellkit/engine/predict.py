@@ -688,8 +688,8 @@ def predict_image(
         ...     model, image, POSTPROCESSORS.build("peaks"))
     """
     if postprocess is None:
-        from cellkit.registry import POSTPROCESSORS
         import cellkit.postprocess  # noqa: F401  registers "peaks"
+        from cellkit.registry import POSTPROCESSORS
 
         postprocess = POSTPROCESSORS.build("peaks")
     maps = predict_probabilities(
@@ -961,9 +961,9 @@ class Predictor:
                 not match the code, saying what differs.
             ValueError: for a threshold or min_distance of the wrong length, or a bad precision.
         """
+        import cellkit.postprocess  # noqa: F401  registers "peaks"
         from cellkit.engine.checkpoint import load_model
         from cellkit.registry import POSTPROCESSORS
-        import cellkit.postprocess  # noqa: F401  registers "peaks"
 
         dev = resolve_device(device)
         resolve_precision(precision, dev, amp)  # a bad one fails before the checkpoint is read

@@ -43,7 +43,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 import time
 import warnings
 from collections import deque
@@ -56,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from cellkit.points import Detections
+from cellkit.progress import ChunkProgress
 from cellkit.wsi.reader import Slide, open_slide
 
 __all__ = ["MASK_UM_PER_PX", "PARTS_SUFFIX", "TILE_TISSUE_MARGIN_UM", "SlideResult", "chunk_grid", "predict_slide",
@@ -137,41 +137,6 @@ def _model_mpp(predictor: Any) -> float | None:
 def _default_chunk(predictor: Any) -> int:
     dev = getattr(predictor, "device", None)
     return 4096 if getattr(dev, "type", "cpu") == "cuda" else 2048
-
-
-class _Progress:
-    """A bar on a terminal; elsewhere a line now and then with the rate and the time left."""
-
-    def __init__(self, total: int, name: str, show: bool | None, every_s: float = 30.0) -> None:
-        from tqdm.auto import tqdm
-
-        self.total, self.name, self.every_s = total, name, every_s
-        self.tty = sys.stderr.isatty() if show is None else bool(show)
-        self.lines = show is None and not self.tty
-        self.bar = tqdm(total=total, desc=name, unit="chunk", disable=not self.tty, leave=False)
-        self.done, self.mp, self.start, self.last = 0, 0.0, time.perf_counter(), time.perf_counter()
-
-    def update(self, megapixels: float) -> None:
-        self.done += 1
-        self.mp += megapixels
-        self.bar.update(1)
-        now = time.perf_counter()
-        if self.lines and (now - self.last >= self.every_s or self.done == self.total):
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            left = (self.total - self.done) / rate if rate > 0 else float("nan")
-            print(f"{self.name}: {self.done}/{self.total} chunks, {self.mp / max(now - self.start, 1e-9):.2f} MP/s, "
-                  f"{_duration(left)} left", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def predict_slide(
@@ -264,7 +229,7 @@ def predict_slide(
         parts = _Parts(out / f".{stem}{PARTS_SUFFIX}", settings, resume)
         done = parts.done()
         todo = [i for i in wanted if i not in done]
-        bar = _Progress(len(todo), f"predict {slide.path.name}", progress)
+        bar = ChunkProgress(len(todo), f"predict {slide.path.name}", progress)
         # Tiles run where tissue lies within TILE_TISSUE_MARGIN_UM (pale tissue by stained tissue).
         near = TILE_TISSUE_MARGIN_UM / slide.mpp if slide.mpp else TILE_TISSUE_MARGIN_UM / 0.5
         skip_tiles = (tissue or bool(region_list)) and _takes_tile_filter(predictor)

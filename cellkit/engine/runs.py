@@ -1,0 +1,297 @@
+"""The run folder of `cellkit train`: its files, checkpoints, metrics, and resuming.
+
+The run folder:
+
+| File | What it holds |
+|---|---|
+| `<run>/config.yaml` | the resolved config (`CellkitConfig.to_yaml`) |
+| `<run>/metrics.jsonl` | one JSON object per round (see below) |
+| `<run>/last.pt` | the state after the last finished round (resumes training) |
+| `<run>/best.pt` | the state of the best validated round, with the calibrated peaks and 16 small crops of the training images that calibrate int8 inference on the CPU |
+| `<run>/calibration.json` | the peak arguments chosen on the validation images (`train.calibrate`) |
+| `<run>/curves.png` | the loss terms and validation F1 against the steps ([`cellkit.engine.plots`][]) |
+| `<run>/pretrain/...` | stage 1, same layout (`ours_plus_plus` only) |
+| `<run>/prior_cache/` | the cached prior targets (`ours_plus_plus` only) |
+
+Each ``metrics.jsonl`` line holds ``stage``, ``epoch`` (the round, 1-based), ``epochs``,
+``steps`` (of the round), ``step`` (optimizer steps so far), ``lr`` (at the round's start), ``time`` (seconds, training + validation), ``train`` (mean of every
+loss term over the epoch, by the [`WeightedLoss`][cellkit.losses.WeightedLoss] labels, plus
+``total``), ``val`` (the same on the validation images), ``f1`` (total F1 per class name at
+``cfg.train.radius``; ``null`` for a class with no cell in the validation images),
+``mean_f1`` (the per-image mean F1 per class), ``score``, ``best`` and ``postprocess`` (the
+peak arguments the F1 was computed with). Values that are not finite are written as ``null``.
+
+**Resuming.** Checkpoints are written atomically (best first, then last, then the metrics
+line). ``fit(..., resume=True)`` continues from ``last.pt`` (and from
+``pretrain/last.pt`` in stage 1) and reaches the same weights as an uninterrupted run,
+because all randomness of an epoch is drawn from ``(seed, epoch)``: torch, numpy and
+Python are seeded with ``seed * 1000 + epoch`` at the start of each epoch (dropout, the
+DataLoader's worker seeds), the sampler's generator likewise, and the dataset gets
+``set_epoch(epoch)``. ``epochs`` (of an epoch schedule) may be raised on resume to train
+further; any other
+change of the config is an error. A folder that already holds a run is never
+overwritten. The equality is exact on the CPU; on CUDA, kernels that are not
+deterministic (cuDNN's backward, atomics) make runs differ in the last bits, resumed or
+not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from cellkit.config import CellkitConfig, ConfigError
+from cellkit.data.io import jsonable
+from cellkit.engine.checkpoint import load_checkpoint, save_checkpoint
+from cellkit.engine.distributed import unwrap
+from cellkit.engine.loop import _summary
+
+if TYPE_CHECKING:  # the stage a function works on; train imports this module
+    from cellkit.engine.train import _Stage
+
+__all__ = ["INT8_CALIBRATION_CROPS", "RUN_EXISTS_MESSAGE"]
+
+
+RUN_EXISTS_MESSAGE = (
+    "{out} already holds a run; pass --resume to continue it or choose another --out "
+    "(in Python: fit(..., resume=True) or another out_dir)."
+)
+"""The error for a folder that already holds a run (``{out}`` is the folder)."""
+
+
+# Config keys that may change between an interrupted run and its resumption.
+_RESUMABLE_CHANGES = (
+    "train.epochs", "train.num_workers", "pretrain.train.epochs", "pretrain.train.num_workers",
+    "plugins",  # a record of the modules loaded (cellkit.plugins), not of what is trained
+)
+
+
+def _holds_run(out: Path) -> bool:
+    markers = ("config.yaml", "last.pt", "best.pt", "metrics.jsonl", "pretrain")
+    return any((out / name).exists() for name in markers)
+
+
+def _check_out_dir(out: Path, resume: bool) -> None:
+    blocker = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise NotADirectoryError(
+            f"{blocker} is a file; the run folder {out} must be a directory (choose another --out)."
+        )
+    if not resume and _holds_run(out):
+        raise FileExistsError(RUN_EXISTS_MESSAGE.format(out=out))
+    if not resume:
+        from cellkit.data.guard import check_outputs
+
+        # A new run writes these too; in a folder that is not a run they are someone else's.
+        check_outputs(
+            "cellkit train", [out / "curves.png", out / "calibration.json"],
+            ours=lambda p: False,
+            fix=f"a run folder holds only what cellkit train writes: give a new or empty --out (not {out}, "
+                "which is not a run's folder: a data folder?)",
+        )
+    if resume and not _holds_run(out):
+        raise FileNotFoundError(
+            f"Nothing to resume in {out}: it holds no cellkit run (no config.yaml, last.pt or metrics.jsonl). "
+            "Drop --resume to start a new run there, or give the folder of the run to continue."
+        )
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """The temporary files of writes killed in an earlier try of this run (a checkpoint's is large)."""
+    from cellkit.data.io import remove_stale_temporaries
+
+    for folder in [out, *sorted(p for p in out.rglob("*") if p.is_dir())]:
+        remove_stale_temporaries(folder)
+
+
+def _check_stored_config(out: Path, cfg: CellkitConfig, resume: bool) -> None:
+    """A resumed run's config.yaml must be this config (also before its first checkpoint)."""
+    path = out / "config.yaml"
+    if not resume or not path.is_file() or (out / "last.pt").is_file():
+        return  # last.pt's own config is checked when it is loaded
+    stored = CellkitConfig.from_yaml(path)
+    _check_resume({"config": stored.to_dict()}, cfg, path)
+
+
+def _check_resumable(out: Path, last_path: Path, best_path: Path, metrics_path: Path) -> None:
+    """Refuse to restart a stage whose ``last.pt`` is gone while its results remain."""
+    if last_path.is_file():
+        return
+    left = [p.name for p in (best_path,) if p.is_file()]
+    if metrics_path.is_file() and metrics_path.stat().st_size > 0:
+        left.append(metrics_path.name)
+    if left:
+        raise FileNotFoundError(
+            f"Cannot resume {out}: {last_path.name} is missing but {' and '.join(left)} exist, so resuming would "
+            f"start from step 0 and replace them. Put {last_path.name} back (to resume from the best round "
+            f"instead, copy {best_path.name} to {last_path.name}), or train into another folder."
+        )
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any] | None) -> None:
+    if not state:
+        return
+    random.setstate(state["python"])
+    # Format 2 stores numpy's key as a tensor (plain data); format 1 as an array.
+    kind, key, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(key.numpy() if isinstance(key, torch.Tensor) else key), *rest))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            where = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old or key not in new:
+                out.append(where)
+            else:
+                out += _config_differences(old[key], new[key], where)
+        return out
+    return [] if old == new else [prefix]
+
+
+def _check_resume(ckpt: Mapping[str, Any], cfg: CellkitConfig, path: Path) -> None:
+    diffs = _config_differences(ckpt["config"], cfg.to_dict())
+    diffs = [d for d in diffs if d not in _RESUMABLE_CHANGES]
+    if diffs:
+        raise ConfigError(
+            f"Cannot resume {path}: the config differs from the one it was trained with in "
+            f"{', '.join(diffs[:8])}{' ...' if len(diffs) > 8 else ''}. Resume with the run's own "
+            f"config.yaml (only train.epochs may change), or train into another folder."
+        )
+
+
+def _write_metrics(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
+    from cellkit.data.io import write_text_atomic
+
+    write_text_atomic(path, "".join(json.dumps(jsonable(r)) + "\n" for r in history))
+
+
+def _append_metrics(path: Path, record: Mapping[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(jsonable(record)) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _save_round(st: _Stage, record: Mapping[str, Any], improved: bool, scheduler: Any,
+                total_steps: int | None) -> None:
+    """Write last.pt (and best.pt when the round is the best), then its metrics line."""
+    from cellkit import __version__
+
+    if not st.info.is_main:
+        return
+    state = {
+        "cellkit_version": __version__, "config": st.cfg.to_dict(),
+        "model": unwrap(st.model).state_dict(), "optimizer": st.optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": st.scaler.state_dict() if st.ctx.use_amp else None,
+        "epoch": record["epoch"], "best_score": st.best_score, "rng": _rng_state(),
+        "class_names": st.class_names, "history": st.history, "stage": st.name,
+        "split": {k: [s.key for s in v] for k, v in st.split.items()},
+        "world_size": st.info.world_size, "postprocess": st.chosen_post, "max_steps": st.max_steps,
+    }
+    # last.pt first: a kill between the two leaves a last.pt whose round is the best,
+    # and the resume copies it to best.pt (_repair_best).
+    save_checkpoint(st.last_path, state)
+    if improved:
+        save_checkpoint(st.best_path, state)
+    _append_metrics(st.metrics_path, record)
+    if st.progress is not False:
+        print(_summary(record, st.name, total_steps), file=sys.stderr, flush=True)
+
+
+def _repair_best(ckpt: Mapping[str, Any], last_path: Path, best_path: Path) -> None:
+    """After a kill between writing last.pt and best.pt: best.pt gets last.pt's best round."""
+    history = ckpt.get("history") or []
+    if not history or not history[-1].get("best"):
+        return
+    if best_path.is_file() and int(load_checkpoint(best_path).get("epoch", -1)) == int(ckpt["epoch"]):
+        return
+    state = {k: v for k, v in ckpt.items() if k not in ("path", "format")}
+    save_checkpoint(best_path, state)
+
+
+INT8_CALIBRATION_CROPS = 16
+"""How many crops of the training images (at most 192 px a side, from evenly spaced images)
+``best.pt`` keeps to calibrate 8-bit inference ([`cellkit.models.quantize`][])."""
+
+
+def _store_int8_calibration(best_path: Path, samples: Sequence[Any]) -> None:
+    """Keep a few central crops of the training images in best.pt (uint8, about 1.7 MB), so
+    int8 inference is calibrated on the model's own kind of images (once; deterministic)."""
+    best = load_checkpoint(best_path, map_location="cpu")
+    if "int8_calibration" in best:
+        return
+    step = max(1, len(samples) // INT8_CALIBRATION_CROPS)
+    crops = []
+    for s in list(samples)[::step][:INT8_CALIBRATION_CROPS]:
+        image = np.asarray(s.image)
+        h, w = image.shape[:2]
+        ch, cw = min(h, 192), min(w, 192)
+        y, x = (h - ch) // 2, (w - cw) // 2
+        crops.append(torch.from_numpy(np.ascontiguousarray(image[y : y + ch, x : x + cw])))
+    best = {k: v for k, v in best.items() if k not in ("path", "format")}
+    best["int8_calibration"] = crops
+    save_checkpoint(best_path, best)
+
+
+def _draw_curves(out: Path, progress: bool | None) -> None:
+    """``<run>/curves.png`` at the end of a run; a picture that fails warns and never fails the run."""
+    try:
+        from cellkit.engine.plots import plot_training
+
+        path = plot_training(out)
+    except Exception as err:  # noqa: BLE001  matplotlib missing, a full disk...: the weights are saved
+        warnings.warn(f"the training curves were not drawn ({type(err).__name__}: {err}); draw them later "
+                      f"with `cellkit plot {out}`.", RuntimeWarning, stacklevel=3)
+        return
+    if progress is not False:
+        print(f"training curves: {path}", file=sys.stderr, flush=True)
+
+
+def _resume(st: _Stage, ckpt: dict[str, Any]) -> None:
+    """Continue from ``last.pt``: weights, optimizer, scaler, random state and history."""
+    _check_resume(ckpt, st.cfg, st.last_path)
+    if "max_steps" in ckpt and ckpt["max_steps"] != st.max_steps:
+        raise ConfigError(
+            f"Cannot resume {st.last_path}: it was trained with max_steps={ckpt['max_steps']} (--max-steps), "
+            f"this run asks for {st.max_steps}; resume with the same value, or train into another folder."
+        )
+    if st.info.is_main:
+        _repair_best(ckpt, st.last_path, st.best_path)
+    unwrap(st.model).load_state_dict(ckpt["model"])
+    st.optimizer.load_state_dict(ckpt["optimizer"])
+    if st.ctx.use_amp and ckpt.get("scaler") is not None:
+        st.scaler.load_state_dict(ckpt["scaler"])
+    st.ckpt, st.start = ckpt, int(ckpt["epoch"])
+    st.history = list(ckpt.get("history", []))
+    st.best_score = float(ckpt.get("best_score", float("nan")))
+    st.chosen_post = dict(ckpt.get("postprocess") or st.cfg.postprocess.kwargs)
+    _set_rng_state(ckpt.get("rng"))
+    stored = ckpt.get("split") or {}
+    if any(k in stored and stored[k] != [s.key for s in st.split[k]] for k in ("train", "val")):
+        warnings.warn(
+            f"Resuming {st.last_path} with a different train/val split than it was trained on; "
+            "the result will differ from an uninterrupted run.",
+            stacklevel=4,
+        )
