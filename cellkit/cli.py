@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from cellkit.data.formats import FORMATS as _FORMATS, get_format
+from cellkit.data.formats import FORMATS as _FORMATS, get_format, resolve_class_map
 from cellkit.lookup import look_up_option
 from cellkit.presets import PRESETS, SIZES as _PRESET_SIZES
 
@@ -599,7 +599,7 @@ def _apply_data_options(cfg: Any, args: argparse.Namespace, cmap: Any) -> None:
     if cmap is None and data.class_map is None:
         # The format's usual task for this many classes (EndoNuke with 2: epithelium against
         # the rest, as in the paper; BCData: negative, positive).
-        cmap = get_format(data.format).class_map(cfg.model.num_classes)
+        cmap = resolve_class_map(data.format, cfg.model.num_classes)
         if cmap is None:
             return
     elif cmap is None:

@@ -507,7 +507,7 @@ def test_evaluate_refuses_a_corrupt_record_and_a_class_map_the_model_does_not_ha
     pred.mkdir()
     (pred / "img0.csv").write_text("x,y,class\n3,5,1\n")
     (pred / "predict.json").write_text("{garbage")
-    with pytest.raises(ValueError, match="not readable JSON"):
+    with pytest.raises(ValueError, match="is not the record of a cellkit prediction run"):
         evaluate_folder(pred, data, "csv", 5.0)
     (pred / "predict.json").write_text(json.dumps({"inputs": ["img0"], "class_names": ["neg", "pos"],
                                                    "class_map": None, "status": "done"}))

@@ -27,7 +27,7 @@ A [`DatasetFormat`][] holds
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from .classes import BCDATA, ENDONUKE, ENDONUKE_EPITHELIUM, ClassMap
 from .io import IMAGE_EXTENSIONS
 from .split import bcdata_group, endonuke_region
 
-__all__ = ["FORMATS", "IMAGE_SUFFIXES", "DatasetFormat", "get_format"]
+__all__ = ["FORMATS", "IMAGE_SUFFIXES", "DatasetFormat", "get_format", "resolve_class_map"]
 
 IMAGE_SUFFIXES: tuple[str, ...] = IMAGE_EXTENSIONS
 """The image suffixes cellkit reads (training, ``cellkit predict`` on a folder)."""
@@ -94,6 +94,31 @@ def get_format(name: str) -> DatasetFormat:
         ['negative', 'positive']
     """
     return FORMATS.build(str(name).strip().lower())
+
+
+def resolve_class_map(format: str, num_classes: int, class_map: Any = None,
+                      class_names: Sequence[str] | None = None) -> ClassMap | None:
+    """The class map a run uses: the one given, else the format's usual map for ``num_classes``.
+
+    The one place the default is chosen (``cellkit train``, training in Python, and
+    ``cellkit evaluate`` ask here): EndoNuke with 2 classes reads as the paper's task
+    (epithelium = 1, the rest 0), BCData as negative = 0, positive = 1; other formats (and
+    other class counts) keep their labels as written (``None``).
+
+    Examples:
+        >>> resolve_class_map("endonuke", 2).names
+        ('other', 'epithelium')
+        >>> resolve_class_map("csv", 2) is None
+        True
+        >>> resolve_class_map("csv", 2, "Tumor=1,Stroma=0", ["stroma", "tumour"]).names
+        ('stroma', 'tumour')
+    """
+    if class_map is not None:
+        return ClassMap.parse(class_map if isinstance(class_map, (str, ClassMap)) else dict(class_map),
+                              names=list(class_names) if class_names else None)
+    if str(format) not in FORMATS:
+        return None
+    return get_format(format).class_map(num_classes)
 
 
 def _builtin() -> None:

@@ -37,6 +37,7 @@ __all__ = [
     "jsonable",
     "parse_radii",
     "read_prediction_csv",
+    "read_prediction_record",
     "write_curve_csv",
 ]
 
@@ -105,29 +106,57 @@ def _stem(sample: Any) -> str:
     return Path(path).stem if path else Path(str(sample.key)).name
 
 
-def _read_meta(pred_dir: Path) -> dict[str, Any]:
-    meta_path = pred_dir / PREDICT_META
-    if not meta_path.is_file():
-        return {}
+def read_prediction_record(folder: str | Path, fix: str) -> dict[str, Any] | None:
+    """``FOLDER/predict.json`` as ``cellkit predict`` wrote it, or ``None`` when there is none.
+
+    The one reader of the record (``cellkit predict`` before it writes into a folder,
+    ``cellkit evaluate`` before it scores one). The names it lists decide which files a
+    later ``--overwrite`` may delete, so each must be a plain file name
+    ([`plain_name`][cellkit.data.guard.plain_name]).
+
+    Args:
+        folder: the predictions folder.
+        fix: what the user can do when the record is unreadable, for the message.
+
+    Raises:
+        ValueError: for a file that is not readable JSON, not a JSON object with ``inputs``,
+            or names something outside the folder.
+    """
+    from cellkit.data.guard import plain_name
+
+    path = Path(folder) / PREDICT_META
+    if not path.is_file():
+        return None
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError, RecursionError) as err:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
+        raise ValueError(f"{path} is not the record of a cellkit prediction run ({err}); {fix}.") from err
+    if not isinstance(meta, dict) or not isinstance(meta.get("inputs", meta.get("images")), list):
         raise ValueError(
-            f"{meta_path} is not readable JSON ({err}); it should be the record cellkit predict wrote. Predict "
-            "the images again into a new folder, or delete that file to score the .csv files without it."
-        ) from err
-    if isinstance(meta, dict) and meta.get("status") == "running":
-        raise ValueError(
-            f"The predictions in {pred_dir} are unfinished ({meta_path} says the run was interrupted): "
-            "finish them with the same `cellkit predict` command plus --resume, then evaluate."
+            f"{path} is not the record of a cellkit prediction run (expected a JSON object with 'inputs'); {fix}."
         )
-    return meta if isinstance(meta, dict) else {}
+    for key in ("inputs", "images"):  # the names decide what --overwrite deletes
+        for name in meta.get(key) or []:
+            plain_name(name, path)
+    return meta
+
+
+def _read_meta(pred_dir: Path) -> dict[str, Any]:
+    meta = read_prediction_record(pred_dir, "it should be the record cellkit predict wrote. Predict the images "
+                                  "again into a new folder, or delete that file to score the .csv files without it")
+    if meta is not None and meta.get("status") == "running":
+        raise ValueError(
+            f"The predictions in {pred_dir} are unfinished ({pred_dir / PREDICT_META} says the run was "
+            "interrupted): finish them with the same `cellkit predict` command plus --resume, then evaluate."
+        )
+    return meta or {}
 
 
 def _default_names(format: str, num_classes: int) -> list[str] | None:
-    from cellkit.data.formats import FORMATS, get_format
+    from cellkit.data.formats import resolve_class_map
 
-    return get_format(format).class_names(num_classes) if format in FORMATS else None
+    cmap = resolve_class_map(format, num_classes)
+    return list(cmap.names) if cmap is not None else None
 
 
 @dataclass

@@ -39,7 +39,7 @@ import numpy as np
 __all__ = ["PredictionRun", "predict_at_pixel_size", "write_predictions"]
 
 from cellkit.data.io import DataWarning
-from cellkit.engine.evaluate import OUTPUT_STEMS, PREDICT_META, jsonable
+from cellkit.engine.evaluate import OUTPUT_STEMS, PREDICT_META, jsonable, read_prediction_record
 
 COUNTS = "counts.csv"
 
@@ -79,27 +79,7 @@ def _image_files(out: Path, stem: str, overlay: bool, slide: bool = False) -> li
 
 
 def _read_meta(out: Path) -> dict[str, Any] | None:
-    path = out / PREDICT_META
-    if not path.exists():
-        return None
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as err:
-        raise ValueError(
-            f"{path} is not the record of a cellkit prediction run ({err}); cellkit will not write over "
-            "a folder it cannot read. Choose another --out."
-        ) from err
-    if not isinstance(meta, dict) or not isinstance(meta.get("inputs", meta.get("images")), list):
-        raise ValueError(
-            f"{path} is not the record of a cellkit prediction run (expected a JSON object with 'inputs'); "
-            "choose another --out."
-        )
-    from cellkit.data.guard import plain_name
-
-    for key in ("inputs", "images"):  # the names decide what --overwrite deletes
-        for name in meta.get(key) or []:
-            plain_name(name, path)
-    return meta
+    return read_prediction_record(out, "cellkit will not write over a folder it cannot read. Choose another --out")
 
 
 def _earlier_files(out: Path, meta: Mapping[str, Any]) -> set[Path]:

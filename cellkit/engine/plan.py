@@ -167,13 +167,10 @@ def _class_map(cfg: CellkitConfig) -> Any:
     paper's task, epithelium = 1 and the rest 0; BCData as negative = 0, positive = 1).
     Formats without one keep their labels as written.
     """
-    from cellkit import data
+    from cellkit.data.formats import resolve_class_map
 
     d = cfg.data
-    if d.class_map is not None:
-        names = list(d.class_names) if d.class_names else None
-        return data.ClassMap.parse(dict(d.class_map), names=names)
-    return data.get_format(d.format).class_map(cfg.model.num_classes)
+    return resolve_class_map(d.format, cfg.model.num_classes, d.class_map, d.class_names)
 
 
 def _split(samples: list[Any], cfg: CellkitConfig) -> dict[str, list[Any]]:
