@@ -526,7 +526,7 @@ def _load_config_plugins(args: argparse.Namespace, names: list[str]) -> None:
 
 def _config_from_preset(args: argparse.Namespace, diameter: float | None) -> Any:
     """``--preset`` (default ``ours``) at ``--size`` with the cell size and schedule given."""
-    from cellkit.presets import get_preset
+    from cellkit.presets import get_preset, set_pretrain_fraction
 
     name = args.preset or "ours"
     kwargs: dict[str, Any] = {"size": args.size or "cpu"}
@@ -534,11 +534,13 @@ def _config_from_preset(args: argparse.Namespace, diameter: float | None) -> Any
         kwargs["cell_diameter"] = diameter
     if args.steps is not None:
         kwargs["steps"] = args.steps
+    cfg = get_preset(name, **kwargs)
     if args.pretrain_fraction is not None:
-        if name != "ours_plus_plus":
-            raise ValueError(f"--pretrain-fraction is for ours_plus_plus (stage 1); {name} has no stage 1.")
-        kwargs["pretrain_fraction"] = args.pretrain_fraction
-    return get_preset(name, **kwargs)
+        if cfg.pretrain is None:
+            raise ValueError(f"--pretrain-fraction sets the length of stage 1 (the prior's model); the preset {name} "
+                             "has no stage 1 (ours_plus_plus has).")
+        set_pretrain_fraction(cfg, args.pretrain_fraction)
+    return cfg
 
 
 def _apply_stage_options(cfg: Any, args: argparse.Namespace) -> None:

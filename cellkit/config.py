@@ -527,12 +527,12 @@ def _data_value_problems(d: DataConfig, where: str) -> list[str]:
 
 def _postprocess_problems(cfg: CellkitConfig, where: str) -> list[str]:
     p = cfg.postprocess
-    if not isinstance(p, PostprocessConfig) or p.name != "peaks":
+    if not isinstance(p, PostprocessConfig):
         return []
-    from cellkit.postprocess.peaks import peak_kwargs_problems
+    from cellkit.postprocess import postprocess_problems
 
     k = cfg.model.num_classes if isinstance(cfg.model.num_classes, int) else None
-    return peak_kwargs_problems(p.kwargs, activation=cfg.model.activation, num_classes=k,
+    return postprocess_problems(p.name, p.kwargs, activation=cfg.model.activation, num_classes=k,
                                 where=f"{where}.postprocess.kwargs")
 
 

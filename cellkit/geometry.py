@@ -179,19 +179,17 @@ def apply_geometry(cfg: Any, geometry: Geometry) -> Any:
 
     out = copy.deepcopy(cfg)
     for stage in out.stages():
-        sigma = None
+        sigma, scale = None, 1.0
         for spec in stage.targets.values():
             factory = MASKS.get(spec.name) if spec.name in MASKS else None
             for key, multiple in dict(getattr(factory, "geometry", {}) or {}).items():
                 value = round(float(multiple) * geometry.cell_diameter, 2)
                 spec.kwargs[key] = value
-                if key == "sigma":
-                    sigma = value
+                if key == "sigma" and sigma is None:  # a density target's kernel (gaussian's, a plug-in's)
+                    sigma, scale = value, float(spec.kwargs.get("scale", 1.0))
         if "min_distance" in stage.postprocess.kwargs:
             stage.postprocess.kwargs["min_distance"] = geometry.min_distance
         if stage.model.activation == "identity" and sigma is not None:
-            scale = next((float(s.kwargs.get("scale", 1.0)) for s in stage.targets.values()
-                          if s.name == "gaussian"), 1.0)
             stage.postprocess.kwargs["threshold"] = round(0.3 * scale / (2 * math.pi * sigma**2), 4)
         stage.train.radius = geometry.match_radius
         stage.data.cell_diameter = round(float(geometry.cell_diameter), 2)

@@ -217,6 +217,37 @@ def test_every_registered_postprocessor_follows_the_contract(name):
     np.testing.assert_array_equal(again.points, found.points)
     np.testing.assert_array_equal(again.classes, found.classes)
     assert len(post(np.zeros((2, 29, 37), np.float32))) == 0, "cells found in an empty map"
+    # Its own checks of a config's arguments, when it declares them: none for its defaults.
+    from cellkit.postprocess import postprocess_problems
+
+    assert postprocess_problems(name, {}, num_classes=2) == []
+
+
+def test_argument_checks_are_the_post_processor_s_own() -> None:
+    from cellkit.config import CellkitConfig, PostprocessConfig
+    from cellkit.postprocess import postprocess_problems
+    from cellkit.registry import POSTPROCESSORS
+
+    assert postprocess_problems("peaks", {"threshold": [0.5, 5]}, num_classes=2)
+    assert postprocess_problems("not_registered", {"threshold": 5}) == []  # building reports the name
+
+    @POSTPROCESSORS.register("ck_strict")
+    class Strict:
+        def __init__(self, level: int = 1) -> None:
+            self.level = level
+
+        def __call__(self, probs):
+            return Detections()
+
+        @staticmethod
+        def kwargs_problems(kwargs, *, activation, num_classes, where):
+            return [] if kwargs.get("level", 1) in (1, 2) else [f"{where}.level: expected 1 or 2"]
+
+    try:
+        cfg = CellkitConfig(postprocess=PostprocessConfig(name="ck_strict", kwargs={"level": 3}))
+        assert cfg.problems() == ["config.postprocess.kwargs.level: expected 1 or 2"]
+    finally:
+        POSTPROCESSORS.unregister("ck_strict")
 
 
 # --- agreement with skimage ------------------------------------------------------------------

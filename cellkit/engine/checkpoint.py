@@ -271,17 +271,17 @@ def _check_stored_settings(cfg: Any, ckpt: dict[str, Any]) -> None:
     must not predict nothing in silence.
     """
     from cellkit.config import _postprocess_problems
-    from cellkit.postprocess.peaks import peak_kwargs_problems
+    from cellkit.postprocess import postprocess_problems
 
     problems = _postprocess_problems(cfg, "config")
     for key in ("postprocess", "postprocess_int8"):
         stored = ckpt.get(key)
-        if stored is None or cfg.postprocess.name != "peaks":
+        if stored is None:
             continue
         if not isinstance(stored, dict):
-            problems.append(f"{key}: expected the calibrated peak settings as a dict, got {type(stored).__name__}")
+            problems.append(f"{key}: expected the calibrated settings as a dict, got {type(stored).__name__}")
         else:
-            problems += peak_kwargs_problems(stored, activation=cfg.model.activation,
+            problems += postprocess_problems(cfg.postprocess.name, stored, activation=cfg.model.activation,
                                              num_classes=int(cfg.model.num_classes), where=key)
     k = int(cfg.model.num_classes)
     for key, names in (("class_names", ckpt.get("class_names")), ("config.data.class_names", cfg.data.class_names)):

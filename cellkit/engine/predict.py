@@ -808,6 +808,37 @@ def check_tta(tta: int | bool | None) -> int:
     raise ValueError(f"tta must be one of {TTA_CHOICES} (1 = none, 8 = flips and quarter turns), got {tta!r}.")
 
 
+def _postprocess_kwargs(ckpt: dict[str, Any], cfg: Any, threshold: Any, min_distance: Any,
+                        num_classes: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The post-processor's arguments of a checkpoint, with ``threshold``/``min_distance`` given
+    over them (checked by the post-processor's own rules); also just the given ones."""
+    # The thresholds calibrated on the validation images at training time, when stored.
+    kwargs = dict(ckpt.get("postprocess") or cfg.postprocess.kwargs)
+    for name, value in (("threshold", threshold), ("min_distance", min_distance)):
+        if value is None:
+            continue
+        if np.ndim(value) == 1:
+            if len(value) == 1:
+                value = value[0]
+            elif len(value) != num_classes:
+                raise ValueError(
+                    f"{name} has {len(value)} values {list(value)} for a model with {num_classes} "
+                    f"classes; give one value, or one per class."
+                )
+            else:
+                value = list(value)
+        kwargs[name] = value
+    given = {n: kwargs[n] for n, v in (("threshold", threshold), ("min_distance", min_distance)) if v is not None}
+    if given:
+        from cellkit.postprocess import postprocess_problems
+
+        problems = postprocess_problems(cfg.postprocess.name, given, activation=cfg.model.activation,
+                                        num_classes=num_classes, where="")
+        if problems:
+            raise ValueError("; ".join(problems))
+    return kwargs, given
+
+
 class Predictor:
     """A model ready to predict images and folders, with its post-processing and tiling.
 
@@ -973,27 +1004,7 @@ class Predictor:
             raise ValueError(f"stain_norm must be 'none' or 'reinhard', got {stain_norm!r}.")
         model, cfg, ckpt = load_model(path, device=dev)
         num_classes = int(cfg.model.num_classes)
-        # The thresholds calibrated on the validation images at training time, when stored.
-        kwargs = dict(ckpt.get("postprocess") or cfg.postprocess.kwargs)
-        for name, value in (("threshold", threshold), ("min_distance", min_distance)):
-            if value is None:
-                continue
-            if np.ndim(value) == 1:
-                if len(value) == 1:
-                    value = value[0]
-                elif len(value) != num_classes:
-                    raise ValueError(
-                        f"{name} has {len(value)} values {list(value)} for a model with {num_classes} "
-                        f"classes; give one value, or one per class."
-                    )
-                else:
-                    value = list(value)
-            kwargs[name] = value
-        given = {n: kwargs[n] for n, v in (("threshold", threshold), ("min_distance", min_distance)) if v is not None}
-        if cfg.postprocess.name == "peaks" and given:
-            from cellkit.postprocess.peaks import check_peak_kwargs
-
-            check_peak_kwargs(given, activation=cfg.model.activation, num_classes=num_classes, where="")
+        kwargs, given = _postprocess_kwargs(ckpt, cfg, threshold, min_distance, num_classes)
         postprocess = POSTPROCESSORS.build(cfg.postprocess.name, **kwargs)
         names = ckpt.get("class_names") or cfg.data.class_names
         if names is not None and len(names) != num_classes:

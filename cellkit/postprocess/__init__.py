@@ -14,7 +14,7 @@ detections = post(torch.sigmoid(model.infer(x))[0])
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from cellkit.points import Detections
 # the submodule of the same name.
 from cellkit.postprocess.peaks import LocalPeaks, window_max
 
-__all__ = ["LocalPeaks", "PostProcessor", "window_max"]
+__all__ = ["LocalPeaks", "PostProcessor", "postprocess_problems", "window_max"]
 
 
 @runtime_checkable
@@ -38,3 +38,29 @@ class PostProcessor(Protocol):
     def __call__(self, probs: torch.Tensor | np.ndarray) -> Detections:
         """Detections (points ``(x, y)``, classes, scores) of one image."""
         ...
+
+
+def postprocess_problems(name: str, kwargs: Any, *, activation: str = "sigmoid", num_classes: int | None = None,
+                         where: str = "postprocess.kwargs") -> list[str]:
+    """The problems of a post-processor's arguments, as its own ``kwargs_problems`` states them.
+
+    A post-processor declares the checks of its arguments itself: a static method
+    ``kwargs_problems(kwargs, *, activation, num_classes, where) -> list[str]`` on its
+    registered factory (``peaks``: thresholds in ``[0, 1]`` on probability maps, one value or
+    one per class). Configs, checkpoints and ``cellkit predict --threshold`` are checked through
+    this function, so nothing outside the plug-in tests its name. A post-processor without the
+    method (or a name not registered, which building reports) has no problems here.
+
+    Examples:
+        >>> postprocess_problems("peaks", {"threshold": 2.0})
+        ... # doctest: +ELLIPSIS
+        ['postprocess.kwargs.threshold: expected a value in [0, 1] ...']
+    """
+    from cellkit.registry import POSTPROCESSORS
+
+    if not isinstance(name, str) or name not in POSTPROCESSORS:
+        return []
+    check = getattr(POSTPROCESSORS.get(name), "kwargs_problems", None)
+    if not callable(check):
+        return []
+    return list(check(kwargs, activation=activation, num_classes=num_classes, where=where))

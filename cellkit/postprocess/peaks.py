@@ -538,3 +538,13 @@ class LocalPeaks:
     def __call__(self, probs: torch.Tensor | np.ndarray) -> Detections:
         """Detections of one ``(C, H, W)`` probability map (see [`peaks`][])."""
         return peaks(probs, self.threshold, self.min_distance, self.exclusive)
+
+    @staticmethod
+    def kwargs_problems(kwargs: Any, *, activation: str = "sigmoid", num_classes: int | None = None,
+                        where: str = "postprocess.kwargs") -> list[str]:
+        """The problems of a config's arguments for it ([`peak_kwargs_problems`][]).
+
+        What configs, checkpoints and ``--threshold`` are checked with
+        ([`postprocess_problems`][cellkit.postprocess.postprocess_problems]).
+        """
+        return peak_kwargs_problems(kwargs, activation=activation, num_classes=num_classes, where=where)
