@@ -393,17 +393,13 @@ def _import_onnx_tools(need_runtime: bool) -> dict[str, Any]:
 
 
 def _per_class(value: Any, num_classes: int, integer: bool) -> list[Any] | None:
+    from cellkit.postprocess.peaks import per_class
+
     if value is None:
         return None
-    arr = np.asarray(value.tolist() if isinstance(value, torch.Tensor) else value, dtype=np.float64).reshape(-1)
-    if arr.size == 1:
-        arr = np.repeat(arr, num_classes)
-    if arr.size != num_classes:
-        raise ValueError(
-            f"the checkpoint's peak setting has {arr.size} values {arr.tolist()} for {num_classes} classes; "
-            "expected one, or one per class."
-        )
-    return [int(v) for v in arr] if integer else [float(v) for v in arr]
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    return per_class(value, num_classes, "min_distance" if integer else "threshold", integer=integer).tolist()
 
 
 def _plain(value: Any) -> Any:

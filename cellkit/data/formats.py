@@ -110,7 +110,8 @@ def resolve_class_map(format: str, num_classes: int, class_map: Any = None,
         ('other', 'epithelium')
         >>> resolve_class_map("csv", 2) is None
         True
-        >>> resolve_class_map("csv", 2, "Tumor=1,Stroma=0", ["stroma", "tumour"]).names
+        >>> resolve_class_map("csv", 2, "Tumor=1,Stroma=0",
+        ...                   ["stroma", "tumour"]).names
         ('stroma', 'tumour')
     """
     if class_map is not None:

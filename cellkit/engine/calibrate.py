@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from cellkit.postprocess.peaks import per_class
+
 __all__ = ["THRESHOLD_GRID", "Calibration", "calibrate_peaks", "class_counts", "score_maps"]
 
 #: Thresholds tried on probability maps (sigmoid). For density maps (``relative=True``)
@@ -61,10 +63,6 @@ class Calibration:
 
 def _num(value: float) -> float | None:
     return None if not np.isfinite(value) else round(float(value), 6)
-
-
-def _per_class(value: Any, k: int) -> list[Any]:
-    return list(value) if np.ndim(value) == 1 else [value] * k
 
 
 def score_maps(maps: Sequence[np.ndarray], truths: Sequence[tuple[Any, Any]], *, radius: float,
@@ -164,10 +162,10 @@ def calibrate_peaks(
     if "threshold" not in base or not maps:
         return Calibration(base, f1_before, before, before, counts)
     current = dict(base)
-    current["threshold"] = [float(t) for t in _per_class(base["threshold"], k)]
+    current["threshold"] = per_class(base["threshold"], k, "threshold", integer=False).tolist()
     tune_d = min_distances is not None and "min_distance" in base
     if "min_distance" in base:
-        current["min_distance"] = [int(d) for d in _per_class(base["min_distance"], k)]
+        current["min_distance"] = per_class(base["min_distance"], k, "min_distance", integer=True).tolist()
     present = [c for c, n in enumerate(class_names) if counts[n] > 0]
     for _ in range(max(1, int(rounds))):
         for c in present:

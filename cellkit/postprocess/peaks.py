@@ -28,7 +28,7 @@ from scipy.spatial import cKDTree
 from cellkit.points import Detections
 from cellkit.registry import POSTPROCESSORS
 
-__all__ = ["LocalPeaks", "check_peak_kwargs", "peak_kwargs_problems", "peaks", "window_max"]
+__all__ = ["LocalPeaks", "check_peak_kwargs", "peak_kwargs_problems", "peaks", "per_class", "window_max"]
 
 #: The sparse window test (see `_window_peaks`) is used on the CPU for maps of at least
 #: this many values (below, the dense window maximum is about as fast and simpler) ...
@@ -101,8 +101,8 @@ def peaks(
     """
     maps = _as_maps(probs)
     num_classes = maps.shape[0]
-    thresholds = _per_class(threshold, num_classes, "threshold", integer=False)
-    distances = _per_class(min_distance, num_classes, "min_distance", integer=True)
+    thresholds = per_class(threshold, num_classes, "threshold", integer=False)
+    distances = per_class(min_distance, num_classes, "min_distance", integer=True)
 
     # Candidates: window maxima above threshold, found on the map's device, one group of
     # classes per min_distance.
@@ -300,8 +300,15 @@ def _as_maps(probs: Any) -> torch.Tensor:
     return maps
 
 
-def _per_class(value: Any, num_classes: int, name: str, *, integer: bool) -> np.ndarray:
-    """``value`` broadcast to one entry per class and checked."""
+def per_class(value: Any, num_classes: int, name: str, *, integer: bool) -> np.ndarray:
+    """``value`` (one number, or one per class) broadcast to one entry per class and checked.
+
+    The one reading of "one value or one per class" (peaks, calibration, export).
+
+    Examples:
+        >>> per_class(0.5, 2, "threshold", integer=False).tolist()
+        [0.5, 0.5]
+    """
     arr = np.asarray(value)
     if arr.ndim == 0:
         arr = np.full(num_classes, arr)
@@ -531,9 +538,9 @@ class LocalPeaks:
         for name, integer in (("threshold", False), ("min_distance", True)):
             value = getattr(self, name)
             if np.ndim(value) == 0:
-                _per_class(value, 1, name, integer=integer)
+                per_class(value, 1, name, integer=integer)
             else:
-                _per_class(value, len(value), name, integer=integer)
+                per_class(value, len(value), name, integer=integer)
 
     def __call__(self, probs: torch.Tensor | np.ndarray) -> Detections:
         """Detections of one ``(C, H, W)`` probability map (see [`peaks`][])."""
