@@ -69,7 +69,8 @@ def main() -> None:
         if not (run / "best.pt").is_file():
             continue
         model, cfg, ckpt = load_model(run / "best.pt")  # its config is the run's config.yaml
-        split = plan_module._split(list(load_dataset(fold / "train", "endonuke")), cfg)
+        cmap = plan_module._class_map(cfg)  # EndoNuke read as the run read it: epithelium against the rest
+        split = plan_module._split(list(load_dataset(fold / "train", "endonuke", class_map=cmap)), cfg)
         names = list(ckpt.get("class_names") or cfg.data.class_names)
         truths = [(s.points, s.classes) for s in split["val"]]
         d0 = cfg.postprocess.kwargs.get("min_distance")
@@ -82,7 +83,7 @@ def main() -> None:
         new.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v for k, v in ckpt.items() if k not in ("path", "format")}
         save_checkpoint(new, {**state, "postprocess_int8": cal8.kwargs})
-        test = list(load_dataset(fold / "test", "endonuke"))
+        test = list(load_dataset(fold / "test", "endonuke", class_map=cmap))
         variants = {
             "int8, fp32 thresholds (before)": Predictor.from_checkpoint(run / "best.pt", device="cpu",
                                                                         precision="auto"),
