@@ -30,7 +30,6 @@ ImageNet-normalised images, so the encoder maps them back with a fixed affine fi
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
