@@ -19,10 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import torch
 from PIL import Image
 
-from cellkit.builder import build_model
 from cellkit.cli import main
 from cellkit.data.io import MAX_IMAGE_PIXELS, DataError, atomic_write, load_image, read_image
 from cellkit.engine.checkpoint import CheckpointError, load_model, save_checkpoint
@@ -31,18 +29,8 @@ from cellkit.data.guard import OutputClash, check_outputs, is_marked_png, mark_p
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
-from test_safety import _error, _files, _images, _predict, _tiny_cfg
+from test_safety import _error, _files, _images, _predict, _tiny_cfg, checkpoint  # noqa: F401  (the same fixture)
 from test_wsi import write_pyramid
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = _tiny_cfg()
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
-    save_checkpoint(path, {"config": cfg.to_dict(), "model": build_model(cfg).state_dict(),
-                           "class_names": ["neg", "pos"], "postprocess": {"threshold": 0.45, "min_distance": 3}})
-    return path
 
 
 def _png_declaring(path: Path, width: int, height: int) -> Path:
