@@ -55,6 +55,7 @@ from cellkit.lookup import look_up_option
 from cellkit.points import Detections
 
 __all__ = [
+    "DEFAULT_TILE_SIZE",
     "IMAGE_SUFFIXES",
     "PRECISIONS",
     "Predictor",
@@ -67,6 +68,9 @@ __all__ = [
     "tile_starts",
     "tiles_to_tensor",
 ]
+
+DEFAULT_TILE_SIZE = 512
+"""Side of the square tiles images are predicted by (``tile_size``); an image no larger is one tile."""
 
 #: File suffixes taken from a folder by [`list_images`][] (the formats' own, so every
 #: image cellkit trains on can be predicted).
@@ -431,7 +435,7 @@ def _blend_dtype(dev: torch.device) -> torch.dtype:
 def predict_probabilities(
     model: nn.Module,
     image: np.ndarray,
-    tile_size: int = 512,
+    tile_size: int = DEFAULT_TILE_SIZE,
     overlap: int = 64,
     batch_size: int = 4,
     device: str | torch.device | None = None,
@@ -655,7 +659,7 @@ def predict_image(
     model: nn.Module,
     image: np.ndarray,
     postprocess: PostProcess | None = None,
-    tile_size: int = 512,
+    tile_size: int = DEFAULT_TILE_SIZE,
     overlap: int = 64,
     batch_size: int = 4,
     device: str | torch.device | None = None,
@@ -902,7 +906,7 @@ class Predictor:
         num_classes: int,
         class_names: Sequence[str] | None = None,
         *,
-        tile_size: int = 512,
+        tile_size: int = DEFAULT_TILE_SIZE,
         overlap: int = 64,
         batch_size: int = 4,
         device: str | torch.device | None = None,
@@ -958,7 +962,7 @@ class Predictor:
         threshold: float | Sequence[float] | None = None,
         min_distance: int | Sequence[int] | None = None,
         *,
-        tile_size: int = 512,
+        tile_size: int = DEFAULT_TILE_SIZE,
         overlap: int = 64,
         batch_size: int = 4,
         amp: bool = False,

@@ -4,8 +4,9 @@
 total F1 of the main head on the validation split (classes without a validation cell are
 left out of the mean); on a tie the earlier round is kept. Validation runs after every
 round of a step schedule (every ``cfg.train.val_every`` epochs of an epoch schedule) and
-always after the last one. The validation images are predicted exactly as ``cellkit
-predict`` does (tiled [`predict_probabilities`][cellkit.engine.predict.predict_probabilities]); with
+always after the last one. The validation images are predicted as ``cellkit predict
+--precision fp32`` does (tiled [`predict_probabilities`][cellkit.engine.predict.predict_probabilities];
+an image of one tile takes its map from the pass that gave its losses); with
 ``train.calibrate`` each class's peak threshold is chosen on those maps
 ([`cellkit.engine.calibrate`][]) before [`cellkit.metrics.evaluate`][] matches the peaks
 with the annotated points within ``cfg.train.radius`` pixels. The loss terms are computed
@@ -155,35 +156,16 @@ def _validate(model: nn.Module, val_ds: Any, val_samples: Sequence[Any], loss_fn
               ) -> tuple[dict[str, float], dict[str, float | None], dict[str, float | None], dict[str, Any]]:
     """Loss terms, F1 per class and the peak arguments used, on the validation images.
 
-    The loss terms come from whole images through all heads; the F1 from the main head's
-    maps made exactly as ``cellkit predict`` makes them (tiled [`predict_probabilities`][]),
-    peaks with thresholds calibrated on these maps when ``train.calibrate`` (else the
-    config's), matched within ``train.radius``. A class with no annotated cell in the
-    validation images has F1 ``None`` and does not count in the score. Sharded over ranks;
-    every rank returns the same values.
+    Losses and maps come from [`_validation_pass`][]. Peaks with thresholds calibrated on
+    these maps when ``train.calibrate`` (else the config's), matched within ``train.radius``.
+    A class with no annotated cell in the validation images has F1 ``None`` and does not count
+    in the score. Sharded over ranks; every rank returns the same values.
     """
-    from cellkit.data import collate
     from cellkit.engine.calibrate import calibrate_peaks
     from cellkit.metrics import evaluate
     from cellkit.registry import POSTPROCESSORS
 
-    was_training = model.training
-    model.eval()
-    labels = list(loss_fn.labels)
-    local = []
-    try:
-        for i in range(info.rank, len(val_ds), info.world_size):
-            batch = collate([val_ds[i]])
-            outputs = ctx.forward(model, ctx.images(batch))
-            total, terms = loss_fn(outputs, ctx.targets(batch))
-            local.append((i, [float(total)] + [float(terms[k]) for k in labels]))
-        maps = _validation_maps(model, val_samples, ctx, info)
-    finally:
-        model.train(was_training)
-    parts = all_gather_objects(local)
-    gathered = sorted((item for part in parts for item in part), key=lambda item: item[0])
-    losses = np.mean([item[1] for item in gathered], axis=0)
-    val_terms = {"total": float(losses[0]), **{k: float(v) for k, v in zip(labels, losses[1:])}}
+    val_terms, maps = _validation_pass(model, val_ds, val_samples, loss_fn, ctx, info)
     truths = [(s.points, s.classes) for s in val_samples]
     kwargs = dict(cfg.postprocess.kwargs)
     if cfg.train.calibrate:
@@ -194,6 +176,53 @@ def _validate(model: nn.Module, val_ds: Any, val_samples: Sequence[Any], loss_fn
                       num_classes=cfg.model.num_classes, class_names=class_names)
     total_f1, mean_f1 = _f1_by_class(report, class_names, truths)
     return val_terms, total_f1, mean_f1, kwargs
+
+
+@torch.no_grad()
+def _validation_pass(model: nn.Module, val_ds: Any, val_samples: Sequence[Any], loss_fn: nn.Module,
+                     ctx: _StepContext, info: DistInfo) -> tuple[dict[str, float], list[np.ndarray]]:
+    """The mean loss terms over the validation images, and the main head's map of each image.
+
+    The loss terms come from whole images through all heads. The maps are those ``cellkit
+    predict`` makes in float32 (tiled [`predict_probabilities`][cellkit.engine.predict.predict_probabilities]):
+    an image no larger than one tile is that tile, so its map is the main head of the same
+    pass that gave the losses (one network pass per image); larger images are tiled.
+    Sharded over ranks (rank ``r`` runs images ``r, r + world_size, ...``) and gathered: every
+    rank returns all maps, in order.
+    """
+    from cellkit.builder import apply_activation
+    from cellkit.data import collate
+    from cellkit.engine.predict import predict_probabilities
+
+    was_training = model.training
+    model.eval()
+    labels = list(loss_fn.labels)
+    local = []
+    try:
+        for i in range(info.rank, len(val_ds), info.world_size):
+            batch = collate([val_ds[i]])
+            outputs = ctx.forward(model, ctx.images(batch))
+            total, terms = loss_fn(outputs, ctx.targets(batch))
+            image = val_samples[i].image
+            if _fits_one_tile(image) and hasattr(model, "main"):
+                probs = apply_activation(outputs[model.main][0], model.activation).cpu().numpy()
+            else:
+                probs = predict_probabilities(model, image, device=ctx.dev, amp=ctx.use_amp)
+            local.append((i, [float(total)] + [float(terms[k]) for k in labels], probs))
+    finally:
+        model.train(was_training)
+    parts = all_gather_objects(local)
+    gathered = sorted((item for part in parts for item in part), key=lambda item: item[0])
+    losses = np.mean([item[1] for item in gathered], axis=0)
+    val_terms = {"total": float(losses[0]), **{k: float(v) for k, v in zip(labels, losses[1:])}}
+    return val_terms, [item[2] for item in gathered]
+
+
+def _fits_one_tile(image: np.ndarray) -> bool:
+    """``image`` is one tile of [`predict_probabilities`][cellkit.engine.predict.predict_probabilities]'s default tiling."""
+    from cellkit.engine.predict import DEFAULT_TILE_SIZE
+
+    return max(image.shape[:2]) <= DEFAULT_TILE_SIZE
 
 
 def _f1_by_class(report: Any, class_names: list[str], truths: Sequence[tuple[Any, Any]],
