@@ -62,11 +62,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cellkit.imaging import IMAGENET_MEAN, IMAGENET_STD
 from cellkit.lookup import look_up_option
+from cellkit.models.model import to_input_size
 
 __all__ = ["EXPORT_FORMATS", "ExportError", "InferenceModule", "export_model", "load_exported_metadata"]
 
@@ -161,9 +161,7 @@ class InferenceModule(nn.Module):
         rows = torch.where(reflect, reflect_i, i.clamp(max=h - 1))
         cols = torch.where(reflect, reflect_j, j.clamp(max=w - 1))
         padded = image.index_select(2, rows).index_select(3, cols)
-        logits = self.decoder(self.encoder(padded))
-        logits = F.interpolate(logits, size=[padded_h, padded_w], mode="bilinear", align_corners=False)
-        logits = logits[:, :, :h, :w]
+        logits = to_input_size(self.decoder(self.encoder(padded)), [padded_h, padded_w], [h, w])
         if self.sigmoid:
             logits = torch.sigmoid(logits)
         return logits

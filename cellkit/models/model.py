@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from cellkit.lookup import look_up_option
 
-__all__ = ["MultiDecoderModel", "pad_to_stride"]
+__all__ = ["MultiDecoderModel", "pad_to_stride", "to_input_size"]
 
 
 def pad_to_stride(x: Tensor, stride: int) -> Tensor:
@@ -36,6 +36,24 @@ def pad_to_stride(x: Tensor, stride: int) -> Tensor:
         return x
     mode = "reflect" if pad_h < h and pad_w < w else "replicate"
     return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+
+
+def to_input_size(logits: Tensor, padded: list[int], size: list[int]) -> Tensor:
+    """Logits at the decoder's resolution, upsampled to the padded input and cropped to the input.
+
+    The last step of every encoder-decoder pass ([`pad_to_stride`][] is the first): the float
+    model, its int8 copy ([`cellkit.models.quantize`][]) and the exported module
+    ([`cellkit.export`][]) all end with it. Bilinear, from the contiguous layout: channels-last
+    logits of a few channels upsample 5x slower on the CPU.
+
+    Examples:
+        >>> import torch
+        >>> to_input_size(torch.zeros(1, 2, 4, 6), [32, 48], [30, 33]).shape
+        torch.Size([1, 2, 30, 33])
+    """
+    # No int(): traced for export, the sizes stay symbolic.
+    logits = F.interpolate(logits.contiguous(), size=[padded[0], padded[1]], mode="bilinear", align_corners=False)
+    return logits[:, :, : size[0], : size[1]]
 
 
 class MultiDecoderModel(nn.Module):
@@ -171,16 +189,7 @@ class MultiDecoderModel(nn.Module):
         h, w = x.shape[-2:]
         padded = self._pad(x)
         features = self.encoder(padded)
-        out = {}
-        for head in heads:
-            # Contiguous first: a channels-last model gives channels-last logits, which
-            # bilinear upsampling of a few channels runs 5x slower on the CPU.
-            logits = self.decoders[head](features).contiguous()
-            logits = F.interpolate(
-                logits, size=padded.shape[-2:], mode="bilinear", align_corners=False
-            )
-            out[head] = logits[..., :h, :w]
-        return out
+        return {head: to_input_size(self.decoders[head](features), list(padded.shape[-2:]), [h, w]) for head in heads}
 
     def forward(self, x: Tensor, heads: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Run the encoder once and the requested decoders.
