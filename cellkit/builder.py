@@ -128,10 +128,17 @@ def config_problems(cfg: CellkitConfig, *, _where: str = "config") -> list[str]:
 
 
 def check_config(cfg: CellkitConfig) -> None:
-    """Raise [`ConfigError`][] listing every problem of ``cfg``; return when it is buildable."""
+    """Raise [`ConfigError`][] listing every problem of ``cfg``; return when it is buildable.
+
+    One pass over everything a config can get wrong: the parts (registered names, their
+    arguments, heads, targets and losses that fit together: [`config_problems`][]) and the
+    values the types alone do not say (class maps, peak arguments, training values:
+    [`CellkitConfig.problems`][cellkit.config.CellkitConfig.problems]), every stage included.
+    """
     if not isinstance(cfg, CellkitConfig):
         raise TypeError(f"Expected a CellkitConfig, got {type(cfg).__name__}; build one with cellkit.presets.")
     problems = config_problems(cfg)
+    problems += [p for p in cfg.problems() if p not in problems]
     if problems:
         raise ConfigError(f"Config {cfg.name!r} has {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
 
@@ -158,12 +165,15 @@ class Parts:
     format: Any
 
 
-def build(cfg: CellkitConfig, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Parts:
+def build(cfg: CellkitConfig, overrides: Mapping[str, Mapping[str, Any]] | None = None, *,
+          check: bool = True) -> Parts:
     """Check ``cfg`` once and build every part of it.
 
     Args:
         cfg: the config.
         overrides: extra keyword arguments per target name (see [`build_targets`][]).
+        check: ``False`` for a config that [`check_config`][] has passed already (training
+            checks once, before its first stage, and builds each stage unchecked).
 
     Raises:
         ConfigError: listing every problem of the config, before anything is built.
@@ -179,7 +189,8 @@ def build(cfg: CellkitConfig, overrides: Mapping[str, Mapping[str, Any]] | None 
     """
     from cellkit.data.formats import FORMATS, get_format
 
-    check_config(cfg)
+    if check:
+        check_config(cfg)
     return Parts(
         config=cfg,
         model=_model(cfg.model),
@@ -190,16 +201,18 @@ def build(cfg: CellkitConfig, overrides: Mapping[str, Mapping[str, Any]] | None 
     )
 
 
-def check_buildable(cfg: CellkitConfig) -> None:
+def check_buildable(cfg: CellkitConfig, *, check: bool = True) -> None:
     """[`check_config`][], then build every part but the model of each stage (cheap).
 
     Catches what only a factory can say (a circle radius of -4) before a run starts.
+    ``check=False`` builds the parts only, for a config that [`check_config`][] has passed.
 
     Raises:
         ConfigError: listing every problem of the config.
         ValueError, TypeError: what a part's constructor raises, naming the part.
     """
-    check_config(cfg)
+    if check:
+        check_config(cfg)
     for stage in cfg.stages():
         _losses(stage), _targets(stage, None)
         POSTPROCESSORS.build(stage.postprocess.name, **stage.postprocess.kwargs)

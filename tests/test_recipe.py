@@ -157,6 +157,9 @@ def _disc_sample(key: str, seed: int, size: int = 96, n: int = 10, spacing: floa
 
 def test_resolve_for_data_estimates_and_cuts_crops() -> None:
     train = [_disc_sample(f"t{i}", i) for i in range(3)]
+    given = cellkit.presets.ours(radius=5)  # no geometry to estimate: the crops alone change
+    assert resolve_for_data(given, train)[0].train.crop_size == 96
+    assert given.train.crop_size == 256  # the caller's config is never changed
     cfg, notes = resolve_for_data(cellkit.presets.ours(), train)
     assert cfg.data.cell_diameter == pytest.approx(estimate_cell_diameter(train)[0], abs=0.01)
     assert cfg.train.crop_size == 96  # 256 is larger than the 96-px images

@@ -181,9 +181,20 @@ def test_resume_refuses_a_changed_config(baseline: TrainResult) -> None:
     assert (baseline.out_dir / "config.yaml").read_text() == before
 
 
-def test_ours_plus_plus_runs_both_stages_and_caches_the_prior(tmp_path) -> None:
+def test_ours_plus_plus_runs_both_stages_and_caches_the_prior(tmp_path, monkeypatch) -> None:
+    import cellkit.builder
+
+    checks = []
+    real = cellkit.builder.config_problems
+    monkeypatch.setattr(cellkit.builder, "config_problems", lambda cfg, **kw: checks.append(cfg) or real(cfg, **kw))
     out = tmp_path / "pp"
-    result = fit(tiny("ours_plus_plus"), out, splits=SPLITS, device="cpu", progress=False, max_steps=1)
+    given = tiny("ours_plus_plus")
+    before = given.to_dict()
+    result = fit(given, out, splits=SPLITS, device="cpu", progress=False, max_steps=1)
+    # The run's config is checked once (its stage 1 within that one pass; the stage-1 model is
+    # loaded back from its checkpoint for the prior, whose stored config is checked as any file's)...
+    assert sum(1 for cfg in checks if cfg.pretrain is not None) == 1
+    assert given.to_dict() == before  # ...and the caller's config is left as it was
     assert RUN_FILES <= {p.name for p in (out / "pretrain").iterdir()}
     assert RUN_FILES <= {p.name for p in out.iterdir()}
     assert result.pretrain is not None and len(result.pretrain.history) == 1

@@ -40,11 +40,13 @@ def resolve_for_data(cfg: CellkitConfig, train: Sequence[Any]) -> tuple[CellkitC
     * the schedule, stated.
 
     The returned config is what ``config.yaml`` and the checkpoints record, so a resumed
-    run resolves to the same one.
+    run resolves to the same one. It is a copy: the caller's config is never changed.
     """
+    import copy
+
     from cellkit.geometry import resolve_geometry
 
-    cfg, geometry = resolve_geometry(cfg, train)
+    cfg, geometry = resolve_geometry(copy.deepcopy(cfg), train)
     notes = []
     if geometry is not None:
         notes.append("geometry: " + geometry.describe())

@@ -186,8 +186,7 @@ def fit(
         >>> fit(cfg, "runs/smoke").history[-1]["f1"]           # doctest: +SKIP
         {'other': 0.41, 'epithelium': 0.35}
     """
-    check_config(cfg)
-    cfg.check()  # class maps, peak arguments, training values: what the types alone do not say
+    check_config(cfg)  # the one check of the config: the stages below build unchecked
     if max_steps is not None and (isinstance(max_steps, bool) or int(max_steps) < 1):
         raise ValueError(f"max_steps must be a positive integer or None, got {max_steps!r}.")
     out = Path(out_dir).expanduser()
@@ -207,7 +206,9 @@ def fit(
             for note in notes:
                 print(note, file=sys.stderr, flush=True)
         _check_stored_config(out, cfg, resume)
-        check_buildable(cfg)  # a factory's argument errors before the folder becomes a run
+        # What only a factory can say (a radius of -4), also of the values fixed from the data,
+        # before the folder becomes a run.
+        check_buildable(cfg, check=False)
         if info.is_main and not (out / "config.yaml").exists():
             # Marks the folder as a run from the start (stage 1 can take a while); a resumed
             # run keeps its own until its config is checked against this one.
@@ -315,7 +316,7 @@ def _set_up_stage(cfg: CellkitConfig, out: Path, *, split: dict[str, list[Any]],
     t = cfg.train
     use_amp = dev.type == "cuda" and bool(t.amp)
     _seed_all(t.seed)
-    parts = build(cfg)  # the config is checked once, every part built
+    parts = build(cfg, check=False)  # checked once, in fit
     if t.init_from and not (resume and (out / "last.pt").is_file()):
         from cellkit.zoo import initial_weights
 
