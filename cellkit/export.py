@@ -67,6 +67,7 @@ from torch import Tensor, nn
 from cellkit.imaging import IMAGENET_MEAN, IMAGENET_STD
 from cellkit.lookup import look_up_option
 from cellkit.models.model import to_input_size
+from cellkit.registry import POSTPROCESSORS
 
 __all__ = ["EXPORT_FORMATS", "ExportError", "InferenceModule", "export_model", "load_exported_metadata"]
 
@@ -421,11 +422,11 @@ def _metadata(model: nn.Module, cfg: Any, ckpt: dict[str, Any], fmt: str, ckpt_n
     num_classes = int(model.num_classes)  # type: ignore[arg-type]
     kwargs = dict(ckpt.get("postprocess") or cfg.postprocess.kwargs)
     threshold, min_distance, exclusive = kwargs.get("threshold"), kwargs.get("min_distance"), kwargs.get("exclusive")
-    if cfg.postprocess.name == "peaks":  # the defaults of what cellkit runs
-        from cellkit.postprocess.peaks import LocalPeaks
-
-        post = LocalPeaks(**kwargs)
-        threshold, min_distance, exclusive = post.threshold, post.min_distance, post.exclusive
+    # The values the post-processor runs with (its defaults filled in), where it has them.
+    post = POSTPROCESSORS.build(cfg.postprocess.name, **kwargs)
+    threshold = getattr(post, "threshold", threshold)
+    min_distance = getattr(post, "min_distance", min_distance)
+    exclusive = getattr(post, "exclusive", exclusive)
     names = ckpt.get("class_names") or cfg.data.class_names
     if not names or len(names) != num_classes:
         names = [f"class{i}" for i in range(num_classes)]  # as Predictor numbers them
