@@ -20,6 +20,7 @@ from cellkit.registry import DECODERS, ENCODERS, LOSSES, MASKS, POSTPROCESSORS, 
 # Importing the subpackages registers cellkit's own plug-ins.
 from cellkit import losses, masks, models, postprocess  # noqa: E402  isort: skip
 from cellkit import presets  # noqa: E402
+from cellkit._version import __version__  # noqa: E402, F401
 from cellkit.builder import (  # noqa: E402
     Parts,
     apply_activation,
@@ -42,8 +43,6 @@ from cellkit.config import (  # noqa: E402
 )
 from cellkit.points import Detections, validate_points  # noqa: E402
 from cellkit.zoo import model_card, pretrained  # noqa: E402
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DECODERS",

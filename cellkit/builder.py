@@ -16,7 +16,10 @@ import torch
 from torch import nn
 
 from cellkit.config import CellkitConfig, ConfigError, ModelConfig
+from cellkit.data.formats import FORMATS, get_format
 from cellkit.lookup import look_up_option, unknown_option_message
+from cellkit.losses import LossTerm, WeightedLoss
+from cellkit.models import MultiDecoderModel
 from cellkit.registry import DECODERS, ENCODERS, LOSSES, MASKS, POSTPROCESSORS, Registry
 
 __all__ = [
@@ -187,8 +190,6 @@ def build(cfg: CellkitConfig, overrides: Mapping[str, Mapping[str, Any]] | None 
         ['main/ce', 'main/iou', 'dynamic/dynamic',
          'main~dynamic/consistency']
     """
-    from cellkit.data.formats import FORMATS, get_format
-
     if check:
         check_config(cfg)
     return Parts(
@@ -236,8 +237,6 @@ def build_model(cfg: CellkitConfig | ModelConfig) -> nn.Module:
 
 
 def _model(m: ModelConfig) -> nn.Module:
-    from cellkit.models import MultiDecoderModel
-
     encoder = ENCODERS.build(m.encoder, **m.encoder_kwargs)
     decoders = {
         head: DECODERS.build(
@@ -259,8 +258,6 @@ def build_losses(cfg: CellkitConfig) -> nn.Module:
 
 
 def _losses(cfg: CellkitConfig) -> nn.Module:
-    from cellkit.losses import LossTerm, WeightedLoss
-
     terms = [
         LossTerm(
             label=spec.resolved_label,

@@ -23,7 +23,11 @@ from typing import Any
 
 import yaml
 
+from cellkit.data.classes import ClassMap
+from cellkit.data.io import write_text_atomic
+from cellkit.data.split import resolve_groups
 from cellkit.lookup import unknown_option_message
+from cellkit.postprocess import postprocess_problems
 
 __all__ = [
     "ConfigError",
@@ -289,8 +293,6 @@ class CellkitConfig:
         """The config as YAML text; also written (atomically) to ``path`` when given."""
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
-            from cellkit.data.io import write_text_atomic
-
             write_text_atomic(Path(path), text)
         return text
 
@@ -483,8 +485,6 @@ def _data_problems(cfg: CellkitConfig, where: str) -> list[str]:
             return [f"{where}.data.class_names: expected one name per class (model.num_classes is {k}), "
                     f"got {len(names)} names {names}; give {k} names, or set model.num_classes: {len(names)}"]
         return []
-    from cellkit.data.classes import ClassMap
-
     try:
         cmap = ClassMap.parse(dict(d.class_map), names=names)
     except ValueError as err:
@@ -500,8 +500,6 @@ def _data_value_problems(d: DataConfig, where: str) -> list[str]:
     out = []
     group = getattr(d, "group", None)
     if group is not None:
-        from cellkit.data.split import resolve_groups
-
         try:
             resolve_groups([], str(group))
         except ValueError as err:
@@ -529,8 +527,6 @@ def _postprocess_problems(cfg: CellkitConfig, where: str) -> list[str]:
     p = cfg.postprocess
     if not isinstance(p, PostprocessConfig):
         return []
-    from cellkit.postprocess import postprocess_problems
-
     k = cfg.model.num_classes if isinstance(cfg.model.num_classes, int) else None
     return postprocess_problems(p.name, p.kwargs, activation=cfg.model.activation, num_classes=k,
                                 where=f"{where}.postprocess.kwargs")

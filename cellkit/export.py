@@ -50,6 +50,7 @@ or ``torch.jit.load`` alone.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import logging
@@ -64,9 +65,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cellkit._version import __version__
+from cellkit.builder import apply_activation
+from cellkit.data.guard import check_outputs
+from cellkit.data.io import write_bytes_atomic
+from cellkit.engine.checkpoint import file_fingerprint, load_checkpoint, load_model
 from cellkit.imaging import IMAGENET_MEAN, IMAGENET_STD
 from cellkit.lookup import look_up_option
+from cellkit.models.fuse import fold_batchnorm
 from cellkit.models.model import to_input_size
+from cellkit.postprocess.peaks import per_class
 from cellkit.registry import POSTPROCESSORS
 
 __all__ = ["EXPORT_FORMATS", "ExportError", "InferenceModule", "export_model", "load_exported_metadata"]
@@ -220,10 +228,6 @@ def export_model(
         >>> export_model("runs/ours/best.pt", "model.pt",  # doctest: +SKIP
         ...              overwrite=True)
     """
-    from cellkit.data.io import write_bytes_atomic
-    from cellkit.engine.checkpoint import file_fingerprint, load_checkpoint, load_model
-    from cellkit.models.fuse import fold_batchnorm
-
     out = Path(out)
     fmt = _resolve_format(format, out)
     if opset is not None:
@@ -355,8 +359,6 @@ def _check_replaceable(out: Path, overwrite: bool) -> None:
         raise FileExistsError(
             f"{out} exists; pass overwrite=True (--overwrite) to replace it, or choose another file name."
         )
-    from cellkit.data.guard import check_outputs
-
     def exported(path: Path) -> bool:
         try:
             load_exported_metadata(path)
@@ -371,8 +373,6 @@ def _check_replaceable(out: Path, overwrite: bool) -> None:
 
 def _import_onnx_tools(need_runtime: bool) -> dict[str, Any]:
     """The ONNX packages, or an ImportError saying how to install them."""
-    import importlib
-
     names = ("onnx", "onnxscript") + (("onnxruntime",) if need_runtime else ())
     found, missing = {}, []
     for name in names:
@@ -392,8 +392,6 @@ def _import_onnx_tools(need_runtime: bool) -> dict[str, Any]:
 
 
 def _per_class(value: Any, num_classes: int, integer: bool) -> list[Any] | None:
-    from cellkit.postprocess.peaks import per_class
-
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
@@ -417,8 +415,6 @@ def _plain(value: Any) -> Any:
 
 
 def _metadata(model: nn.Module, cfg: Any, ckpt: dict[str, Any], fmt: str, ckpt_name: str, sha: str) -> dict[str, Any]:
-    from cellkit import __version__
-
     num_classes = int(model.num_classes)  # type: ignore[arg-type]
     kwargs = dict(ckpt.get("postprocess") or cfg.postprocess.kwargs)
     threshold, min_distance, exclusive = kwargs.get("threshold"), kwargs.get("min_distance"), kwargs.get("exclusive")
@@ -558,8 +554,6 @@ def _torchscript_runner(data: bytes) -> Any:
 
 def _check_outputs(run: Any, model: nn.Module, fmt: str, sizes: Sequence[tuple[int, int]] = _CHECK_SIZES) -> float:
     """Compare the exported model with PyTorch's inference; the largest difference."""
-    from cellkit.builder import apply_activation
-
     generator = torch.Generator().manual_seed(1)
     worst = 0.0
     for h, w in sizes:

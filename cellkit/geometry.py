@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from cellkit.registry import MASKS
+
 __all__ = [
     "Geometry",
     "apply_geometry",
@@ -174,9 +176,6 @@ def apply_geometry(cfg: Any, geometry: Geometry) -> Any:
     peak threshold of 30 % of a kernel's peak, ``0.3 scale / (2 pi sigma^2)``, used where no
     validation images calibrate it.
     """
-    import cellkit.masks  # noqa: F401  registers the built-in generators
-    from cellkit.registry import MASKS
-
     out = copy.deepcopy(cfg)
     for stage in out.stages():
         sigma, scale = None, 1.0

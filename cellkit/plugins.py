@@ -52,6 +52,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cellkit.registry import DECODERS, ENCODERS, LOSSES, MASKS, POSTPROCESSORS
+
 __all__ = [
     "DISABLE_ENTRY_POINTS_VARIABLE",
     "ENTRY_POINT_GROUP",
@@ -336,8 +338,6 @@ def unregistered_names(cfg: Any) -> list[tuple[str, str]]:
         >>> unregistered_names(cfg)
         [('decoder', 'my_decoder')]
     """
-    from cellkit.registry import DECODERS, ENCODERS, LOSSES, MASKS, POSTPROCESSORS
-
     found: list[tuple[str, str]] = []
 
     def check(registry: Any, name: Any) -> None:

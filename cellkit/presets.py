@@ -27,6 +27,7 @@ Examples:
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +40,7 @@ from cellkit.config import (
     TargetSpec,
     TrainConfig,
 )
+from cellkit.geometry import Geometry
 from cellkit.lookup import look_up_option
 
 __all__ = [
@@ -95,8 +97,6 @@ def _base(name: str, size: str, heads: tuple[str, ...], num_classes: int, radius
           eval_radius: float | None, min_distance: int | None, steps: int | None = None,
           cell_diameter: float | None = None) -> CellkitConfig:
     """The shared config; with no size given, the geometry is estimated from the points."""
-    from cellkit.geometry import Geometry
-
     s = copy.deepcopy(look_up_option(size, SIZES, what="size"))
     if radius is not None and cell_diameter is not None:
         raise ValueError("Give the circle radius or the cell diameter, not both (radius = diameter / 2).")
@@ -244,8 +244,6 @@ def fcrn(size: str = "cpu", num_classes: int = 2, radius: float | None = None, e
     ``scale / (2 pi sigma^2)``, and peaks are kept above 30 % of it (before calibration).
     ``sigma`` defaults to a quarter of the cell diameter.
     """
-    import math
-
     cfg = _base("fcrn", size, ("main",), num_classes, radius, eval_radius, min_distance, steps, cell_diameter)
     if sigma is not None:
         cfg.data.cell_diameter = None

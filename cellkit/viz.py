@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from cellkit.imaging import check_image
+from cellkit.points import validate_points
 
 __all__ = ["BASE_COLORS", "class_colors", "draw_points", "plot_f1_vs_radius", "save_png"]
 
@@ -101,9 +102,6 @@ def draw_points(
                [0, 0, 0, 0, 0, 0, 0]])
     """
     from skimage.draw import circle_perimeter, disk
-
-    from cellkit.points import validate_points
-
     out = check_image(image, "draw_points").copy()
     pts, cls = validate_points(points, classes, where="draw_points")
     if num_classes is None:
@@ -130,6 +128,7 @@ def save_png(path: str | Path, image: np.ndarray) -> Path:
     """Write an ``(H, W, 3)`` uint8 image as PNG, atomically."""
     from PIL import Image
 
+    # Here, not at the top: cellkit.data imports its writers, which import this module.
     from cellkit.data.guard import write_png
 
     buf = io.BytesIO()
@@ -167,6 +166,7 @@ def plot_f1_vs_radius(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    # Here, not at the top: cellkit.data imports its writers, which import this module.
     from cellkit.data.guard import write_png
 
     radii = [float(r) for r in curve["radii"]]

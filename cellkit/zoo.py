@@ -28,6 +28,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from cellkit.engine.checkpoint import load_checkpoint
+from cellkit.engine.predict import Predictor
+from cellkit.lookup import look_up_option, unknown_option_message
+
 __all__ = ["MODELS", "InitReport", "PretrainedModel", "available", "initial_weights", "model_card",
            "model_path", "pretrained", "resolve_checkpoint"]
 
@@ -74,8 +78,6 @@ def _resource(name: str) -> Path:
 
 
 def _lookup(name: str) -> PretrainedModel:
-    from cellkit.lookup import look_up_option
-
     return look_up_option(name, MODELS, what="shipped model")
 
 
@@ -117,8 +119,6 @@ def resolve_checkpoint(source: str | Path) -> Path:
     path = Path(source)
     if path.exists():
         return path
-    from cellkit.lookup import unknown_option_message
-
     raise FileNotFoundError(
         f"{text!r} is neither a checkpoint (no such file or folder) nor a shipped model: "
         + unknown_option_message(text, list(MODELS), what="shipped model")
@@ -147,8 +147,6 @@ def pretrained(name: str, device: Any = None, **kwargs: Any) -> Any:
         >>> predictor = cellkit.pretrained("endonuke-epithelium")  # doctest: +SKIP
         >>> predictor.predict(image)  # doctest: +SKIP
     """
-    from cellkit.engine.predict import Predictor
-
     kwargs.setdefault("precision", "auto")  # the same cells as cellkit predict --model NAME
     kwargs.setdefault("fold_bn", True)
     return Predictor.from_checkpoint(model_path(name), device=device, **kwargs)
@@ -197,9 +195,6 @@ def initial_weights(model: Any, source: str | Path) -> InitReport:
         ValueError: when nothing at all fits (another encoder or size): the message names both.
     """
     import torch
-
-    from cellkit.engine.checkpoint import load_checkpoint
-
     ckpt = load_checkpoint(resolve_checkpoint(source))
     weights = ckpt.get("model") or {}
     own = model.state_dict()

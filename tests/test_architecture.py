@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "cellkit"
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("core", ("cellkit.registry", "cellkit.lookup", "cellkit.points", "cellkit.imaging", "cellkit.plugins",
+    ("core", ("cellkit._version", "cellkit.registry", "cellkit.lookup", "cellkit.points", "cellkit.imaging", "cellkit.plugins",
               "cellkit.progress")),
     ("parts", ("cellkit.data", "cellkit.masks", "cellkit.losses", "cellkit.models", "cellkit.postprocess",
                "cellkit.metrics", "cellkit.viz", "cellkit.weights")),
@@ -148,3 +148,29 @@ def test_the_length_rule_counts_code_not_docstrings() -> None:
     body = "\n".join(f"    x{i} = {i}" for i in range(61))
     assert long_functions(f'def f():\n    """Doc."""\n{body}\n', "m.py") == ["m.py:1 f (61 lines)"]
     assert long_functions(f'def f():\n    """{"a" * 10}\n' + "\n" * 80 + '    """\n    return 1\n', "m.py") == []
+
+
+def test_cellkit_imports_sit_at_the_top_or_say_why() -> None:
+    """A cellkit import inside a function is a dependency hidden from the top of the file: only
+    where a comment just above says why (an import cycle of a package with its parts), and in
+    the command line (its start-up time: ``cellkit --help`` loads no torch model code)."""
+    hidden = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name in ("cli.py", "__main__.py"):
+            continue
+        lines = path.read_text(encoding="utf-8").splitlines()
+        tree = ast.parse("\n".join(lines))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                    continue
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                if not (node.level if isinstance(node, ast.ImportFrom) else 0) and not any(
+                        n == "cellkit" or n.startswith("cellkit.") for n in names):
+                    continue  # another library: imported where it is used, for start-up time
+                above = lines[node.lineno - 2].strip()
+                if not above.startswith("#"):
+                    hidden.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert not hidden, "imports inside functions without a reason above them:\n" + "\n".join(hidden)

@@ -30,6 +30,7 @@ from .augment import (
 from .bundled import ENDONUKE_MPP, bundled_endonuke
 from .classes import BCDATA, CLASS_MAPS, ENDONUKE, ENDONUKE_EPITHELIUM, ClassMap, get_class_map
 from .dataset import PointDataset, Sample, collate, crop, pad_to, random_crop
+from .formats import FORMATS, DatasetFormat, get_format
 from .io import (
     IMAGE_EXTENSIONS,
     DataError,
@@ -40,7 +41,6 @@ from .io import (
     write_bytes_atomic,
     write_text_atomic,
 )
-from .formats import FORMATS, DatasetFormat, get_format
 from .readers import (
     PointRecords,
     detect_format,

@@ -17,6 +17,7 @@ strengths (``default``, ``strong``, ``none``; ``cellkit train --augment``).
 
 from __future__ import annotations
 
+import io
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -284,8 +285,6 @@ def jpeg(image: np.ndarray, rng: np.random.Generator | int | None = None, qualit
         >>> jpeg(img, 0).shape
         (8, 8, 3)
     """
-    import io
-
     from PIL import Image
 
     img = check_image(image, where="jpeg")

@@ -19,6 +19,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from cellkit.data.io import DataError
 from cellkit.lookup import did_you_mean, look_up_option
 
 __all__ = [
@@ -129,8 +130,6 @@ class ClassMap:
         if index is None:
             index = self._lookup.get(WILDCARD)
         if index is None:
-            from .io import DataError
-
             prefix = f"{where}: " if where else ""
             mapped = self.labels()
             raise DataError(

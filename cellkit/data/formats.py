@@ -123,6 +123,7 @@ def resolve_class_map(format: str, num_classes: int, class_map: Any = None,
 
 
 def _builtin() -> None:
+    # Here, not at the top: the readers look formats up by name in this module.
     from . import readers as r
 
     _register(DatasetFormat(

@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from cellkit.data.io import write_bytes_atomic
+
 __all__ = [
     "OutputClash",
     "check_outputs",
@@ -94,8 +96,6 @@ def is_marked_png(path: str | os.PathLike[str]) -> bool:
 
 def write_png(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write PNG bytes atomically, with cellkit's mark (so a later run knows the file is its own)."""
-    from cellkit.data.io import write_bytes_atomic
-
     write_bytes_atomic(path, mark_png(data))
     return Path(path)
 

@@ -26,6 +26,7 @@ write leaves the old file intact.
 from __future__ import annotations
 
 import contextlib
+import glob
 import math
 import os
 import re
@@ -385,8 +386,6 @@ def image_mpp(path: str | os.PathLike[str]) -> float | None:
 
 
 def _ome_mpp(xml: str | None) -> float | None:
-    import re
-
     if not xml:
         return None
     match = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', xml)
@@ -514,8 +513,6 @@ def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
         >>> [p.name for p in remove_stale_temporaries(os.path.join(folder, "a.txt"))]
         ['.a.txt.cellkit-999999999-x.tmp']
     """
-    import glob
-
     target = Path(path)
     if target.is_dir():
         folder, name, pattern = target, None, "." + "*" + _TMP_MARK + "*.tmp"

@@ -44,6 +44,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from cellkit.data.guard import is_marked_png
 from cellkit.lookup import look_up_option
 from cellkit.points import as_points
 
@@ -613,8 +614,6 @@ def _is_cellkit_overlay(path: Path) -> bool:
     """Whether an image is an overlay of ``cellkit predict`` (its name, and cellkit's mark or record)."""
     if not path.name.endswith("_overlay.png"):
         return False
-    from cellkit.data.guard import is_marked_png
-
     return is_marked_png(path) or (path.parent / "predict.json").is_file()
 
 
@@ -834,6 +833,7 @@ def _ignored_hint(ignored: Mapping[str, int]) -> str:
 
 
 def _no_cells_message(root: Path, fmt: str, n_images: int, ignored: Mapping[str, int]) -> str:
+    # Here, not at the top: the formats module registers this module's readers.
     from .formats import get_format
 
     msg = (f"{root}: none of the {n_images} images has a cell (every annotation file is "
@@ -929,6 +929,7 @@ def load_dataset(
         raise FileNotFoundError(f"{r}: no such dataset folder.")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
+    # Here, not at the top: the formats module registers this module's readers.
     from .formats import FORMATS, get_format
 
     fmt = detect_format(r) if format.lower().strip() == "auto" else format

@@ -8,6 +8,7 @@ reproducibly from a seed.
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 from collections.abc import Callable, Hashable, Sequence
@@ -130,8 +131,6 @@ def _stem(key: str) -> str:
 
 
 def _read_group_csv(path: str) -> dict[str, str]:
-    import csv
-
     file = PurePath(path)
     try:
         with open(path, newline="", encoding="utf-8") as fh:

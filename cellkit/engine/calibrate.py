@@ -26,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from cellkit.metrics import evaluate
 from cellkit.postprocess.peaks import per_class
+from cellkit.registry import POSTPROCESSORS
 
 __all__ = ["THRESHOLD_GRID", "Calibration", "calibrate_peaks", "class_counts", "score_maps"]
 
@@ -76,9 +78,6 @@ def score_maps(maps: Sequence[np.ndarray], truths: Sequence[tuple[Any, Any]], *,
         ...            kwargs={"threshold": 0.5})
         ({'a': 1.0}, 1.0)
     """
-    import cellkit.postprocess  # noqa: F401  registers "peaks"
-    from cellkit.registry import POSTPROCESSORS
-
     post = POSTPROCESSORS.build(name, **dict(kwargs or {}))
     predictions = [post(m) for m in maps]
     return _f1(predictions, truths, radius, class_names)
@@ -86,8 +85,6 @@ def score_maps(maps: Sequence[np.ndarray], truths: Sequence[tuple[Any, Any]], *,
 
 def _f1(predictions: Sequence[Any], truths: Sequence[tuple[Any, Any]], radius: float,
         class_names: Sequence[str]) -> tuple[dict[str, float | None], float]:
-    from cellkit.metrics import evaluate
-
     k = len(class_names)
     report = evaluate(predictions, truths, radius=radius, num_classes=k, class_names=list(class_names))
     present = class_counts(truths, k) > 0
@@ -152,9 +149,6 @@ def calibrate_peaks(
         >>> cal.kwargs["threshold"], cal.f1, cal.before
         ([0.25], {'a': 1.0}, 0.0)
     """
-    import cellkit.postprocess  # noqa: F401
-    from cellkit.registry import POSTPROCESSORS
-
     k = len(class_names)
     base = dict(kwargs)
     f1_before, before = score_maps(maps, truths, radius=radius, class_names=class_names, name=name, kwargs=base)

@@ -24,11 +24,19 @@ before any of it runs. Format 2 (this version) stores only plain data, so
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from cellkit._version import __version__
+from cellkit.builder import build_model
+from cellkit.config import CellkitConfig, ConfigError, _postprocess_problems
+from cellkit.data.io import WriteError, atomic_write
+from cellkit.plugins import missing_plugin_hint
+from cellkit.postprocess import postprocess_problems
 
 __all__ = ["CheckpointError", "file_fingerprint", "load_checkpoint", "load_model", "plain_data", "save_checkpoint"]
 
@@ -58,16 +66,12 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     the previous checkpoint or the new one. Numpy arrays and scalars in ``state`` are
     stored as tensors and Python numbers, so the file is plain data.
     """
-    from cellkit.data.io import atomic_write
-
     path = Path(path)
     state = {"format": FORMAT, **plain_data(state)}
     try:
         with atomic_write(path, "wb") as fh:
             torch.save(state, fh)
     except RuntimeError as err:  # torch's writer reports a failed write (a full disk) as RuntimeError
-        from cellkit.data.io import WriteError
-
         cause = err.__context__ if isinstance(err.__context__, OSError) else err
         raise WriteError(
             f"Cannot write {path}: {getattr(cause, 'strerror', None) or cause}; the disk holding {path.parent} may "
@@ -154,8 +158,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def _other_kind(path: Path) -> str | None:
     """What a file that is surely not a checkpoint is, and what to pass instead (read, never run)."""
-    import zipfile
-
     try:
         with open(path, "rb") as fh:
             head = fh.read(256)
@@ -213,10 +215,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
             of cellkit, names a part that is not registered, or the weights do not fit
             the model it builds, saying what differs.
     """
-    from cellkit import __version__
-    from cellkit.builder import build_model
-    from cellkit.config import CellkitConfig, ConfigError
-
     ckpt = load_checkpoint(path)
     cfg: CellkitConfig | None = None
     try:
@@ -226,8 +224,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
         cfg.model.encoder_kwargs = {k: v for k, v in cfg.model.encoder_kwargs.items() if k != "weights"}
         model = build_model(cfg)
     except (ConfigError, TypeError, ValueError) as err:
-        from cellkit.plugins import missing_plugin_hint
-
         hint = missing_plugin_hint(cfg, "predict") if cfg is not None else None
         if hint is not None:  # a plug-in's part, not an old checkpoint: say which and how to load it
             raise CheckpointError(f"The model stored in {ckpt['path']} does not build: {hint} ({err})") from err
@@ -270,9 +266,6 @@ def _check_stored_settings(cfg: Any, ckpt: dict[str, Any]) -> None:
     are what predictions are made with; a checkpoint edited by hand, or received damaged,
     must not predict nothing in silence.
     """
-    from cellkit.config import _postprocess_problems
-    from cellkit.postprocess import postprocess_problems
-
     problems = _postprocess_problems(cfg, "config")
     for key in ("postprocess", "postprocess_int8"):
         stored = ckpt.get(key)

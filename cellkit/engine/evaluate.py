@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,16 @@ from typing import Any
 
 import numpy as np
 
-from cellkit.data.io import jsonable  # defined with the other file helpers; part of this module's API
+from cellkit.data.classes import ClassMap
+from cellkit.data.formats import resolve_class_map
+from cellkit.data.guard import plain_name
+from cellkit.data.io import (
+    DataWarning,
+    jsonable,  # defined with the other file helpers; part of this module's API
+    write_text_atomic,
+)
+from cellkit.data.readers import load_dataset, read_csv_points
+from cellkit.metrics import evaluate, f1_vs_radius
 from cellkit.points import Detections
 
 __all__ = [
@@ -91,8 +101,6 @@ def read_prediction_csv(path: str | Path) -> Detections:
         FileNotFoundError: for a missing file.
         DataError: naming the file and line of a malformed row.
     """
-    from cellkit.data.readers import read_csv_points
-
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such prediction file.")
@@ -122,8 +130,6 @@ def read_prediction_record(folder: str | Path, fix: str) -> dict[str, Any] | Non
         ValueError: for a file that is not readable JSON, not a JSON object with ``inputs``,
             or names something outside the folder.
     """
-    from cellkit.data.guard import plain_name
-
     path = Path(folder) / PREDICT_META
     if not path.is_file():
         return None
@@ -153,8 +159,6 @@ def _read_meta(pred_dir: Path) -> dict[str, Any]:
 
 
 def _default_names(format: str, num_classes: int) -> list[str] | None:
-    from cellkit.data.formats import resolve_class_map
-
     cmap = resolve_class_map(format, num_classes)
     return list(cmap.names) if cmap is not None else None
 
@@ -192,8 +196,6 @@ class EvaluationResult:
 
     def curve(self, radii: Sequence[float]) -> dict[str, Any]:
         """totalF1 and meanF1 per class at each radius ([`cellkit.metrics.f1_vs_radius`][])."""
-        from cellkit.metrics import f1_vs_radius
-
         return f1_vs_radius(self.predictions, self.truths, radii, self.num_classes, self.class_names)
 
     def to_dict(self) -> dict[str, Any]:
@@ -260,9 +262,6 @@ def evaluate_folder(
         ValueError: when images have no prediction file (listing them), two images share a
             stem, or predicted classes do not fit the data's classes.
     """
-    from cellkit.data.readers import load_dataset
-    from cellkit.metrics import evaluate
-
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"{pred_dir}: no such predictions folder; pass the --out folder of cellkit predict.")
@@ -277,10 +276,6 @@ def evaluate_folder(
         )
     samples = load_dataset(data_root, format, class_map=cmap, split=split, require_cells=False)
     if samples and not any(len(s.points) for s in samples):
-        import warnings
-
-        from cellkit.data.io import DataWarning
-
         warnings.warn(f"{data_root}: no image has an annotated cell, so every prediction counts as a false "
                       "positive and recall is undefined.", DataWarning, stacklevel=2)
 
@@ -363,8 +358,6 @@ def _check_inside_image(det: Any, sample: Any, path: Path | None) -> None:
 
 def _class_map_of(class_map: Any, meta: Mapping[str, Any]) -> Any:
     """The class map given, else the one ``cellkit predict`` recorded in predict.json, else None."""
-    from cellkit.data.classes import ClassMap
-
     if class_map is not None:
         return ClassMap.parse(class_map)
     if isinstance(meta.get("class_map"), Mapping):
@@ -377,8 +370,6 @@ def _class_map_of(class_map: Any, meta: Mapping[str, Any]) -> Any:
 
 def write_curve_csv(path: str | Path, curve: Mapping[str, Any]) -> Path:
     """Write an F1-against-radius curve: columns ``radius``, ``totalF1_<class>``, ``meanF1_<class>``."""
-    from cellkit.data.io import write_text_atomic
-
     names = list(curve["classes"])
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")

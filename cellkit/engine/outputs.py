@@ -38,8 +38,24 @@ import numpy as np
 
 __all__ = ["PredictionRun", "predict_at_pixel_size", "write_predictions"]
 
-from cellkit.data.io import DataWarning
+from cellkit.data.guard import check_outputs, claim_each_once, remove_recorded
+from cellkit.data.io import (
+    DataError,
+    DataWarning,
+    image_mpp,
+    make_folder,
+    read_image,
+    remove_stale_temporaries,
+    write_text_atomic,
+)
+from cellkit.data.writers import write_csv, write_geojson
 from cellkit.engine.evaluate import OUTPUT_STEMS, PREDICT_META, jsonable, read_prediction_record
+from cellkit.engine.predict import list_images
+from cellkit.points import Detections
+from cellkit.viz import class_colors, draw_points, save_png
+from cellkit.wsi.pipeline import PARTS_SUFFIX, predict_slide, slide_files
+from cellkit.wsi.reader import SlideError, is_whole_slide
+from cellkit.wsi.summary import _index_class
 
 COUNTS = "counts.csv"
 
@@ -71,8 +87,6 @@ class PredictionRun:
 def _image_files(out: Path, stem: str, overlay: bool, slide: bool = False) -> list[Path]:
     """An image's output files, the one that marks it done (its .csv) last."""
     if slide:
-        from cellkit.wsi.pipeline import slide_files
-
         return slide_files(out, stem)
     files = [out / f"{stem}_overlay.png"] if overlay else []
     return files + [out / f"{stem}.geojson", out / f"{stem}.csv"]
@@ -139,9 +153,6 @@ def counts_csv(rows: Sequence[tuple[str, Sequence[int]]], class_names: Sequence[
 def write_image_files(out: Path, stem: str, image: Any, det: Any, class_names: Sequence[str], overlay: bool,
                       radius: int) -> None:
     """Write an image's ``.csv``, ``.geojson`` and overlay PNG, atomically, the ``.csv`` last."""
-    from cellkit.data.writers import write_csv, write_geojson
-    from cellkit.viz import class_colors, draw_points, save_png
-
     colors = class_colors(len(class_names))
     if overlay:
         save_png(out / f"{stem}_overlay.png",
@@ -208,10 +219,6 @@ def write_predictions(
         >>> run.counts[0]  # doctest: +SKIP
         ('slide1', [412, 97])
     """
-    from cellkit.data.guard import claim_each_once
-    from cellkit.data.io import make_folder, remove_stale_temporaries, write_text_atomic
-    from cellkit.engine.predict import list_images
-
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: --resume continues a run, --overwrite replaces it.")
     if on_error not in ("raise", "skip"):
@@ -270,8 +277,6 @@ def _check_slide_options(paths: Sequence[Path], slides: Collection[str], options
                 "predict those without --regions, or pass --slide to read them as slides."
             )
     if slides and options.get("index_class") is not None:
-        from cellkit.wsi.summary import _index_class
-
         _index_class(options["index_class"], list(predictor.class_names))
 
 
@@ -303,8 +308,6 @@ def _slide_stems(paths: list[Path], slide: bool | None) -> set[str]:
         return set()
     if slide:
         return {p.stem for p in paths}
-    from cellkit.wsi.reader import is_whole_slide
-
     return {p.stem for p in paths if is_whole_slide(p)}
 
 
@@ -315,8 +318,6 @@ def _claim_folder(out: Path, stems: list[str], overlay: bool, record: Mapping[st
     ours = _earlier_files(out, earlier) if earlier is not None else set()
     planned = [f for s in stems for f in _image_files(out, s, overlay, s in slides)] + [out / COUNTS,
                                                                                        out / PREDICT_META]
-    from cellkit.data.guard import check_outputs
-
     check_outputs(
         "cellkit predict", planned, ours=lambda f: f in ours,
         fix="is --out the data folder? Its annotations would be lost: choose an empty or new --out",
@@ -348,9 +349,6 @@ def _claim_folder(out: Path, stems: list[str], overlay: bool, record: Mapping[st
                 "predict again, or choose another --out."
             )
         return []
-    from cellkit.data.guard import remove_recorded
-    from cellkit.wsi.pipeline import PARTS_SUFFIX
-
     removed = remove_recorded(out, ours)
     for stem in before:  # the finished chunks of an interrupted slide
         parts = out / f".{stem}{PARTS_SUFFIX}"
@@ -366,10 +364,6 @@ def _predict_images(predictor: Any, paths: list[Path], out: Path, run: Predictio
                     slide_options: Mapping[str, Any] | None = None) -> dict[str, list[int]]:
     """Predict and write every image not done yet; the cells per class of every image done."""
     from tqdm.auto import tqdm
-
-    from cellkit.data.io import DataError, read_image
-    from cellkit.wsi.reader import SlideError
-
     options = dict(slide_options or {})
     by_stem: dict[str, list[int]] = {}
     todo = []
@@ -383,8 +377,6 @@ def _predict_images(predictor: Any, paths: list[Path], out: Path, run: Predictio
     show = sys.stderr.isatty() if progress is None else progress
     plain = [p for p in todo if p.stem not in slides]
     for path in [p for p in todo if p.stem in slides]:
-        from cellkit.wsi.pipeline import predict_slide
-
         try:
             # The folder was claimed above: what exists now is an earlier run's, ours to replace.
             result = predict_slide(predictor, path, out, stem=path.stem, resume=resume, progress=progress,
@@ -435,8 +427,6 @@ class _PixelSizeNotes:
             warnings.warn(text, DataWarning, stacklevel=3)
 
     def mpp_of(self, path: Path) -> float | None:
-        from cellkit.data.io import image_mpp
-
         mpp = self.given if self.given is not None else image_mpp(path)
         if self.model is None:
             here = f" ({mpp:g} um/px)" if mpp is not None else ""
@@ -470,9 +460,6 @@ def predict_at_pixel_size(predictor: Any, image: np.ndarray, mpp: float | None) 
         >>> det = predict_at_pixel_size(predictor, image, mpp=0.25)  # doctest: +SKIP
     """
     from PIL import Image
-
-    from cellkit.points import Detections
-
     cfg = getattr(predictor, "config", None)
     model_mpp = getattr(getattr(cfg, "data", None), "mpp", None)
     if not mpp or not model_mpp or abs(float(model_mpp) / float(mpp) - 1.0) < 1e-6:

@@ -9,6 +9,7 @@ loaders, and the targets' ``prepare`` hooks.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import warnings
@@ -19,9 +20,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from cellkit import data
 from cellkit.config import CellkitConfig, ConfigError, TrainConfig
+from cellkit.data import Augment, PointDataset, collate
+from cellkit.data.formats import resolve_class_map
+from cellkit.data.io import DataWarning
 from cellkit.engine.checkpoint import file_fingerprint
 from cellkit.engine.distributed import barrier
+from cellkit.engine.predict import Predictor
+from cellkit.geometry import resolve_geometry
+from cellkit.masks.prepare import PrepareContext
 
 if TYPE_CHECKING:  # the stage a function works on; train imports this module
     from cellkit.engine.train import _Stage
@@ -42,10 +50,6 @@ def resolve_for_data(cfg: CellkitConfig, train: Sequence[Any]) -> tuple[CellkitC
     The returned config is what ``config.yaml`` and the checkpoints record, so a resumed
     run resolves to the same one. It is a copy: the caller's config is never changed.
     """
-    import copy
-
-    from cellkit.geometry import resolve_geometry
-
     cfg, geometry = resolve_geometry(copy.deepcopy(cfg), train)
     notes = []
     if geometry is not None:
@@ -103,8 +107,6 @@ def _resolve_splits(cfg: CellkitConfig, samples: Sequence[Any] | None,
         out.setdefault("test", [])
     else:
         if samples is None:
-            from cellkit import data
-
             class_map = _class_map(cfg)
             if names is None and class_map is not None and len(class_map.names) == cfg.model.num_classes:
                 names = class_map.names
@@ -122,8 +124,6 @@ def _resolve_splits(cfg: CellkitConfig, samples: Sequence[Any] | None,
         np.zeros(0, np.int64)]), minlength=k)
     empty = [i for i in range(k) if counts[i] == 0]
     if empty:
-        from cellkit.data.io import DataWarning
-
         names_now = _class_names(cfg, names)
         warnings.warn(
             f"The training images have no cell of class(es) {', '.join(f'{i} ({names_now[i]})' for i in empty)}: "
@@ -147,8 +147,6 @@ MIN_IMAGE_SIDE = 16
 
 def _without_tiny_images(split: dict[str, list[Any]]) -> dict[str, list[Any]]:
     """The splits less images smaller than ``MIN_IMAGE_SIDE`` a side, with a warning naming them."""
-    from cellkit.data.io import DataWarning
-
     tiny = [s for part in split.values() for s in part if min(s.image.shape[:2]) < MIN_IMAGE_SIDE]
     if not tiny:
         return split
@@ -169,8 +167,6 @@ def _class_map(cfg: CellkitConfig) -> Any:
     paper's task, epithelium = 1 and the rest 0; BCData as negative = 0, positive = 1).
     Formats without one keep their labels as written.
     """
-    from cellkit.data.formats import resolve_class_map
-
     d = cfg.data
     return resolve_class_map(d.format, cfg.model.num_classes, d.class_map, d.class_names)
 
@@ -178,8 +174,6 @@ def _class_map(cfg: CellkitConfig) -> Any:
 def _split(samples: list[Any], cfg: CellkitConfig) -> dict[str, list[Any]]:
     """Split by group (``data.group``; by default the format's: EndoNuke blocks of 100 tile
     ids, BCData and others each image)."""
-    from cellkit import data
-
     d = cfg.data
     fractions = (max(0.0, 1.0 - d.val_fraction - d.test_fraction), d.val_fraction, d.test_fraction)
     default = data.get_format(d.format).group
@@ -279,16 +273,12 @@ def _seed_round(seed: int, epoch: int, sampler_gen: torch.Generator, sampler: An
 
 def _prepare_targets(st: _Stage, stage1: Path | None) -> None:
     """Call every target's ``prepare(samples, context)`` hook ([`cellkit.masks.prepare`][])."""
-    from cellkit.masks.prepare import PrepareContext
-
     preparing = [g for g in st.targets.values() if callable(getattr(g, "prepare", None))]
     if not preparing:
         return
     dev = st.ctx.dev
 
     def load_stage1() -> Any:
-        from cellkit.engine.predict import Predictor
-
         assert stage1 is not None
         return Predictor.from_checkpoint(stage1, device=dev).probabilities
 
@@ -306,8 +296,6 @@ def _prepare_targets(st: _Stage, stage1: Path | None) -> None:
 
 def _loaders(st: _Stage) -> tuple[Any, Any, Any, Any, torch.Generator]:
     """The training loader (with its dataset, sampler and the sampler's generator) and the validation set."""
-    from cellkit.data import Augment, PointDataset, collate
-
     t, info, k = st.cfg.train, st.info, st.cfg.model.num_classes
     per_round = t.val_every_steps if t.steps is not None else t.steps_per_epoch
     length = per_round * t.batch_size * info.world_size if per_round else None

@@ -31,6 +31,11 @@ from typing import Any
 
 import numpy as np
 
+from cellkit.data.guard import check_outputs, write_png
+from cellkit.data.io import read_image
+from cellkit.metrics import detection_counts, match_points
+from cellkit.viz import class_colors
+
 __all__ = ["CLASS_MARKERS", "ERROR_COLORS", "plot_errors", "plot_training", "read_metrics"]
 
 ERROR_COLORS: dict[str, str] = {"tp": "#00d000", "fp": "#ff2020", "fn": "#ffd400"}
@@ -169,9 +174,6 @@ def _draw_losses(ax: Any, records: Sequence[Mapping[str, Any]], title: str) -> N
 
 def _draw_f1(ax: Any, records: Sequence[Mapping[str, Any]], title: str) -> None:
     from matplotlib.ticker import MaxNLocator
-
-    from cellkit.viz import class_colors
-
     x = _steps(records)
     names = _keys(records, "f1")
     colours = class_colors(len(names)) / 255.0
@@ -233,9 +235,6 @@ def plot_training(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] |
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from cellkit.data.guard import check_outputs, write_png
-
     run = Path(run_dir).expanduser()
     if run.name == _METRICS and run.is_file():
         run = run.parent
@@ -280,8 +279,6 @@ def _classify(pred: Any, truth: tuple[np.ndarray, np.ndarray], radius: float, nu
     The matching of `cellkit.metrics.detection_counts` (one to one within each class), so the
     counts are the evaluation's; a true positive is drawn at its annotated point.
     """
-    from cellkit.metrics import match_points
-
     pp = np.asarray(pred.points, np.float64).reshape(-1, 2)
     pc = np.asarray(pred.classes, np.int64).reshape(-1)
     scores = np.asarray(pred.scores, np.float64).reshape(-1) if pred.scores is not None else None
@@ -339,10 +336,6 @@ def plot_errors(result: Any, out: str | os.PathLike[str], *, count: int = 4) -> 
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from cellkit.data.guard import write_png
-    from cellkit.data.io import read_image
-
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"count must be an integer >= 1 (the number of images drawn), got {count!r}.")
     paths = list(getattr(result, "image_paths", None) or [])
@@ -381,8 +374,6 @@ def plot_errors(result: Any, out: str | os.PathLike[str], *, count: int = 4) -> 
 def _worst_images(result: Any, paths: list[Any], keys: list[str], radius: float, method: str,
                   count: int) -> list[int]:
     """The indices of the ``count`` images with the most errors (false positives + misses)."""
-    from cellkit.metrics import detection_counts
-
     k = len(result.class_names)
     errors = []
     for pred, truth in zip(result.predictions, result.truths):

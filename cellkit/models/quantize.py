@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cellkit.data.bundled import bundled_endonuke
+from cellkit.imaging import image_to_tensor
 from cellkit.models.model import pad_to_stride, to_input_size
 
 __all__ = ["CALIBRATION_TILES", "Int8Model", "int8_available", "is_quantizable", "quantize_int8"]
@@ -145,17 +147,12 @@ class Int8Model(nn.Module):
 def _bundled_tiles() -> list[np.ndarray]:
     """The [`CALIBRATION_TILES`][] bundled EndoNuke tiles (every ``n // 16``-th, sorted)."""
     from PIL import Image
-
-    from cellkit.data.bundled import bundled_endonuke
-
     files = sorted((bundled_endonuke() / "images").glob("*.png"))
     step = max(1, len(files) // CALIBRATION_TILES)
     return [np.asarray(Image.open(f).convert("RGB")) for f in files[::step][:CALIBRATION_TILES]]
 
 
 def _calibration_batches(calibration: Iterable[np.ndarray] | None) -> list[Tensor]:
-    from cellkit.imaging import image_to_tensor
-
     if calibration is None:
         images = _bundled_tiles()
     else:

@@ -20,9 +20,11 @@ import numpy as np
 import torch
 
 from cellkit.points import Detections
+
 # The function stays at cellkit.postprocess.peaks.peaks: re-exporting it here would shadow
 # the submodule of the same name.
 from cellkit.postprocess.peaks import LocalPeaks, window_max
+from cellkit.registry import POSTPROCESSORS
 
 __all__ = ["LocalPeaks", "PostProcessor", "postprocess_problems", "window_max"]
 
@@ -56,8 +58,6 @@ def postprocess_problems(name: str, kwargs: Any, *, activation: str = "sigmoid",
         ... # doctest: +ELLIPSIS
         ['postprocess.kwargs.threshold: expected a value in [0, 1] ...']
     """
-    from cellkit.registry import POSTPROCESSORS
-
     if not isinstance(name, str) or name not in POSTPROCESSORS:
         return []
     check = getattr(POSTPROCESSORS.get(name), "kwargs_problems", None)

@@ -40,6 +40,8 @@
 
 from __future__ import annotations
 
+import inspect
+import io
 import json
 import math
 import shutil
@@ -54,9 +56,16 @@ from typing import Any
 
 import numpy as np
 
+from cellkit.data.io import atomic_write, jsonable, make_folder, remove_stale_temporaries, write_text_atomic
+from cellkit.data.writers import write_csv, write_geojson
+from cellkit.engine.predict import Predictor
 from cellkit.points import Detections
 from cellkit.progress import ChunkProgress
+from cellkit.viz import class_colors
 from cellkit.wsi.reader import Slide, open_slide
+from cellkit.wsi.regions import assign_regions, read_regions
+from cellkit.wsi.summary import _index_class, draw_thumbnail, summarize, write_summary
+from cellkit.wsi.tissue import mask_fraction, tissue_mask
 
 __all__ = ["MASK_UM_PER_PX", "PARTS_SUFFIX", "TILE_TISSUE_MARGIN_UM", "SlideResult", "chunk_grid", "predict_slide",
            "slide_files"]
@@ -195,9 +204,6 @@ def predict_slide(
         >>> result = predict_slide(predictor, "slide.svs", "out/")  # doctest: +SKIP
         >>> result.summary["counts"], result.summary["index"]  # doctest: +SKIP
     """
-    from cellkit.data.io import make_folder, remove_stale_temporaries
-    from cellkit.wsi.summary import _index_class
-
     t0 = time.perf_counter()
     _index_class(index_class, list(predictor.class_names))  # a typo fails now, not after the slide
     out = Path(out_dir)
@@ -304,8 +310,6 @@ def _in_regions(cells: Detections, region_list: Sequence[Any]) -> tuple[Detectio
     """The cells inside the regions and the region of each (all cells and ``None`` without regions)."""
     if not region_list:
         return cells, None
-    from cellkit.wsi.regions import assign_regions
-
     region_index = assign_regions(cells.points, region_list)
     inside = region_index >= 0
     return Detections(cells.points[inside], cells.classes[inside], cells.scores[inside]), region_index[inside]
@@ -335,9 +339,6 @@ def _tissue(slide: Slide, thumb: np.ndarray, tissue: bool) -> np.ndarray:
         return np.ones(thumb.shape[:2], bool)
     from PIL import Image
     from scipy import ndimage
-
-    from cellkit.wsi.tissue import tissue_mask
-
     low = thumb
     if slide.mpp:
         side = int(round(max(slide.dimensions) * slide.mpp / MASK_UM_PER_PX))
@@ -372,8 +373,6 @@ def _check_regions_overlap(region_list: Sequence[Any], slide: Any, source: Any) 
             "in other units than the slide's full-resolution pixels (as QuPath exports them)?"
         )
     if outside:
-        import warnings
-
         warnings.warn(f"{len(outside)} of the {len(region_list)} regions of {named} lie outside {slide.path} "
                       f"({w} x {h} pixels) and count no cells: {', '.join(outside[:5])}.", stacklevel=3)
 
@@ -382,8 +381,6 @@ def _regions(regions: Any) -> list[Any]:
     if regions is None:
         return []
     if isinstance(regions, (str, Path)):
-        from cellkit.wsi.regions import read_regions
-
         return list(read_regions(regions))
     return list(regions)
 
@@ -396,14 +393,10 @@ def _wanted(core: tuple[int, int, int, int], scale: float, mask: np.ndarray, thu
 
 def _splits_peaks(predictor: Any) -> bool:
     """Whether the chunks' peaks can run beside the network: a cellkit Predictor on the CPU."""
-    from cellkit.engine.predict import Predictor
-
     return isinstance(predictor, Predictor) and predictor.device.type == "cpu"
 
 
 def _takes_tile_filter(predictor: Any) -> bool:
-    import inspect
-
     try:
         return "tile_filter" in inspect.signature(predictor.predict).parameters
     except (TypeError, ValueError):
@@ -426,8 +419,6 @@ def _tile_filter(box: tuple[float, float, float, float], mask: np.ndarray, thumb
 def _box_wanted(box: tuple[float, float, float, float], mask: np.ndarray, thumb_scale: tuple[float, float],
                 regions: Sequence[Any]) -> bool:
     """Whether a level-0 box ``(x, y, w, h)`` touches tissue (and a region, when there are any)."""
-    from cellkit.wsi.tissue import mask_fraction
-
     if mask_fraction(mask, box, thumb_scale) <= 0:
         return False
     if regions:
@@ -492,8 +483,6 @@ def _in_core(det: Detections, box: tuple[float, float, float, float], core: tupl
 
 
 def _jsonable_post(predictor: Any) -> dict[str, Any]:
-    from cellkit.data.io import jsonable
-
     post = predictor.postprocess
     return json.loads(json.dumps({k: jsonable(getattr(post, k)) for k in ("threshold", "min_distance", "exclusive")
                                   if hasattr(post, k)}))
@@ -503,8 +492,6 @@ class _Parts:
     """The finished chunks of one slide, one ``.npz`` each, written atomically."""
 
     def __init__(self, folder: Path, settings: Mapping[str, Any], resume: bool) -> None:
-        from cellkit.data.io import make_folder, write_text_atomic
-
         self.folder = folder
         record = folder / "settings.json"
         settings = json.loads(json.dumps(settings))
@@ -532,10 +519,6 @@ class _Parts:
         return {int(p.stem.split("-")[1]) for p in self.folder.glob("chunk-*.npz")}
 
     def save(self, index: int, det: Detections) -> None:
-        import io
-
-        from cellkit.data.io import atomic_write
-
         buf = io.BytesIO()
         np.savez(buf, points=det.points, classes=det.classes, scores=det.scores)
         with atomic_write(self._file(index), "wb") as f:
@@ -562,10 +545,6 @@ class _Parts:
 def _write_outputs(out: Path, stem: str, predictor: Any, slide: Slide, cells: Detections, thumb: np.ndarray,
                    thumb_scale: tuple[float, float], mask: np.ndarray, regions: Sequence[Any], region_index: np.ndarray | None,
                    index_class: str | None, settings: Mapping[str, Any]) -> list[Path]:
-    from cellkit.data.writers import write_csv, write_geojson
-    from cellkit.viz import class_colors
-    from cellkit.wsi.summary import draw_thumbnail, summarize, write_summary
-
     names = list(predictor.class_names)
     files = slide_files(out, stem)
     tissue_px = float(mask.sum()) / (thumb_scale[0] * thumb_scale[1])

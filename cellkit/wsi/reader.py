@@ -36,7 +36,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cellkit.data.io import SLIDE_SUFFIXES  # defined with the image suffixes: inputs are listed below wsi
+from cellkit.data.io import (
+    MPP_RANGE,
+    SLIDE_SUFFIXES,  # defined with the image suffixes: inputs are listed below wsi
+    DataError,
+    read_image,
+)
 
 __all__ = ["SLIDE_SUFFIXES", "Slide", "SlideError", "is_whole_slide", "open_slide"]
 
@@ -294,8 +299,6 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist; give the slide file (e.g. slide.svs).")
-    from cellkit.data.io import MPP_RANGE
-
     if mpp is not None and not (math.isfinite(float(mpp)) and MPP_RANGE[0] <= float(mpp) <= MPP_RANGE[1]):
         raise SlideError(f"mpp (micrometres per pixel) must be a number between {MPP_RANGE[0]:g} and "
                          f"{MPP_RANGE[1]:g} (0.25 for a 40x scan), got {mpp!r} for {p}.")
@@ -311,8 +314,6 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
             ) from err
         found = _mpp_from(osr.properties)
         return Slide(p, osr, None, float(mpp) if mpp is not None else found, fmt)
-    from cellkit.data.io import DataError, read_image
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -33,8 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from cellkit.data.guard import write_png
 from cellkit.data.io import atomic_write
 from cellkit.lookup import look_up_option
+from cellkit.viz import class_colors
 
 __all__ = ["INDEX_CLASS_NAMES", "density_map", "draw_thumbnail", "summarize", "write_summary"]
 
@@ -475,9 +477,6 @@ def draw_thumbnail(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from PIL import Image
-
-    from cellkit.data.guard import write_png
-
     thumb, mask, pts, cls, names, colours = _thumbnail_inputs(thumbnail, tissue, points, classes, class_names)
     h, w = thumb.shape[:2]
     area_mm2 = _scale_mm2(pixel_um, "draw_thumbnail: pixel_um")  # of one thumbnail pixel
@@ -514,8 +513,6 @@ def draw_thumbnail(
 def _thumbnail_inputs(thumbnail: Any, tissue: Any, points: Any, classes: Any,
                       class_names: Sequence[str] | None) -> tuple[Any, ...]:
     """``draw_thumbnail``'s inputs checked: thumbnail, mask, points, classes, names, colours."""
-    from cellkit.viz import class_colors
-
     thumb = np.asarray(thumbnail)
     if thumb.ndim != 3 or thumb.shape[2] != 3 or thumb.dtype != np.uint8 or 0 in thumb.shape[:2]:
         raise ValueError(
