@@ -4,16 +4,19 @@ On a terminal a tqdm bar; on a stderr that is not a terminal (a log file, a batc
 plain line now and then with the rate and the time left. [`StepLines`][] is training's
 (``step 120/400 (30%)  2.41 steps/s  ETA 1m56s  loss 0.4123``), [`ChunkProgress`][] a
 slide's chunks (``predict s.svs: 12/40 chunks, 3.10 MP/s, 1m20s left``), and
-[`duration`][] the one way times are written.
+[`duration`][] the one way times are written. [`PhaseTimes`][] adds up where a long
+command's time goes (training's ``timings.json``) and announces the phases that take a while.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
+from collections.abc import Iterator
 
-__all__ = ["ChunkProgress", "StepLines", "duration"]
+__all__ = ["ChunkProgress", "PhaseTimes", "StepLines", "duration"]
 
 
 def duration(seconds: float) -> str:
@@ -86,3 +89,52 @@ class ChunkProgress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class PhaseTimes:
+    """Seconds spent per named phase, added up over a command.
+
+    ``with times.phase("validation"):`` adds the block's wall time to ``"validation"``;
+    ``announce=`` prints a line when the block starts (``cellkit: calibrating peaks on 31
+    images...``) and how long it took when it ends, for phases that can take more than a
+    few seconds and would otherwise be silent. ``add`` counts time measured elsewhere.
+
+    Examples:
+        >>> times = PhaseTimes()
+        >>> with times.phase("steps"):
+        ...     pass
+        >>> times.add("steps", 2.0); times.add("data loading", 0.5)
+        >>> sorted(times.seconds), times.seconds["steps"] >= 2.0
+        (['data loading', 'steps'], True)
+    """
+
+    def __init__(self, show: bool = True) -> None:
+        self.seconds: dict[str, float] = {}
+        self.show = bool(show)
+
+    def add(self, name: str, seconds: float) -> None:
+        """Count ``seconds`` more in phase ``name``."""
+        self.seconds[name] = self.seconds.get(name, 0.0) + float(seconds)
+
+    @contextlib.contextmanager
+    def phase(self, name: str, announce: str | None = None) -> Iterator[None]:
+        """Time the block as phase ``name``; with ``announce``, say it starts and how long it took."""
+        if announce and self.show:
+            print(f"{announce}...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            took = time.perf_counter() - started
+            self.add(name, took)
+            if announce and self.show:
+                print(f"{announce}: done in {duration(took)}", file=sys.stderr, flush=True)
+
+    def summary(self) -> str:
+        """``steps 1m20s (data loading 5s), validation 31s, ...``, the longest first."""
+        order = sorted(self.seconds.items(), key=lambda item: -item[1])
+        return ", ".join(f"{name} {duration(sec)}" for name, sec in order)
+
+    def to_dict(self) -> dict[str, float]:
+        """Seconds per phase, rounded to the millisecond."""
+        return {name: round(sec, 3) for name, sec in self.seconds.items()}

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 import cellkit
+import cellkit.engine.plots
 from cellkit.cli import main
 from cellkit.data import Sample
 from cellkit.engine import TrainResult, fit
@@ -175,7 +176,7 @@ def test_unreadable_images_skip_the_picture_with_a_warning(evaluated: tuple[Path
     def unreadable(path: object, **kwargs: object) -> None:
         raise OSError(f"cannot read {path}")
 
-    monkeypatch.setattr(cellkit.data.io, "read_image", unreadable)
+    monkeypatch.setattr(cellkit.engine.plots, "read_image", unreadable)
     with pytest.warns(UserWarning, match="errors.png was not drawn.*cannot read"):
         code = main(["evaluate", "--pred", str(pred), "--data", str(data), "--format", "csv"])
     assert code == 0 and (pred / "evaluation.json").is_file() and not (pred / "errors.png").exists()

@@ -141,6 +141,7 @@ def test_predict_probabilities_int8_quantizes_a_copy_or_uses_an_int8_model(monke
         raise AssertionError("an Int8Model is not quantized again")
 
     monkeypatch.setattr("cellkit.models.quantize.quantize_int8", fail)
+    monkeypatch.setattr("cellkit.engine.predict.quantize_int8", fail)  # where the Predictor calls it
     again = predict_probabilities(fast, image, tile_size=128, overlap=16, precision="int8")
     np.testing.assert_array_equal(again, predict_probabilities(fast, image, tile_size=128, overlap=16))
 

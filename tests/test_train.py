@@ -27,6 +27,7 @@ from cellkit.engine import (
     run_score,
     save_checkpoint,
 )
+from cellkit.engine import predict as predict_module
 from cellkit.engine import runs as runs_module
 from cellkit.engine import train as train_module
 from cellkit.engine import validation as validation_module
@@ -126,6 +127,17 @@ def test_run_folder(baseline: TrainResult) -> None:
     assert {"python", "numpy", "torch"} <= set(last["rng"])
     model, cfg, _ = load_model(baseline.best_path)
     assert cfg.name == "ours" and not model.training
+
+
+def test_timings_say_where_the_time_went(baseline: TrainResult) -> None:
+    timings = json.loads((baseline.out_dir / "timings.json").read_text())
+    seconds = timings["seconds"]
+    assert {"steps", "data loading", "validation", "checkpoints", "calibration", "other"} <= set(seconds)
+    assert all(v >= 0 for v in seconds.values()) and seconds["steps"] > 0 and seconds["validation"] > 0
+    # The phases add up to the stage's time (``other`` is the rest).
+    assert sum(seconds.values()) == pytest.approx(timings["total_seconds"], abs=0.01)
+    assert timings["steps_run"] == 4 and timings["stage"] == "train" and timings["resumed_at_round"] == 0
+    assert timings["steps_per_second"] == pytest.approx(4 / seconds["steps"], rel=0.01)
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(baseline, tmp_path, monkeypatch) -> None:
@@ -245,6 +257,11 @@ def test_every_preset_trains_one_step(name, tmp_path, capsys) -> None:
     assert any(not torch.equal(initial[k], trained[k]) for k in initial if k.startswith("encoder."))
     err = capsys.readouterr().err
     assert "epoch 1/1  loss " in err and "val F1 class0" in err
+    # No long phase is silent: each says it starts and how long it took, and the stage its time.
+    assert "calibrating the peaks of the best weights on 2 validation images...\n" in err
+    assert "\ntime " in err
+    if cfg.pretrain is not None:
+        assert "preparing the targets prior of 6 images..." in err and "\nstage 1 time " in err
 
 
 def test_default_data_is_read_and_split_by_group(tmp_path) -> None:
@@ -306,7 +323,7 @@ def test_best_checkpoint_keeps_calibration_crops_for_int8(baseline: TrainResult,
         return
     seen = []
     real = quantize.quantize_int8
-    monkeypatch.setattr(quantize, "quantize_int8", lambda model, calibration=None: seen.append(calibration)
+    monkeypatch.setattr(predict_module, "quantize_int8", lambda model, calibration=None: seen.append(calibration)
                         or real(model, calibration))
     predictor = Predictor.from_checkpoint(baseline.best_path, device="cpu", precision="auto")
     assert predictor.precision == "int8" and len(seen) == 1  # calibrated on the crops, not the bundled tiles
@@ -315,7 +332,6 @@ def test_best_checkpoint_keeps_calibration_crops_for_int8(baseline: TrainResult,
 
 def test_predict_default_uses_thresholds_calibrated_on_its_own_maps(tmp_path: Path, monkeypatch) -> None:
     """Training calibrates the peaks on the maps that cellkit predict's default (int8 on the CPU) makes."""
-    from cellkit.engine import calibrate as calibrate_module
     from cellkit.engine.predict import Predictor
     from cellkit.models.quantize import int8_available
 
@@ -336,8 +352,8 @@ def test_predict_default_uses_thresholds_calibrated_on_its_own_maps(tmp_path: Pa
     assert list(np.atleast_1d(fp32.postprocess.threshold)) == list(np.atleast_1d(ckpt["postprocess"]["threshold"]))
     # The maps the int8 thresholds were calibrated on are the maps the default predictor makes.
     seen = []
-    real = calibrate_module.calibrate_peaks
-    monkeypatch.setattr(calibrate_module, "calibrate_peaks",
+    real = validation_module.calibrate_peaks
+    monkeypatch.setattr(validation_module, "calibrate_peaks",
                         lambda maps, *a, **k: seen.append(list(maps)) or real(maps, *a, **k))
     model = Predictor.from_checkpoint(result.best_path, device="cpu", precision="fp32").model
     truths = [(s.points, s.classes) for s in SPLITS["val"]]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from cellkit.engine.distributed import all_reduce_sum
-from cellkit.progress import StepLines
+from cellkit.progress import PhaseTimes, StepLines
 
 if TYPE_CHECKING:  # the stage a function works on; train imports this module
     from cellkit.engine.train import _Stage
@@ -51,10 +52,14 @@ class _StepContext:
 def train_one_epoch(model: nn.Module, loader: Any, steps: int, loss_fn: nn.Module,
                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float | None,
                  ctx: _StepContext, *, desc: str, show_bar: bool, scheduler: Any = None,
-                 log: Callable[[int, float], None] | None = None) -> dict[str, float]:
+                 log: Callable[[int, float], None] | None = None,
+                 times: PhaseTimes | None = None) -> dict[str, float]:
     """One epoch; returns the mean of every loss term (and ``total``) over all ranks.
 
     ``log(step, mean_loss)`` is called after each step (1-based, of this round) when given.
+    ``times`` gets the seconds spent waiting for batches (``"data loading"``) and in the
+    steps themselves (``"steps"``: forward, backward, optimizer; on a GPU, until the step's
+    work is queued).
     """
     from tqdm.auto import tqdm
 
@@ -64,10 +69,14 @@ def train_one_epoch(model: nn.Module, loader: Any, steps: int, loss_fn: nn.Modul
     count = 0
     bar = tqdm(total=steps, desc=desc, disable=not show_bar, leave=False, dynamic_ncols=True,
                file=sys.stderr)
+    waiting = time.perf_counter()
     try:
         for step, batch in enumerate(loader):
             if step >= steps:
                 break
+            computing = time.perf_counter()
+            if times is not None:
+                times.add("data loading", computing - waiting)
             outputs = ctx.forward(model, ctx.images(batch))
             total, terms = loss_fn(outputs, ctx.targets(batch))
             optimizer.zero_grad(set_to_none=True)
@@ -86,6 +95,9 @@ def train_one_epoch(model: nn.Module, loader: Any, steps: int, loss_fn: nn.Modul
             bar.set_postfix(loss=f"{sums[0].item() / count:.4f}")
             if log is not None:
                 log(count, sums[0].item() / count)
+            waiting = time.perf_counter()
+            if times is not None:
+                times.add("steps", waiting - computing)
     finally:
         bar.close()
     # nccl reduces CUDA tensors only; gloo takes CPU tensors.

@@ -289,9 +289,13 @@ def _prepare_targets(st: _Stage, stage1: Path | None) -> None:
         load_stage1=load_stage1 if stage1 is not None else None,
     )
     samples = list(st.split["train"]) + list(st.split["val"])
-    for generator in preparing:
-        generator.prepare(samples, context)
-    barrier()  # the main process has filled the shared caches
+    names = [name for name, g in st.targets.items() if callable(getattr(g, "prepare", None))]
+    where = "stage 1: " if st.name == "pretrain" else ""
+    with st.times.phase("target preparation",
+                        announce=f"{where}preparing the targets {', '.join(names)} of {len(samples)} images"):
+        for generator in preparing:
+            generator.prepare(samples, context)
+        barrier()  # the main process has filled the shared caches
 
 
 def _loaders(st: _Stage) -> tuple[Any, Any, Any, Any, torch.Generator]:

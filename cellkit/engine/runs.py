@@ -57,6 +57,7 @@ from cellkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from cellkit.engine.distributed import unwrap
 from cellkit.engine.loop import _summary
 from cellkit.engine.plots import plot_training
+from cellkit.progress import duration
 
 if TYPE_CHECKING:  # the stage a function works on; train imports this module
     from cellkit.engine.train import _Stage
@@ -94,7 +95,7 @@ def _check_out_dir(out: Path, resume: bool) -> None:
     if not resume:
         # A new run writes these too; in a folder that is not a run they are someone else's.
         check_outputs(
-            "cellkit train", [out / "curves.png", out / "calibration.json"],
+            "cellkit train", [out / "curves.png", out / "calibration.json", out / "timings.json"],
             ours=lambda p: False,
             fix=f"a run folder holds only what cellkit train writes: give a new or empty --out (not {out}, "
                 "which is not a run's folder: a data folder?)",
@@ -248,6 +249,38 @@ def _store_int8_calibration(best_path: Path, samples: Sequence[Any]) -> None:
     best = {k: v for k, v in best.items() if k not in ("path", "format")}
     best["int8_calibration"] = crops
     save_checkpoint(best_path, best)
+
+
+def _write_timings(st: _Stage, total: float) -> None:
+    """``<stage folder>/timings.json``: where this process's time in the stage went, and one line saying it.
+
+    The phases ([`PhaseTimes`][cellkit.progress.PhaseTimes]): ``steps`` (forward, backward,
+    optimizer), ``data loading`` (waiting for batches), ``validation``, ``checkpoints``,
+    ``target preparation`` (the prior's stage-1 maps), ``calibration`` and ``calibration
+    (int8)``; ``other`` is the rest of the stage (building, loading the images' targets...).
+    A resumed stage counts from its restart. The machine's load average is recorded beside:
+    a timing taken while other work shared the cores says so.
+    """
+    seconds = st.times.to_dict()
+    seconds["other"] = round(max(0.0, total - sum(seconds.values())), 3)
+    steps_run = sum(int(r.get("steps", 0)) for r in st.history[st.start:])
+    record = {
+        "stage": st.name, "total_seconds": round(total, 3), "seconds": seconds, "steps_run": steps_run,
+        "steps_per_second": round(steps_run / seconds["steps"], 3) if seconds.get("steps") else None,
+        "device": str(st.ctx.dev), "threads": torch.get_num_threads(), "load_average": _load_average(),
+        "resumed_at_round": st.start,
+    }
+    write_text_atomic(st.out / "timings.json", json.dumps(record, indent=2) + "\n")
+    if st.progress is not False:
+        where = "stage 1 " if st.name == "pretrain" else ""
+        print(f"{where}time {duration(total)}: {st.times.summary()}", file=sys.stderr, flush=True)
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):  # not on every platform
+        return None
 
 
 def _draw_curves(out: Path, progress: bool | None) -> None:

@@ -102,9 +102,10 @@ from cellkit.engine.runs import (
     _save_round,
     _store_int8_calibration,
     _write_metrics,
+    _write_timings,
 )
 from cellkit.engine.validation import _better, _final_calibration, _validate, run_score
-from cellkit.progress import StepLines
+from cellkit.progress import PhaseTimes, StepLines
 
 __all__ = ["TrainResult", "fit"]
 
@@ -260,6 +261,7 @@ class _Stage:
     best_score: float = float("nan")
     chosen_post: dict[str, Any] = field(default_factory=dict)
     lines: StepLines | None = None  # progress lines when stderr is not a terminal
+    times: PhaseTimes = field(default_factory=PhaseTimes)  # where this process's time went
 
     @property
     def last_path(self) -> Path:
@@ -282,7 +284,9 @@ def _run_stage(cfg: CellkitConfig, out: Path, *, stage1: Path | None = None, **k
 
     Every round is [`train_one_epoch`][cellkit.engine.loop.train_one_epoch] (its steps), then validation, then the checkpoints.
     """
+    started = time.perf_counter()
     st = _set_up_stage(cfg, out, **kwargs)
+    st.times.show = st.info.is_main and st.progress is not False
     finished = st.start >= _plan(cfg.train, 1, st.max_steps)[0]
     if not finished:
         _prepare_targets(st, stage1)
@@ -296,16 +300,20 @@ def _run_stage(cfg: CellkitConfig, out: Path, *, stage1: Path | None = None, **k
         for epoch in range(st.start, rounds):
             _seed_round(cfg.train.seed, epoch, sampler_gen, sampler, train_ds)
             record, improved = _round(st, ddp_model, loader, val_ds, scheduler, epoch, sizes)
-            _save_round(st, record, improved, scheduler, sum(sizes) if cfg.train.steps is not None else None)
+            with st.times.phase("checkpoints"):
+                _save_round(st, record, improved, scheduler, sum(sizes) if cfg.train.steps is not None else None)
         barrier()
     if st.info.is_main and st.best_path.is_file() and st.split["train"]:
-        _store_int8_calibration(st.best_path, st.split["train"])  # first: the int8 calibration uses them
+        with st.times.phase("checkpoints"):
+            _store_int8_calibration(st.best_path, st.split["train"])  # first: the int8 calibration uses them
     barrier()
     if (cfg.train.calibrate and st.split["val"] and st.best_path.is_file()
             and not (finished and "calibration" in load_checkpoint(st.best_path, map_location="cpu"))):
         _final_calibration(cfg, unwrap(st.model), st.best_path, out, st.split["val"], st.class_names, st.ctx,
-                           st.info, st.progress)
+                           st.info, st.progress, times=st.times)
     barrier()
+    if st.info.is_main:
+        _write_timings(st, time.perf_counter() - started)
     return st.result()
 
 
@@ -356,8 +364,8 @@ def _round(st: _Stage, ddp_model: nn.Module, loader: Any, val_ds: Any, scheduler
     desc = (f"{prefix}steps {done + 1}-{done + steps}/{sum(sizes)}" if t.steps is not None
             else f"{prefix}epoch {epoch + 1}/{len(sizes)}")
     train_terms = train_one_epoch(ddp_model, loader, steps, st.loss_fn, st.optimizer, st.scaler, t.grad_clip, st.ctx,
-                               desc=desc, show_bar=_show_bar(st), scheduler=scheduler,
-                               log=_progress_log(st, done, sum(sizes)))
+                                  desc=desc, show_bar=_show_bar(st), scheduler=scheduler,
+                                  log=_progress_log(st, done, sum(sizes)), times=st.times)
     # The sums were reduced over ranks, so every rank raises together (no rank left waiting).
     if not all(math.isfinite(v) for v in train_terms.values()):
         raise FloatingPointError(
@@ -369,8 +377,9 @@ def _round(st: _Stage, ddp_model: nn.Module, loader: Any, val_ds: Any, scheduler
     validate = bool(st.split["val"]) and ((epoch + 1) % every == 0 or epoch + 1 == len(sizes))
     val_terms, f1, mean_f1, post_kwargs = None, None, None, None
     if validate:
-        val_terms, f1, mean_f1, post_kwargs = _validate(unwrap(st.model), val_ds, st.split["val"], st.loss_fn,
-                                                        st.cfg, st.class_names, st.ctx, st.info)
+        with st.times.phase("validation"):
+            val_terms, f1, mean_f1, post_kwargs = _validate(unwrap(st.model), val_ds, st.split["val"], st.loss_fn,
+                                                            st.cfg, st.class_names, st.ctx, st.info)
     score = run_score(f1) if validate else float("nan")
     if validate:  # the first validated round is the best so far; later ones must beat it
         improved = _better(score, st.best_score) or not any(r.get("best") for r in st.history)

@@ -40,6 +40,7 @@ from cellkit.engine.distributed import DistInfo, all_gather_objects
 from cellkit.engine.loop import _fmt, _StepContext
 from cellkit.engine.predict import DEFAULT_TILE_SIZE, Predictor, _stored_calibration, predict_probabilities
 from cellkit.metrics import evaluate
+from cellkit.progress import PhaseTimes
 from cellkit.registry import POSTPROCESSORS
 
 __all__ = ["run_score"]
@@ -62,30 +63,34 @@ def run_score(f1: Mapping[str, float | None] | None) -> float:
 
 def _final_calibration(cfg: CellkitConfig, model: nn.Module, best_path: Path, out: Path,
                        val_samples: Sequence[Any], class_names: list[str], ctx: _StepContext,
-                       info: DistInfo, progress: bool | None = None) -> None:
+                       info: DistInfo, progress: bool | None = None, times: PhaseTimes | None = None) -> None:
     """Calibrate thresholds and minimum distances on the best weights; store them in best.pt.
 
     Writes ``<run>/calibration.json`` too. A copy of the model gets best.pt's weights (the
-    model itself keeps the last step's).
+    model itself keeps the last step's). ``times`` gets the phases (``"calibration"``,
+    ``"calibration (int8)"``), which it announces.
     """
+    times = times if times is not None else PhaseTimes(show=info.is_main and progress is not False)
     best = load_checkpoint(best_path, map_location="cpu")
     model = copy.deepcopy(model)
     model.load_state_dict(best["model"])
-    maps = _validation_maps(model, val_samples, ctx, info)
     truths = [(s.points, s.classes) for s in val_samples]
     base = dict(best.get("postprocess") or cfg.postprocess.kwargs)
     d0 = cfg.postprocess.kwargs.get("min_distance")
     grid_d = None
     if isinstance(d0, (int, float)) and not isinstance(d0, bool):
         grid_d = sorted({max(1, int(round(f * d0))) for f in (0.67, 1.0, 1.33)})
-    cal = calibrate_peaks(maps, truths, radius=cfg.train.radius, class_names=class_names, kwargs=base,
-                          name=cfg.postprocess.name, min_distances=grid_d,
-                          relative=cfg.model.activation == "identity", rounds=2)
+    with times.phase("calibration", announce=f"calibrating the peaks of the best weights on {len(val_samples)} "
+                                             "validation images"):
+        maps = _validation_maps(model, val_samples, ctx, info)
+        cal = calibrate_peaks(maps, truths, radius=cfg.train.radius, class_names=class_names, kwargs=base,
+                              name=cfg.postprocess.name, min_distances=grid_d,
+                              relative=cfg.model.activation == "identity", rounds=2)
     if info.is_main:
         best["postprocess"] = cal.kwargs
         best["calibration"] = cal.to_dict()
         report = cal.to_dict()
-        cal8 = _int8_calibration(cfg, model, best, val_samples, truths, class_names, cal.kwargs, grid_d)
+        cal8 = _int8_calibration(cfg, model, best, val_samples, truths, class_names, cal.kwargs, grid_d, times)
         if cal8 is not None:
             # What cellkit predict runs by default on the CPU: its thresholds come from its own maps.
             best["postprocess_int8"] = cal8.kwargs
@@ -104,7 +109,7 @@ def _final_calibration(cfg: CellkitConfig, model: nn.Module, best_path: Path, ou
 
 def _int8_calibration(cfg: CellkitConfig, model: nn.Module, best: Mapping[str, Any], val_samples: Sequence[Any],
                       truths: Sequence[tuple[Any, Any]], class_names: list[str], start: Mapping[str, Any],
-                      grid_d: list[int] | None) -> Any:
+                      grid_d: list[int] | None, times: PhaseTimes | None = None) -> Any:
     """Peaks calibrated on the maps ``cellkit predict`` makes by default on the CPU (int8).
 
     The maps come from a [`Predictor`][cellkit.engine.predict.Predictor] built as
@@ -118,10 +123,13 @@ def _int8_calibration(cfg: CellkitConfig, model: nn.Module, best: Mapping[str, A
                           precision="auto", int8_calibration=_stored_calibration(dict(best)))
     if predictor.precision != "int8":
         return None
-    maps = [predictor.probabilities(s.image) for s in val_samples]
-    return calibrate_peaks(maps, truths, radius=cfg.train.radius, class_names=class_names, kwargs=dict(start),
-                           name=cfg.postprocess.name, min_distances=grid_d,
-                           relative=cfg.model.activation == "identity", rounds=1)
+    times = times if times is not None else PhaseTimes(show=False)
+    with times.phase("calibration (int8)", announce="calibrating the peaks on the int8 maps that cellkit predict "
+                                                     "runs by default on the CPU"):
+        maps = [predictor.probabilities(s.image) for s in val_samples]
+        return calibrate_peaks(maps, truths, radius=cfg.train.radius, class_names=class_names, kwargs=dict(start),
+                               name=cfg.postprocess.name, min_distances=grid_d,
+                               relative=cfg.model.activation == "identity", rounds=1)
 
 
 def _better(score: float, best: float) -> bool:
