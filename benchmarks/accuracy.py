@@ -55,6 +55,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import contention, load_average  # noqa: E402
+
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
@@ -229,6 +232,7 @@ def run_one(dataset: str, preset: str, fold: int, root: Path, train: list[str], 
         extra += ["--seed", str(seed)]
     if args.quick:
         extra += ["--steps", "6", "--val-every-steps", "3"]
+    load_start = None  # the load average before training (none when the checkpoints come from another variant)
     if getattr(args, "checkpoints_of", None):
         run = args.out / label / args.checkpoints_of / name / "run"
         if not (run / "best.pt").is_file():
@@ -237,6 +241,7 @@ def run_one(dataset: str, preset: str, fold: int, root: Path, train: list[str], 
     else:
         resume = ["--resume"] if (run / "config.yaml").exists() else []
         log(f"[{label} {preset} fold {fold} seed {seed}] cellkit train ({len(train)} images) -> {run}")
+        load_start = load_average()
         train_s = cellkit("train", "--preset", preset, "--data", str(train_dir), "--format", dataset,
                           "--out", str(run), *extra, *resume, log_path=log_path)
     images = sorted(str(p) for p in (test_dir / "images").rglob("*.png"))
@@ -247,6 +252,13 @@ def run_one(dataset: str, preset: str, fold: int, root: Path, train: list[str], 
     cellkit("evaluate", "--pred", str(pred), "--data", str(test_dir), "--format", dataset,
             "--radius", str(RADIUS[dataset]), "--json", str(base / "evaluation.json"), log_path=log_path)
     evaluation = json.loads((base / "evaluation.json").read_text())
+    loads = {"start": load_start, "end": load_average()}
+    warning = contention(loads["start"], loads["end"])
+    if warning:
+        log(f"[{label} {preset} fold {fold} seed {seed}] {warning}")
+    timings = {stage: json.loads(p.read_text()) for stage, p in (("train", run / "timings.json"),
+                                                                   ("pretrain", run / "pretrain" / "timings.json"))
+               if p.is_file()}
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     cal_path = run / "calibration.json"
     result = {
@@ -257,6 +269,7 @@ def run_one(dataset: str, preset: str, fold: int, root: Path, train: list[str], 
         "train_seconds": round(train_s, 1), "steps": int(sum(m["steps"] for m in metrics)),
         "validation": [{"step": m.get("step"), "f1": m.get("f1"), "score": m.get("score")} for m in metrics],
         "calibration": json.loads(cal_path.read_text()) if cal_path.is_file() else None,
+        "timings": timings, "load_average_1min": loads, "contended": warning is not None,
     }
     result_path.write_text(json.dumps(result, indent=2))
     return result

@@ -32,6 +32,8 @@ __all__ = [
     "call_all",
     "format_table",
     "machine_info",
+    "contention",
+    "load_average",
     "matmul_rate",
     "measure",
     "peak_rss_mb",
@@ -256,6 +258,37 @@ def machine_info(root: Path | None = None) -> dict[str, Any]:
             "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
         }
     return info
+
+
+def contention(load_start: float | None, load_end: float | None, cores: int | None = None) -> str | None:
+    """A loud note when a timing was taken while other work shared the cores, else ``None``.
+
+    The 1-minute load average counts the benchmark itself (about one per busy thread), so a
+    load above the cores in use means something else ran too: two torch processes on two
+    cores each run many times slower than alone (threads spin-waiting for each other), and
+    such a timing says nothing about the code. ``cores``: the CPUs this process may use.
+
+    Examples:
+        >>> contention(1.9, 2.0, cores=2) is None
+        True
+        >>> contention(0.5, 4.2, cores=2)[:40]
+        'WARNING: the load average reached 4.2 on'
+    """
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+    loads = [v for v in (load_start, load_end) if v is not None]
+    if not loads or max(loads) <= cores + 0.5:
+        return None
+    return (f"WARNING: the load average reached {max(loads):.1f} on {cores} cores: other work shared the "
+            "cores, so these timings are not the code's (run it again alone)")
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (``None`` where the platform has none)."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def _fmt(value: Any) -> str:

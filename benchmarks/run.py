@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 
 import model_bench  # noqa: E402
 import synthetic  # noqa: E402
-from harness import call_all, format_table, machine_info, measure, run_isolated  # noqa: E402
+from harness import call_all, contention, format_table, machine_info, measure, run_isolated  # noqa: E402
 
 STAGES = ("targets", "peaks", "matching", "training", "inference", "gpu")
 SIZES = ("cpu", "paper")
@@ -910,6 +910,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         loads = results[name]["load_average_1min"]
         if loads["start"] is not None:
             table += f"\n(load average {loads['start']:.1f} at the start, {loads['end']:.1f} at the end)"
+        warning = contention(loads["start"], loads["end"], machine["usable_cpus"])
+        results[name]["contended"] = warning is not None
+        if warning:
+            table += "\n" + warning
         log(table + "\n")
     check_rows = checks(results, cfg)
     if check_rows:
