@@ -158,7 +158,10 @@ class TrainConfig:
         scheduler: ``None`` (constant after the warm-up), ``"cosine"`` (to 0 at the last
             step) or ``"step"`` (x0.1 at 2/3 of the steps).
         grad_clip: max gradient norm, or ``None``.
-        amp: mixed precision (CUDA only; ignored on the CPU).
+        amp: mixed precision where the hardware computes it natively: float16 on CUDA (with a
+            gradient scaler), bfloat16 on CPUs with AVX512-BF16 or AMX (about twice the steps
+            per second), float32 elsewhere; the loss terms run in float32 (see
+            [`training_autocast_dtype`][cellkit.engine.predict.training_autocast_dtype]).
         channels_last: memory format of the model and inputs.
         seed: makes a CPU run repeatable.
         num_workers: DataLoader workers (0 = in the main process).

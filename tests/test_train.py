@@ -362,3 +362,30 @@ def test_predict_default_uses_thresholds_calibrated_on_its_own_maps(tmp_path: Pa
     assert again is not None and len(seen) == 1
     for maps, sample in zip(seen[0], SPLITS["val"]):
         assert np.array_equal(maps, default.probabilities(sample.image))
+
+
+def test_bf16_on_cpus_that_compute_it(tmp_path, monkeypatch, capsys) -> None:
+    """train.amp on a CPU with native bfloat16 (forced here: CELLKIT_CPU_BF16=1) trains under bf16
+    autocast, losses in float32; elsewhere (and with amp off) float32, as before."""
+    from cellkit.engine.predict import training_autocast_dtype
+
+    monkeypatch.setenv("CELLKIT_CPU_BF16", "0")
+    assert training_autocast_dtype("cpu", amp=True) is None  # emulated bf16 would be slower
+    monkeypatch.setenv("CELLKIT_CPU_BF16", "1")
+    assert training_autocast_dtype("cpu", amp=True) == torch.bfloat16
+    assert training_autocast_dtype("cpu", amp=False) is None
+    seen = []
+    real = train_module.train_one_epoch
+
+    def spy(model, loader, steps, loss_fn, optimizer, scaler, grad_clip, ctx, **kw):
+        seen.append((ctx.amp_dtype, ctx.use_amp, scaler.is_enabled()))
+        return real(model, loader, steps, loss_fn, optimizer, scaler, grad_clip, ctx, **kw)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", spy)
+    result = fit(tiny("ours"), tmp_path / "bf16", splits=SPLITS, device="cpu", max_steps=1, progress=None)
+    assert seen == [(torch.bfloat16, False, False)]  # no gradient scaler: bfloat16 keeps float32's range
+    assert all(np.isfinite(v) for v in result.history[-1]["train"].values())
+    assert json.loads((tmp_path / "bf16" / "timings.json").read_text())["precision"] == "bf16"
+    assert "the network runs in bfloat16" in capsys.readouterr().err
+    # The weights stay float32 (autocast computes in bfloat16, the parameters are not cast).
+    assert all(v.dtype == torch.float32 for v in weights(result.last_path).values() if v.is_floating_point())

@@ -38,7 +38,7 @@ def test_validation_maps_are_the_maps_of_predict(parts):
     samples = _samples()
     k = parts.config.model.num_classes
     val_ds = PointDataset(samples, targets=parts.targets, num_classes=k, crop_size=None, augment=None, seed=0)
-    ctx = _StepContext(torch.device("cpu"), use_amp=False, channels_last=False)
+    ctx = _StepContext(torch.device("cpu"), amp_dtype=None, channels_last=False)
     model = parts.model
     model.train()
     terms, maps = _validation_pass(model, val_ds, samples, parts.loss, ctx, DistInfo())

@@ -30,8 +30,18 @@ __all__ = ["train_one_epoch"]
 @dataclass
 class _StepContext:
     dev: torch.device
-    use_amp: bool
+    amp_dtype: torch.dtype | None  # autocast's (training_autocast_dtype), None for float32
     channels_last: bool
+
+    @property
+    def use_amp(self) -> bool:
+        """float16 autocast on CUDA: the one that needs a gradient scaler."""
+        return self.amp_dtype == torch.float16
+
+    @property
+    def precision(self) -> str:
+        """The inference precision of the same arithmetic (validation's maps)."""
+        return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.amp_dtype, "fp32")
 
     def images(self, batch: Mapping[str, Any]) -> torch.Tensor:
         x = batch["image"].to(self.dev, non_blocking=True)
@@ -44,7 +54,8 @@ class _StepContext:
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
         # Mixed precision for the network only; the losses run in float32.
-        with torch.autocast(device_type=self.dev.type, dtype=torch.float16, enabled=self.use_amp):
+        with torch.autocast(device_type=self.dev.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
             outputs = model(x)
         return {k: v.float() for k, v in outputs.items()}
 

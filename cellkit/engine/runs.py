@@ -267,7 +267,8 @@ def _write_timings(st: _Stage, total: float) -> None:
     record = {
         "stage": st.name, "total_seconds": round(total, 3), "seconds": seconds, "steps_run": steps_run,
         "steps_per_second": round(steps_run / seconds["steps"], 3) if seconds.get("steps") else None,
-        "device": str(st.ctx.dev), "threads": torch.get_num_threads(), "load_average": _load_average(),
+        "device": str(st.ctx.dev), "precision": st.ctx.precision, "threads": torch.get_num_threads(),
+        "load_average": _load_average(),
         "resumed_at_round": st.start,
     }
     write_text_atomic(st.out / "timings.json", json.dumps(record, indent=2) + "\n")

@@ -91,7 +91,7 @@ from cellkit.engine.plan import (
     _seed_round,
     resolve_for_data,
 )
-from cellkit.engine.predict import resolve_device
+from cellkit.engine.predict import resolve_device, training_autocast_dtype
 from cellkit.engine.runs import (
     _check_out_dir,
     _check_resumable,
@@ -322,7 +322,11 @@ def _set_up_stage(cfg: CellkitConfig, out: Path, *, split: dict[str, list[Any]],
                   max_steps: int | None) -> _Stage:
     """Build the stage's parts; with ``resume``, load ``last.pt`` into them; write config.yaml."""
     t = cfg.train
-    use_amp = dev.type == "cuda" and bool(t.amp)
+    amp_dtype = training_autocast_dtype(dev, bool(t.amp))
+    use_amp = amp_dtype == torch.float16  # the gradient scaler is for float16 only
+    if amp_dtype == torch.bfloat16 and info.is_main and progress is not False:
+        print(f"{stage}: the network runs in bfloat16 (this CPU computes it natively; train.amp: false for "
+              "float32), the losses in float32", file=sys.stderr, flush=True)
     _seed_all(t.seed)
     parts = build(cfg, check=False)  # checked once, in fit
     if t.init_from and not (resume and (out / "last.pt").is_file()):
@@ -337,7 +341,7 @@ def _set_up_stage(cfg: CellkitConfig, out: Path, *, split: dict[str, list[Any]],
         model = model.to(memory_format=torch.channels_last)
     st = _Stage(
         cfg=cfg, out=out, name=stage, split=split, class_names=class_names, info=info, progress=progress,
-        max_steps=max_steps, ctx=_StepContext(dev=dev, use_amp=use_amp, channels_last=bool(t.channels_last)),
+        max_steps=max_steps, ctx=_StepContext(dev=dev, amp_dtype=amp_dtype, channels_last=bool(t.channels_last)),
         model=model, optimizer=torch.optim.Adam(model.parameters(), lr=t.lr, betas=tuple(t.betas),
                                                 weight_decay=t.weight_decay),
         scaler=torch.amp.GradScaler("cuda", enabled=use_amp), loss_fn=parts.loss.to(dev),

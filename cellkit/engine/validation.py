@@ -146,7 +146,7 @@ def _validation_maps(model: nn.Module, val_samples: Sequence[Any], ctx: _StepCon
     Sharded over ranks (rank ``r`` runs images ``r, r + world_size, ...``) and gathered, so
     every rank returns all maps in order.
     """
-    local = [(i, predict_probabilities(model, val_samples[i].image, device=ctx.dev, amp=ctx.use_amp))
+    local = [(i, predict_probabilities(model, val_samples[i].image, device=ctx.dev, precision=ctx.precision))
              for i in range(info.rank, len(val_samples), info.world_size)]
     parts = all_gather_objects(local)
     return [m for _, m in sorted((item for part in parts for item in part), key=lambda item: item[0])]
@@ -201,7 +201,7 @@ def _validation_pass(model: nn.Module, val_ds: Any, val_samples: Sequence[Any], 
             if _fits_one_tile(image) and hasattr(model, "main"):
                 probs = apply_activation(outputs[model.main][0], model.activation).cpu().numpy()
             else:
-                probs = predict_probabilities(model, image, device=ctx.dev, amp=ctx.use_amp)
+                probs = predict_probabilities(model, image, device=ctx.dev, precision=ctx.precision)
             local.append((i, [float(total)] + [float(terms[k]) for k in labels], probs))
     finally:
         model.train(was_training)
