@@ -215,3 +215,26 @@ def test_accuracy_compare_and_transfer_table_pool_per_image_counts(tmp_path: Pat
     table = acc.transfer_table(tmp_path, "ours").splitlines()
     assert table[2].startswith("| ours | 1 folds x 1 seeds | 0.750 ± 0.000 | 0.75 |")
     assert "| better |" in table[3] and "+0.250 [+0.250, +0.250]" in table[3]
+
+
+# --------------------------------------------------------------------------- train_profile.py
+
+
+def test_train_profile_reads_a_finished_run_and_flags_contention(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_profile", ROOT / "benchmarks" / "train_profile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parse_args(["--presets", "ours", "--datasets", "endonuke", "--arms", "native",
+                              "--out", str(tmp_path), "--bcdata", str(tmp_path / "absent")])
+    run = tmp_path / "endonuke-ours-native"
+    (run / "pretrain").mkdir(parents=True)
+    (run / "timings.json").write_text(json.dumps({"seconds": {"steps": 3.0}}))
+    (run / "pretrain" / "timings.json").write_text(json.dumps({"seconds": {"steps": 1.0}}))
+    record = module.one_run("endonuke", "ours", "native", args)  # finished: read, not run again
+    assert record["stages"] == {"train": {"seconds": {"steps": 3.0}}, "pretrain": {"seconds": {"steps": 1.0}}}
+    with pytest.raises(SystemExit, match="no such folder"):
+        module.data_args("bcdata", args)
+    harness = module.contention
+    assert harness(1.0, 2.1, cores=2) is None and "other work shared the cores" in harness(3.5, 1.0, cores=2)
