@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from cellkit.config import CellkitConfig, ConfigError, ModelConfig
-from cellkit.data.formats import FORMATS, get_format
 from cellkit.lookup import look_up_option, unknown_option_message
 from cellkit.losses import LossTerm, WeightedLoss
 from cellkit.models import MultiDecoderModel
@@ -155,9 +154,11 @@ class Parts:
         model: the [`MultiDecoderModel`][cellkit.models.MultiDecoderModel], carrying its activation.
         loss: the weighted sum of the loss terms ([`WeightedLoss`][cellkit.losses.WeightedLoss]).
         targets: the mask generators, by target name.
-        postprocess: maps -> [`Detections`][cellkit.points.Detections].
-        format: the data format's entry ([`cellkit.data.formats`][cellkit.data.formats]),
-            or ``None`` for a format cellkit does not know (a caller passing samples itself).
+        postprocess: maps -> [`Detections`][cellkit.points.Detections], with the config's
+            peak arguments (training calibrates its own on the validation images; a trained
+            model's are in its checkpoint: [`Predictor.from_checkpoint`][cellkit.engine.predict.Predictor.from_checkpoint]).
+
+    The data format is not a part: [`get_format`][cellkit.data.formats.get_format] names it.
     """
 
     config: CellkitConfig
@@ -165,7 +166,6 @@ class Parts:
     loss: nn.Module
     targets: dict[str, Any]
     postprocess: Any
-    format: Any
 
 
 def build(cfg: CellkitConfig, overrides: Mapping[str, Mapping[str, Any]] | None = None, *,
@@ -198,7 +198,6 @@ def build(cfg: CellkitConfig, overrides: Mapping[str, Mapping[str, Any]] | None 
         loss=_losses(cfg),
         targets=_targets(cfg, overrides),
         postprocess=POSTPROCESSORS.build(cfg.postprocess.name, **cfg.postprocess.kwargs),
-        format=get_format(cfg.data.format) if str(cfg.data.format).strip().lower() in FORMATS else None,
     )
 
 

@@ -730,18 +730,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _check_replaceable_evaluation(path: Path) -> None:
-    """Refuse to replace a file that is not an earlier ``cellkit evaluate`` report."""
-    if not path.exists():
-        return
-    try:
-        earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, ValueError, RecursionError):
-        earlier = None
-    if not (isinstance(earlier, dict) and "classes" in earlier and "radius" in earlier):
-        raise FileExistsError(
-            f"--json {path} exists and is not a report of cellkit evaluate, so writing the scores there would "
-            "replace it; choose a new file name (or delete that file first if it is yours to lose)."
-        )
+    """Refuse to replace a file that is not an earlier ``cellkit evaluate`` report (the one rule of
+    [`check_outputs`][cellkit.data.guard.check_outputs], with a report as what cellkit wrote)."""
+    from cellkit.data.guard import check_outputs
+
+    def is_report(p: Path) -> bool:
+        try:
+            earlier = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+        except (OSError, ValueError, RecursionError):
+            return False
+        return isinstance(earlier, dict) and "classes" in earlier and "radius" in earlier
+
+    check_outputs("cellkit evaluate --json", [path], ours=is_report,
+                  fix="it is not a report of cellkit evaluate; choose a new file name (or delete that file first "
+                      "if it is yours to lose)")
 
 
 def _check_evaluation_pictures(pred_dir: Path, curve: bool) -> None:
