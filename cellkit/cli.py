@@ -676,10 +676,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from cellkit.engine.checkpoint import file_fingerprint, load_checkpoint
-    from cellkit.engine.outputs import write_predictions
+    from cellkit.engine.outputs import check_out_folder, write_predictions
     from cellkit.engine.predict import Predictor, list_images
 
     list_images(args.inputs)  # path errors before the model loads
+    check_out_folder(args.out, args.resume, args.overwrite)  # and an --out that is taken
     if args.model is not None:
         from cellkit.zoo import model_path
 

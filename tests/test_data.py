@@ -370,6 +370,13 @@ def test_geojson_round_trip_detections(tmp_path):
     assert np.array_equal(rec.points.astype(np.float32), det.points)
     assert rec.classes.tolist() == [1, 0, 1]
     assert np.array_equal(rec.scores, det.scores)
+    # Every feature has a UUID, different per cell and the same when written again.
+    ids = [f["id"] for f in data["features"]]
+    assert len(set(ids)) == 3 and all(len(i) == 36 and i.count("-") == 4 for i in ids)
+    write_geojson(tmp_path / "b.geojson", det, names, indent=2)
+    assert [f["id"] for f in json.loads((tmp_path / "b.geojson").read_text())["features"]] == ids
+    write_geojson(tmp_path / "c.geojson", det, names, ids=False)
+    assert all("id" not in f for f in json.loads((tmp_path / "c.geojson").read_text())["features"])
 
 
 @given(values=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=1, max_size=40),

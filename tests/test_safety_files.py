@@ -446,3 +446,15 @@ def test_a_single_level_slide_is_read_block_by_block(tmp_path: Path, monkeypatch
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert load_image(path)[0].shape == image.shape
+
+
+def test_a_taken_out_is_refused_before_the_model_loads(checkpoint: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    data, out = _images(tmp_path / "data", n=1), tmp_path / "out"
+    assert _predict(checkpoint, out, data) == 0
+    capsys.readouterr()
+    # The checkpoint named now does not exist: the refusal of --out comes first, before any loading.
+    assert _predict(tmp_path / "absent.pt", out, data) == 2
+    assert "holds the predictions of an earlier run" in _error(capsys)
+    assert _predict(tmp_path / "absent.pt", tmp_path / "new", data, "--resume") == 2
+    assert "Nothing to resume" in _error(capsys)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -166,6 +167,10 @@ def write_csv(
         f.write("\n".join(lines) + "\n")
 
 
+_ID_NAMESPACE = uuid.UUID("6c1b9d3e-2f5a-4c8e-9a7d-0e3f1b2c4d5e")
+"""The namespace of the features' name-based UUIDs (fixed: the same cell, the same id)."""
+
+
 def write_geojson(
     path: str | os.PathLike[str],
     detections: Any = None,
@@ -178,8 +183,13 @@ def write_geojson(
     colors: Sequence[Sequence[int]] | None = None,
     score_name: str = "score",
     indent: int | None = None,
+    ids: bool = True,
 ) -> None:
     """Write points as a QuPath-compatible GeoJSON FeatureCollection of Point features.
+
+    Every feature has an ``id`` (a UUID, as QuPath gives its objects): a name-based UUID of
+    the cell's position, class and score, so the same predictions written again (a resumed
+    run) get the same ids, and objects imported twice are seen to be the same.
 
     Args:
         path: the ``.geojson`` file (written atomically; the folder is created).
@@ -193,6 +203,7 @@ def write_geojson(
         colors: RGB colour of each class (default [`DEFAULT_COLORS`][]).
         score_name: the measurement name of the score.
         indent: JSON indentation (None: compact).
+        ids: write the features' ``id`` (``False``: none).
 
     Raises:
         ValueError: for points that are not ``(N, 2)`` and finite, mismatched lengths,
@@ -223,6 +234,11 @@ def write_geojson(
     if not palette:
         raise ValueError("colors must hold at least one (r, g, b) colour.")
 
+    xs, ys = _json_floats(_texts(pts_out[:, 0])), _json_floats(_texts(pts_out[:, 1]))
+    tails = _json_floats(_texts(sc.astype(np.float32))) if sc is not None else None
+    uuids = ([str(uuid.uuid5(_ID_NAMESPACE, f"{xs[i]}|{ys[i]}|{int(cls[i])}|{tails[i] if tails else ''}"))
+              for i in range(len(pts))] if ids else None)
+
     def feature(i: int) -> dict[str, Any]:
         c = int(cls[i])
         props: dict[str, Any] = {
@@ -233,6 +249,7 @@ def write_geojson(
             props["measurements"] = {score_name: float(_num(np.float32(sc[i])))}
         return {
             "type": "Feature",
+            **({"id": uuids[i]} if uuids is not None else {}),
             "geometry": {
                 "type": "Point",
                 "coordinates": [float(_num(pts_out[i, 0])), float(_num(pts_out[i, 1]))],
@@ -249,17 +266,17 @@ def write_geojson(
         # Compact: the text json.dumps(feature(i)) gives, put together from each class's
         # properties (dumped once) and the numbers' texts (a slide's million cells never sit
         # in memory as dicts, nor cost a json.dumps each).
-        xs, ys = _json_floats(_texts(pts_out[:, 0])), _json_floats(_texts(pts_out[:, 1]))
         heads = {}
         for c in np.unique(cls).tolist():
             props = {"objectType": object_type,
                      "classification": {"name": str(names[c]), "color": list(palette[c % len(palette)])}}
             text = json.dumps(props)
             heads[c] = text[:-1] + (f', "measurements": {{{json.dumps(score_name)}: ' if sc is not None else "")
-        tails = _json_floats(_texts(sc.astype(np.float32))) if sc is not None else None
         f.write('{"type": "FeatureCollection", "features": [')
         for i, c in enumerate(cls.tolist()):
-            f.write((", " if i else "") + '{"type": "Feature", "geometry": {"type": "Point", "coordinates": ['
+            f.write((", " if i else "") + '{"type": "Feature", '
+                    + (f'"id": "{uuids[i]}", ' if uuids is not None else "")
+                    + '"geometry": {"type": "Point", "coordinates": ['
                     + xs[i] + ", " + ys[i] + ']}, "properties": ' + heads[c]
                     + (tails[i] + "}}}" if tails is not None else "}}"))
         f.write("]}")

@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["PredictionRun", "predict_at_pixel_size", "write_predictions"]
+__all__ = ["PredictionRun", "check_out_folder", "predict_at_pixel_size", "write_predictions"]
 
 from cellkit.data.guard import check_outputs, claim_each_once, remove_recorded
 from cellkit.data.io import (
@@ -311,6 +311,33 @@ def _slide_stems(paths: list[Path], slide: bool | None) -> set[str]:
     return {p.stem for p in paths if is_whole_slide(p)}
 
 
+def check_out_folder(out: str | Path, resume: bool = False, overwrite: bool = False) -> None:
+    """The refusals of an output folder that need no model: call before loading one (seconds).
+
+    Raises:
+        FileExistsError: ``out`` holds an earlier run and neither ``resume`` nor ``overwrite``.
+        FileNotFoundError: ``resume`` where ``out`` holds no earlier run.
+        NotADirectoryError: ``out`` is a file.
+    """
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; give a folder for the predictions.")
+    earlier = _read_meta(out) if out.is_dir() else None
+    if earlier is None and resume:
+        raise FileNotFoundError(
+            f"Nothing to resume in {out}: it holds no earlier prediction run ({PREDICT_META}). Drop --resume."
+        )
+    if earlier is not None and not (resume or overwrite):
+        raise FileExistsError(_earlier_run_message(out, earlier))
+
+
+def _earlier_run_message(out: Path, earlier: Mapping[str, Any]) -> str:
+    before = earlier.get("inputs", earlier.get("images", []))
+    return (f"{out} holds the predictions of an earlier run ({len(before)} images, {earlier.get('status', 'done')}; "
+            f"see {out / PREDICT_META}). Pass --resume to finish it (images done are kept), --overwrite to "
+            "delete its files and predict again, or choose another --out.")
+
+
 def _claim_folder(out: Path, stems: list[str], overlay: bool, record: Mapping[str, Any], resume: bool,
                   overwrite: bool, slides: Collection[str] = ()) -> list[Path]:
     """Refuse a folder whose files are not ours or whose earlier run was not named; returns files removed."""
@@ -330,11 +357,7 @@ def _claim_folder(out: Path, stems: list[str], overlay: bool, record: Mapping[st
         return []
     before = [str(s) for s in earlier.get("inputs", earlier.get("images", []))]
     if not (resume or overwrite):
-        raise FileExistsError(
-            f"{out} holds the predictions of an earlier run ({len(before)} images, {earlier.get('status', 'done')}; "
-            f"see {out / PREDICT_META}). Pass --resume to finish it (images done are kept), --overwrite to "
-            "delete its files and predict again, or choose another --out."
-        )
+        raise FileExistsError(_earlier_run_message(out, earlier))
     if resume:
         same = {k: v for k, v in earlier.items() if k in record}
         if same.get("checkpoint_sha256") and same.get("checkpoint_sha256") == record.get("checkpoint_sha256"):
