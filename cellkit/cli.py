@@ -361,9 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="score predictions against annotations",
         description="Match the predictions of 'cellkit predict' (OUT_DIR/<stem>.csv) to the annotated "
         "images by file stem and report precision, recall, totalF1 and meanF1 per class. Writes "
-        "OUT_DIR/evaluation.json; with --radii also OUT_DIR/f1_vs_radius.csv and .png.",
+        "OUT_DIR/evaluation.json; with --radii also OUT_DIR/f1_vs_radius.csv and .png. With --run, "
+        "only the images that training run held out are scored.",
         formatter_class=_Formatter,
-        epilog="example: cellkit evaluate --pred out/ --data data/test --format csv --radius 6 --radii 2:20",
+        epilog="examples: cellkit evaluate --pred out/ --data data/test --format csv --radius 6 --radii 2:20;  "
+        "cellkit evaluate --pred out/ --data data/endonuke --format endonuke --run runs/ours",
     )
     e.add_argument("--pred", required=True, metavar="OUT_DIR", help="output folder of cellkit predict")
     _add_data_options(e, required=True)
@@ -378,6 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="count images without a prediction file as empty instead of failing")
     e.add_argument("--matching", choices=("hungarian", "greedy"), default="hungarian",
                    help="hungarian (maximum matching) or greedy (by score)")
+    e.add_argument("--run", metavar="RUN_DIR",
+                   help="score only the images a training run held out (its split.json): the figures to report")
+    e.add_argument("--run-split", choices=("test", "validation", "train"), default="test",
+                   help="which of the run's images --run scores (test: never seen in training)")
     _add_common(e)
     e.set_defaults(func=_cmd_evaluate)
 
@@ -792,6 +798,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     _check_replaceable_evaluation(json_path)
     _check_evaluation_pictures(Path(args.pred), radii is not None)
     radius = _radius_in_pixels(args)
+    only = None
+    if args.run:
+        from cellkit.engine.runs import read_split
+
+        only = read_split(args.run, args.run_split)
+        _out(f"scoring the {len(only)} {args.run_split} images of the run {args.run}")
     result = evaluate_folder(
         args.pred,
         args.data,
@@ -801,6 +813,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         split=args.split,
         allow_missing=args.allow_missing,
         method=args.matching,
+        only=only,
     )
     pred_dir = Path(args.pred)
     _out(result.table())

@@ -238,6 +238,22 @@ def test_train_predict_evaluate(tmp_path: Path, endonuke_four: Path, capsys: pyt
     assert curve[0][0] == "radius" and [r[0] for r in curve[1:]] == ["2", "6", "10"]
     assert (out / "f1_vs_radius.png").stat().st_size > 1000
 
+    # --run scores only the images of one part of the run's split (split.json, else best.pt's record).
+    split = json.loads((run / "split.json").read_text())
+    assert sorted(split) == ["test", "train", "validation"]
+    assert sorted(split["train"] + split["validation"] + split["test"]) == stems
+    for source in ("split.json", "best.pt"):
+        if source == "best.pt":
+            (run / "split.json").unlink()
+        assert main(["evaluate", "--pred", str(out), "--data", str(endonuke_four), "--format", "endonuke",
+                     "--run", str(run), "--run-split", "train", "--json", str(tmp_path / f"{source}.json")]) == 0
+        scored = json.loads((tmp_path / f"{source}.json").read_text())
+        assert scored["num_images"] == len(split["train"]) and scored["unmatched"] == []
+        assert f"scoring the {len(split['train'])} train images of the run" in capsys.readouterr().out
+    assert main(["evaluate", "--pred", str(out), "--data", str(endonuke_four), "--format", "endonuke",
+                 "--run", str(tmp_path)]) == 2
+    assert "no training run here" in _error_line(capsys, "evaluate")
+
     # A ground-truth image without predictions is an error naming it, unless --allow-missing.
     (out / f"{stems[0]}.csv").unlink()
     assert main(["evaluate", "--pred", str(out), "--data", str(endonuke_four), "--format", "endonuke"]) == 2

@@ -20,7 +20,7 @@ import io
 import json
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,6 +242,7 @@ def evaluate_folder(
     split: str | None = None,
     allow_missing: bool = False,
     method: str = "hungarian",
+    only: Collection[str] | None = None,
 ) -> EvaluationResult:
     """Score the ``<stem>.csv`` predictions of ``pred_dir`` against a dataset.
 
@@ -256,6 +257,9 @@ def evaluate_folder(
         split: a split (subfolder) of the dataset.
         allow_missing: count images without a prediction file as empty instead of failing.
         method: ``"hungarian"`` or ``"greedy"`` matching.
+        only: score only the images with these keys (a training run's held-out images:
+            [`read_split`][cellkit.engine.runs.read_split]); predictions of other images
+            are left aside, not counted as unmatched.
 
     Raises:
         FileNotFoundError: for a missing folder.
@@ -275,6 +279,15 @@ def evaluate_folder(
             f"see {pred_dir / PREDICT_META}); give a class map onto those classes."
         )
     samples = load_dataset(data_root, format, class_map=cmap, split=split, require_cells=False)
+    if only is not None:
+        wanted = set(only)
+        kept = [s for s in samples if str(s.key) in wanted]
+        if not kept:
+            raise ValueError(
+                f"none of the {len(wanted)} images asked for is in {data_root} ({len(samples)} images, e.g. "
+                f"{', '.join(str(s.key) for s in samples[:3])}); is it the data folder the run was trained on?"
+            )
+        samples = kept
     if samples and not any(len(s.points) for s in samples):
         warnings.warn(f"{data_root}: no image has an annotated cell, so every prediction counts as a false "
                       "positive and recall is undefined.", DataWarning, stacklevel=2)
@@ -288,7 +301,7 @@ def evaluate_folder(
             f"{len(missing)} of {len(by_stem)} ground-truth images have no prediction file in {pred_dir} "
             f"(<stem>.csv): {shown}. Predict them, or pass --allow-missing to count them as empty."
         )
-    unmatched = sorted(k for k in files if k not in by_stem)
+    unmatched = sorted(k for k in files if k not in by_stem) if only is None else []
 
     keys = list(by_stem)
     predictions = [read_prediction_csv(files[k]) if k in files else Detections() for k in keys]

@@ -62,7 +62,10 @@ from cellkit.progress import duration
 if TYPE_CHECKING:  # the stage a function works on; train imports this module
     from cellkit.engine.train import _Stage
 
-__all__ = ["INT8_CALIBRATION_CROPS", "RUN_EXISTS_MESSAGE"]
+__all__ = ["INT8_CALIBRATION_CROPS", "RUN_EXISTS_MESSAGE", "SPLIT_FILE", "read_split"]
+
+SPLIT_FILE = "split.json"
+"""The run's split: the keys of its training, validation and test images."""
 
 
 RUN_EXISTS_MESSAGE = (
@@ -95,7 +98,8 @@ def _check_out_dir(out: Path, resume: bool) -> None:
     if not resume:
         # A new run writes these too; in a folder that is not a run they are someone else's.
         check_outputs(
-            "cellkit train", [out / "curves.png", out / "calibration.json", out / "timings.json"],
+            "cellkit train", [out / "curves.png", out / "calibration.json", out / "timings.json",
+                              out / SPLIT_FILE],
             ours=lambda p: False,
             fix=f"a run folder holds only what cellkit train writes: give a new or empty --out (not {out}, "
                 "which is not a run's folder: a data folder?)",
@@ -249,6 +253,41 @@ def _store_int8_calibration(best_path: Path, samples: Sequence[Any]) -> None:
     best = {k: v for k, v in best.items() if k not in ("path", "format")}
     best["int8_calibration"] = crops
     save_checkpoint(best_path, best)
+
+
+def _write_split(out: Path, split: Mapping[str, Sequence[Any]]) -> None:
+    """``<run>/split.json``: the keys of the images of each split (``train``, ``validation``, ``test``)."""
+    keys = {name: [str(getattr(s, "key", s)) for s in split.get(part, [])]
+            for name, part in (("train", "train"), ("validation", "val"), ("test", "test"))}
+    write_text_atomic(out / SPLIT_FILE, json.dumps(keys, indent=1) + "\n")
+
+
+def read_split(run: str | Path, part: str) -> list[str]:
+    """The keys of the images of split ``part`` (``train``, ``validation``, ``test``) of a training run.
+
+    From ``<run>/split.json``, or, for a run made before it was written, from its ``best.pt``.
+
+    Raises:
+        FileNotFoundError: when ``run`` is not a training run's folder.
+        ValueError: for an unknown ``part``.
+    """
+    if part not in ("train", "validation", "test"):
+        raise ValueError(f"the split of a run is 'train', 'validation' or 'test', got {part!r}.")
+    run = Path(run).expanduser()
+    if (run / SPLIT_FILE).is_file():
+        try:
+            data = json.loads((run / SPLIT_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as err:
+            raise ValueError(f"{run / SPLIT_FILE} is not a split written by cellkit train ({err}).") from err
+        keys = data.get(part) if isinstance(data, dict) else None
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise ValueError(f"{run / SPLIT_FILE} holds no list of image names for {part!r}.")
+        return keys
+    if (run / "best.pt").is_file():
+        stored = load_checkpoint(run / "best.pt", map_location="cpu").get("split") or {}
+        return [str(k) for k in stored.get({"validation": "val"}.get(part, part), [])]
+    raise FileNotFoundError(f"{run}: no training run here (no {SPLIT_FILE} nor best.pt); give the --out folder of "
+                            "cellkit train.")
 
 
 def _write_timings(st: _Stage, total: float) -> None:

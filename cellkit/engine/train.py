@@ -102,6 +102,7 @@ from cellkit.engine.runs import (
     _save_round,
     _store_int8_calibration,
     _write_metrics,
+    _write_split,
     _write_timings,
 )
 from cellkit.engine.validation import _better, _final_calibration, _validate, run_score
@@ -215,6 +216,8 @@ def fit(
             # run keeps its own until its config is checked against this one.
             make_folder(out)
             cfg.to_yaml(out / "config.yaml")
+        if info.is_main:
+            _write_split(out, split)  # which images are held out: cellkit evaluate --run scores them
         common = dict(split=split, class_names=class_names, dev=dev, info=info, progress=progress,
                       max_steps=max_steps)
 
