@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -645,12 +646,22 @@ def test_bundled_sample_reads(bundled):
     assert two == [16816 + 233, 5674]
 
 
-def test_bundled_transparency_warned_once(bundled):
-    _, caught = bundled
-    assert len(caught) == 1
-    message = str(caught[0].message)
-    assert "4 of 251 images had transparent pixels" in message
-    assert all(f"{i}.png" in message for i in (741, 742, 743, 744))
+def test_bundled_transparency_said_once_in_the_notice_not_on_every_read(bundled, tmp_path):
+    samples, caught = bundled
+    assert caught == []  # the bundled sample reads without a warning...
+    notice = (bundled_endonuke() / "NOTICE.md").read_text()
+    assert all(f"{i}.png" in notice for i in (741, 742, 743, 744)) and "transparent black" in notice
+    edge = next(s for s in samples if s.key == "741")
+    assert not edge.image[124:].any()  # ...and reads those rows as the black they hold
+    # A copy of the sample elsewhere is a folder of the user's: warned, as any folder is.
+    copy = tmp_path / "mine"
+    for sub in ("images", "labels"):
+        (copy / sub).mkdir(parents=True)
+    for stem in ("741", "435"):
+        shutil.copy(bundled_endonuke() / "images" / f"{stem}.png", copy / "images")
+        shutil.copy(bundled_endonuke() / "labels" / f"{stem}.txt", copy / "labels")
+    with pytest.warns(DataWarning, match=r"1 of 2 images had transparent pixels.*741\.png"):
+        load_dataset(copy, "endonuke")
 
 
 def test_bundled_attribution_files():

@@ -165,6 +165,9 @@ def test_resolve_for_data_estimates_and_cuts_crops() -> None:
     assert cfg.train.crop_size == 96  # 256 is larger than the 96-px images
     assert notes[0].startswith("geometry: cell diameter") and any(n.startswith("crops: 96") for n in notes)
     assert notes[-1].startswith("schedule: 400 steps")
+    # Two stages cut alike are said once.
+    _, notes = resolve_for_data(cellkit.presets.ours_plus_plus(), train)
+    assert sum(n.startswith("crops: ") for n in notes) == 1
     # A given diameter is used as given; None keeps the config's sizes.
     cfg.data.cell_diameter = 12.0
     assert resolve_geometry(cfg, train)[1].cell_diameter == 12.0

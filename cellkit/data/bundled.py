@@ -10,12 +10,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["ENDONUKE_MPP", "bundled_endonuke"]
+__all__ = ["BUNDLED_KNOWN_NOTES", "ENDONUKE_MPP", "bundled_endonuke", "is_bundled"]
 
 ENDONUKE_MPP = 0.5
 """Micrometres per pixel of the EndoNuke tiles: each 200-px tile is a 100 um field of the
 slide (the dataset's description, Naumov et al., Data 2022). ``cellkit train`` on the bundled
 sample records it with the model, so ``cellkit predict`` resamples scans of another pixel size."""
+
+BUNDLED_KNOWN_NOTES = {"transparent": ("741.png", "742.png", "743.png", "744.png")}
+"""What the bundled sample is known to hold, said once in ``data/endonuke/NOTICE.md`` instead of
+warned on every read: tiles 741-744 end 76 rows before their bottom edge (the slide's scan
+ends there), stored as transparent black; cellkit reads them as the black they hold."""
 
 # cellkit/data/bundled.py -> the repository root is three levels up.
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -44,3 +49,16 @@ def bundled_endonuke() -> Path:
         "It ships only with a source checkout of cellkit; pass --data /path/to/dataset "
         "(or a folder to load_dataset) instead."
     )
+
+
+def is_bundled(root: str | Path) -> bool:
+    """Whether ``root`` is the bundled EndoNuke sample of this checkout.
+
+    Examples:
+        >>> is_bundled("/somewhere/else")
+        False
+    """
+    try:
+        return Path(root).expanduser().resolve() == (_REPO_ROOT / "data" / "endonuke").resolve()
+    except OSError:
+        return False

@@ -48,6 +48,7 @@ from cellkit.data.guard import is_marked_png
 from cellkit.lookup import look_up_option
 from cellkit.points import as_points
 
+from .bundled import BUNDLED_KNOWN_NOTES, is_bundled
 from .classes import BCDATA, ClassMap
 from .dataset import Sample
 from .io import IMAGE_EXTENSIONS, DataError, DataWarning, load_image
@@ -984,6 +985,8 @@ def _report_reading(r: Path, fmt: str, n_jobs: int, samples: list[Sample], notes
                     ignored: dict[str, int], empty: list[str], skipped: list[str], require_cells: bool) -> None:
     """The warnings (and errors) of a dataset read: conversions, ignored features, empty and skipped images."""
     for kind, names in notes.items():
+        if is_bundled(r) and set(names) <= set(BUNDLED_KNOWN_NOTES.get(kind, ())):
+            continue  # known, and said once in data/endonuke/NOTICE.md
         shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
         warnings.warn(
             f"{r}: {len(names)} of {n_jobs} images {_NOTE_TEXT.get(kind, kind)}: {shown}.",

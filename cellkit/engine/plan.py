@@ -59,8 +59,10 @@ def resolve_for_data(cfg: CellkitConfig, train: Sequence[Any]) -> tuple[CellkitC
         t = stage.train
         if smallest is not None and t.crop_size is not None and t.crop_size > smallest:
             new = max(32, smallest // 32 * 32) if smallest >= 32 else smallest
-            notes.append(f"crops: {new} px (train.crop_size {t.crop_size} is larger than the smallest "
-                         f"training image side, {smallest} px)")
+            note = (f"crops: {new} px (train.crop_size {t.crop_size} is larger than the smallest "
+                    f"training image side, {smallest} px)")
+            if note not in notes:  # said once for both stages
+                notes.append(note)
             t.crop_size = new
     notes.append("schedule: " + describe_schedule(cfg))
     return cfg, notes
