@@ -349,6 +349,10 @@ def test_regions_count_only_inside_each(tmp_path: Path) -> None:
     assert by_name["top left"]["cells"] == int(in_a.sum())
     assert by_name["Tumor"]["cells"] == int(in_b.sum())
     assert by_name["top left"]["area_mm2"] == pytest.approx(400 * 300 * MPP**2 / 1e6)
+    # Densities over the tissue inside the regions (tissue=False: all of it), the slide's too.
+    inside = (400 * 300 + 290 * 240) * MPP**2 / 1e6
+    assert result.summary["tissue_area_mm2"] == pytest.approx(inside, rel=0.05)
+    assert result.summary["cells_per_mm2"]["all"] == pytest.approx(len(result.detections) / inside, rel=0.05)
 
 
 def test_tiles_without_tissue_inside_a_chunk_are_not_run(tmp_path: Path) -> None:

@@ -410,6 +410,7 @@ def test_summarize_regions() -> None:
         "name": "core",
         "classification": "Tumor",
         "area_mm2": pytest.approx(0.5),
+        "tissue_area_mm2": pytest.approx(0.5),  # no tissue areas given: the whole region
         "cells": 3,
         "counts": {"negative": 1, "positive": 2, "stroma": 0},
         "index": {"class": "positive", "value": pytest.approx(2 / 3)},
@@ -423,6 +424,30 @@ def test_summarize_regions() -> None:
     s = summarize(CLASSES, NAMES, region_index=region_index, regions=regions)
     assert s["regions"][0]["area_mm2"] is None and s["regions"][0]["cells_per_mm2"] is None
     assert s["regions"][0]["counts"]["positive"] == 2
+    # With the tissue inside each region: densities over it, the outline's area kept beside.
+    s = summarize(CLASSES, NAMES, mpp=0.5, tissue_area_px=3e6, region_index=region_index, regions=regions,
+                  region_tissue_px=[1e6, 2e6])
+    core, margin = s["regions"]
+    assert core["area_mm2"] == pytest.approx(0.5) and core["tissue_area_mm2"] == pytest.approx(0.25)
+    assert core["cells_per_mm2"]["all"] == pytest.approx(12.0) and margin["cells_per_mm2"]["all"] == pytest.approx(6.0)
+    with pytest.raises(ValueError, match="one per region"):
+        summarize(CLASSES, NAMES, mpp=0.5, region_index=region_index, regions=regions, region_tissue_px=[1.0])
+
+
+def test_tissue_in_regions_counts_tissue_not_glass() -> None:
+    from cellkit.wsi.pipeline import tissue_in_regions
+
+    mask = np.zeros((40, 40), bool)
+    mask[:, :20] = True  # tissue on the left half of a 4000 x 4000 slide (thumbnail at 1/100)
+    regions = [Region("half glass", None, box(1000, 0, 3000, 4000)),  # 2000 x 4000, half of it tissue
+               Region("all tissue", None, box(0, 0, 1000, 1000)),
+               Region("tiny", None, box(10, 10, 20, 20))]  # smaller than a thumbnail pixel, on tissue
+    union, each = tissue_in_regions(mask, (0.01, 0.01), regions)
+    assert each == pytest.approx([4e6, 1e6, 100.0])
+    assert union == pytest.approx(4e6 + 1e6 + 100.0)  # no overlap between the first two
+    overlapping = [Region("a", None, box(0, 0, 2000, 2000)), Region("b", None, box(0, 0, 1000, 4000))]
+    union, each = tissue_in_regions(mask, (0.01, 0.01), overlapping)
+    assert each == pytest.approx([4e6, 4e6]) and union == pytest.approx(6e6)  # the shared 2e6 counted once
 
 
 def test_summarize_rejects_bad_input() -> None:

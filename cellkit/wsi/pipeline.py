@@ -542,14 +542,65 @@ class _Parts:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def tissue_in_regions(mask: np.ndarray, thumb_scale: tuple[float, float],
+                      regions: Sequence[Any]) -> tuple[float, list[float]]:
+    """The tissue area inside the regions together, and inside each, in level-0 pixels (squared).
+
+    Each region's area times the share of the thumbnail pixels inside it that are tissue
+    (their centres, tested against the polygon; a region too small to hold a pixel centre takes
+    the mask at its representative point). The union counts each tissue pixel once.
+
+    Args:
+        mask: ``(h, w)`` bool tissue mask on the thumbnail.
+        thumb_scale: thumbnail pixels per level-0 pixel, ``(x, y)``.
+        regions: [`Region`][cellkit.wsi.regions.Region] objects (level-0 polygons).
+
+    Examples:
+        >>> from shapely.geometry import box
+        >>> from cellkit.wsi.regions import Region
+        >>> mask = np.zeros((10, 10), bool); mask[:, :5] = True   # tissue on the left half
+        >>> total, each = tissue_in_regions(mask, (0.1, 0.1), [Region("a", None, box(0, 0, 100, 100))])
+        >>> round(total), [round(a) for a in each]
+        (5000, [5000])
+    """
+    import shapely
+
+    sx, sy = float(thumb_scale[0]), float(thumb_scale[1])
+    h, w = mask.shape
+    ys, xs = np.mgrid[0:h, 0:w]
+    cx, cy = (xs.ravel() + 0.5) / sx, (ys.ravel() + 0.5) / sy  # pixel centres on level 0
+    flat = mask.ravel().astype(bool)
+    in_any = np.zeros(flat.shape, bool)
+    each, sub_pixel = [], []
+    for region in regions:
+        inside = shapely.contains_xy(region.geometry, cx, cy)
+        in_any |= inside
+        sub_pixel.append(not inside.any())
+        if inside.any():
+            share = float(flat[inside].mean())
+        else:  # smaller than a thumbnail pixel
+            point = region.geometry.representative_point()
+            row = min(h - 1, max(0, int(point.y * sy)))
+            col = min(w - 1, max(0, int(point.x * sx)))
+            share = float(mask[row, col])
+        each.append(float(region.area_px) * share)
+    union = float((flat & in_any).sum()) / (sx * sy)
+    # A region smaller than a pixel adds its own tissue (no pixel centre counted it).
+    union += sum(a for a, small in zip(each, sub_pixel) if small)
+    return union, each
+
+
 def _write_outputs(out: Path, stem: str, predictor: Any, slide: Slide, cells: Detections, thumb: np.ndarray,
                    thumb_scale: tuple[float, float], mask: np.ndarray, regions: Sequence[Any], region_index: np.ndarray | None,
                    index_class: str | None, settings: Mapping[str, Any]) -> list[Path]:
     names = list(predictor.class_names)
     files = slide_files(out, stem)
     tissue_px = float(mask.sum()) / (thumb_scale[0] * thumb_scale[1])
+    region_tissue = None
+    if regions:  # cells are found inside the regions only: densities over the tissue there
+        tissue_px, region_tissue = tissue_in_regions(mask, thumb_scale, regions)
     summary = summarize(cells.classes, names, mpp=slide.mpp, tissue_area_px=tissue_px, index_class=index_class,
-                        region_index=region_index, regions=list(regions) or None)
+                        region_index=region_index, regions=list(regions) or None, region_tissue_px=region_tissue)
     summary = {"slide": str(slide.path), "dimensions": list(slide.dimensions), "mpp": slide.mpp,
                "model_mpp": settings.get("model_mpp"), "scale": settings.get("scale"), **summary}
     # Micrometres per thumbnail pixel: the density map in cells per mm² where the slide has an mpp.

@@ -112,6 +112,7 @@ def summarize(
     index_class: str | None = None,
     region_index: Any = None,
     regions: Sequence[Any] | None = None,
+    region_tissue_px: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Counts per class, the index of the class of interest and cell densities, for a slide and its regions.
 
@@ -136,12 +137,17 @@ def summarize(
             none (the output of [`assign_regions`][cellkit.wsi.regions.assign_regions]); needs ``regions``.
         regions: the [`Region`][cellkit.wsi.regions.Region] objects (``name``, ``classification``,
             ``area_px``).
+        region_tissue_px: the tissue area inside each region, in level-0 pixels (squared): a
+            region's density is taken over it (glass inside a drawn outline holds no cells).
+            Default: each region's whole area. With regions, ``tissue_area_px`` should be the
+            tissue inside them (cells are found there only), as ``cellkit predict`` passes it.
 
     Returns:
         A dict that `json.dumps` writes as is: ``{"cells": N, "counts": {name: n},
             "index": {"class": name, "value": share} | None, "tissue_area_mm2": float | None,
             "cells_per_mm2": {"all": d, name: d} | None, "regions": [{"name", "classification",
-            "area_mm2", "cells", "counts", "index", "cells_per_mm2"}, ...]}``. ``index["value"]`` is
+            "area_mm2", "tissue_area_mm2", "cells", "counts", "index", "cells_per_mm2"}, ...]}``
+            (a region's ``area_mm2`` is its outline's, its density is over ``tissue_area_mm2``). ``index["value"]`` is
             None when there are no cells; ``cells_per_mm2`` is None without an area (no ``mpp``, no
             ``tissue_area_px``, or an area of 0); ``regions`` is ``[]`` without regions. Counts
             list every class, in the order of ``class_names``.
@@ -190,15 +196,23 @@ def summarize(
         return out
     regions = list(regions)
     ridx = _region_indices(region_index, regions, len(cls))
+    if region_tissue_px is not None and len(region_tissue_px) != len(regions):
+        raise ValueError(f"summarize: region_tissue_px has {len(region_tissue_px)} areas for {len(regions)} regions; "
+                         "give one per region.")
     for r, region in enumerate(regions):
         area_px = float(region.area_px)
+        tissue_px = float(region_tissue_px[r]) if region_tissue_px is not None else area_px
+        if not (math.isfinite(tissue_px) and tissue_px >= 0):
+            raise ValueError(f"summarize: region_tissue_px must be >= 0 (pixels squared), got {tissue_px!r}.")
         area_mm2 = area_px * to_mm2 if to_mm2 is not None else None
-        scope = _scope(cls[ridx == r], names, index_name, area_mm2)
+        tissue_mm2_r = tissue_px * to_mm2 if to_mm2 is not None else None
+        scope = _scope(cls[ridx == r], names, index_name, tissue_mm2_r)
         out["regions"].append(
             {
                 "name": str(region.name),
                 "classification": region.classification,
                 "area_mm2": area_mm2,
+                "tissue_area_mm2": tissue_mm2_r,
                 **scope,
             }
         )
@@ -282,8 +296,9 @@ def write_summary(folder: str | os.PathLike[str], stem: str, summary: Mapping[st
     The JSON holds the summary as is (indented by 2). The CSV has one row per scope, ``slide``
     first, then each region, with the columns ``scope, name, cells, area_mm2, cells_per_mm2``,
     one count column per class (named by the class; ``count_<class>`` where a class is named
-    like a fixed column) and ``index``. The slide's ``name`` is ``stem``, its area the tissue
-    area; ``cells_per_mm2`` is that of all cells; a missing value is an empty field.
+    like a fixed column) and ``index``. The slide's ``name`` is ``stem``; ``area_mm2`` is the
+    area the density is taken over: the tissue (inside the regions, when there are regions),
+    a region's tissue; ``cells_per_mm2`` is that of all cells; a missing value is an empty field.
 
     Args:
         folder: the output folder (created when missing).
@@ -356,7 +371,8 @@ def write_summary(folder: str | os.PathLike[str], stem: str, summary: Mapping[st
 
     writer.writerow(row("slide", stem, summary, summary.get("tissue_area_mm2")))
     for region in summary.get("regions") or []:
-        writer.writerow(row("region", str(region.get("name", "")), region, region.get("area_mm2")))
+        area = region.get("tissue_area_mm2", region.get("area_mm2"))  # the area its density is over
+        writer.writerow(row("region", str(region.get("name", "")), region, area))
 
     with atomic_write(json_path, "w") as f:
         f.write(text + "\n")
