@@ -352,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--index-class", metavar="NAME",
                    help="the class whose share is reported per slide and region (default: a class named positive, "
                    "else class 1, the class of interest)")
+    p.add_argument("--positive-class", metavar="NAME",
+                   help="name this class's cells Positive and the others Negative in the GeoJSON, so QuPath reports "
+                        "Positive %% per annotation (the CSV and summaries keep the model's names)")
     _add_common(p)
     p.set_defaults(func=_cmd_predict)
 
@@ -722,6 +725,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         mpp=args.mpp,
         slide_options={"regions": args.regions, "tissue": not args.no_tissue_mask, "chunk_size": args.chunk_size,
                        "workers": args.workers, "index_class": args.index_class},
+        positive_class=args.positive_class,
     )
     out_dir = run.out_dir
     if run.removed:

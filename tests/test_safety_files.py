@@ -458,3 +458,25 @@ def test_a_taken_out_is_refused_before_the_model_loads(checkpoint: Path, tmp_pat
     assert "holds the predictions of an earlier run" in _error(capsys)
     assert _predict(tmp_path / "absent.pt", tmp_path / "new", data, "--resume") == 2
     assert "Nothing to resume" in _error(capsys)
+
+
+def test_positive_class_names_cells_for_qupaths_positivity(checkpoint: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import csv
+    import json
+
+    data = _images(tmp_path / "data", n=1)
+    out = tmp_path / "out"
+    assert _predict(checkpoint, out, data, "--positive-class", "pos", "--threshold", "0.0") == 0
+    features = json.loads((out / "img0.geojson").read_text())["features"]
+    rows = list(csv.DictReader((out / "img0.csv").open()))
+    assert features and len(features) == len(rows)
+    names = {f["properties"]["classification"]["name"] for f in features}
+    assert names <= {"Positive", "Negative"}
+    # The GeoJSON's Positive cells are the model's class "pos" (index 1); the CSV keeps the indices.
+    assert [f["properties"]["classification"]["name"] == "Positive" for f in features] == \
+        [r["class"] == "1" for r in rows]
+    assert json.loads((out / "predict.json").read_text())["positive_class"] == "pos"
+    capsys.readouterr()
+    assert _predict(checkpoint, tmp_path / "o2", data, "--positive-class", "poss") == 2
+    assert "Did you mean 'pos'" in _error(capsys)

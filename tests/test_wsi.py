@@ -349,6 +349,14 @@ def test_regions_count_only_inside_each(tmp_path: Path) -> None:
     assert by_name["top left"]["cells"] == int(in_a.sum())
     assert by_name["Tumor"]["cells"] == int(in_b.sum())
     assert by_name["top left"]["area_mm2"] == pytest.approx(400 * 300 * MPP**2 / 1e6)
+    # QuPath's positivity names in the GeoJSON of a slide; the summary keeps the model's.
+    named = predict_slide(predictor, path, tmp_path / "q", regions=tmp_path / "regions.geojson", tissue=False,
+                          progress=False, geojson_names=["Negative", "Positive"])
+    features = json.loads((tmp_path / "q" / "m.geojson").read_text())["features"]
+    assert len(features) == len(named.detections)
+    assert [f["properties"]["classification"]["name"] for f in features] == \
+        [["Negative", "Positive"][c] for c in named.detections.classes]
+    assert set(named.summary["counts"]) == set(predictor.class_names)
     # Densities over the tissue inside the regions (tissue=False: all of it), the slide's too.
     inside = (400 * 300 + 290 * 240) * MPP**2 / 1e6
     assert result.summary["tissue_area_mm2"] == pytest.approx(inside, rel=0.05)

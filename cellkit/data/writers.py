@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from cellkit.lookup import look_up_option
 from cellkit.points import validate_points
 from cellkit.viz import BASE_COLORS
 
@@ -165,6 +166,26 @@ def write_csv(
         lines += [f"{x},{y},{c},{v}" for x, y, c, v in zip(xs, ys, cs, _texts(sc.astype(np.float32)))]
     with atomic_write(path, "w", newline="") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def qupath_positivity_names(class_names: Sequence[str], positive: str) -> list[str]:
+    """Class names that QuPath's positivity understands: ``positive`` becomes ``Positive``, every
+    other class ``Negative``.
+
+    QuPath counts a detection classified ``Positive`` or ``Negative`` in an annotation's
+    ``Num Positive``, ``Num Negative`` and ``Positive %`` (its positive cell detection's own
+    classes); cellkit's CSV and summaries keep the model's names.
+
+    Raises:
+        ValueError: when ``positive`` is not one of ``class_names`` (the message lists them).
+
+    Examples:
+        >>> qupath_positivity_names(["negative", "positive"], "positive")
+        ['Negative', 'Positive']
+    """
+    names = [str(n) for n in class_names]
+    chosen = look_up_option(positive, names, what="positive class")
+    return ["Positive" if n == chosen else "Negative" for n in names]
 
 
 _ID_NAMESPACE = uuid.UUID("6c1b9d3e-2f5a-4c8e-9a7d-0e3f1b2c4d5e")

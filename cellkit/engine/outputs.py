@@ -48,7 +48,7 @@ from cellkit.data.io import (
     remove_stale_temporaries,
     write_text_atomic,
 )
-from cellkit.data.writers import write_csv, write_geojson
+from cellkit.data.writers import qupath_positivity_names, write_csv, write_geojson
 from cellkit.engine.evaluate import OUTPUT_STEMS, PREDICT_META, jsonable, read_prediction_record
 from cellkit.engine.predict import list_images
 from cellkit.points import Detections
@@ -151,13 +151,16 @@ def counts_csv(rows: Sequence[tuple[str, Sequence[int]]], class_names: Sequence[
 
 
 def write_image_files(out: Path, stem: str, image: Any, det: Any, class_names: Sequence[str], overlay: bool,
-                      radius: int) -> None:
-    """Write an image's ``.csv``, ``.geojson`` and overlay PNG, atomically, the ``.csv`` last."""
+                      radius: int, geojson_names: Sequence[str] | None = None) -> None:
+    """Write an image's ``.csv``, ``.geojson`` and overlay PNG, atomically, the ``.csv`` last.
+
+    ``geojson_names``: the classes' names in the GeoJSON (QuPath's), default ``class_names``.
+    """
     colors = class_colors(len(class_names))
     if overlay:
         save_png(out / f"{stem}_overlay.png",
                  draw_points(image, det.points, det.classes, len(class_names), radius=radius, colors=colors))
-    write_geojson(out / f"{stem}.geojson", det, list(class_names), colors=colors.tolist())
+    write_geojson(out / f"{stem}.geojson", det, list(geojson_names or class_names), colors=colors.tolist())
     write_csv(out / f"{stem}.csv", det)
 
 
@@ -176,6 +179,7 @@ def write_predictions(
     slide: bool | None = None,
     slide_options: Mapping[str, Any] | None = None,
     mpp: float | None = None,
+    positive_class: str | None = None,
 ) -> PredictionRun:
     """Predict image files and folders into ``out_dir`` without losing anything (see the module).
 
@@ -191,6 +195,10 @@ def write_predictions(
         out_dir: the output folder (created).
         overlay: write ``<stem>_overlay.png`` with the cells drawn.
         overlay_radius: radius of the overlay's dots.
+        positive_class: name the cells of this class ``Positive`` and the others ``Negative``
+            in the GeoJSON files, so QuPath reports ``Positive %`` per annotation
+            ([`qupath_positivity_names`][cellkit.data.writers.qupath_positivity_names]); it is
+            also the slides' index class unless ``slide_options`` names one.
         resume: continue the earlier run recorded in ``out_dir``.
         overwrite: delete the earlier run's files first.
         on_error: ``"skip"`` leaves unreadable images out and lists them.
@@ -235,13 +243,21 @@ def write_predictions(
             f"image names {clash} clash with the summary files written to --out ({', '.join(OUTPUT_STEMS)}); "
             "rename them."
         )
+    geojson_names = (qupath_positivity_names(predictor.class_names, positive_class)
+                     if positive_class is not None else None)  # a wrong name fails before any work
+    if positive_class is not None:
+        slide_options = dict(slide_options or {})
+        if slide_options.get("index_class") is None:
+            slide_options["index_class"] = positive_class
+        slide_options["geojson_names"] = geojson_names
+        settings = {**dict(settings or {}), "positive_class": positive_class}
     _check_slide_options(paths, slides, slide_options, predictor)
     # Two inputs never write one file (a slide a.svs's a.summary.csv, an image a.summary.png's .csv).
     claim_each_once({str(p): _image_files(out, p.stem, overlay, p.stem in slides) for p in paths})
     slide_options = dict(slide_options or {})
     extra = {**dict(settings or {}), "mpp": mpp, "slides": sorted(slides),
              **({"slide_options": {k: str(v) if isinstance(v, Path) else v for k, v in slide_options.items()
-                                   if k != "workers"}}
+                                   if k not in ("workers", "geojson_names")}}
                 if slides else {})}
     record = _record(predictor, overlay, overlay_radius, extra)
     run = PredictionRun(out)
@@ -420,7 +436,8 @@ def _predict_images(predictor: Any, paths: list[Path], out: Path, run: Predictio
             run.skipped[path.name] = str(err)
             continue
         det = predict_at_pixel_size(predictor, image, sizes.mpp_of(path))
-        write_image_files(out, path.stem, image, det, predictor.class_names, overlay, overlay_radius)
+        write_image_files(out, path.stem, image, det, predictor.class_names, overlay, overlay_radius,
+                          options.get("geojson_names"))
         by_stem[path.stem] = [int(c) for c in det.counts(predictor.num_classes)]
     return by_stem
 

@@ -164,6 +164,7 @@ def predict_slide(
     thumbnail_size: int = 1024,
     index_class: str | None = None,
     overwrite: bool = False,
+    geojson_names: Sequence[str] | None = None,
 ) -> SlideResult:
     """Predict a whole slide (or a large image) chunk by chunk into ``out_dir`` (see the module).
 
@@ -185,6 +186,9 @@ def predict_slide(
         index_class: the class whose share is reported (default: a class named ``positive``,
             else class 1, cellkit's class of interest; see
             [`summarize`][cellkit.wsi.summary.summarize]).
+        geojson_names: the classes' names in the GeoJSON (e.g. QuPath's ``Positive`` and
+            ``Negative``: [`qupath_positivity_names`][cellkit.data.writers.qupath_positivity_names]);
+            default the model's.
         overwrite: replace the slide's output files when they exist. Without it (and without
             ``resume``, which continues a run of this function), an existing output file stops
             the call before any work: it may be the user's (``STEM.csv`` annotations).
@@ -252,7 +256,7 @@ def predict_slide(
             bar.close()
         cells, region_index = _in_regions(parts.load_all(wanted), region_list)
         files = _write_outputs(out, stem, predictor, slide, cells, thumb, thumb_scale, mask, region_list,
-                               region_index, index_class, settings)
+                               region_index, index_class, settings, geojson_names)
         parts.remove()
         result = SlideResult(slide.path, stem, cells, json.loads(files[1].read_text(encoding="utf-8")), files,
                              chunks=len(wanted), chunks_resumed=len(wanted) - len(todo), scale=scale,
@@ -592,7 +596,8 @@ def tissue_in_regions(mask: np.ndarray, thumb_scale: tuple[float, float],
 
 def _write_outputs(out: Path, stem: str, predictor: Any, slide: Slide, cells: Detections, thumb: np.ndarray,
                    thumb_scale: tuple[float, float], mask: np.ndarray, regions: Sequence[Any], region_index: np.ndarray | None,
-                   index_class: str | None, settings: Mapping[str, Any]) -> list[Path]:
+                   index_class: str | None, settings: Mapping[str, Any],
+                   geojson_names: Sequence[str] | None = None) -> list[Path]:
     names = list(predictor.class_names)
     files = slide_files(out, stem)
     tissue_px = float(mask.sum()) / (thumb_scale[0] * thumb_scale[1])
@@ -609,6 +614,6 @@ def _write_outputs(out: Path, stem: str, predictor: Any, slide: Slide, cells: De
                    classes=cells.classes, class_names=names, pixel_um=pixel_um)
     write_summary(out, stem, summary)
     colors = class_colors(len(names))
-    write_geojson(files[3], cells, names, colors=colors.tolist())
+    write_geojson(files[3], cells, list(geojson_names or names), colors=colors.tolist())
     write_csv(files[4], cells)
     return files
