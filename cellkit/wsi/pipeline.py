@@ -562,8 +562,10 @@ def tissue_in_regions(mask: np.ndarray, thumb_scale: tuple[float, float],
     Examples:
         >>> from shapely.geometry import box
         >>> from cellkit.wsi.regions import Region
-        >>> mask = np.zeros((10, 10), bool); mask[:, :5] = True   # tissue on the left half
-        >>> total, each = tissue_in_regions(mask, (0.1, 0.1), [Region("a", None, box(0, 0, 100, 100))])
+        >>> mask = np.zeros((10, 10), bool)
+        >>> mask[:, :5] = True  # tissue on the left half
+        >>> square = Region("a", None, box(0, 0, 100, 100))
+        >>> total, each = tissue_in_regions(mask, (0.1, 0.1), [square])
         >>> round(total), [round(a) for a in each]
         (5000, [5000])
     """
