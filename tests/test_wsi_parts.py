@@ -591,6 +591,34 @@ def test_draw_thumbnail_with_a_pixel_size_labels_the_density_in_mm2(tmp_path: Pa
     assert not (tmp_path / "bad.png").exists()
 
 
+def test_draw_thumbnail_shows_regions_and_the_class_of_interest(tmp_path: Path) -> None:
+    from matplotlib.axes import Axes
+
+    titles: list[str] = []
+    plotted: list[np.ndarray] = []
+    original_title, original_plot = Axes.set_title, Axes.plot
+
+    def spy_title(self, text, *a, **k):
+        titles.append(text)
+        return original_title(self, text, *a, **k)
+
+    def spy_plot(self, *args, **kwargs):
+        plotted.append(np.asarray(args[0]))
+        return original_plot(self, *args, **kwargs)
+
+    image = np.full((40, 60, 3), 240, np.uint8)
+    square = np.array([[5, 5], [25, 5], [25, 25], [5, 25], [5, 5]], float)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Axes, "set_title", spy_title)
+        mp.setattr(Axes, "plot", spy_plot)
+        draw_thumbnail(image, tmp_path / "t.png", points=[[10, 10], [12, 12], [30, 30]], classes=[1, 0, 1],
+                       class_names=["negative", "positive"], regions=[("core", square)], density_class=1)
+    assert any(np.array_equal(x, square[:, 0]) for x in plotted)  # the region's outline is drawn
+    assert any(t.startswith("density of positive cells (2 positive cells") for t in titles)
+    with pytest.raises(ValueError, match="density_class 5"):
+        draw_thumbnail(image, tmp_path / "bad.png", points=[[1, 1]], classes=[0], density_class=5)
+
+
 def test_draw_thumbnail_rejects_bad_input(tmp_path: Path) -> None:
     image = np.full((20, 30, 3), 240, np.uint8)
     with pytest.raises(ValueError, match=r"tissue mask has shape \(30, 20\), the thumbnail \(20, 30\)"):

@@ -612,8 +612,12 @@ def _write_outputs(out: Path, stem: str, predictor: Any, slide: Slide, cells: De
                "model_mpp": settings.get("model_mpp"), "scale": settings.get("scale"), **summary}
     # Micrometres per thumbnail pixel: the density map in cells per mm² where the slide has an mpp.
     pixel_um = (slide.mpp / thumb_scale[0], slide.mpp / thumb_scale[1]) if slide.mpp else None
+    outlines = [(r.name, np.asarray(g.exterior.coords) * np.array(thumb_scale)) for r in regions
+                for g in getattr(r.geometry, "geoms", [r.geometry])]
+    index = summary.get("index")
     draw_thumbnail(thumb, files[0], tissue=mask, points=(cells.points + 0.5) * np.array(thumb_scale, np.float32) - 0.5,
-                   classes=cells.classes, class_names=names, pixel_um=pixel_um)
+                   classes=cells.classes, class_names=names, pixel_um=pixel_um, regions=outlines,
+                   density_class=names.index(index["class"]) if index and index.get("class") in names else None)
     write_summary(out, stem, summary)
     colors = class_colors(len(names))
     write_geojson(files[3], cells, list(geojson_names or names), colors=colors.tolist())

@@ -449,6 +449,8 @@ def draw_thumbnail(
     class_names: Sequence[str] | None = None,
     density_sigma: float | None = None,
     pixel_um: float | Sequence[float] | None = None,
+    regions: Sequence[tuple[str, Any]] | None = None,
+    density_class: int | None = None,
 ) -> None:
     """Draw a slide's overview as a PNG: the thumbnail with tissue and cells, and a cell-density map.
 
@@ -474,6 +476,10 @@ def draw_thumbnail(
             mpp divided by the thumbnail's scale. With it the density map is in cells per mm²
             (what [`summarize`][] reports) and its smoothing in µm; without it, in cells per
             thumbnail pixel.
+        regions: ``(name, (K, 2) outline)`` of each region, in thumbnail pixels: drawn and
+            named on the left panel (the regions a slide's summary counts in).
+        density_class: draw the density of this class's cells (the class of interest, e.g.
+            Ki-67 positive: its hot spots) instead of all cells'.
 
     Raises:
         ValueError: for a thumbnail that is not ``(h, w, 3)`` uint8, a mask of another size,
@@ -514,7 +520,18 @@ def draw_thumbnail(
     shown_size = (max(1, w // step), max(1, h // step))
     small = np.asarray(Image.fromarray(thumb).resize(shown_size, Image.Resampling.BOX)) if step > 1 else thumb
     _draw_tissue_and_cells(left, small, mask, step, (h, w), pts, cls, names, colours)
-    _draw_density(fig, right, small, step, (h, w), pts, float(density_sigma), area_mm2)
+    for name, outline in regions or ():
+        xy = np.asarray(outline, np.float64).reshape(-1, 2)
+        left.plot(xy[:, 0], xy[:, 1], color="#ffb000", linewidth=1.2)
+        left.annotate(str(name), (float(xy[:, 0].min()), float(xy[:, 1].min())), color="#7a4d00", fontsize="x-small",
+                      va="bottom")
+    label = None
+    if density_class is not None:
+        if cls is None or not 0 <= int(density_class) < len(colours):
+            raise ValueError(f"draw_thumbnail: density_class {density_class!r} is not one of the cells' classes.")
+        pts = pts[cls == int(density_class)]
+        label = names[int(density_class)] if names is not None else f"class {int(density_class)}"
+    _draw_density(fig, right, small, step, (h, w), pts, float(density_sigma), area_mm2, label)
     for ax in (left, right):
         ax.set_xlim(-0.5, w - 0.5)
         ax.set_ylim(h - 0.5, -0.5)
@@ -594,7 +611,7 @@ def _draw_tissue_and_cells(ax: Any, small: np.ndarray, mask: np.ndarray | None, 
 
 
 def _draw_density(fig: Any, ax: Any, small: np.ndarray, step: int, size: tuple[int, int], pts: np.ndarray,
-                  density_sigma: float, area_mm2: float | None) -> None:
+                  density_sigma: float, area_mm2: float | None, label: str | None = None) -> None:
     """The right panel: the smoothed cell density over the faded thumbnail, with its colour bar."""
     from mpl_toolkits.axes_grid1 import make_axes_locatable
 
@@ -613,10 +630,12 @@ def _draw_density(fig: Any, ax: Any, small: np.ndarray, step: int, size: tuple[i
     bar_ax = make_axes_locatable(ax).append_axes("right", size="4%", pad=0.08)  # panels stay equal
     bar = fig.colorbar(image, cax=bar_ax)
     n = len(pts)
+    what = f"density of {label} cells" if label else "cell density"
+    cells = f"{n} {label} cells" if label else f"{n} cells"
     if area_mm2 is not None:
-        bar.set_label("cells per mm² (smoothed)")
+        bar.set_label(f"{label + ' ' if label else ''}cells per mm² (smoothed)")
         sigma_um = density_sigma * math.sqrt(area_mm2) * 1e3
-        ax.set_title(f"cell density ({n} cells, sigma {sigma_um:.0f} µm)", fontsize="medium")
+        ax.set_title(f"{what} ({cells}, sigma {sigma_um:.0f} µm)", fontsize="medium")
     else:
-        bar.set_label("cells per thumbnail pixel (smoothed)")
-        ax.set_title(f"cell density ({n} cells, sigma {density_sigma:g} px)", fontsize="medium")
+        bar.set_label(f"{label + ' ' if label else ''}cells per thumbnail pixel (smoothed)")
+        ax.set_title(f"{what} ({cells}, sigma {density_sigma:g} px)", fontsize="medium")
