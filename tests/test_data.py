@@ -46,6 +46,8 @@ from cellkit.data import bundled as bundled_module
 from cellkit.data.io import to_rgb_uint8
 from cellkit.points import Detections
 
+from conftest import need_shared  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 BCDATA_SAMPLE = REPO / ".." / "shared" / "data" / "bcdata_sample"
 
@@ -614,9 +616,9 @@ def test_bcdata_corrupt_and_missing_files(tmp_path):
         load_dataset(root, "bcdata", split="train")
 
 
-@pytest.mark.skipif(not BCDATA_SAMPLE.is_dir(), reason=f"BCData sample not found at {BCDATA_SAMPLE}")
 def test_bcdata_sample_counts():
     # Counts from ../shared/data/bcdata_sample/README-SOURCE.md.
+    need_shared(BCDATA_SAMPLE)
     samples = load_dataset(BCDATA_SAMPLE, "bcdata")
     assert len(samples) == 20
     counts = np.bincount(np.concatenate([s.classes for s in samples]), minlength=2)
@@ -724,3 +726,13 @@ def test_group_functions():
     assert bcdata_group("test/19") == 19
     with pytest.raises(ValueError, match="numeric id"):
         endonuke_group("abc")
+
+
+def test_data_beside_the_repository_is_skipped_when_missing_unless_ci_asks(tmp_path, monkeypatch):
+    monkeypatch.delenv("CELLKIT_REQUIRE_SHARED", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="lives in ../shared/data"):
+        need_shared(tmp_path / "absent.svs")
+    monkeypatch.setenv("CELLKIT_REQUIRE_SHARED", "1")
+    with pytest.raises(pytest.fail.Exception, match="CELLKIT_REQUIRE_SHARED=1 asks for it"):
+        need_shared(tmp_path / "absent.svs")
+    assert need_shared(tmp_path) == tmp_path

@@ -24,6 +24,7 @@ from cellkit.engine.predict import Predictor
 from cellkit.imaging import IMAGENET_MEAN, IMAGENET_STD
 from cellkit.wsi import SlideError, is_whole_slide, open_slide
 from cellkit.wsi.pipeline import chunk_grid, predict_slide
+from conftest import need_shared
 
 REPO = Path(__file__).resolve().parents[1]
 SVS = REPO / ".." / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
@@ -112,9 +113,7 @@ def far_from(points: np.ndarray, lines: list[float], axis: int, band: float) -> 
 
 @pytest.fixture(scope="module")
 def svs() -> Path:
-    if not SVS.is_file():
-        pytest.fail(f"the real slide file {SVS} is missing: the tests need ../shared/data/wsi (see its README)")
-    return SVS
+    return need_shared(SVS)
 
 
 def test_real_svs_levels_mpp_and_regions(svs: Path) -> None:

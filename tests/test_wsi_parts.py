@@ -19,6 +19,7 @@ from cellkit.data.io import DataWarning
 from cellkit.wsi.regions import Region, assign_regions, read_regions
 from cellkit.wsi.summary import density_map, draw_thumbnail, summarize, write_summary
 from cellkit.wsi.tissue import SATURATION_FLOOR, mask_fraction, tissue_mask
+from conftest import need_shared
 
 SLIDE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
 
@@ -112,10 +113,7 @@ def test_tissue_mask_rejects_bad_options() -> None:
 
 
 def test_tissue_mask_on_a_real_slide_thumbnail() -> None:
-    if not SLIDE.is_file():
-        pytest.skip(
-            f"the test slide {SLIDE} is missing (it lives in ../shared/data/wsi beside the repository)"
-        )
+    need_shared(SLIDE)
     import openslide
 
     with openslide.OpenSlide(str(SLIDE)) as slide:
