@@ -195,7 +195,7 @@ def _add_data_options(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``cellkit`` argument parser with its five commands: train, predict, evaluate, plot, export."""
+    """The ``cellkit`` argument parser with its six commands: train, predict, evaluate, plot, export, summarize."""
     parser = _Parser(
         prog="cellkit",
         description="Cell recognition (finding, classifying, counting) in IHC images trained from point "
@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cellkit import __version__
 
     parser.add_argument("--version", action="version", version=f"cellkit {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,predict,evaluate}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,predict,evaluate,plot,export,summarize}", parser_class=_Parser)
 
     # -- train --------------------------------------------------------------------------
     t = sub.add_parser(
@@ -405,6 +405,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write the picture (default RUN_DIR/curves.png)")
     _add_common(g)
     g.set_defaults(func=_cmd_plot)
+
+    # -- summarize ----------------------------------------------------------------------
+    c = sub.add_parser(
+        "summarize",
+        help="merge the slide summaries of a predictions folder into one cohort table",
+        description="Read every OUT_DIR/<slide>.summary.json that cellkit predict finished and write "
+        "OUT_DIR/cohort.csv: one row per slide and per region (counts per class, the index, tissue area, cells "
+        "per mm², model, version); list the slides that failed (with their error) and those without a summary "
+        "yet. Re-runs nothing; safe while workers still predict into the folder.",
+        formatter_class=_Formatter,
+        epilog="example: cellkit summarize out/",
+    )
+    c.add_argument("out_dir", metavar="OUT_DIR", help="the --out folder of cellkit predict")
+    _add_common(c)
+    c.set_defaults(func=_cmd_summarize)
 
     # -- export -------------------------------------------------------------------------
     x = sub.add_parser(
@@ -845,6 +860,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         import warnings
 
         warnings.warn(f"errors.png was not drawn ({type(err).__name__}: {err})", stacklevel=1)
+    return 0
+
+
+def _cmd_summarize(args: argparse.Namespace) -> int:
+    from cellkit.engine.cohort import summarize_folder
+
+    _out(summarize_folder(args.out_dir).describe())
     return 0
 
 

@@ -188,6 +188,25 @@ def qupath_positivity_names(class_names: Sequence[str], positive: str) -> list[s
     return ["Positive" if n == chosen else "Negative" for n in names]
 
 
+def _names_and_palette(cls: np.ndarray, class_names: Sequence[str] | None,
+                       colors: Sequence[Sequence[int]] | None) -> tuple[list[Any], list[tuple[int, ...]]]:
+    """The class names (checked to name every class) and the colours of a GeoJSON."""
+    n_classes = int(cls.max()) + 1 if cls.size else 0
+    names = list(class_names) if class_names is not None else [f"class{i}" for i in range(n_classes)]
+    if n_classes > len(names):
+        raise ValueError(f"class {n_classes - 1} has no name: class_names has {len(names)} entries {names}.")
+    palette = [tuple(int(v) for v in c) for c in (colors if colors is not None else DEFAULT_COLORS)]
+    if not palette:
+        raise ValueError("colors must hold at least one (r, g, b) colour.")
+    return names, palette
+
+
+def _feature_ids(xs: Sequence[str], ys: Sequence[str], cls: np.ndarray, scores: Sequence[str] | None) -> list[str]:
+    """Name-based UUIDs of the cells (the texts of their coordinates, class and score)."""
+    return [str(uuid.uuid5(_ID_NAMESPACE, f"{x}|{y}|{int(c)}|{scores[i] if scores else ''}"))
+            for i, (x, y, c) in enumerate(zip(xs, ys, cls))]
+
+
 _ID_NAMESPACE = uuid.UUID("6c1b9d3e-2f5a-4c8e-9a7d-0e3f1b2c4d5e")
 """The namespace of the features' name-based UUIDs (fixed: the same cell, the same id)."""
 
@@ -245,20 +264,10 @@ def write_geojson(
         object_type = "detection" if sc is not None else "annotation"
     if object_type not in ("detection", "annotation"):
         raise ValueError(f"object_type must be 'detection' or 'annotation', got {object_type!r}.")
-    n_classes = int(cls.max()) + 1 if cls.size else 0
-    names = list(class_names) if class_names is not None else [f"class{i}" for i in range(n_classes)]
-    if n_classes > len(names):
-        raise ValueError(
-            f"class {n_classes - 1} has no name: class_names has {len(names)} entries {names}."
-        )
-    palette = [tuple(int(v) for v in c) for c in (colors if colors is not None else DEFAULT_COLORS)]
-    if not palette:
-        raise ValueError("colors must hold at least one (r, g, b) colour.")
-
+    names, palette = _names_and_palette(cls, class_names, colors)
     xs, ys = _json_floats(_texts(pts_out[:, 0])), _json_floats(_texts(pts_out[:, 1]))
     tails = _json_floats(_texts(sc.astype(np.float32))) if sc is not None else None
-    uuids = ([str(uuid.uuid5(_ID_NAMESPACE, f"{xs[i]}|{ys[i]}|{int(cls[i])}|{tails[i] if tails else ''}"))
-              for i in range(len(pts))] if ids else None)
+    uuids = _feature_ids(xs, ys, cls, tails) if ids else None
 
     def feature(i: int) -> dict[str, Any]:
         c = int(cls[i])

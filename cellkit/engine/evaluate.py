@@ -57,7 +57,7 @@ PREDICT_META = "predict.json"
 
 #: Stems of the files ``cellkit predict`` and ``cellkit evaluate`` write besides the
 #: per-image ones; images may not use them.
-OUTPUT_STEMS = ("counts", "predict", "evaluation", "f1_vs_radius")
+OUTPUT_STEMS = ("counts", "predict", "evaluation", "f1_vs_radius", "cohort")
 
 
 def parse_radii(spec: str) -> list[float]:

@@ -56,6 +56,7 @@ from typing import Any
 
 import numpy as np
 
+from cellkit._version import __version__
 from cellkit.data.io import atomic_write, jsonable, make_folder, remove_stale_temporaries, write_text_atomic
 from cellkit.data.writers import write_csv, write_geojson
 from cellkit.engine.predict import Predictor
@@ -609,7 +610,8 @@ def _write_outputs(out: Path, stem: str, predictor: Any, slide: Slide, cells: De
     summary = summarize(cells.classes, names, mpp=slide.mpp, tissue_area_px=tissue_px, index_class=index_class,
                         region_index=region_index, regions=list(regions) or None, region_tissue_px=region_tissue)
     summary = {"slide": str(slide.path), "dimensions": list(slide.dimensions), "mpp": slide.mpp,
-               "model_mpp": settings.get("model_mpp"), "scale": settings.get("scale"), **summary}
+               "model_mpp": settings.get("model_mpp"), "scale": settings.get("scale"),
+               "cellkit_version": __version__, **summary}
     # Micrometres per thumbnail pixel: the density map in cells per mm² where the slide has an mpp.
     pixel_um = (slide.mpp / thumb_scale[0], slide.mpp / thumb_scale[1]) if slide.mpp else None
     outlines = [(r.name, np.asarray(g.exterior.coords) * np.array(thumb_scale)) for r in regions
