@@ -952,7 +952,12 @@ def _main(argv: list[str]) -> int:
         parser.print_help(sys.stderr)
         return 2
     from cellkit.plugins import PluginError, load_plugins
+    from cellkit.resources import apply_cpu_grant
 
+    if args.command in ("train", "predict", "evaluate", "export"):
+        granted = apply_cpu_grant()  # a cluster job's share, not the whole node
+        if granted:
+            print(granted, file=sys.stderr, flush=True)
     try:
         # Plug-ins first (--plugins, then installed packages' entry points): every name they
         # register is known before a config is checked or a checkpoint's model is rebuilt.

@@ -21,7 +21,7 @@ PACKAGE = ROOT / "cellkit"
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core", ("cellkit._version", "cellkit.registry", "cellkit.lookup", "cellkit.points", "cellkit.imaging", "cellkit.plugins",
-              "cellkit.progress")),
+              "cellkit.progress", "cellkit.resources")),
     ("parts", ("cellkit.data", "cellkit.masks", "cellkit.losses", "cellkit.models", "cellkit.postprocess",
                "cellkit.metrics", "cellkit.viz", "cellkit.weights")),
     ("recipe", ("cellkit.config", "cellkit.geometry", "cellkit.builder", "cellkit.presets")),

@@ -1,0 +1,85 @@
+"""The CPUs a process was granted, from its environment rather than the machine's size.
+
+A cluster job is given a share of a node: a Slurm task its ``SLURM_CPUS_PER_TASK``, a
+container a cgroup CPU quota, a ``taskset`` its affinity mask. ``os.cpu_count()`` reports the
+whole node (128 CPUs where 20 were granted), and a torch process that spins one thread per
+CPU there runs many times slower than one that uses its share. [`granted_cpus`][] takes the
+smallest of what the environment says; [`apply_cpu_grant`][] lowers torch's threads to it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = ["apply_cpu_grant", "granted_cpus"]
+
+_CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def granted_cpus(environ: Mapping[str, str] | None = None, cgroup_cpu_max: Path | None = None) -> tuple[int, str]:
+    """``(cpus, why)``: the CPUs this process may use, and what said so.
+
+    The smallest of: the affinity mask (``os.sched_getaffinity``, where there is one), the
+    cgroup v2 quota (``/sys/fs/cgroup/cpu.max``: quota / period, rounded up), Slurm's
+    ``SLURM_CPUS_PER_TASK``, and ``OMP_NUM_THREADS`` when set; else ``os.cpu_count()``.
+
+    Examples:
+        >>> granted_cpus({"SLURM_CPUS_PER_TASK": "1"})
+        (1, 'SLURM_CPUS_PER_TASK=1')
+    """
+    env = os.environ if environ is None else environ
+    found: list[tuple[int, str]] = []
+    try:
+        found.append((len(os.sched_getaffinity(0)), "the CPU affinity mask"))
+    except (AttributeError, OSError):  # not on Linux
+        pass
+    quota = _cgroup_quota(cgroup_cpu_max or _CGROUP_CPU_MAX)
+    if quota is not None:
+        found.append((quota, "the cgroup CPU quota"))
+    for name in ("SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS"):
+        value = str(env.get(name, "")).strip()
+        if value.isdigit() and int(value) > 0:
+            found.append((int(value), f"{name}={value}"))
+    if not found:
+        return max(1, os.cpu_count() or 1), "os.cpu_count()"
+    return min(found, key=lambda item: item[0])
+
+
+def _cgroup_quota(path: Path) -> int | None:
+    """CPUs of a cgroup v2 ``cpu.max`` (``"quota period"``, or ``"max period"`` for none)."""
+    try:
+        text = path.read_text(encoding="ascii").split()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if len(text) != 2 or text[0] == "max":
+        return None
+    try:
+        quota, period = int(text[0]), int(text[1])
+    except ValueError:
+        return None
+    return max(1, math.ceil(quota / period)) if quota > 0 and period > 0 else None
+
+
+def apply_cpu_grant(environ: Mapping[str, str] | None = None) -> str | None:
+    """Lower torch's threads to the granted CPUs; a line saying so, or ``None`` when nothing changed.
+
+    Examples:
+        >>> import torch
+        >>> before = torch.get_num_threads()
+        >>> line = apply_cpu_grant({"SLURM_CPUS_PER_TASK": "1"})
+        >>> torch.get_num_threads(), line is None or "1 CPU" in line
+        (1, True)
+        >>> torch.set_num_threads(before)
+    """
+    import torch
+
+    cpus, why = granted_cpus(environ)
+    threads = torch.get_num_threads()
+    if threads <= cpus:
+        return None
+    torch.set_num_threads(cpus)
+    return (f"cellkit: {cpus} CPU thread{'s' if cpus > 1 else ''} (granted by {why}; torch would have used "
+            f"{threads} of the machine's {os.cpu_count()})")
