@@ -1109,11 +1109,20 @@ class Predictor:
         detections come back. ``tile_filter``: see [`predict_probabilities`][] (tiles it
         rejects are not run and hold no cells).
         """
-        maps = self.probabilities(image, as_tensor=True, tile_filter=tile_filter)
-        assert isinstance(maps, torch.Tensor)
-        if maps.device.type != "cpu" and _takes_tensors(self.postprocess):
-            return self.postprocess(maps)
-        return self.postprocess(maps.cpu().numpy())
+        return self.cells(self.probabilities(image, as_tensor=True, tile_filter=tile_filter))
+
+    def cells(self, maps: torch.Tensor | np.ndarray) -> Detections:
+        """The cells of maps made by [`probabilities`][cellkit.engine.predict.Predictor.probabilities]:
+        the one step from maps to cells of every prediction path (images, slides' chunks).
+
+        On a GPU with a post-processor that takes tensors, the peaks are found there and only
+        the detections come back; else on the maps in numpy.
+        """
+        if isinstance(maps, torch.Tensor):
+            if maps.device.type != "cpu" and _takes_tensors(self.postprocess):
+                return self.postprocess(maps)
+            maps = maps.cpu().numpy()
+        return self.postprocess(maps)
 
     def predict_paths(
         self, inputs: Iterable[str | Path], progress: bool | None = None

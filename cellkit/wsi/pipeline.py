@@ -290,7 +290,7 @@ def _predict_chunks(predictor: Any, chunks: Any, cores: list[tuple[int, int, int
         return core_mp
 
     def peaks_then_finish(index: int, maps: Any, box: tuple[float, float, float, float]) -> float:
-        return finish(index, predictor.postprocess(maps.numpy()), box)
+        return finish(index, predictor.cells(maps), box)
 
     if not _splits_peaks(predictor):
         return sum(finish(index, predictor.predict(image, **tile_filter(box)), box)
