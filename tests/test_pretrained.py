@@ -123,7 +123,7 @@ def test_the_shipped_model_works_offline() -> None:
 
     assert "endonuke-epithelium" in cellkit.zoo.available()
     card = cellkit.model_card("endonuke-epithelium")
-    assert "CC BY 4.0" in card and "never saw" in card and "2f7a37f" in card and "0.5 um per pixel" in card
+    assert "CC BY 4.0" in card and "never saw" in card and "2c82b4e" in card and "0.5 um per pixel" in card
     predictor = cellkit.pretrained("endonuke-epithelium", device="cpu")
     assert predictor.class_names == ["other", "epithelium"]
     assert predictor.config.data.mpp == 0.5 and predictor.config.model.encoder == "efficientnet_lite0"

@@ -216,8 +216,6 @@ def fit(
             # run keeps its own until its config is checked against this one.
             make_folder(out)
             cfg.to_yaml(out / "config.yaml")
-        if info.is_main:
-            _write_split(out, split)  # which images are held out: cellkit evaluate --run scores them
         common = dict(split=split, class_names=class_names, dev=dev, info=info, progress=progress,
                       max_steps=max_steps)
 
@@ -288,8 +286,10 @@ def _run_stage(cfg: CellkitConfig, out: Path, *, stage1: Path | None = None, **k
     Every round is [`train_one_epoch`][cellkit.engine.loop.train_one_epoch] (its steps), then validation, then the checkpoints.
     """
     started = time.perf_counter()
-    st = _set_up_stage(cfg, out, **kwargs)
+    st = _set_up_stage(cfg, out, **kwargs)  # a refused resume stops here, before anything is written
     st.times.show = st.info.is_main and st.progress is not False
+    if st.info.is_main and st.name == "train":
+        _write_split(out, st.split)  # which images are held out: cellkit evaluate --run scores them
     finished = st.start >= _plan(cfg.train, 1, st.max_steps)[0]
     if not finished:
         _prepare_targets(st, stage1)
