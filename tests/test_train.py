@@ -382,10 +382,20 @@ def test_bf16_on_cpus_that_compute_it(tmp_path, monkeypatch, capsys) -> None:
         return real(model, loader, steps, loss_fn, optimizer, scaler, grad_clip, ctx, **kw)
 
     monkeypatch.setattr(train_module, "train_one_epoch", spy)
+    tiled = []  # the precision of the maps made by tiles: the final calibration's
+    real_maps = validation_module.predict_probabilities
+    monkeypatch.setattr(validation_module, "predict_probabilities",
+                        lambda *a, **k: tiled.append(k.get("precision")) or real_maps(*a, **k))
     result = fit(tiny("ours"), tmp_path / "bf16", splits=SPLITS, device="cpu", max_steps=1, progress=None)
     assert seen == [(torch.bfloat16, False, False)]  # no gradient scaler: bfloat16 keeps float32's range
+    # The stored thresholds are calibrated on the float32 maps cellkit predict makes on the CPU.
+    assert tiled == ["fp32"] * len(SPLITS["val"])
     assert all(np.isfinite(v) for v in result.history[-1]["train"].values())
-    assert json.loads((tmp_path / "bf16" / "timings.json").read_text())["precision"] == "bf16"
+    timings = (tmp_path / "bf16" / "timings.json").read_text()
+    assert json.loads(timings)["precision"] == "bf16"
+    # Resuming the finished run does no work and keeps the timings of the run that did it.
+    fit(tiny("ours"), tmp_path / "bf16", splits=SPLITS, device="cpu", max_steps=1, progress=False, resume=True)
+    assert (tmp_path / "bf16" / "timings.json").read_text() == timings
     assert "the network runs in bfloat16" in capsys.readouterr().err
     # The weights stay float32 (autocast computes in bfloat16, the parameters are not cast).
     assert all(v.dtype == torch.float32 for v in weights(result.last_path).values() if v.is_floating_point())

@@ -315,7 +315,7 @@ def _run_stage(cfg: CellkitConfig, out: Path, *, stage1: Path | None = None, **k
         _final_calibration(cfg, unwrap(st.model), st.best_path, out, st.split["val"], st.class_names, st.ctx,
                            st.info, st.progress, times=st.times)
     barrier()
-    if st.info.is_main:
+    if st.info.is_main and not finished:  # a finished stage resumed keeps the timings of its run
         _write_timings(st, time.perf_counter() - started)
     return st.result()
 

@@ -82,7 +82,10 @@ def _final_calibration(cfg: CellkitConfig, model: nn.Module, best_path: Path, ou
         grid_d = sorted({max(1, int(round(f * d0))) for f in (0.67, 1.0, 1.33)})
     with times.phase("calibration", announce=f"calibrating the peaks of the best weights on {len(val_samples)} "
                                              "validation images"):
-        maps = _validation_maps(model, val_samples, ctx, info)
+        # The stored thresholds are applied to maps cellkit predict makes: in float32 on the CPU (a
+        # bfloat16 training's validation maps would calibrate them on other numbers).
+        maps = _validation_maps(model, val_samples, ctx, info,
+                                precision="fp32" if ctx.dev.type == "cpu" else ctx.precision)
         cal = calibrate_peaks(maps, truths, radius=cfg.train.radius, class_names=class_names, kwargs=base,
                               name=cfg.postprocess.name, min_distances=grid_d,
                               relative=cfg.model.activation == "identity", rounds=2)
@@ -140,13 +143,14 @@ def _better(score: float, best: float) -> bool:
 
 
 def _validation_maps(model: nn.Module, val_samples: Sequence[Any], ctx: _StepContext,
-                     info: DistInfo) -> list[np.ndarray]:
+                     info: DistInfo, precision: str | None = None) -> list[np.ndarray]:
     """The main head's maps of every validation image, by the tiles of ``cellkit predict``.
 
     Sharded over ranks (rank ``r`` runs images ``r, r + world_size, ...``) and gathered, so
     every rank returns all maps in order.
     """
-    local = [(i, predict_probabilities(model, val_samples[i].image, device=ctx.dev, precision=ctx.precision))
+    local = [(i, predict_probabilities(model, val_samples[i].image, device=ctx.dev,
+                                        precision=precision or ctx.precision))
              for i in range(info.rank, len(val_samples), info.world_size)]
     parts = all_gather_objects(local)
     return [m for _, m in sorted((item for part in parts for item in part), key=lambda item: item[0])]
