@@ -27,9 +27,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from cellkit.data.formats import FORMATS as _FORMATS, get_format, resolve_class_map
+from cellkit.data.formats import FORMATS as _FORMATS
+from cellkit.data.formats import get_format, resolve_class_map
 from cellkit.lookup import look_up_option
-from cellkit.presets import PRESETS, SIZES as _PRESET_SIZES
+from cellkit.presets import PRESETS
+from cellkit.presets import SIZES as _PRESET_SIZES
 
 __all__ = ["build_parser", "main"]
 
@@ -136,6 +138,15 @@ def _length(text: str) -> tuple[float, str]:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive length, got {text!r}")
     return value, unit
+
+
+def _shard(text: str) -> Any:
+    from cellkit.engine.workers import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def _number_list(kind: type) -> Callable[[str], list[Any]]:
@@ -355,6 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positive-class", metavar="NAME",
                    help="name this class's cells Positive and the others Negative in the GeoJSON, so QuPath reports "
                         "Positive %% per annotation (the CSV and summaries keep the model's names)")
+    k = p.add_argument_group("several workers on one --out (a cohort on a cluster; see docs/slides.md)")
+    share = k.add_mutually_exclusive_group()
+    share.add_argument("--shard", metavar="K/N", type=_shard,
+                       help="predict the K-th of N shares of the inputs (every N-th from the K-th); default: from "
+                            "RANK/WORLD_SIZE (torchrun), SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT or "
+                            "SLURM_PROCID/SLURM_NTASKS when they give N > 1; --shard 1/1 predicts every input")
+    share.add_argument("--claim", action="store_true",
+                       help="take inputs first-come through lock files in OUT_DIR/workers/claims: start or restart "
+                            "any number of workers at any time (a dead worker's slide is taken over)")
     _add_common(p)
     p.set_defaults(func=_cmd_predict)
 
@@ -704,7 +724,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from cellkit.engine.predict import Predictor, list_images
 
     list_images(args.inputs)  # path errors before the model loads
-    check_out_folder(args.out, args.resume, args.overwrite)  # and an --out that is taken
+    shard = _worker_share(args)
+    check_out_folder(args.out, args.resume, args.overwrite, join=shard is not None or args.claim)  # and a taken --out
     if args.model is not None:
         from cellkit.zoo import model_path
 
@@ -741,6 +762,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         slide_options={"regions": args.regions, "tissue": not args.no_tissue_mask, "chunk_size": args.chunk_size,
                        "workers": args.workers, "index_class": args.index_class},
         positive_class=args.positive_class,
+        shard=shard,
+        claim=args.claim,
     )
     out_dir = run.out_dir
     if run.removed:
@@ -753,6 +776,29 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(f"cellkit predict: {len(run.skipped)} images could not be read and were skipped (listed in "
               f"{out_dir / 'predict.json'}): {shown}", file=sys.stderr)
     return 0
+
+
+def _worker_share(args: argparse.Namespace) -> Any:
+    """The share of the inputs this worker predicts: --shard, else the scheduler's environment.
+
+    Also the device of a worker that ``torchrun`` started per GPU (``LOCAL_RANK``), without ``--device``.
+    """
+    from cellkit.engine.workers import shard_from_env
+    from cellkit.resources import granted_device
+
+    if args.device is None:
+        args.device, why = granted_device()
+        if why:
+            print(f"cellkit predict: device {args.device} ({why})", file=sys.stderr, flush=True)
+    if args.shard is not None:
+        return None if args.shard.count == 1 else args.shard
+    if args.claim:
+        return None
+    shard = shard_from_env()
+    if shard is not None:
+        print(f"cellkit predict: {shard} from {shard.source} (pass --shard 1/1 to predict every input in this "
+              "task)", file=sys.stderr, flush=True)
+    return shard
 
 
 def _check_replaceable_evaluation(path: Path) -> None:
@@ -810,7 +856,7 @@ def _radius_in_pixels(args: argparse.Namespace) -> float:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from cellkit.data.io import write_text_atomic
-    from cellkit.engine.evaluate import jsonable, evaluate_folder, parse_radii, write_curve_csv
+    from cellkit.engine.evaluate import evaluate_folder, jsonable, parse_radii, write_curve_csv
 
     radii = parse_radii(args.radii) if args.radii else None  # a bad spec fails before any work
     json_path = Path(args.json) if args.json else Path(args.pred) / "evaluation.json"
@@ -907,7 +953,7 @@ def _one_line(err: BaseException) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if len(lines) <= 1:
         return lines[0] if lines else type(err).__name__
-    rest = [line[2:] if line.startswith("- ") else line for line in lines[1:]]
+    rest = [line.removeprefix("- ") for line in lines[1:]]
     return f"{lines[0].rstrip(':')}: " + "; ".join(rest)
 
 

@@ -1,7 +1,8 @@
 """The CPUs a process was granted, from its environment rather than the machine's size.
 
 A cluster job is given a share of a node: a Slurm task its ``SLURM_CPUS_PER_TASK``, a
-container a cgroup CPU quota, a ``taskset`` its affinity mask. ``os.cpu_count()`` reports the
+container a cgroup CPU quota, a ``taskset`` its affinity mask, a worker that ``torchrun`` started
+on a node of several GPUs its ``LOCAL_RANK`` ([`granted_device`][]). ``os.cpu_count()`` reports the
 whole node (128 CPUs where 20 were granted), and a torch process that spins one thread per
 CPU there runs many times slower than one that uses its share. [`granted_cpus`][] takes the
 smallest of what the environment says; [`apply_cpu_grant`][] lowers torch's threads to it.
@@ -14,7 +15,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["apply_cpu_grant", "granted_cpus"]
+__all__ = ["apply_cpu_grant", "granted_cpus", "granted_device"]
 
 _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
@@ -83,3 +84,34 @@ def apply_cpu_grant(environ: Mapping[str, str] | None = None) -> str | None:
     torch.set_num_threads(cpus)
     return (f"cellkit: {cpus} CPU thread{'s' if cpus > 1 else ''} (granted by {why}; torch would have used "
             f"{threads} of the machine's {os.cpu_count()})")
+
+
+def granted_device(environ: Mapping[str, str] | None = None, cuda_devices: int | None = None) -> tuple[str | None, str]:
+    """``(device, why)``: the GPU a launcher gave this worker, or ``(None, "")`` to choose as usual.
+
+    ``torchrun --nproc-per-node G`` (and ``srun`` with ``--gpus-per-task``) starts one worker per
+    GPU with ``LOCAL_RANK`` = 0..G-1, each seeing every card of the node: worker ``r`` takes card
+    ``r`` modulo the cards visible (``CUDA_VISIBLE_DEVICES`` already narrows what is visible).
+    Without ``LOCAL_RANK``, or without CUDA, nothing is chosen here.
+
+    Args:
+        environ: the environment (default ``os.environ``).
+        cuda_devices: the CUDA cards visible (default ``torch.cuda.device_count()``).
+
+    Examples:
+        >>> granted_device({"LOCAL_RANK": "3"}, cuda_devices=2)
+        ('cuda:1', 'LOCAL_RANK=3 of 2 visible CUDA devices')
+        >>> granted_device({}, cuda_devices=2)
+        (None, '')
+    """
+    env = os.environ if environ is None else environ
+    rank = str(env.get("LOCAL_RANK", "")).strip()
+    if not rank.isdigit():
+        return None, ""
+    if cuda_devices is None:
+        import torch  # start-up time: torch is loaded by then in every caller
+
+        cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cuda_devices < 1:
+        return None, ""
+    return f"cuda:{int(rank) % cuda_devices}", f"LOCAL_RANK={rank} of {cuda_devices} visible CUDA devices"

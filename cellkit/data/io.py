@@ -49,10 +49,11 @@ __all__ = [
     "ImageNote",
     "WriteError",
     "atomic_write",
+    "create_text_if_absent",
     "image_mpp",
     "jsonable",
-    "make_folder",
     "load_image",
+    "make_folder",
     "read_image",
     "remove_stale_temporaries",
     "to_rgb_uint8",
@@ -644,6 +645,48 @@ def write_text_atomic(path: str | os.PathLike[str], text: str, encoding: str = "
     """Write ``text`` to ``path`` atomically (see [`atomic_write`][])."""
     with atomic_write(path, "w", encoding=encoding, newline="") as f:
         f.write(text)
+
+
+def create_text_if_absent(path: str | os.PathLike[str], text: str) -> bool:
+    """Write ``text`` to ``path`` only when no file is there, atomically; ``True`` when written.
+
+    Of several processes that call this at once, exactly one writes (a complete file is
+    linked into place; a link never replaces a file).
+
+    Examples:
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "a.json")
+        >>> create_text_if_absent(path, "1"), create_text_if_absent(path, "2")
+        (True, False)
+        >>> open(path).read()
+        '1'
+    """
+    target = Path(path)
+    if target.exists():
+        return False
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=target.parent, delete=False,
+                                     prefix=f".{target.name}{_TMP_MARK}{os.getpid()}-", suffix=".tmp") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    try:
+        os.chmod(fh.name, 0o666 & ~_UMASK)
+        os.link(fh.name, target)
+    except FileExistsError:
+        return False
+    except OSError:  # a file system without hard links: an exclusive create, then the text
+        try:
+            fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            return False
+        except OSError as err:
+            raise _write_error(target, err) from err
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(fh.name)
+    return True
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:

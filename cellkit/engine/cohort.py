@@ -7,7 +7,8 @@ counts per class, the share of the class of interest (``index``), the tissue are
 cells per mm², the model and the cellkit version that predicted it. It re-runs nothing and
 can run while workers still predict into the folder: a slide counts once its summary is
 written; the slides the run records (``predict.json``) without a summary yet are listed as
-not finished, those it skipped as failed, with their error.
+not finished, those it (or any of its workers, ``OUT/workers/*.json``) skipped as failed,
+with their error.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 from cellkit.data.guard import check_outputs
 from cellkit.data.io import write_text_atomic
 from cellkit.engine.evaluate import read_prediction_record
+from cellkit.engine.workers import merged_skipped
 
 __all__ = ["COHORT", "CohortSummary", "summarize_folder"]
 
@@ -112,6 +114,7 @@ def summarize_folder(out: str | Path) -> CohortSummary:
     inputs = [str(s) for s in settings.get("inputs", [])]
     skipped = settings.get("skipped") if isinstance(settings.get("skipped"), dict) else {}
     failed = {str(k): str(v) for k, v in skipped.items()}
+    failed.update(merged_skipped(out, sorted(done)))  # of several workers (OUT/workers/*.json)
     failed_stems = {Path(k).stem for k in failed}
     unfinished = [s for s in inputs if s not in done and s not in failed_stems]
     return CohortSummary(path, [s for s, _ in summaries], rows, failed, unfinished)

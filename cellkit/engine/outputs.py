@@ -26,7 +26,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
+import socket
 import sys
 import warnings
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -42,6 +44,7 @@ from cellkit.data.guard import check_outputs, claim_each_once, remove_recorded
 from cellkit.data.io import (
     DataError,
     DataWarning,
+    create_text_if_absent,
     image_mpp,
     make_folder,
     read_image,
@@ -49,8 +52,10 @@ from cellkit.data.io import (
     write_text_atomic,
 )
 from cellkit.data.writers import qupath_positivity_names, write_csv, write_geojson
+from cellkit.engine.cohort import COHORT, summarize_folder
 from cellkit.engine.evaluate import OUTPUT_STEMS, PREDICT_META, jsonable, read_prediction_record
 from cellkit.engine.predict import list_images
+from cellkit.engine.workers import Claims, Shard, WorkerLog, claimed, merged_skipped, remove_worker_files
 from cellkit.points import Detections
 from cellkit.viz import class_colors, draw_points, save_png
 from cellkit.wsi.pipeline import PARTS_SUFFIX, predict_slide, slide_files
@@ -99,7 +104,7 @@ def _read_meta(out: Path) -> dict[str, Any] | None:
 def _earlier_files(out: Path, meta: Mapping[str, Any]) -> set[Path]:
     """Every file an earlier run recorded in ``meta`` may have written."""
     stems = [str(s) for s in meta.get("inputs", meta.get("images", []))]
-    files = {out / COUNTS, out / PREDICT_META}
+    files = {out / COUNTS, out / PREDICT_META, out / COHORT}
     for stem in stems:
         files.update(_image_files(out, stem, overlay=True))
         files.update(_image_files(out, stem, overlay=True, slide=True))
@@ -180,13 +185,17 @@ def write_predictions(
     slide_options: Mapping[str, Any] | None = None,
     mpp: float | None = None,
     positive_class: str | None = None,
+    shard: Shard | None = None,
+    claim: bool = False,
 ) -> PredictionRun:
     """Predict image files and folders into ``out_dir`` without losing anything (see the module).
 
     Whole slides ([`is_whole_slide`][cellkit.wsi.is_whole_slide]: SVS, NDPI, MRXS, pyramidal TIFF...)
     go through [`predict_slide`][cellkit.wsi.pipeline.predict_slide] (chunks, tissue only,
     slide coordinates) and leave ``<stem>.csv``, ``.geojson``, ``.summary.json``, ``.summary.csv`` and
-    ``.thumbnail.png``; other images are read whole and leave ``<stem>.csv``, ``.geojson``
+    ``.thumbnail.png``, and the run ``cohort.csv``
+    ([`summarize_folder`][cellkit.engine.cohort.summarize_folder]); other images are read whole and
+    leave ``<stem>.csv``, ``.geojson``
     and the overlay.
 
     Args:
@@ -210,6 +219,13 @@ def write_predictions(
             ``tissue``, ``chunk_size``, ``workers``, ``index_class``...).
         mpp: micrometres per pixel of the inputs, overriding what the files record. When the
             model records the pixel size it was trained at, images are resampled to it.
+        shard: predict only this share of the inputs ([`Shard`][cellkit.engine.workers.Shard]),
+            one of several workers writing into ``out_dir`` (see [`cellkit.engine.workers`][]).
+        claim: take inputs first-come through lock files in ``out_dir/workers/claims``, one of
+            any number of workers. With ``shard`` or ``claim`` an earlier run of the same
+            inputs and settings in ``out_dir`` is joined (its inputs done are kept), and the
+            worker that finds every input done writes ``counts.csv``, the final
+            ``predict.json`` and, for slides, ``cohort.csv``.
 
     Returns:
         a [`PredictionRun`][].
@@ -227,6 +243,7 @@ def write_predictions(
         >>> run.counts[0]  # doctest: +SKIP
         ('slide1', [412, 97])
     """
+    joining = _check_worker_options(shard, claim, overwrite)
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: --resume continues a run, --overwrite replaces it.")
     if on_error not in ("raise", "skip"):
@@ -243,14 +260,8 @@ def write_predictions(
             f"image names {clash} clash with the summary files written to --out ({', '.join(OUTPUT_STEMS)}); "
             "rename them."
         )
-    geojson_names = (qupath_positivity_names(predictor.class_names, positive_class)
-                     if positive_class is not None else None)  # a wrong name fails before any work
     if positive_class is not None:
-        slide_options = dict(slide_options or {})
-        if slide_options.get("index_class") is None:
-            slide_options["index_class"] = positive_class
-        slide_options["geojson_names"] = geojson_names
-        settings = {**dict(settings or {}), "positive_class": positive_class}
+        slide_options, settings = _positive_class_options(predictor, positive_class, slide_options, settings)
     _check_slide_options(paths, slides, slide_options, predictor)
     # Two inputs never write one file (a slide a.svs's a.summary.csv, an image a.summary.png's .csv).
     claim_each_once({str(p): _image_files(out, p.stem, overlay, p.stem in slides) for p in paths})
@@ -261,23 +272,91 @@ def write_predictions(
                 if slides else {})}
     record = _record(predictor, overlay, overlay_radius, extra)
     run = PredictionRun(out)
-    run.removed = _claim_folder(out, stems, overlay, record, resume, overwrite, slides)
+    run.removed = _claim_folder(out, stems, overlay, record, resume or joining, overwrite, slides, join=joining)
     make_folder(out)
-    remove_stale_temporaries(out)  # of writes killed in an earlier try
-
-    def save_meta(status: str) -> None:
-        meta = {**record, "status": status, "inputs": stems, "images": [s for s, _ in run.counts],
-                "skipped": run.skipped}
-        write_text_atomic(out / PREDICT_META, json.dumps(meta, indent=2) + "\n")
-
-    save_meta("running")
-    by_stem = _predict_images(predictor, paths, out, run, overlay=overlay, overlay_radius=overlay_radius,
-                              resume=resume, on_error=on_error, progress=progress, slides=slides,
-                              slide_options={**slide_options, "mpp": mpp})
+    meta = {**record, "inputs": stems}
+    worker = _Worker.start(out, meta, shard, claim) if joining else None
+    if worker is None:
+        remove_stale_temporaries(out)  # of writes killed in an earlier try (never beside live workers)
+        write_text_atomic(out / PREDICT_META, json.dumps({**meta, "status": "running", "images": [],
+                                                          "skipped": {}}, indent=2) + "\n")
+    try:
+        by_stem = _predict_images(predictor, shard.take(paths) if shard is not None else paths, out, run,
+                                  overlay=overlay, overlay_radius=overlay_radius, resume=resume or joining,
+                                  on_error=on_error, progress=progress, slides=slides,
+                                  slide_options={**slide_options, "mpp": mpp}, worker=worker)
+    finally:
+        if worker is not None:
+            worker.close()
     run.counts = [(s, by_stem[s]) for s in stems if s in by_stem]
+    if worker is not None:
+        worker.finish(predictor, stems, slides, overlay)
+        return run
     write_text_atomic(out / COUNTS, counts_csv(run.counts, predictor.class_names))
-    save_meta("done")
+    write_text_atomic(out / PREDICT_META, json.dumps({**meta, "status": "done", "images": [s for s, _ in run.counts],
+                                                      "skipped": run.skipped}, indent=2) + "\n")
+    if any(s in slides for s, _ in run.counts):
+        summarize_folder(out)  # cohort.csv: one row per slide and region
     return run
+
+
+def _positive_class_options(predictor: Any, positive_class: str, slide_options: Mapping[str, Any] | None,
+                            settings: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The slide options and recorded settings of ``positive_class`` (a wrong name fails before any work)."""
+    options = dict(slide_options or {})
+    if options.get("index_class") is None:
+        options["index_class"] = positive_class
+    options["geojson_names"] = qupath_positivity_names(predictor.class_names, positive_class)
+    return options, {**dict(settings or {}), "positive_class": positive_class}
+
+
+def _check_worker_options(shard: Shard | None, claim: bool, overwrite: bool) -> bool:
+    """Whether this run is one of several workers (``shard`` or ``claim``); refuses what clashes."""
+    if shard is not None and claim:
+        raise ValueError("--shard and --claim are two ways of sharing the inputs between workers; choose one "
+                         "(--claim when workers start and stop at any time).")
+    joining = shard is not None or bool(claim)
+    if joining and overwrite:
+        raise ValueError("--overwrite cannot go with --shard or --claim: one worker would delete the files of "
+                         "the others. Clear the folder once (or choose a new --out), then start the workers.")
+    return joining
+
+
+class _Worker:
+    """One of several workers writing into one folder: its claims (or none) and its record."""
+
+    def __init__(self, out: Path, meta: Mapping[str, Any], log: WorkerLog, claims: Claims | None) -> None:
+        self.out, self.meta, self.log, self.claims = out, dict(meta), log, claims
+
+    @classmethod
+    def start(cls, out: Path, meta: Mapping[str, Any], shard: Shard | None, claim: bool) -> _Worker:
+        # The shared record: written by the first worker, never replaced by a later one.
+        text = json.dumps({**meta, "status": "running", "images": [], "skipped": {}}, indent=2) + "\n"
+        create_text_if_absent(out / PREDICT_META, text)
+        name = shard.name if shard is not None else f"{socket.gethostname() or 'host'}-{os.getpid()}"
+        say = lambda line: print(f"cellkit predict: {line}", file=sys.stderr, flush=True)
+        claims = Claims(out, name, say=say) if claim else None
+        return cls(out, meta, WorkerLog(out, name, shard, claim), claims)
+
+    def close(self) -> None:
+        if self.claims is not None:
+            self.claims.close()
+
+    def finish(self, predictor: Any, stems: Sequence[str], slides: Collection[str], overlay: bool) -> None:
+        """Record this worker done; when every input is done (or failed), write the folder's totals."""
+        self.log.finish(self.claims.took_over if self.claims is not None else ())
+        done = [s for s in stems if all(f.is_file() for f in _image_files(self.out, s, overlay, s in slides))]
+        skipped = merged_skipped(self.out, done)
+        failed = {Path(k).stem for k in skipped}
+        if any(s not in done and s not in failed for s in stems):
+            return  # another worker finishes the rest and writes the totals
+        counts = [(s, _counts_from_csv(_image_files(self.out, s, overlay, s in slides)[-1], predictor.num_classes))
+                  for s in done]
+        write_text_atomic(self.out / COUNTS, counts_csv(counts, predictor.class_names))
+        write_text_atomic(self.out / PREDICT_META, json.dumps({**self.meta, "status": "done", "images": done,
+                                                               "skipped": skipped}, indent=2) + "\n")
+        if slides and any(s in slides for s in done):
+            summarize_folder(self.out)
 
 
 def _check_slide_options(paths: Sequence[Path], slides: Collection[str], options: Mapping[str, Any] | None,
@@ -327,8 +406,10 @@ def _slide_stems(paths: list[Path], slide: bool | None) -> set[str]:
     return {p.stem for p in paths if is_whole_slide(p)}
 
 
-def check_out_folder(out: str | Path, resume: bool = False, overwrite: bool = False) -> None:
+def check_out_folder(out: str | Path, resume: bool = False, overwrite: bool = False, join: bool = False) -> None:
     """The refusals of an output folder that need no model: call before loading one (seconds).
+
+    ``join``: one of several workers (``--shard``/``--claim``): an earlier run is continued.
 
     Raises:
         FileExistsError: ``out`` holds an earlier run and neither ``resume`` nor ``overwrite``.
@@ -339,11 +420,11 @@ def check_out_folder(out: str | Path, resume: bool = False, overwrite: bool = Fa
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file; give a folder for the predictions.")
     earlier = _read_meta(out) if out.is_dir() else None
-    if earlier is None and resume:
+    if earlier is None and resume and not join:
         raise FileNotFoundError(
             f"Nothing to resume in {out}: it holds no earlier prediction run ({PREDICT_META}). Drop --resume."
         )
-    if earlier is not None and not (resume or overwrite):
+    if earlier is not None and not (resume or overwrite or join):
         raise FileExistsError(_earlier_run_message(out, earlier))
 
 
@@ -355,18 +436,22 @@ def _earlier_run_message(out: Path, earlier: Mapping[str, Any]) -> str:
 
 
 def _claim_folder(out: Path, stems: list[str], overlay: bool, record: Mapping[str, Any], resume: bool,
-                  overwrite: bool, slides: Collection[str] = ()) -> list[Path]:
-    """Refuse a folder whose files are not ours or whose earlier run was not named; returns files removed."""
+                  overwrite: bool, slides: Collection[str] = (), join: bool = False) -> list[Path]:
+    """Refuse a folder whose files are not ours or whose earlier run was not named; returns files removed.
+
+    ``join``: one of several workers, which continue one run (``resume`` without an earlier one).
+    """
     earlier = _read_meta(out) if out.is_dir() else None
     ours = _earlier_files(out, earlier) if earlier is not None else set()
     planned = [f for s in stems for f in _image_files(out, s, overlay, s in slides)] + [out / COUNTS,
                                                                                        out / PREDICT_META]
+    planned += [out / COHORT] if slides else []
     check_outputs(
         "cellkit predict", planned, ours=lambda f: f in ours,
         fix="is --out the data folder? Its annotations would be lost: choose an empty or new --out",
     )
     if earlier is None:
-        if resume:
+        if resume and not join:
             raise FileNotFoundError(
                 f"Nothing to resume in {out}: it holds no earlier prediction run ({PREDICT_META}). Drop --resume."
             )
@@ -388,7 +473,7 @@ def _claim_folder(out: Path, stems: list[str], overlay: bool, record: Mapping[st
                 "predict again, or choose another --out."
             )
         return []
-    removed = remove_recorded(out, ours)
+    removed = remove_recorded(out, ours) + remove_worker_files(out)
     for stem in before:  # the finished chunks of an interrupted slide
         parts = out / f".{stem}{PARTS_SUFFIX}"
         if parts.is_dir() and not parts.is_symlink():
@@ -399,9 +484,13 @@ def _claim_folder(out: Path, stems: list[str], overlay: bool, record: Mapping[st
 
 def _predict_images(predictor: Any, paths: list[Path], out: Path, run: PredictionRun, *, overlay: bool,
                     overlay_radius: int, resume: bool, on_error: str, progress: bool | None,
-                    slides: Collection[str] = (),
-                    slide_options: Mapping[str, Any] | None = None) -> dict[str, list[int]]:
-    """Predict and write every image not done yet; the cells per class of every image done."""
+                    slides: Collection[str] = (), slide_options: Mapping[str, Any] | None = None,
+                    worker: _Worker | None = None) -> dict[str, list[int]]:
+    """Predict and write every image not done yet; the cells per class of every image done.
+
+    With ``worker`` (``--shard``/``--claim``), ``paths`` is this worker's share and each input is
+    predicted only under its claim (when claims are used); the worker's record is kept.
+    """
     from tqdm.auto import tqdm
     options = dict(slide_options or {})
     by_stem: dict[str, list[int]] = {}
@@ -414,31 +503,45 @@ def _predict_images(predictor: Any, paths: list[Path], out: Path, run: Predictio
         else:
             todo.append(path)
     show = sys.stderr.isatty() if progress is None else progress
+    claims = None if worker is None else worker.claims
+
+    def is_done(path: Path) -> bool:
+        return all(f.is_file() for f in _image_files(out, path.stem, overlay, path.stem in slides))
+
+    def failed(path: Path, err: Exception) -> None:
+        if on_error == "raise":
+            raise err
+        run.skipped[path.name] = str(err)
+        if worker is not None:
+            worker.log.skipped(path.name, str(err))
+
+    def done(path: Path, counts: list[int]) -> None:
+        by_stem[path.stem] = counts
+        if worker is not None:
+            worker.log.predicted(path.stem)
+
     plain = [p for p in todo if p.stem not in slides]
-    for path in [p for p in todo if p.stem in slides]:
+    for path in claimed([p for p in todo if p.stem in slides], claims, is_done):
         try:
             # The folder was claimed above: what exists now is an earlier run's, ours to replace.
             result = predict_slide(predictor, path, out, stem=path.stem, resume=resume, progress=progress,
                                    overwrite=True, **options)
         except (SlideError, DataError, OSError) as err:
-            if on_error == "raise":
-                raise
-            run.skipped[path.name] = str(err)
+            failed(path, err)
             continue
-        by_stem[path.stem] = [int(c) for c in result.detections.counts(predictor.num_classes)]
+        done(path, [int(c) for c in result.detections.counts(predictor.num_classes)])
     sizes = _PixelSizeNotes(predictor, options.get("mpp"))
-    for path in tqdm(plain, desc="predict", unit="image", disable=not show or not plain):
+    for path in tqdm(claimed(plain, claims, is_done), desc="predict", unit="image", total=len(plain),
+                     disable=not show or not plain):
         try:
             image = read_image(path)
         except (DataError, OSError) as err:
-            if on_error == "raise":
-                raise
-            run.skipped[path.name] = str(err)
+            failed(path, err)
             continue
         det = predict_at_pixel_size(predictor, image, sizes.mpp_of(path))
         write_image_files(out, path.stem, image, det, predictor.class_names, overlay, overlay_radius,
                           options.get("geojson_names"))
-        by_stem[path.stem] = [int(c) for c in det.counts(predictor.num_classes)]
+        done(path, [int(c) for c in det.counts(predictor.num_classes)])
     return by_stem
 
 
