@@ -43,6 +43,7 @@ from cellkit.config import (  # noqa: E402
 )
 from cellkit.points import Detections, validate_points  # noqa: E402
 from cellkit.zoo import model_card, pretrained  # noqa: E402
+from cellkit import wsi  # noqa: E402, F401  isort: skip  registers the "slides" dataset format
 
 __all__ = [
     "DECODERS",

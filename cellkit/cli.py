@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import cellkit.wsi  # noqa: F401  registers the "slides" dataset format before --format's choices
 from cellkit.data.formats import FORMATS as _FORMATS
 from cellkit.data.formats import get_format, resolve_class_map
 from cellkit.lookup import look_up_option
@@ -635,6 +636,8 @@ def _apply_data_options(cfg: Any, args: argparse.Namespace, cmap: Any) -> None:
         if data.mpp is None:
             for stage in cfg.stages():  # the bundled tiles' scale, kept with the model
                 stage.data.mpp = ENDONUKE_MPP
+    if data.format == "slides" and data.mpp is None:
+        _slides_pixel_size(cfg)
     if args.split is not None:
         data.split = args.split
     if getattr(args, "group", None) is not None:
@@ -654,6 +657,24 @@ def _apply_data_options(cfg: Any, args: argparse.Namespace, cmap: Any) -> None:
         _set_num_classes(cfg, cmap.num_classes)
     data.class_map = {str(k): int(v) for k, v in cmap.mapping.items()}
     data.class_names = tuple(cmap.names)
+
+
+def _slides_pixel_size(cfg: Any) -> None:
+    """Train from slides at their own pixel size (the same in every slide), said; else ask for --mpp."""
+    from cellkit.wsi.training import slide_pixel_sizes
+
+    sizes = slide_pixel_sizes(cfg.data.root)
+    known = sorted({round(v, 4) for v in sizes.values() if v})
+    if len(known) != 1 or max(known) > min(known) * 1.02:
+        unknown = [name for name, v in sizes.items() if not v]
+        raise ValueError(
+            f"the slides of {cfg.data.root} record {', '.join(f'{v:g}' for v in known) or 'no'} um/px"
+            + (f" ({', '.join(unknown[:3])} none)" if unknown else "")
+            + ": pass --mpp, the micrometres per pixel to train at (e.g. --mpp 0.5; every slide is read at it).")
+    for stage in cfg.stages():
+        stage.data.mpp = known[0]
+    print(f"cellkit train: slides read at their full resolution, {known[0]:g} um/px (--mpp to train at another; "
+          "kept with the model, which resamples every image it predicts to it)", file=sys.stderr, flush=True)
 
 
 #: ``cellkit train`` options that set a field of ``train:`` as given.

@@ -345,7 +345,7 @@ def test_load_dataset_argument_errors(tmp_path):
         load_dataset(tmp_path, "csv", on_error="ignore")
     with pytest.raises(DataError, match="no images or label files"):
         load_dataset(tmp_path, "csv")
-    assert set(FORMATS) == {"csv", "bcdata", "endonuke", "geojson"}
+    assert set(FORMATS) == {"csv", "bcdata", "endonuke", "geojson", "slides"}  # slides: cellkit.wsi.training
 
 
 # --------------------------------------------------------------------------- GeoJSON

@@ -56,6 +56,8 @@ class DatasetFormat:
         class_maps: number of classes -> the default [`ClassMap`][] of that task.
         group: key -> group id for [`split_by_group`][cellkit.data.split_by_group];
             ``None`` = each image is its own group.
+        takes_mpp: ``jobs`` also takes ``mpp=`` (micrometres per pixel to read at: whole
+            slides, ``data.mpp``).
     """
 
     name: str
@@ -64,6 +66,7 @@ class DatasetFormat:
     image_suffixes: tuple[str, ...] = IMAGE_SUFFIXES
     class_maps: Mapping[int, ClassMap] = field(default_factory=dict)
     group: Callable[[Any], Any] | None = None
+    takes_mpp: bool = False
 
     def class_map(self, num_classes: int) -> ClassMap | None:
         """The default class map for ``num_classes`` classes, or ``None`` (labels as written)."""

@@ -55,6 +55,7 @@ from .io import IMAGE_EXTENSIONS, DataError, DataWarning, load_image
 
 __all__ = [
     "PointRecords",
+    "ReadJob",
     "detect_format",
     "geojson_classification",
     "geojson_features",
@@ -584,13 +585,22 @@ def read_geojson_points(
 
 @dataclass
 class _Job:
-    """One image to read: where it is, how to read its points, or why it cannot be read."""
+    """One image to read: where it is, how to read its points, or why it cannot be read.
+
+    ``load``, when given, returns the image and its notes instead of reading the file
+    ``image`` whole (an area of a whole slide: [`cellkit.wsi.training`][]).
+    """
 
     key: str
     image: Path | None
     read: Callable[[], PointRecords] | None
     label: Path | None = None
     error: str | None = None
+    load: Callable[[], tuple[np.ndarray, list[Any]]] | None = None
+
+
+ReadJob = _Job
+"""One image of a dataset format's ``jobs`` (key, image file, points reader; see [`DatasetFormat`][cellkit.data.formats.DatasetFormat])."""
 
 
 def _find_images(folder: Path) -> dict[str, list[Path]]:
@@ -884,6 +894,7 @@ def load_dataset(
     *,
     num_classes: int | None = None,
     require_cells: bool = True,
+    mpp: float | None = None,
 ) -> list[Sample]:
     """Read a dataset folder into a list of samples, one per image.
 
@@ -904,6 +915,8 @@ def load_dataset(
             class is ``num_classes`` or more is then a bad input, naming its file and line.
         require_cells: a dataset in which no image has a point is an error (it would train
             on nothing); ``False`` reads it (the ground truth of images known to be empty).
+        mpp: micrometres per pixel to read the images at, for the formats that read at a
+            pixel size (``slides``: [`cellkit.wsi.training`][]); the others ignore it.
 
     Returns:
         Samples in natural order of their keys (``"2"`` before ``"10"``). Keys are the
@@ -941,7 +954,8 @@ def load_dataset(
                                     or num_classes < 1):
         raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}.")
 
-    jobs = get_format(fmt).jobs(r, cmap, split)
+    chosen = get_format(fmt)
+    jobs = chosen.jobs(r, cmap, split, mpp=mpp) if chosen.takes_mpp else chosen.jobs(r, cmap, split)
     if not jobs:
         raise DataError(f"{r}: no images or label files found for format {fmt!r}.")
     samples: list[Sample] = []
@@ -973,7 +987,7 @@ def _read_job(job: _Job, num_classes: int | None, cmap: ClassMap | None) -> tupl
     if job.error is not None:
         raise DataError(job.error)
     assert job.image is not None and job.read is not None
-    image, image_notes = load_image(job.image)
+    image, image_notes = job.load() if job.load is not None else load_image(job.image)
     records = job.read()
     check_inside(records, image.shape[:2], job.label or job.image)
     if num_classes is not None:

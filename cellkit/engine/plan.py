@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from cellkit import data
+from cellkit import wsi  # noqa: F401  registers the "slides" dataset format
 from cellkit.config import CellkitConfig, ConfigError, TrainConfig
 from cellkit.data import Augment, PointDataset, collate
 from cellkit.data.formats import resolve_class_map
@@ -114,7 +115,7 @@ def _resolve_splits(cfg: CellkitConfig, samples: Sequence[Any] | None,
                 names = class_map.names
             root = cfg.data.root or data.bundled_endonuke()
             samples = data.load_dataset(root, cfg.data.format, class_map=class_map, split=cfg.data.split,
-                                        num_classes=cfg.model.num_classes)
+                                        num_classes=cfg.model.num_classes, mpp=cfg.data.mpp)
         out = _split(list(samples), cfg)
     out = _without_tiny_images(out)
     if not out["train"]:
