@@ -7,6 +7,7 @@ positive tumour cells) and class 0 the other cells, but nothing assumes two clas
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,11 +122,21 @@ class Detections:
         points: ``(N, 2)`` float32 ``(x, y)`` pixel coordinates.
         classes: ``(N,)`` int64 class indices.
         scores: ``(N,)`` float32 scores (the probability at the peak).
+        probs: ``(N, C)`` float32, every class's map value at the cell (the pixel nearest
+            its point), or ``None``. The ``C`` probabilities do not sum to one with
+            per-class sigmoid maps: each says how much that class's map shows a cell there.
+
+    Examples:
+        >>> det = Detections([[1, 2], [3, 4]], [0, 1], [0.5, 0.75],
+        ...                  [[0.5, 0.25], [0.5, 0.75]])
+        >>> det.subset([1]).probs.tolist(), len(Detections.concatenate([det, det]))
+        ([[0.5, 0.75]], 4)
     """
 
     points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))
     classes: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
     scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
+    probs: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.points = np.asarray(self.points, dtype=np.float32).reshape(-1, 2)
@@ -137,9 +148,30 @@ class Detections:
                 f"Detections need as many classes and scores as points: got {n} points, "
                 f"{len(self.classes)} classes, {len(self.scores)} scores."
             )
+        if self.probs is not None:
+            self.probs = np.asarray(self.probs, dtype=np.float32)
+            if self.probs.ndim != 2 or len(self.probs) != n:
+                raise ValueError(f"Detections' probs must be (N, C) with N = {n} points, got {self.probs.shape}.")
 
     def __len__(self) -> int:
         return len(self.points)
+
+    def subset(self, index: Any) -> Detections:
+        """The detections at ``index`` (a boolean mask or positions), every field kept."""
+        return Detections(self.points[index], self.classes[index], self.scores[index],
+                          None if self.probs is None else self.probs[index])
+
+    @staticmethod
+    def concatenate(parts: Sequence[Detections]) -> Detections:
+        """One ``Detections`` of several (``probs`` kept when every part has them, with as many classes)."""
+        parts = list(parts)
+        if not parts:
+            return Detections()
+        probs = [p.probs for p in parts]
+        keep = all(p is not None for p in probs) and len({p.shape[1] for p in probs if p is not None}) == 1
+        return Detections(np.concatenate([p.points for p in parts]), np.concatenate([p.classes for p in parts]),
+                          np.concatenate([p.scores for p in parts]),
+                          np.concatenate([p for p in probs if p is not None]) if keep else None)
 
     def counts(self, num_classes: int) -> np.ndarray:
         """Number of detections per class, shape ``(num_classes,)``."""

@@ -228,3 +228,27 @@ def test_worker_processes_shards_and_claims_end_as_one_worker_alone(tmp_path: Pa
     if killed:  # the usual case: the dead worker's lock was left and taken over
         assert "took over" in "".join(said) and sum(len(r["took_over"]) for r in finished) == 1
     assert not list((out / "workers" / "claims").glob("*.lock"))
+
+
+# --------------------------------------------------------------------------- per-class probabilities
+
+
+def test_every_cell_carries_each_classes_probability_into_csv_and_geojson(tmp_path: Path) -> None:
+    image, _ = mosaic(2, 1)
+    predictor = stain_predictor()
+    det = predictor.predict(image)
+    maps = predictor.probabilities(image)
+    assert det.probs is not None and det.probs.shape == (len(det), 2) and len(det) > 20
+    x, y = np.rint(det.points[:, 0]).astype(int), np.rint(det.points[:, 1]).astype(int)
+    assert np.allclose(det.probs, maps[:, y, x].T, atol=1e-6)
+    assert np.allclose(det.probs[np.arange(len(det)), det.classes], det.scores, atol=1e-5)  # a peak's own map
+    from PIL import Image
+
+    Image.fromarray(image).save(tmp_path / "im.png")
+    out = tmp_path / "out"
+    write_predictions(predictor, [tmp_path / "im.png"], out, overlay=False, mpp=MPP, positive_class="positive")
+    header = (out / "im.csv").read_text().splitlines()[0]
+    assert header == "x,y,class,score,prob_negative,prob_positive"
+    feature = json.loads((out / "im.geojson").read_text())["features"][0]
+    assert set(feature["properties"]["measurements"]) == {"score", "prob negative", "prob positive"}
+    assert feature["properties"]["classification"]["name"] in ("Positive", "Negative")

@@ -63,6 +63,22 @@ def _unpack(
     return pts, cls, sc
 
 
+def _csv_name(name: Any) -> str:
+    """A class name as a CSV column name: no commas, quotes, spaces or line breaks."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name)) or "class"
+
+
+def _probs(detections: Any, n: int) -> np.ndarray | None:
+    """The ``(N, C)`` float32 per-class probabilities of ``detections`` (``probs``), or ``None``."""
+    probs = getattr(detections, "probs", None) if detections is not None else None
+    if probs is None:
+        return None
+    probs = np.asarray(probs, dtype=np.float32)
+    if probs.ndim != 2 or len(probs) != n:
+        raise ValueError(f"probs must be (N, C) with N = {n} points, got {probs.shape}.")
+    return probs
+
+
 def _native(detections: Any, points: Any, pts: np.ndarray) -> np.ndarray:
     """Points in their own precision, so float32 values print short ("0.1", not
     "0.10000000149011612") and still read back equal."""
@@ -133,8 +149,12 @@ def write_csv(
     points: Any = None,
     classes: Any = None,
     scores: Any = None,
+    class_names: Sequence[str] | None = None,
 ) -> None:
     """Write points to a cellkit CSV (``x,y,class`` plus ``score`` when there are scores).
+
+    Detections that carry ``probs`` (every class's probability at the cell) add one column
+    per class after the score, ``prob_<name>`` (``class_names``; default ``prob_0``, ...).
 
     Args:
         path: the ``.csv`` file (written atomically; the folder is created).
@@ -144,6 +164,7 @@ def write_csv(
         points: ``(N, 2)`` ``(x, y)``.
         classes: ``(N,)`` integers >= 0.
         scores: optional ``(N,)``.
+        class_names: the names of the probability columns.
 
     Raises:
         ValueError: for points that are not ``(N, 2)`` and finite, mismatched lengths,
@@ -158,12 +179,19 @@ def write_csv(
     """
     pts, cls, sc = _unpack(detections, points, classes, scores)
     pts_out = _native(detections, points, pts)
+    probs = _probs(detections, len(pts)) if sc is not None else None
     lines = ["x,y,class" + (",score" if sc is not None else "")]
     xs, ys, cs = _texts(pts_out[:, 0]), _texts(pts_out[:, 1]), [str(int(c)) for c in cls.tolist()]
     if sc is None:
         lines += [f"{x},{y},{c}" for x, y, c in zip(xs, ys, cs)]
-    else:
+    elif probs is None:
         lines += [f"{x},{y},{c},{v}" for x, y, c, v in zip(xs, ys, cs, _texts(sc.astype(np.float32)))]
+    else:
+        names = list(class_names) if class_names is not None else []
+        lines[0] += "".join(f",prob_{_csv_name(names[j]) if j < len(names) else j}" for j in range(probs.shape[1]))
+        columns = [_texts(probs[:, j]) for j in range(probs.shape[1])]
+        rest = [",".join(row) for row in zip(*columns)] if columns else [""] * len(pts)
+        lines += [f"{x},{y},{c},{v},{r}" for x, y, c, v, r in zip(xs, ys, cs, _texts(sc.astype(np.float32)), rest)]
     with atomic_write(path, "w", newline="") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -224,6 +252,7 @@ def write_geojson(
     score_name: str = "score",
     indent: int | None = None,
     ids: bool = True,
+    prob_names: Sequence[str] | None = None,
 ) -> None:
     """Write points as a QuPath-compatible GeoJSON FeatureCollection of Point features.
 
@@ -244,6 +273,10 @@ def write_geojson(
         score_name: the measurement name of the score.
         indent: JSON indentation (None: compact).
         ids: write the features' ``id`` (``False``: none).
+        prob_names: the classes' names in the measurements ``prob <name>`` written for
+            detections that carry ``probs`` (every class's probability at the cell);
+            default ``class_names``. Give the model's names when ``class_names`` are
+            QuPath's ``Positive``/``Negative`` (two classes may share one of those).
 
     Raises:
         ValueError: for points that are not ``(N, 2)`` and finite, mismatched lengths,
@@ -268,6 +301,14 @@ def write_geojson(
     xs, ys = _json_floats(_texts(pts_out[:, 0])), _json_floats(_texts(pts_out[:, 1]))
     tails = _json_floats(_texts(sc.astype(np.float32))) if sc is not None else None
     uuids = _feature_ids(xs, ys, cls, tails) if ids else None
+    probs = _probs(detections, len(pts)) if sc is not None else None
+    named = list(prob_names) if prob_names is not None else names
+    prob_names = [f"prob {named[j] if j < len(named) else f'class{j}'}" for j in range(probs.shape[1])] \
+        if probs is not None else []
+    if probs is not None and tails is not None:  # the score, then every class's probability
+        columns = [_json_floats(_texts(probs[:, j])) for j in range(probs.shape[1])]
+        keys = [f", {json.dumps(k)}: " for k in prob_names]
+        tails = [t + "".join(k + col[i] for k, col in zip(keys, columns)) for i, t in enumerate(tails)]
 
     def feature(i: int) -> dict[str, Any]:
         c = int(cls[i])
@@ -277,6 +318,8 @@ def write_geojson(
         }
         if sc is not None:
             props["measurements"] = {score_name: float(_num(np.float32(sc[i])))}
+            if probs is not None:
+                props["measurements"].update({k: float(_num(probs[i, j])) for j, k in enumerate(prob_names)})
         return {
             "type": "Feature",
             **({"id": uuids[i]} if uuids is not None else {}),

@@ -165,8 +165,9 @@ def write_image_files(out: Path, stem: str, image: Any, det: Any, class_names: S
     if overlay:
         save_png(out / f"{stem}_overlay.png",
                  draw_points(image, det.points, det.classes, len(class_names), radius=radius, colors=colors))
-    write_geojson(out / f"{stem}.geojson", det, list(geojson_names or class_names), colors=colors.tolist())
-    write_csv(out / f"{stem}.csv", det)
+    write_geojson(out / f"{stem}.geojson", det, list(geojson_names or class_names), colors=colors.tolist(),
+                  prob_names=list(class_names))
+    write_csv(out / f"{stem}.csv", det, class_names=list(class_names))
 
 
 def write_predictions(
@@ -615,4 +616,4 @@ def predict_at_pixel_size(predictor: Any, image: np.ndarray, mpp: float | None) 
     det = predictor.predict(small)
     sx, sy = w / ow, h / oh
     pts = (det.points.astype(np.float64) + 0.5) * np.array([sx, sy]) - 0.5
-    return Detections(pts.astype(np.float32), det.classes, det.scores)
+    return Detections(pts.astype(np.float32), det.classes, det.scores, det.probs)

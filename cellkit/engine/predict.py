@@ -688,10 +688,10 @@ def _takes_tensors(postprocess: Any) -> bool:
 def _postprocess_maps(postprocess: PostProcess, maps: torch.Tensor) -> tuple[Detections, np.ndarray]:
     """Detections of maps made as a tensor (on the device when they were), and the maps in numpy."""
     if maps.device.type != "cpu" and _takes_tensors(postprocess):
-        detections = postprocess(maps)  # the peaks on the device: only candidates travel
+        detections = with_probs(postprocess(maps), maps)  # the peaks on the device: only candidates travel
         return detections, maps.cpu().numpy()
     probs = maps.cpu().numpy()
-    return postprocess(probs), probs
+    return with_probs(postprocess(probs), probs), probs
 
 
 def predict_image(
@@ -738,6 +738,27 @@ def predict_image(
     )
     assert isinstance(maps, torch.Tensor)
     return _postprocess_maps(postprocess, maps)
+
+
+def with_probs(det: Detections, maps: torch.Tensor | np.ndarray) -> Detections:
+    """``det`` with ``probs``: every class's map value at each cell's nearest pixel.
+
+    Examples:
+        >>> maps = np.zeros((2, 4, 4), np.float32); maps[:, 1, 2] = [0.25, 0.75]
+        >>> with_probs(Detections([[2, 1]], [1], [0.75]), maps).probs.tolist()
+        [[0.25, 0.75]]
+    """
+    if det.probs is not None or maps.ndim != 3:
+        return det
+    h, w = maps.shape[-2:]
+    x = np.clip(np.rint(det.points[:, 0]).astype(np.int64), 0, w - 1)
+    y = np.clip(np.rint(det.points[:, 1]).astype(np.int64), 0, h - 1)
+    if isinstance(maps, torch.Tensor):
+        values = maps[:, torch.as_tensor(y, device=maps.device), torch.as_tensor(x, device=maps.device)]
+        probs = values.float().T.cpu().numpy()
+    else:
+        probs = np.asarray(maps[:, y, x], np.float32).T
+    return Detections(det.points, det.classes, det.scores, probs.reshape(len(det), maps.shape[0]))
 
 
 def list_images(inputs: Iterable[str | Path]) -> list[Path]:
@@ -1120,9 +1141,9 @@ class Predictor:
         """
         if isinstance(maps, torch.Tensor):
             if maps.device.type != "cpu" and _takes_tensors(self.postprocess):
-                return self.postprocess(maps)
+                return with_probs(self.postprocess(maps), maps)
             maps = maps.cpu().numpy()
-        return self.postprocess(maps)
+        return with_probs(self.postprocess(maps), maps)
 
     def predict_paths(
         self, inputs: Iterable[str | Path], progress: bool | None = None

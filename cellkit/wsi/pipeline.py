@@ -317,7 +317,7 @@ def _in_regions(cells: Detections, region_list: Sequence[Any]) -> tuple[Detectio
         return cells, None
     region_index = assign_regions(cells.points, region_list)
     inside = region_index >= 0
-    return Detections(cells.points[inside], cells.classes[inside], cells.scores[inside]), region_index[inside]
+    return cells.subset(inside), region_index[inside]
 
 
 def _scale(slide: Slide, model_mpp: float | None) -> float:
@@ -484,7 +484,9 @@ def _in_core(det: Detections, box: tuple[float, float, float, float], core: tupl
     # The core in level-0 pixel-centre coordinates: [x scale - 0.5, (x + w) scale - 0.5).
     cx0, cy0 = x * scale - 0.5, y * scale - 0.5
     keep = (gx >= cx0) & (gx < cx0 + w * scale) & (gy >= cy0) & (gy < cy0 + h * scale)
-    return Detections(np.stack([gx, gy], axis=1)[keep].astype(np.float32), det.classes[keep], det.scores[keep])
+    moved = det.subset(keep)
+    moved.points = np.stack([gx, gy], axis=1)[keep].astype(np.float32)
+    return moved
 
 
 def _jsonable_post(predictor: Any) -> dict[str, Any]:
@@ -525,23 +527,25 @@ class _Parts:
 
     def save(self, index: int, det: Detections) -> None:
         buf = io.BytesIO()
-        np.savez(buf, points=det.points, classes=det.classes, scores=det.scores)
+        extra = {} if det.probs is None else {"probs": det.probs}
+        np.savez(buf, points=det.points, classes=det.classes, scores=det.scores, **extra)
         with atomic_write(self._file(index), "wb") as f:
             f.write(buf.getvalue())
 
     def load_all(self, indices: Sequence[int]) -> Detections:
-        points, classes, scores = [np.zeros((0, 2), np.float32)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
+        parts = []
         for index in indices:
             path = self._file(index)
             try:
                 with np.load(path, allow_pickle=False) as z:
-                    points.append(z["points"]), classes.append(z["classes"]), scores.append(z["scores"])
+                    parts.append(Detections(z["points"], z["classes"], z["scores"],
+                                            z["probs"] if "probs" in z.files else None))
             except (OSError, ValueError, KeyError) as err:
                 raise ValueError(
                     f"{path} (a finished chunk of an earlier run) cannot be read ({err}); pass --overwrite to "
                     "predict the slide again."
                 ) from err
-        return Detections(np.concatenate(points), np.concatenate(classes), np.concatenate(scores))
+        return Detections.concatenate(parts)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -622,6 +626,6 @@ def _write_outputs(out: Path, stem: str, predictor: Any, slide: Slide, cells: De
                    density_class=names.index(index["class"]) if index and index.get("class") in names else None)
     write_summary(out, stem, summary)
     colors = class_colors(len(names))
-    write_geojson(files[3], cells, list(geojson_names or names), colors=colors.tolist())
-    write_csv(files[4], cells)
+    write_geojson(files[3], cells, list(geojson_names or names), colors=colors.tolist(), prob_names=list(names))
+    write_csv(files[4], cells, class_names=list(names))
     return files
