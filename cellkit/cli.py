@@ -1019,10 +1019,10 @@ def _main(argv: list[str]) -> int:
         parser.print_help(sys.stderr)
         return 2
     from cellkit.plugins import PluginError, load_plugins
-    from cellkit.resources import apply_cpu_grant
+    from cellkit.resources import apply_cpu_grant, describe_grant
 
     if args.command in ("train", "predict", "evaluate", "export"):
-        granted = apply_cpu_grant()  # a cluster job's share, not the whole node
+        granted = apply_cpu_grant() or describe_grant()  # a cluster job's share, not the whole node; said there
         if granted:
             print(granted, file=sys.stderr, flush=True)
     try:

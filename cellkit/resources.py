@@ -15,7 +15,10 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["apply_cpu_grant", "granted_cpus", "granted_device"]
+__all__ = ["SCHEDULER_VARIABLES", "apply_cpu_grant", "describe_grant", "granted_cpus", "granted_device"]
+
+SCHEDULER_VARIABLES = ("SLURM_JOB_ID", "WORLD_SIZE", "LOCAL_RANK", "PBS_JOBID", "LSB_JOBID", "NXF_TASK_WORKDIR")
+"""Variables a scheduler or launcher sets; under one, the resources a command uses are always said."""
 
 _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
@@ -115,3 +118,20 @@ def granted_device(environ: Mapping[str, str] | None = None, cuda_devices: int |
     if cuda_devices < 1:
         return None, ""
     return f"cuda:{int(rank) % cuda_devices}", f"LOCAL_RANK={rank} of {cuda_devices} visible CUDA devices"
+
+
+def describe_grant(environ: Mapping[str, str] | None = None) -> str | None:
+    """The line a command prints at start under a scheduler (any of [`SCHEDULER_VARIABLES`][]), else ``None``.
+
+    Examples:
+        >>> describe_grant({"SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "1"})
+        'cellkit: 1 CPU thread (granted by SLURM_CPUS_PER_TASK=1; the job runs under SLURM_JOB_ID)'
+        >>> describe_grant({}) is None
+        True
+    """
+    env = os.environ if environ is None else environ
+    under = [name for name in SCHEDULER_VARIABLES if str(env.get(name, "")).strip()]
+    if not under:
+        return None
+    cpus, why = granted_cpus(env)
+    return f"cellkit: {cpus} CPU thread{'s' if cpus > 1 else ''} (granted by {why}; the job runs under {under[0]})"

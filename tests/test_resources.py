@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from cellkit.resources import apply_cpu_grant, granted_cpus
@@ -35,3 +36,17 @@ def test_torch_threads_are_lowered_to_the_grant_and_said() -> None:
         assert apply_cpu_grant({"SLURM_CPUS_PER_TASK": "1"}) is None  # already within the grant
     finally:
         torch.set_num_threads(before)
+
+
+def test_under_a_scheduler_the_cpus_used_are_always_said(capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from cellkit.cli import main
+    from cellkit.resources import describe_grant
+
+    assert describe_grant({"PATH": "/bin"}) is None
+    line = describe_grant({"WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"})
+    assert line is not None and "1 CPU thread (granted by OMP_NUM_THREADS=1" in line and "WORLD_SIZE" in line
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    assert main(["evaluate", "--pred", "/nonexistent", "--data", "/nonexistent", "--format", "csv"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cellkit: ") and " CPU thread" in err.splitlines()[0]  # said first, before the error
