@@ -173,6 +173,30 @@ class Detections:
                           np.concatenate([p.scores for p in parts]),
                           np.concatenate([p for p in probs if p is not None]) if keep else None)
 
+    @property
+    def class_share(self) -> np.ndarray:
+        """``(N,)``: the cell's own class's probability over the sum of every class's (``probs``);
+        1 without ``probs`` or with one class (nothing to tell apart)."""
+        if self.probs is None or self.probs.shape[1] < 2:
+            return np.ones(len(self), np.float32)
+        own = self.probs[np.arange(len(self)), self.classes]
+        total = np.maximum(self.probs.sum(1), 1e-6)
+        return np.clip(own / total, 0.0, 1.0).astype(np.float32)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        """``(N,)`` in [0, 1]: how sure the model is that a cell of this class is there:
+        ``scores`` (a cell) times [`class_share`][cellkit.points.Detections.class_share] (of this
+        class). Checked on held-out regions in ``benchmarks/confidence_calibration.py``
+        (docs: [Confidence](../training.md#confidence-per-cell)).
+
+        Examples:
+            >>> conf = Detections([[0, 0]], [1], [0.8], [[0.2, 0.8]]).confidence
+            >>> round(float(conf[0]), 3)
+            0.64
+        """
+        return np.clip(self.scores * self.class_share, 0.0, 1.0).astype(np.float32)
+
     def counts(self, num_classes: int) -> np.ndarray:
         """Number of detections per class, shape ``(num_classes,)``."""
         return np.bincount(self.classes, minlength=num_classes)[:num_classes]

@@ -208,6 +208,8 @@ def test_worker_processes_shards_and_claims_end_as_one_worker_alone(tmp_path: Pa
             "--chunk-size", "160", "--device", "cpu", "--no-overlay"]
     one = tmp_path / "one"
     assert main([*args, "--out", str(one)]) == 0  # one worker: it writes cohort.csv too
+    confidence = json.loads((one / "s0.summary.json").read_text())["confidence"]
+    assert 0 < confidence["mean"] <= 1 and 0 <= confidence["uncertain_cells"] and confidence["below"] == 0.5
     # Two shards of a Slurm job array (--array=1-2), from the environment alone.
     shards = [_worker(args, tmp_path / "sharded", SLURM_ARRAY_TASK_ID=str(i), SLURM_ARRAY_TASK_MIN="1",
                       SLURM_ARRAY_TASK_COUNT="2") for i in (1, 2)]
@@ -248,7 +250,7 @@ def test_every_cell_carries_each_classes_probability_into_csv_and_geojson(tmp_pa
     out = tmp_path / "out"
     write_predictions(predictor, [tmp_path / "im.png"], out, overlay=False, mpp=MPP, positive_class="positive")
     header = (out / "im.csv").read_text().splitlines()[0]
-    assert header == "x,y,class,score,prob_negative,prob_positive"
+    assert header == "x,y,class,score,confidence,prob_negative,prob_positive"
     feature = json.loads((out / "im.geojson").read_text())["features"][0]
-    assert set(feature["properties"]["measurements"]) == {"score", "prob negative", "prob positive"}
+    assert set(feature["properties"]["measurements"]) == {"score", "confidence", "prob negative", "prob positive"}
     assert feature["properties"]["classification"]["name"] in ("Positive", "Negative")

@@ -207,7 +207,7 @@ def test_slide_cells_equal_whole_image_and_tile_cells(tmp_path: Path) -> None:
     assert (found.points >= 0).all() and (found.points[:, 0] < 800).all() and (found.points[:, 1] < 600).all()
     out = tmp_path / "out"
     rows = (out / "m.csv").read_text().strip().splitlines()
-    assert rows[0] == "x,y,class,score,prob_negative,prob_positive" and len(rows) == len(found) + 1
+    assert rows[0] == "x,y,class,score,confidence,prob_negative,prob_positive" and len(rows) == len(found) + 1
     geo = json.loads((out / "m.geojson").read_text())
     assert len(geo["features"]) == len(found)
     assert geo["features"][0]["properties"]["objectType"] == "detection"

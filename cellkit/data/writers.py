@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from cellkit.lookup import look_up_option
-from cellkit.points import validate_points
+from cellkit.points import Detections, validate_points
 from cellkit.viz import BASE_COLORS
 
 from .io import atomic_write
@@ -66,6 +66,11 @@ def _unpack(
 def _csv_name(name: Any) -> str:
     """A class name as a CSV column name: no commas, quotes, spaces or line breaks."""
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name)) or "class"
+
+
+def _confidence(cls: np.ndarray, sc: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """[`Detections.confidence`][cellkit.points.Detections.confidence] of written cells."""
+    return Detections(np.zeros((len(cls), 2), np.float32), cls, sc.astype(np.float32), probs).confidence
 
 
 def _probs(detections: Any, n: int) -> np.ndarray | None:
@@ -153,8 +158,9 @@ def write_csv(
 ) -> None:
     """Write points to a cellkit CSV (``x,y,class`` plus ``score`` when there are scores).
 
-    Detections that carry ``probs`` (every class's probability at the cell) add one column
-    per class after the score, ``prob_<name>`` (``class_names``; default ``prob_0``, ...).
+    Detections that carry ``probs`` (every class's probability at the cell) add, after the
+    score, ``confidence`` ([`Detections.confidence`][cellkit.points.Detections.confidence]) and
+    one column per class, ``prob_<name>`` (``class_names``; default ``prob_0``, ...).
 
     Args:
         path: the ``.csv`` file (written atomically; the folder is created).
@@ -188,8 +194,9 @@ def write_csv(
         lines += [f"{x},{y},{c},{v}" for x, y, c, v in zip(xs, ys, cs, _texts(sc.astype(np.float32)))]
     else:
         names = list(class_names) if class_names is not None else []
-        lines[0] += "".join(f",prob_{_csv_name(names[j]) if j < len(names) else j}" for j in range(probs.shape[1]))
-        columns = [_texts(probs[:, j]) for j in range(probs.shape[1])]
+        lines[0] += ",confidence" + "".join(f",prob_{_csv_name(names[j]) if j < len(names) else j}"
+                                            for j in range(probs.shape[1]))
+        columns = [_texts(_confidence(cls, sc, probs))] + [_texts(probs[:, j]) for j in range(probs.shape[1])]
         rest = [",".join(row) for row in zip(*columns)] if columns else [""] * len(pts)
         lines += [f"{x},{y},{c},{v},{r}" for x, y, c, v, r in zip(xs, ys, cs, _texts(sc.astype(np.float32)), rest)]
     with atomic_write(path, "w", newline="") as f:
@@ -305,9 +312,10 @@ def write_geojson(
     named = list(prob_names) if prob_names is not None else names
     prob_names = [f"prob {named[j] if j < len(named) else f'class{j}'}" for j in range(probs.shape[1])] \
         if probs is not None else []
-    if probs is not None and tails is not None:  # the score, then every class's probability
-        columns = [_json_floats(_texts(probs[:, j])) for j in range(probs.shape[1])]
-        keys = [f", {json.dumps(k)}: " for k in prob_names]
+    if probs is not None and tails is not None:  # the score, the confidence, every class's probability
+        columns = [_json_floats(_texts(_confidence(cls, sc, probs)))] + [
+            _json_floats(_texts(probs[:, j])) for j in range(probs.shape[1])]
+        keys = [', "confidence": '] + [f", {json.dumps(k)}: " for k in prob_names]
         tails = [t + "".join(k + col[i] for k, col in zip(keys, columns)) for i, t in enumerate(tails)]
 
     def feature(i: int) -> dict[str, Any]:
@@ -319,6 +327,8 @@ def write_geojson(
         if sc is not None:
             props["measurements"] = {score_name: float(_num(np.float32(sc[i])))}
             if probs is not None:
+                props["measurements"]["confidence"] = float(_num(_confidence(cls[i : i + 1], sc[i : i + 1],
+                                                                             probs[i : i + 1])[0]))
                 props["measurements"].update({k: float(_num(probs[i, j])) for j, k in enumerate(prob_names)})
         return {
             "type": "Feature",

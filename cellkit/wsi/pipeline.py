@@ -65,7 +65,7 @@ from cellkit.progress import ChunkProgress
 from cellkit.viz import class_colors
 from cellkit.wsi.reader import Slide, open_slide
 from cellkit.wsi.regions import assign_regions, read_regions
-from cellkit.wsi.summary import _index_class, draw_thumbnail, summarize, write_summary
+from cellkit.wsi.summary import _index_class, confidence_summary, draw_thumbnail, summarize, write_summary
 from cellkit.wsi.tissue import mask_fraction, tissue_mask
 
 __all__ = ["MASK_UM_PER_PX", "PARTS_SUFFIX", "TILE_TISSUE_MARGIN_UM", "SlideResult", "chunk_grid", "predict_slide",
@@ -616,6 +616,11 @@ def _write_outputs(out: Path, stem: str, predictor: Any, slide: Slide, cells: De
     summary = {"slide": str(slide.path), "dimensions": list(slide.dimensions), "mpp": slide.mpp,
                "model_mpp": settings.get("model_mpp"), "scale": settings.get("scale"),
                "cellkit_version": __version__, **summary}
+    if cells.probs is not None:  # how sure the model is, per slide and region
+        summary["confidence"] = confidence_summary(cells.confidence)
+        for r, region in enumerate(summary["regions"]):
+            region["confidence"] = confidence_summary(cells.confidence[region_index == r]
+                                                      if region_index is not None else cells.confidence[:0])
     # Micrometres per thumbnail pixel: the density map in cells per mm² where the slide has an mpp.
     pixel_um = (slide.mpp / thumb_scale[0], slide.mpp / thumb_scale[1]) if slide.mpp else None
     outlines = [(r.name, np.asarray(g.exterior.coords) * np.array(thumb_scale)) for r in regions

@@ -38,7 +38,11 @@ from cellkit.data.io import atomic_write
 from cellkit.lookup import look_up_option
 from cellkit.viz import class_colors
 
-__all__ = ["INDEX_CLASS_NAMES", "density_map", "draw_thumbnail", "summarize", "write_summary"]
+__all__ = ["INDEX_CLASS_NAMES", "UNCERTAIN_BELOW", "confidence_summary", "density_map", "draw_thumbnail", "summarize",
+           "write_summary"]
+
+UNCERTAIN_BELOW = 0.5
+"""A cell whose confidence is below this is counted as uncertain in the summaries."""
 
 INDEX_CLASS_NAMES: tuple[str, ...] = ("positive", "ki67", "ki-67", "tumor_positive")
 """Class names (compared case-insensitively) that [`summarize`][] takes as the class of interest
@@ -101,6 +105,21 @@ def _scope(
     if area_mm2 is not None and area_mm2 > 0:
         density = {"all": n / area_mm2, **{name: c / area_mm2 for name, c in by_name.items()}}
     return {"cells": n, "counts": by_name, "index": index, "cells_per_mm2": density}
+
+
+def confidence_summary(confidence: Any) -> dict[str, Any]:
+    """``{"mean", "uncertain_cells", "uncertain_share", "below"}`` of cells' confidences.
+
+    Examples:
+        >>> confidence_summary([0.9, 0.3, 0.7, 0.1])
+        {'mean': 0.5, 'uncertain_cells': 2, 'uncertain_share': 0.5, 'below': 0.5}
+        >>> confidence_summary([])["mean"] is None
+        True
+    """
+    conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
+    uncertain = int((conf < UNCERTAIN_BELOW).sum())
+    return {"mean": round(float(conf.mean()), 4) if conf.size else None, "uncertain_cells": uncertain,
+            "uncertain_share": round(uncertain / conf.size, 4) if conf.size else None, "below": UNCERTAIN_BELOW}
 
 
 def summarize(
