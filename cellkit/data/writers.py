@@ -68,6 +68,22 @@ def _csv_name(name: Any) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name)) or "class"
 
 
+def _prob_keys(probs: np.ndarray | None, named: Sequence[Any]) -> list[str]:
+    """The measurement names of the classes' probabilities: ``prob <name>``."""
+    if probs is None:
+        return []
+    return [f"prob {named[j] if j < len(named) else f'class{j}'}" for j in range(probs.shape[1])]
+
+
+def _with_probs(tails: Sequence[str], cls: np.ndarray, sc: np.ndarray, probs: np.ndarray,
+                keys: Sequence[str]) -> list[str]:
+    """Each feature's measurements text after its score: the confidence, every class's probability."""
+    columns = [_json_floats(_texts(_confidence(cls, sc, probs)))] + [
+        _json_floats(_texts(probs[:, j])) for j in range(probs.shape[1])]
+    heads = [', "confidence": '] + [f", {json.dumps(k)}: " for k in keys]
+    return [t + "".join(k + col[i] for k, col in zip(heads, columns)) for i, t in enumerate(tails)]
+
+
 def _confidence(cls: np.ndarray, sc: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """[`Detections.confidence`][cellkit.points.Detections.confidence] of written cells."""
     return Detections(np.zeros((len(cls), 2), np.float32), cls, sc.astype(np.float32), probs).confidence
@@ -309,14 +325,8 @@ def write_geojson(
     tails = _json_floats(_texts(sc.astype(np.float32))) if sc is not None else None
     uuids = _feature_ids(xs, ys, cls, tails) if ids else None
     probs = _probs(detections, len(pts)) if sc is not None else None
-    named = list(prob_names) if prob_names is not None else names
-    prob_names = [f"prob {named[j] if j < len(named) else f'class{j}'}" for j in range(probs.shape[1])] \
-        if probs is not None else []
-    if probs is not None and tails is not None:  # the score, the confidence, every class's probability
-        columns = [_json_floats(_texts(_confidence(cls, sc, probs)))] + [
-            _json_floats(_texts(probs[:, j])) for j in range(probs.shape[1])]
-        keys = [', "confidence": '] + [f", {json.dumps(k)}: " for k in prob_names]
-        tails = [t + "".join(k + col[i] for k, col in zip(keys, columns)) for i, t in enumerate(tails)]
+    prob_names = _prob_keys(probs, list(prob_names) if prob_names is not None else names)
+    tails = _with_probs(tails, cls, sc, probs, prob_names) if probs is not None and tails and sc is not None else tails
 
     def feature(i: int) -> dict[str, Any]:
         c = int(cls[i])

@@ -275,7 +275,7 @@ def write_predictions(
     run = PredictionRun(out)
     run.removed = _claim_folder(out, stems, overlay, record, resume or joining, overwrite, slides, join=joining)
     make_folder(out)
-    meta = {**record, "inputs": stems}
+    meta = {**record, "inputs": stems, "input_paths": [str(p) for p in paths]}
     worker = _Worker.start(out, meta, shard, claim) if joining else None
     if worker is None:
         remove_stale_temporaries(out)  # of writes killed in an earlier try (never beside live workers)

@@ -1,0 +1,71 @@
+"""cellkit suggest: the field whose cells the model is unsure of is ranked first, on images and slides."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cellkit.cli import main
+from cellkit.engine.outputs import write_predictions
+from cellkit.engine.suggest import Field, rank_fields, suggest_folder
+from test_wsi import stain_predictor, write_pyramid
+
+SURE = (40, 40, 115)  # dark blue: class 0 of the stain model, sure
+UNSURE = (77, 51, 45)  # half brown: both classes' maps alike
+
+
+def _image() -> np.ndarray:
+    """600 x 200 px at 0.5 um/px (three fields of 100 um): dots every 25 px, the middle field's unsure."""
+    image = np.full((200, 600, 3), 235, np.uint8)
+    for y in range(12, 200, 25):
+        for x in range(12, 600, 25):
+            image[y - 4 : y + 5, x - 4 : x + 5] = UNSURE if 200 <= x < 400 else SURE
+    return image
+
+
+def test_the_unsure_field_comes_first_and_the_files_are_for_qupath(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    Image.fromarray(_image()).save(tmp_path / "im.png")
+    out = tmp_path / "out"
+    write_predictions(stain_predictor(), [tmp_path / "im.png"], out, overlay=False, mpp=0.5)
+    assert main(["suggest", "--pred", str(out), "--top", "3"]) == 0
+    assert "#1  im  x=200 y=0 200x200 px" in capsys.readouterr().out
+    rows = list(csv.DictReader((out / "suggestions" / "suggestions.csv").open()))
+    assert [(r["rank"], r["x"]) for r in rows][0] == ("1", "200") and len(rows) == 3
+    first, *rest = rows
+    assert float(first["mean_confidence"]) < 0.5 < min(float(r["mean_confidence"]) for r in rest)
+    assert int(first["uncertain_cells"]) == int(first["cells"]) > 30
+    feature = json.loads((out / "suggestions" / "im.geojson").read_text())["features"][0]
+    assert feature["geometry"]["coordinates"][0][:3] == [[200, 0], [400, 0], [400, 200]]
+    assert feature["properties"]["name"].startswith("#1: ") and feature["properties"]["objectType"] == "annotation"
+    assert (out / "suggestions" / "suggestions.png").stat().st_size > 1000
+    # Again: its own files are replaced; a file it did not write is not.
+    assert [f.rank for f in suggest_folder(out, top=1)] == [1]
+    (out / "suggestions" / "suggestions.csv").write_text("my,notes\n")
+    assert main(["suggest", "--pred", str(out)]) == 2
+    assert (out / "suggestions" / "suggestions.csv").read_text() == "my,notes\n"
+
+
+def test_on_a_slide_the_field_is_in_level_0_pixels(tmp_path: Path) -> None:
+    image = _image()
+    slide = write_pyramid(tmp_path / "s.tif", [image.repeat(2, 0).repeat(2, 1), image], 0.25)
+    out = tmp_path / "out"
+    write_predictions(stain_predictor(), [slide], out, overlay=False, slide_options={"tissue": False})
+    (best,) = suggest_folder(out, top=1, picture=False)
+    assert (best.image, best.x, best.width) == ("s", 400, 400)  # 100 um at 0.25 um/px
+
+
+def test_the_picks_spread_and_the_errors_say_what_to_do(tmp_path: Path) -> None:
+    fields = [Field("a", x, 0, 10, 10, s, 4, 4, 0.2) for x, s in ((0, 4.0), (10, 3.9), (20, 3.8), (500, 2.5))]
+    assert [f.x for f in rank_fields(fields, 3)] == [0, 500, 10]
+    with pytest.raises(FileNotFoundError, match="run cellkit predict"):
+        suggest_folder(tmp_path)
+    (tmp_path / "im.csv").write_text("x,y,class,score\n1,1,0,0.9\n")
+    (tmp_path / "predict.json").write_text(json.dumps({"inputs": ["im"], "images": ["im"], "status": "done"}))
+    with pytest.raises(ValueError, match="no confidence column"):
+        suggest_folder(tmp_path)
