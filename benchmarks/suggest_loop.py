@@ -1,0 +1,186 @@
+"""The annotation loop, simulated: do the fields ``cellkit suggest`` picks teach more than random ones?
+
+A user has a model trained elsewhere and a new region. Here the region is one held-out range of
+the bundled EndoNuke sample (``--fold``: a fold of a leave-one-range-out variant of
+``benchmarks/accuracy.py``, whose ``run/best.pt`` never saw that range: the start model). The
+range's tiles are split once, by id, into an evaluation third (every third tile, never
+annotated) and a pool. Then, for each N and seed:
+
+* **suggested**: the start model predicts the pool (``write_predictions``, as ``cellkit
+  predict``), ``suggest_folder`` ranks 100-um fields (one bundled tile each) and the top N are
+  "annotated" (their true points revealed);
+* **random**: N pool tiles drawn with the seed;
+
+and the start model is fine-tuned on those N tiles (``train.init_from``, ``--steps`` steps, the
+start model's recipe; the same tiles calibrate its thresholds), then scored on the evaluation
+tiles (r = 6 px, per-class totalF1). ``before`` is the start model unchanged; ``full`` is the
+same fine-tuning on the whole pool (the ceiling of annotating the region). It prints JSON:
+F1 per run, means over seeds, the share of the gap ``full - before`` each closes, and the paired
+bootstrap (evaluation images, seeds) of suggested - random per N.
+
+Usage::
+
+    python benchmarks/suggest_loop.py --start results/accuracy/endonuke-ranges/ours-lite0-aug-s800 \\
+        --fold 0 --n 5,10,20 --seeds 2 --steps 100 --out results/suggest-loop \\
+        --json-out benchmarks/results-suggest-loop-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from harness import contention, load_average, machine_info  # noqa: E402
+
+from cellkit.config import CellkitConfig  # noqa: E402
+from cellkit.data import ENDONUKE_EPITHELIUM, load_dataset  # noqa: E402
+from cellkit.data.bundled import bundled_endonuke  # noqa: E402
+from cellkit.engine.checkpoint import load_checkpoint  # noqa: E402
+from cellkit.engine.outputs import write_predictions  # noqa: E402
+from cellkit.engine.predict import Predictor  # noqa: E402
+from cellkit.engine.suggest import suggest_folder  # noqa: E402
+from cellkit.engine.train import fit  # noqa: E402
+from cellkit.metrics import detection_counts  # noqa: E402
+
+RADIUS = 6.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--start", type=Path, required=True, help="a leave-one-range-out variant of accuracy.py")
+    p.add_argument("--fold", type=int, default=0, help="the held-out range (its fold's run is the start)")
+    p.add_argument("--n", default="5,10,20", help="fields annotated, comma-separated")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=100, help="fine-tuning steps")
+    p.add_argument("--strategies", default="suggested,random")
+    p.add_argument("--no-full", action="store_true", help="skip the fine-tuning on the whole pool")
+    p.add_argument("--out", type=Path, required=True, help="work folder (runs, predictions)")
+    p.add_argument("--json-out", type=Path)
+    return p.parse_args(argv)
+
+
+def counts(predictor: Predictor, samples: list[Any], k: int) -> np.ndarray:
+    """Per evaluation image: tp, fp, fn per class, ``(images, 3, classes)``."""
+    rows = []
+    for s in samples:
+        det = predictor.predict(s.image)
+        rows.append(np.stack(detection_counts(det.points, det.classes, s.points, s.classes, RADIUS, k)))
+    return np.asarray(rows, np.int64)
+
+
+def f1(table: np.ndarray) -> list[float]:
+    tp, fp, fn = table.sum(0)
+    return [round(float(2 * t / max(2 * t + p + n, 1)), 4) for t, p, n in zip(tp, fp, fn)]
+
+
+def fine_tune(start: Path, picks: list[Any], steps: int, seed: int, out: Path) -> Predictor:
+    cfg = CellkitConfig.from_dict(load_checkpoint(start)["config"])
+    cfg.pretrain = None
+    cfg.train.steps, cfg.train.init_from, cfg.train.seed = steps, str(start), seed
+    cfg.train.val_every_steps = steps
+    if out.exists():
+        shutil.rmtree(out)
+    fit(cfg, out, splits={"train": picks, "val": picks}, device="cpu", progress=False)
+    return Predictor.from_checkpoint(out / "best.pt", device="cpu")
+
+
+def suggested(start: Path, pool: list[Any], n: int, work: Path) -> list[str]:
+    """The keys of the top-``n`` fields of the pool, as cellkit suggest ranks them."""
+    folder, pred = work / "pool", work / "pool-pred"
+    if not (pred / "suggestions").is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for s in pool:
+            shutil.copyfile(s.path, folder / Path(s.path).name)
+        shutil.rmtree(pred, ignore_errors=True)
+        write_predictions(Predictor.from_checkpoint(start, device="cpu"), [folder], pred, overlay=False, mpp=0.5)
+    fields = suggest_folder(pred, top=len(pool), picture=False)
+    return [f.image for f in fields][:n]
+
+
+def bootstrap(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, reps: int = 2000) -> list[list[float]]:
+    """95 % interval of per-class totalF1 b - a, images (with their seeds) resampled together."""
+    diffs = []
+    for _ in range(reps):
+        i = rng.integers(0, a.shape[0], a.shape[0])
+        diffs.append(np.subtract(f1(b[i]), f1(a[i])))
+    lo, hi = np.percentile(np.asarray(diffs), [2.5, 97.5], axis=0)
+    return [[round(float(x), 4), round(float(y), 4)] for x, y in zip(lo, hi)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    load_start, started = load_average(), time.perf_counter()
+    fold = args.start / f"fold{args.fold}"
+    start = fold / "run" / "best.pt"
+    held = [str(k) for k in json.loads((fold / "result.json").read_text())["test_images"]]
+    by_key = {s.key: s for s in load_dataset(bundled_endonuke(), "endonuke", class_map=ENDONUKE_EPITHELIUM)}
+    ordered = sorted(held, key=int)
+    evaluation = [by_key[k] for k in ordered[::3]]
+    pool = [by_key[k] for k in ordered if k not in set(ordered[::3])]
+    names = list(ENDONUKE_EPITHELIUM.names)
+    k = len(names)
+    base = counts(Predictor.from_checkpoint(start, device="cpu"), evaluation, k)
+    runs: list[dict[str, Any]] = []
+    tables: dict[tuple[str, int], list[np.ndarray]] = {}
+    sizes = [int(v) for v in args.n.split(",")]
+    plans = [(s, n) for n in sizes for s in args.strategies.split(",")] + ([] if args.no_full else [("full", len(pool))])
+    for strategy, n in plans:
+        for seed in range(args.seeds):
+            if strategy == "suggested":
+                keys = set(suggested(start, pool, n, args.out))
+            elif strategy == "random":
+                keys = {s.key for s in np.random.default_rng(1000 + seed).permutation(np.array(pool, dtype=object))[:n]}
+            else:
+                keys = {s.key for s in pool}
+            picks = [s for s in pool if s.key in keys]
+            t0 = time.perf_counter()
+            tuned = fine_tune(start, picks, args.steps, seed, args.out / f"{strategy}-n{n}-seed{seed}")
+            table = counts(tuned, evaluation, k)
+            tables.setdefault((strategy, n), []).append(table)
+            runs.append({"strategy": strategy, "n": n, "seed": seed, "f1": dict(zip(names, f1(table))),
+                         "picks": sorted(keys, key=int), "seconds": round(time.perf_counter() - t0, 1)})
+            print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    before = dict(zip(names, f1(base)))
+    summary: dict[str, Any] = {}
+    full = tables.get(("full", len(pool)))
+    full_f1 = dict(zip(names, np.mean([f1(t) for t in full], 0).round(4).tolist())) if full else None
+    rng = np.random.default_rng(0)
+    for (strategy, n), tabs in tables.items():
+        mean = dict(zip(names, np.mean([f1(t) for t in tabs], 0).round(4).tolist()))
+        row: dict[str, Any] = {"f1_mean": mean, "f1_std": dict(zip(names, np.std([f1(t) for t in tabs], 0).round(4)
+                                                                      .tolist()))}
+        if full_f1:
+            row["gap_closed"] = {c: round((mean[c] - before[c]) / (full_f1[c] - before[c]), 3)
+                                 if abs(full_f1[c] - before[c]) > 1e-6 else None for c in names}
+        if strategy == "suggested" and ("random", n) in tables:
+            a, b = np.concatenate(tables[("random", n)]), np.concatenate(tabs)
+            row["suggested_minus_random_95ci"] = dict(zip(names, bootstrap(a, b, rng)))
+        summary[f"{strategy}-n{n}"] = row
+    result = {"benchmark": "suggest_loop", "start": str(start), "fold": args.fold,
+              "evaluation_images": len(evaluation), "pool_images": len(pool), "steps": args.steps,
+              "seeds": args.seeds, "before": before, "full": full_f1, "summary": summary, "runs": runs,
+              "seconds": round(time.perf_counter() - started, 1),
+              "load_average": {"start": load_start, "end": load_average()},
+              "contention": contention(load_start, load_average()), "machine": machine_info(HERE.parent),
+              "command": " ".join(["benchmarks/suggest_loop.py", *(argv if argv is not None else sys.argv[1:])])}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json_out:
+        args.json_out.write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
