@@ -69,3 +69,43 @@ def test_the_picks_spread_and_the_errors_say_what_to_do(tmp_path: Path) -> None:
     (tmp_path / "predict.json").write_text(json.dumps({"inputs": ["im"], "images": ["im"], "status": "done"}))
     with pytest.raises(ValueError, match="no confidence column"):
         suggest_folder(tmp_path)
+
+
+def test_the_new_slide_guide_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/new-slide.md: predict -> suggest -> annotate the fields (simulated) -> train --init-from -> predict."""
+    from test_slides_training import CLASS_MAP, _point, _region, _tiles
+    from test_workers import _cohort
+
+    ckpt, _ = _cohort(tmp_path, slides=0)  # a small model (random weights) with the bundled tiles' pixel size
+    tiles = _tiles(4)
+    row = np.concatenate([t[0] for t in tiles], axis=1)
+    slide = write_pyramid(tmp_path / "new.tif", [row.repeat(2, 0).repeat(2, 1), row], 0.25)
+    out = tmp_path / "out"
+    assert main(["predict", str(slide), "--checkpoint", str(ckpt), "--out", str(out), "--threshold", "0.2",
+                 "--device", "cpu", "--no-tissue-mask"]) == 0
+    assert main(["suggest", "--pred", str(out), "--top", "2", "--no-picture"]) == 0
+    fields = list(csv.DictReader((out / "suggestions" / "suggestions.csv").open()))
+    assert len(fields) == 2 and all(int(f["width"]) == 400 for f in fields)  # 100 um at 0.25 um/px
+    # In QuPath: the rectangles imported, the cells inside clicked, points and rectangles exported.
+    annotated = tmp_path / "annotated"
+    annotated.mkdir()
+    (annotated / "new.tif").write_bytes(slide.read_bytes())
+    truth = [((x + i * 200) * 2, y * 2, int(c)) for i, t in enumerate(tiles) for (x, y), c in zip(t[1], t[2])]
+    features = []
+    for f in fields:
+        x0, y0, w, h = (int(f[k]) for k in ("x", "y", "width", "height"))
+        features.append(_region(f"#{f['rank']}", x0, y0, x0 + w, y0 + h))
+        features += [_point(x, y, c) for x, y, c in truth if x0 <= x < x0 + w and y0 <= y < y0 + h]
+    (annotated / "new.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    class_map = ",".join(f"{k}={min(v, 1)}" for k, v in CLASS_MAP.items())
+    run = tmp_path / "run"
+    from cellkit.data.io import DataWarning
+
+    with pytest.warns(DataWarning, match="validation and test images come from the training slides"):
+        assert main(["train", "--data", str(annotated), "--format", "slides", "--class-map", class_map,
+                     "--class-names", "other,epithelium", "--init-from", str(ckpt), "--steps", "2",
+                     "--crop-size", "64", "--batch-size", "2", "--size", "cpu", "--device", "cpu", "--out", str(run)]) == 0
+    assert json.loads((run / "split.json").read_text())["validation"]  # areas of the one slide
+    assert main(["predict", str(slide), "--checkpoint", str(run / "best.pt"), "--out", str(tmp_path / "after"),
+                 "--device", "cpu", "--no-tissue-mask"]) == 0
+    assert (tmp_path / "after" / "new.summary.json").is_file()

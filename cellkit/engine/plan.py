@@ -188,6 +188,16 @@ def _split(samples: list[Any], cfg: CellkitConfig) -> dict[str, list[Any]]:
             raise
         # Keys without the format's numeric ids (samples passed by the caller): one group per image.
         groups = data.resolve_groups(samples, "image")
+    wanted = sum(1 for f in fractions if f > 0)
+    if rule in (None, "format") and default is not None and len(set(groups)) < wanted <= len(samples):
+        # Fewer groups (slides) than parts to fill: the held-out images come from the same
+        # group, one image (area) at a time, said, rather than no validation at all.
+        warnings.warn(
+            f"{len(set(groups))} group(s) of images ({d.format}: {', '.join(sorted(map(str, set(groups)))[:3])}) "
+            f"cannot fill the train, validation and test parts by group: the images are split one by one instead, "
+            f"so validation and test images come from the training {d.format} (a within-slide figure). Give more "
+            "slides to hold whole ones out.", DataWarning, stacklevel=3)
+        groups = data.resolve_groups(samples, "image")
     by_key = {str(getattr(s, "key", s)): g for s, g in zip(samples, groups)}
     parts = data.split_by_group(samples, lambda k: by_key[k], fractions=fractions, seed=d.split_seed,
                                 names=("train", "val", "test"))
