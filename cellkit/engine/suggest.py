@@ -185,12 +185,13 @@ def suggest_folder(pred: str | Path, top: int = 10, field_um: float = FIELD_UM, 
         raise FileNotFoundError(f"{out} holds no predictions of cellkit predict ({PREDICT_META}); run cellkit predict "
                                 "IMAGES --out DIR first, then cellkit suggest --pred DIR.")
     slides = {str(s) for s in record.get("slides", [])}
-    fields, sources = [], {}
+    fields, sources, cells = [], {}, {}
     for stem in [str(s) for s in record.get("images", record.get("inputs", []))]:
         csv_path = out / f"{stem}.csv"
         if not csv_path.is_file():
             continue
         points, confidence = _read_cells(csv_path)
+        cells[stem] = (points, confidence)
         size, mpp, sources[stem] = _extent(out, stem, record, slides)
         if size == (0, 0):
             size = (int(points[:, 0].max()) + 1, int(points[:, 1].max()) + 1) if len(points) else (1, 1)
@@ -199,13 +200,15 @@ def suggest_folder(pred: str | Path, top: int = 10, field_um: float = FIELD_UM, 
     if not fields:
         raise FileNotFoundError(f"{out} holds no predicted cells to rank (no <image>.csv with cells).")
     chosen = rank_fields(fields, top)
-    _write(out / FOLDER, chosen, sources, picture)
+    _write(out / FOLDER, chosen, sources, cells if picture else None)
     return chosen
 
 
-def _write(folder: Path, chosen: Sequence[Field], sources: dict[str, Path | None], picture: bool) -> None:
+def _write(folder: Path, chosen: Sequence[Field], sources: dict[str, Path | None],
+           cells: dict[str, tuple[np.ndarray, np.ndarray]] | None) -> None:
+    """The suggestion files; the picture when ``cells`` (each image's points and confidences) are given."""
     planned = [folder / "suggestions.csv", *(folder / f"{s}.geojson" for s in sorted({f.image for f in chosen}))]
-    planned += [folder / "suggestions.png"] if picture else []
+    planned += [folder / "suggestions.png"] if cells is not None else []
     kinds = {".csv": "suggestions-csv", ".geojson": "json", ".png": "png"}
     check_outputs("cellkit suggest", planned, ours=lambda p: written_by_cellkit(p, kinds[p.suffix]),
                   fix="move it away, or suggest from another predictions folder")
@@ -220,8 +223,8 @@ def _write(folder: Path, chosen: Sequence[Field], sources: dict[str, Path | None
     write_text_atomic(folder / "suggestions.csv", buf.getvalue())
     for stem in sorted({f.image for f in chosen}):
         write_text_atomic(folder / f"{stem}.geojson", json.dumps(_geojson([f for f in chosen if f.image == stem])))
-    if picture:
-        _draw(folder / "suggestions.png", chosen, sources)
+    if cells is not None:
+        _draw(folder / "suggestions.png", chosen, sources, cells)
 
 
 def _geojson(fields: Sequence[Field]) -> dict[str, Any]:
@@ -252,8 +255,9 @@ def _crop(field: Field, source: Path | None, side: int = 192) -> np.ndarray:
     return np.full((side, side, 3), 200, np.uint8)
 
 
-def _draw(path: Path, chosen: Sequence[Field], sources: dict[str, Path | None]) -> None:
-    """The fields in rank order, cropped, each titled with its rank, image and reason."""
+def _draw(path: Path, chosen: Sequence[Field], sources: dict[str, Path | None],
+          cells: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """The fields in rank order, cropped, their cells coloured by confidence (red unsure, green sure)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -265,7 +269,14 @@ def _draw(path: Path, chosen: Sequence[Field], sources: dict[str, Path | None]) 
     for ax in axes.ravel():
         ax.axis("off")
     for ax, field in zip(axes.ravel(), chosen):
-        ax.imshow(_crop(field, sources.get(field.image)))
+        crop = _crop(field, sources.get(field.image))
+        ax.imshow(crop)
+        points, confidence = cells.get(field.image, (np.zeros((0, 2)), np.zeros(0)))
+        inside = ((points[:, 0] >= field.x) & (points[:, 0] < field.x + field.width)
+                  & (points[:, 1] >= field.y) & (points[:, 1] < field.y + field.height))
+        scale = crop.shape[1] / max(field.width, 1)
+        ax.scatter((points[inside, 0] - field.x) * scale, (points[inside, 1] - field.y) * scale, s=6,
+                   c=confidence[inside], cmap="RdYlGn", vmin=0, vmax=1, linewidths=0)
         ax.set_title(f"#{field.rank} {field.image}\n{field.uncertain}/{field.cells} unsure, "
                      f"mean {field.mean_confidence:.2f}", fontsize=8)
     fig.tight_layout()
