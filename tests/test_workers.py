@@ -254,3 +254,35 @@ def test_every_cell_carries_each_classes_probability_into_csv_and_geojson(tmp_pa
     feature = json.loads((out / "im.geojson").read_text())["features"][0]
     assert set(feature["properties"]["measurements"]) == {"score", "confidence", "prob negative", "prob positive"}
     assert feature["properties"]["classification"]["name"] in ("Positive", "Negative")
+
+
+def test_geojson_gz_is_smaller_reads_back_the_same_and_resumes(tmp_path: Path) -> None:
+    import gzip
+
+    from cellkit.data import ClassMap
+    from cellkit.data.readers import read_geojson_points
+
+    image, _ = mosaic(2, 2)
+    slide = write_pyramid(tmp_path / "s.tif", [image.repeat(2, 0).repeat(2, 1), image], MPP / 2)
+    predictor = stain_predictor()
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    write_predictions(predictor, [slide], plain, overlay=False, slide_options={"tissue": False})
+    run = write_predictions(predictor, [slide], packed, overlay=False, slide_options={"tissue": False},
+                            geojson_gz=True)
+    assert not (packed / "s.geojson").exists() and (packed / "s.geojson.gz").is_file()
+    assert gzip.decompress((packed / "s.geojson.gz").read_bytes()) == (plain / "s.geojson").read_bytes()
+    assert (packed / "s.geojson.gz").stat().st_size < (plain / "s.geojson").stat().st_size / 4
+    names = ClassMap.from_names(["negative", "positive"])
+    back = read_geojson_points(packed / "s.geojson.gz", names)
+    assert len(back) == run.cells and np.allclose(back.points, read_geojson_points(plain / "s.geojson", names).points)
+    again = write_predictions(predictor, [slide], packed, overlay=False, slide_options={"tissue": False},
+                              geojson_gz=True, resume=True)
+    assert again.resumed == 1
+    with pytest.raises(ValueError, match="geojson_gz"):  # another run: not the same settings
+        write_predictions(predictor, [slide], packed, overlay=False, slide_options={"tissue": False}, resume=True)
+    bomb = tmp_path / "bomb.geojson.gz"
+    bomb.write_bytes(b"\x1f\x8b" + b"junk")
+    from cellkit.data.io import DataError
+
+    with pytest.raises(DataError, match="not a readable gzip file"):
+        read_geojson_points(bomb, names)

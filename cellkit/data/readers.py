@@ -31,6 +31,7 @@ cellkit reads and writes QuPath coordinates unchanged (immaterial for cells ~10 
 from __future__ import annotations
 
 import csv
+import gzip
 import io as _io
 import json
 import math
@@ -179,6 +180,29 @@ def check_inside(records: PointRecords, shape: tuple[int, int], path: str | os.P
             f"0 <= y < {h}. Check that the columns are (x, y), not (row, col), and that the "
             "label file belongs to this image."
         )
+
+
+MAX_GZIP_TEXT = 4 * 1024**3
+"""The most bytes a gzipped label file (``.geojson.gz``) may expand to: more is refused (a gzip bomb)."""
+
+
+def _read_gzip_text(path: Path) -> str:
+    """A gzipped UTF-8 file's text, decompressed in blocks up to [`MAX_GZIP_TEXT`][] bytes."""
+    chunks, total = [], 0
+    try:
+        with gzip.open(path, "rb") as fh:
+            while block := fh.read(64 * 1024 * 1024):
+                total += len(block)
+                if total > MAX_GZIP_TEXT:
+                    raise DataError(f"{path}: expands to more than {MAX_GZIP_TEXT / 1024**3:.0f} GB; it is not a "
+                                    "GeoJSON export of cells (or it is one of hundreds of millions: split it).")
+                chunks.append(block)
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: not a readable gzip file ({exc}); the file is truncated or corrupt.") from exc
+    try:
+        return b"".join(chunks).decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text once decompressed (byte {exc.start}).") from exc
 
 
 def _read_text(path: Path) -> str:
@@ -357,7 +381,7 @@ def geojson_features(path: str | os.PathLike[str]) -> list[Any]:
             of the three.
     """
     p = Path(path)
-    text = _read_text(p)
+    text = _read_gzip_text(p) if p.name.lower().endswith(".gz") else _read_text(p)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

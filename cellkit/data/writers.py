@@ -20,11 +20,14 @@ Coordinates are pixels ``(x, y)`` of the full-resolution image, as QuPath expect
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import io
 import json
 import os
 import uuid
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import IO, Any
 
 import numpy as np
 
@@ -66,6 +69,19 @@ def _unpack(
 def _csv_name(name: Any) -> str:
     """A class name as a CSV column name: no commas, quotes, spaces or line breaks."""
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name)) or "class"
+
+
+@contextlib.contextmanager
+def _text_out(path: str | os.PathLike[str]) -> Iterator[IO[str]]:
+    """A text file written atomically; gzipped when ``path`` ends in ``.gz`` (no time stamp inside,
+    so the same cells give the same bytes)."""
+    if not str(path).endswith(".gz"):
+        with atomic_write(path, "w") as f:
+            yield f
+        return
+    with atomic_write(path, "wb") as raw, gzip.GzipFile("", "wb", 6, raw, mtime=0) as gz, \
+            io.TextIOWrapper(gz, encoding="utf-8") as text:
+        yield text
 
 
 def _prob_keys(probs: np.ndarray | None, named: Sequence[Any]) -> list[str]:
@@ -350,7 +366,7 @@ def write_geojson(
             "properties": props,
         }
 
-    with atomic_write(path, "w") as f:
+    with _text_out(path) as f:
         if indent is not None:
             json.dump({"type": "FeatureCollection", "features": [feature(i) for i in range(len(pts))]}, f,
                       indent=indent)

@@ -114,10 +114,10 @@ class SlideResult:
     megapixels: float = 0.0
 
 
-def slide_files(out: Path, stem: str) -> list[Path]:
-    """A slide's output files, the one that marks it done (its ``.csv``) last."""
+def slide_files(out: Path, stem: str, gz: bool = False) -> list[Path]:
+    """A slide's output files, the one that marks it done (its ``.csv``) last; ``gz``: the GeoJSON gzipped."""
     return [out / f"{stem}.thumbnail.png", out / f"{stem}.summary.json", out / f"{stem}.summary.csv",
-            out / f"{stem}.geojson", out / f"{stem}.csv"]
+            out / f"{stem}.geojson{'.gz' if gz else ''}", out / f"{stem}.csv"]
 
 
 def chunk_grid(width: int, height: int, chunk_size: int) -> list[tuple[int, int, int, int]]:
@@ -166,6 +166,7 @@ def predict_slide(
     index_class: str | None = None,
     overwrite: bool = False,
     geojson_names: Sequence[str] | None = None,
+    geojson_gz: bool = False,
 ) -> SlideResult:
     """Predict a whole slide (or a large image) chunk by chunk into ``out_dir`` (see the module).
 
@@ -190,6 +191,8 @@ def predict_slide(
         geojson_names: the classes' names in the GeoJSON (e.g. QuPath's ``Positive`` and
             ``Negative``: [`qupath_positivity_names`][cellkit.data.writers.qupath_positivity_names]);
             default the model's.
+        geojson_gz: write the GeoJSON gzipped, ``<stem>.geojson.gz`` (QuPath >= 0.4 imports it;
+            a tenth of the size).
         overwrite: replace the slide's output files when they exist. Without it (and without
             ``resume``, which continues a run of this function), an existing output file stops
             the call before any work: it may be the user's (``STEM.csv`` annotations).
@@ -257,7 +260,7 @@ def predict_slide(
             bar.close()
         cells, region_index = _in_regions(parts.load_all(wanted), region_list)
         files = _write_outputs(out, stem, predictor, slide, cells, thumb, thumb_scale, mask, region_list,
-                               region_index, index_class, settings, geojson_names)
+                               region_index, index_class, settings, geojson_names, geojson_gz)
         parts.remove()
         result = SlideResult(slide.path, stem, cells, json.loads(files[1].read_text(encoding="utf-8")), files,
                              chunks=len(wanted), chunks_resumed=len(wanted) - len(todo), scale=scale,
@@ -267,7 +270,7 @@ def predict_slide(
 
 def _refuse_existing(out: Path, stem: str, allowed: bool) -> None:
     """Refuse to replace a slide's outputs unless overwrite (or resume) was asked for."""
-    existing = [f for f in slide_files(out, stem) if f.exists()]
+    existing = [f for f in dict.fromkeys(slide_files(out, stem) + slide_files(out, stem, gz=True)) if f.exists()]
     if existing and not allowed:
         raise FileExistsError(
             f"{existing[0]} exists and predict_slide would replace it (and {len(existing) - 1} more of the "
@@ -604,9 +607,9 @@ def tissue_in_regions(mask: np.ndarray, thumb_scale: tuple[float, float],
 def _write_outputs(out: Path, stem: str, predictor: Any, slide: Slide, cells: Detections, thumb: np.ndarray,
                    thumb_scale: tuple[float, float], mask: np.ndarray, regions: Sequence[Any], region_index: np.ndarray | None,
                    index_class: str | None, settings: Mapping[str, Any],
-                   geojson_names: Sequence[str] | None = None) -> list[Path]:
+                   geojson_names: Sequence[str] | None = None, gz: bool = False) -> list[Path]:
     names = list(predictor.class_names)
-    files = slide_files(out, stem)
+    files = slide_files(out, stem, gz)
     tissue_px = float(mask.sum()) / (thumb_scale[0] * thumb_scale[1])
     region_tissue = None
     if regions:  # cells are found inside the regions only: densities over the tissue there

@@ -62,8 +62,10 @@ MARGIN_PX = 32
 
 
 def _slides(root: Path) -> list[tuple[Path, Path | None]]:
-    """``(slide, its GeoJSON or None)`` of a folder, by name."""
+    """``(slide, its GeoJSON or None)`` of a folder, by name (``<stem>.geojson``, ``.json`` or ``.geojson.gz``)."""
     labels = {p.stem: p for p in root.iterdir() if p.is_file() and p.suffix.lower() in GEOJSON_EXTENSIONS}
+    labels.update({p.name[: -len(".geojson.gz")]: p for p in root.iterdir()
+                   if p.is_file() and p.name.lower().endswith(".geojson.gz") and p.name[:-11] not in labels})
     slides = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES
                     and not p.name.startswith("."))
     return [(p, labels.get(p.stem)) for p in slides]
