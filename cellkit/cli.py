@@ -818,12 +818,24 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         _out(f"removed the {len(run.removed)} files of the earlier run in {out_dir} (--overwrite)")
     if run.resumed:
         _out(f"{run.resumed} images were done by the earlier run and kept (--resume)")
-    _out(f"{len(run.counts)} images, {run.cells} cells -> {out_dir} (counts in {out_dir / 'counts.csv'})")
+    _out(_predict_done_line(run, shard, args.claim))
     if run.skipped:
         shown = "; ".join(f"{name}: {why}" for name, why in list(run.skipped.items())[:5])
         print(f"cellkit predict: {len(run.skipped)} images could not be read and were skipped (listed in "
               f"{out_dir / 'predict.json'}): {shown}", file=sys.stderr)
     return 0
+
+
+def _predict_done_line(run: Any, shard: Any, claim: bool) -> str:
+    """What ``cellkit predict`` did; for one of several workers, whether the folder is complete."""
+    out_dir = run.out_dir
+    if shard is None and not claim:
+        return f"{len(run.counts)} images, {run.cells} cells -> {out_dir} (counts in {out_dir / 'counts.csv'})"
+    record = json.loads((out_dir / "predict.json").read_text(encoding="utf-8"))
+    whole = record.get("status") == "done"
+    return (f"this worker ({shard or 'claims'}): {len(run.counts)} images done, {run.cells} cells -> {out_dir}; "
+            + ("every input is done: the folder's counts.csv (and cohort.csv for slides) written" if whole else
+               "other inputs are with other workers (cellkit summarize OUT_DIR lists them)"))
 
 
 def _worker_share(args: argparse.Namespace) -> Any:

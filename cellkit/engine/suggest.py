@@ -186,7 +186,7 @@ def suggest_folder(pred: str | Path, top: int = 10, field_um: float = FIELD_UM, 
                                 "IMAGES --out DIR first, then cellkit suggest --pred DIR.")
     slides = {str(s) for s in record.get("slides", [])}
     fields, sources, cells = [], {}, {}
-    for stem in [str(s) for s in record.get("images", record.get("inputs", []))]:
+    for stem in [str(s) for s in record.get("inputs") or record.get("images") or []]:  # done ones have a CSV
         csv_path = out / f"{stem}.csv"
         if not csv_path.is_file():
             continue
