@@ -63,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", default="5,10,20", help="fields annotated, comma-separated")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--steps", type=int, default=100, help="fine-tuning steps")
+    p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (training's is 1e-3)")
     p.add_argument("--strategies", default="suggested,random")
     p.add_argument("--no-full", action="store_true", help="skip the fine-tuning on the whole pool")
     p.add_argument("--out", type=Path, required=True, help="work folder (runs, predictions)")
@@ -84,10 +85,10 @@ def f1(table: np.ndarray) -> list[float]:
     return [round(float(2 * t / max(2 * t + p + n, 1)), 4) for t, p, n in zip(tp, fp, fn)]
 
 
-def fine_tune(start: Path, picks: list[Any], steps: int, seed: int, out: Path) -> Predictor:
+def fine_tune(start: Path, picks: list[Any], steps: int, seed: int, out: Path, lr: float) -> Predictor:
     cfg = CellkitConfig.from_dict(load_checkpoint(start)["config"])
     cfg.pretrain = None
-    cfg.train.steps, cfg.train.init_from, cfg.train.seed = steps, str(start), seed
+    cfg.train.steps, cfg.train.init_from, cfg.train.seed, cfg.train.lr = steps, str(start), seed, lr
     cfg.train.val_every_steps = steps
     if out.exists():
         shutil.rmtree(out)
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                 keys = {s.key for s in pool}
             picks = [s for s in pool if s.key in keys]
             t0 = time.perf_counter()
-            tuned = fine_tune(start, picks, args.steps, seed, args.out / f"{strategy}-n{n}-seed{seed}")
+            tuned = fine_tune(start, picks, args.steps, seed, args.out / f"{strategy}-n{n}-seed{seed}", args.lr)
             table = counts(tuned, evaluation, k)
             tables.setdefault((strategy, n), []).append(table)
             runs.append({"strategy": strategy, "n": n, "seed": seed, "f1": dict(zip(names, f1(table))),
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             row["suggested_minus_random_95ci"] = dict(zip(names, bootstrap(a, b, rng)))
         summary[f"{strategy}-n{n}"] = row
     result = {"benchmark": "suggest_loop", "start": str(start), "fold": args.fold,
-              "evaluation_images": len(evaluation), "pool_images": len(pool), "steps": args.steps,
+              "evaluation_images": len(evaluation), "pool_images": len(pool), "steps": args.steps, "lr": args.lr,
               "seeds": args.seeds, "before": before, "full": full_f1, "summary": summary, "runs": runs,
               "seconds": round(time.perf_counter() - started, 1), "times": TIMES,
               "load_average": {"start": load_start, "end": load_average()},

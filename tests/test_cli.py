@@ -132,8 +132,8 @@ def _train_cfg(*argv: str):
 
 def test_train_defaults_estimate_the_geometry_and_run_in_steps() -> None:
     cfg = _train_cfg("--preset", "ours_plus_plus")
-    assert cfg.data.cell_diameter == "auto" and cfg.train.steps == 400 and cfg.train.calibrate
-    assert cfg.pretrain.train.steps == 100 and cfg.data.class_names == ("other", "epithelium")
+    assert cfg.data.cell_diameter == "auto" and cfg.train.steps == 800 and cfg.train.calibrate
+    assert cfg.pretrain.train.steps == 200 and cfg.data.class_names == ("other", "epithelium")
 
 
 def test_cell_size_options() -> None:

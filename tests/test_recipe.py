@@ -164,7 +164,7 @@ def test_resolve_for_data_estimates_and_cuts_crops() -> None:
     assert cfg.data.cell_diameter == pytest.approx(estimate_cell_diameter(train)[0], abs=0.01)
     assert cfg.train.crop_size == 96  # 256 is larger than the 96-px images
     assert notes[0].startswith("geometry: cell diameter") and any(n.startswith("crops: 96") for n in notes)
-    assert notes[-1].startswith("schedule: 400 steps")
+    assert notes[-1].startswith("schedule: 800 steps")
     # Two stages cut alike are said once.
     _, notes = resolve_for_data(cellkit.presets.ours_plus_plus(), train)
     assert sum(n.startswith("crops: ") for n in notes) == 1

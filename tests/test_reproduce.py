@@ -88,7 +88,7 @@ def test_ablation_configs_change_what_they_say(script):
     pp = script.row_config("Ours++", script.SCHEDULES["default"], 0, 2)
     at10 = script.row_config("Ours++ prior@10%", script.SCHEDULES["default"], 0, 2)
     at50 = script.row_config("Ours++ prior@50%", script.SCHEDULES["default"], 0, 2)
-    assert at10.pretrain.train.steps == 40 < pp.pretrain.train.steps == 100 < at50.pretrain.train.steps == 200
+    assert at10.pretrain.train.steps == 80 < pp.pretrain.train.steps == 200 < at50.pretrain.train.steps == 400
     # The shipped model fine-tuned: Ours with its weights to start from; by name only, not in 'all'.
     ours = script.row_config("Ours", script.SCHEDULES["default"], 0, 2)
     tuned = script.row_config("Ours fine-tuned", script.SCHEDULES["default"], 0, 2)
