@@ -38,7 +38,9 @@ def test_format_contract(name: str, tmp_path: Path) -> None:
         assert isinstance(cmap, ClassMap) and cmap.num_classes == k
         assert fmt.class_names(k) == list(cmap.names)
     assert fmt.class_map(99) is None and fmt.class_names(99) is None
-    if fmt.group is not None:
+    if fmt.group is not None and fmt.takes_mpp:  # areas of slides: keyed <slide>/<area>, grouped by slide
+        assert fmt.group("case/region 1") == fmt.group("case/region 2") != fmt.group("other/region 1")
+    elif fmt.group is not None:
         assert fmt.group("images/17.png") == fmt.group("17")
     # An empty folder is a clear error naming the folder, never an empty dataset.
     with pytest.raises((DataError, FileNotFoundError)) as err:
@@ -194,7 +196,7 @@ def test_learning_rate_schedule() -> None:
 
 def test_plan_in_steps_is_independent_of_the_data() -> None:
     t = cellkit.presets.ours().train
-    assert _plan(t, loader_len=2, max_steps=None) == (8, [50] * 8)
+    assert _plan(t, loader_len=2, max_steps=None) == (16, [50] * 16)
     t.steps, t.val_every_steps = 120, 50
     assert _plan(t, loader_len=999, max_steps=None) == (3, [50, 50, 20])
     assert _plan(t, loader_len=999, max_steps=4) == (3, [4, 4, 4])

@@ -114,7 +114,7 @@ def test_cellkit_train_from_slides_splits_by_slide(tmp_path: Path, capsys: pytes
     data = tmp_path / "slides"
     data.mkdir()
     for i in range(3):
-        write_annotated_slide(data, f"case{i}", _tiles(2, start=2 * i))
+        write_annotated_slide(data, f"case{i}", _tiles(1, start=i))
     run = tmp_path / "run"
     code = main(["train", "--preset", "ours", "--size", "cpu", "--data", str(data), "--format", "slides",
                  "--class-map", "stroma=0,epithelium=1,other=0", "--class-names", "other,epithelium", "--out", str(run), "--epochs", "1",
