@@ -58,7 +58,7 @@ RADIUS = 6.0
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--start", type=Path, required=True, help="a leave-one-range-out variant of accuracy.py")
+    p.add_argument("--start", type=Path, help="a leave-one-range-out variant of accuracy.py (required)")
     p.add_argument("--fold", type=int, default=0, help="the held-out range (its fold's run is the start)")
     p.add_argument("--n", default="5,10,20", help="fields annotated, comma-separated")
     p.add_argument("--seeds", type=int, default=2)
@@ -66,9 +66,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (training's is 1e-3)")
     p.add_argument("--strategies", default="suggested,random")
     p.add_argument("--no-full", action="store_true", help="skip the fine-tuning on the whole pool")
-    p.add_argument("--out", type=Path, required=True, help="work folder (runs, predictions)")
+    p.add_argument("--out", type=Path, help="work folder (runs, predictions; required)")
     p.add_argument("--json-out", type=Path)
+    p.add_argument("--png", type=Path, help="draw F1 against fields annotated here (with --plot-only: from a JSON)")
+    p.add_argument("--plot-only", type=Path, metavar="JSON", help="only draw --png from a recorded result")
     return p.parse_args(argv)
+
+
+def draw(result: dict[str, Any], path: Path) -> None:
+    """F1 against fields annotated, suggested and random (mean and each seed), before and the whole pool."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["before"])
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.8))
+    for ax, name in zip(axes, names):
+        for strategy, color in (("suggested", "tab:red"), ("random", "tab:blue")):
+            runs = [r for r in result["runs"] if r["strategy"] == strategy]
+            ns = sorted({r["n"] for r in runs})
+            means = [np.mean([r["f1"][name] for r in runs if r["n"] == n]) for n in ns]
+            ax.plot(ns, means, "o-", color=color, label=f"{strategy} fields")
+            ax.scatter([r["n"] for r in runs], [r["f1"][name] for r in runs], color=color, s=10, alpha=0.5)
+        ax.axhline(result["before"][name], color="0.5", ls="--", label="before (no fine-tuning)")
+        if result.get("full"):
+            ax.axhline(result["full"][name], color="k", ls=":", label=f"whole pool ({result['pool_images']} tiles)")
+        ax.set_title(name)
+        ax.set_xlabel("fields annotated (one 100-um tile each)")
+        ax.set_ylabel("totalF1 on the held-out evaluation tiles")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def counts(predictor: Predictor, samples: list[Any], k: int) -> np.ndarray:
@@ -129,6 +160,11 @@ def bootstrap(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, reps: int 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.plot_only:
+        draw(json.loads(args.plot_only.read_text()), args.png or Path("suggest-loop.png"))
+        return 0
+    if args.start is None or args.out is None:
+        raise SystemExit("suggest_loop.py: error: --start and --out are required (or --plot-only JSON --png FILE)")
     load_start, started = load_average(), time.perf_counter()
     fold = args.start / f"fold{args.fold}"
     start = fold / "run" / "best.pt"
@@ -187,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.json_out:
         args.json_out.write_text(text + "\n", encoding="utf-8")
+    if args.png:
+        draw(result, args.png)
     return 0
 
 

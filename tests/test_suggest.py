@@ -77,7 +77,7 @@ def test_the_new_slide_guide_runs_end_to_end(tmp_path: Path, capsys: pytest.Capt
     from test_workers import _cohort
 
     ckpt, _ = _cohort(tmp_path, slides=0)  # a small model (random weights) with the bundled tiles' pixel size
-    tiles = _tiles(3)
+    tiles = _tiles(2)
     row = np.concatenate([t[0] for t in tiles], axis=1)
     slide = write_pyramid(tmp_path / "new.tif", [row.repeat(2, 0).repeat(2, 1), row], 0.25)
     out = tmp_path / "out"
