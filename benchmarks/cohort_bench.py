@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from harness import contention, load_average, machine_info  # noqa: E402
+from harness import emit, load_average, provenance  # noqa: E402
 from slide_bench import write_mosaic  # noqa: E402
 
 
@@ -99,17 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
     for row in rows:
         row["speedup"] = round(rows[0]["seconds"] / row["seconds"], 2)
-    load_end = load_average()
     result = {"benchmark": "cohort_bench", "mode": args.mode, "slides": args.slides, "side": args.side,
               "model": args.checkpoint or args.model, "cores": cores, "runs": rows,
-              "load_average": {"start": load_start, "end": load_end},
               # the load at the end is the workers' own: only the start says whether others ran
-              "contention": contention(load_start, None, cores), "machine": machine_info(HERE.parent),
-              "command": " ".join(["benchmarks/cohort_bench.py", *(argv if argv is not None else sys.argv[1:])])}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json_out:
-        args.json_out.write_text(text + "\n", encoding="utf-8")
+              **provenance("benchmarks/cohort_bench.py", argv, load_start, HERE.parent, cores, end_counts=False)}
+    emit(result, args.json_out)
     return 0
 
 

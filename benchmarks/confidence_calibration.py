@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from harness import contention, load_average, machine_info  # noqa: E402
+from harness import emit, load_average, provenance  # noqa: E402
 
 from cellkit.data import load_dataset  # noqa: E402
 from cellkit.data.bundled import bundled_endonuke  # noqa: E402
@@ -147,14 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         "ece_over_runs": {name: {"mean": round(float(np.mean([f[name] for f in per_fold.values()])), 4),
                                  "std": round(float(np.std([f[name] for f in per_fold.values()])), 4)}
                           for name in CANDIDATES},
-        "load_average": {"start": load_start, "end": load_average()},
-        "contention": contention(load_start, load_average()), "machine": machine_info(HERE.parent),
-        "command": " ".join(["benchmarks/confidence_calibration.py", *(argv if argv is not None else sys.argv[1:])]),
+        **provenance("benchmarks/confidence_calibration.py", argv, load_start, HERE.parent),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json_out:
-        args.json_out.write_text(text + "\n", encoding="utf-8")
+    emit(result, args.json_out)
     if args.png:
         draw(result, args.png)
     return 0

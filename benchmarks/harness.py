@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime
+import json
 import math
 import multiprocessing
 import os
@@ -331,3 +332,25 @@ def format_table(title: str, columns: Sequence[tuple[str, str]], rows: Sequence[
         if n == 0:
             lines.append("-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def provenance(script: str, argv: Sequence[str] | None, load_start: float | None, root: Path,
+               cores: int | None = None, end_counts: bool = True) -> dict[str, Any]:
+    """The record's tail every benchmark writes: load averages, the contention note, the machine, the command.
+
+    ``end_counts=False`` when the benchmark's own workers load the cores at its end (only the
+    load at the start then says whether other work ran).
+    """
+    load_end = load_average()
+    return {"load_average": {"start": load_start, "end": load_end},
+            "contention": contention(load_start, load_end if end_counts else None, cores),
+            "machine": machine_info(root),
+            "command": " ".join([script, *(argv if argv is not None else sys.argv[1:])])}
+
+
+def emit(result: dict[str, Any], json_out: Path | None) -> None:
+    """Print ``result`` as JSON, and write it to ``json_out`` when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if json_out:
+        json_out.write_text(text + "\n", encoding="utf-8")

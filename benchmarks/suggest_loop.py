@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from harness import contention, load_average, machine_info  # noqa: E402
+from harness import emit, load_average, provenance  # noqa: E402
 
 from cellkit.config import CellkitConfig  # noqa: E402
 from cellkit.data import ENDONUKE_EPITHELIUM, load_dataset  # noqa: E402
@@ -216,13 +216,8 @@ def main(argv: list[str] | None = None) -> int:
               "evaluation_images": len(evaluation), "pool_images": len(pool), "steps": args.steps, "lr": args.lr,
               "seeds": args.seeds, "before": before, "full": full_f1, "summary": summary, "runs": runs,
               "seconds": round(time.perf_counter() - started, 1), "times": TIMES,
-              "load_average": {"start": load_start, "end": load_average()},
-              "contention": contention(load_start, load_average()), "machine": machine_info(HERE.parent),
-              "command": " ".join(["benchmarks/suggest_loop.py", *(argv if argv is not None else sys.argv[1:])])}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json_out:
-        args.json_out.write_text(text + "\n", encoding="utf-8")
+              **provenance("benchmarks/suggest_loop.py", argv, load_start, HERE.parent)}
+    emit(result, args.json_out)
     if args.png:
         draw(result, args.png)
     return 0

@@ -171,10 +171,10 @@ def slide_samples(slide: str | Path, labels: str | Path, class_map: ClassMap | N
                             "--mpp.")
         out = []
         for name, polygon, pieces in areas:
+            in_area = _inside(polygon, records.points)  # once per area, not per piece
             for i, (x, y, w, h) in enumerate(pieces):
                 image = s.read(x, y, w, h, scale)
-                inside = _inside(polygon, records.points)
-                inside &= ((records.points[:, 0] >= x) & (records.points[:, 0] < x + w)
+                inside = in_area & ((records.points[:, 0] >= x) & (records.points[:, 0] < x + w)
                            & (records.points[:, 1] >= y) & (records.points[:, 1] < y + h))
                 if polygon is not None:
                     image = np.where(_polygon_mask(polygon, x, y, scale, image.shape[:2])[..., None], image,
