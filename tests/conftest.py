@@ -35,6 +35,25 @@ def need_shared(path: Path) -> Path:
         pytest.skip(message)
     return path
 
+
+def _share_the_cores() -> None:
+    """Under pytest-xdist, each of N workers gets cores // N torch threads (at least one).
+
+    torch's default (one thread per core in every process) makes the workers' threads spin-wait
+    on each other: a training step measured several times slower beside another worker than
+    alone. ``OMP_NUM_THREADS`` passes the share on to the commands the tests start.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+_share_the_cores()
+
 settings.register_profile("ci", deadline=None, derandomize=True, database=None, print_blob=True)
 settings.register_profile("dev", deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

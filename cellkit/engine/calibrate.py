@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from cellkit.metrics import evaluate
-from cellkit.postprocess.peaks import per_class
+from cellkit.postprocess.peaks import LocalPeaks, per_class
 from cellkit.registry import POSTPROCESSORS
 
 __all__ = ["THRESHOLD_GRID", "Calibration", "calibrate_peaks", "class_counts", "score_maps"]
@@ -91,6 +91,47 @@ def _f1(predictions: Sequence[Any], truths: Sequence[tuple[Any, Any]], radius: f
     f1 = {n: (float(report.total_f1[c]) if present[c] else None) for c, n in enumerate(class_names)}
     values = [v for v in f1.values() if v is not None]
     return f1, (float(np.mean(values)) if values else float("nan"))
+
+
+def _class_f1_per_threshold(name: str, kwargs: Mapping[str, Any], c: int, grid: Sequence[float],
+                            maps: Sequence[np.ndarray], truths: Sequence[tuple[Any, Any]], radius: float,
+                            class_names: Sequence[str]) -> list[float]:
+    """Class ``c``'s total F1 with each threshold of ``grid`` for it (the others as in ``kwargs``).
+
+    For [`LocalPeaks`][cellkit.postprocess.peaks.LocalPeaks] the peaks are found once, at the
+    lowest threshold, and filtered: a class-``c`` point's fate (plateaus, spacing, the
+    cross-class rule) depends only on points of higher value, which a higher threshold for
+    ``c`` keeps, so its points at threshold ``t`` are exactly those above ``t`` (compared in the
+    map's dtype, as [`peaks`][cellkit.postprocess.peaks.peaks] does). Other classes' points
+    may change, but not class ``c``'s F1 (matching is per class). Any other post-processor
+    is built once per threshold.
+    """
+    def with_threshold(t: float) -> dict[str, Any]:
+        trial = dict(kwargs)
+        trial["threshold"] = list(kwargs["threshold"])
+        trial["threshold"][c] = t
+        return trial
+
+    def f1_of(predictions: list[Any]) -> float:
+        return _f1(predictions, truths, radius, class_names)[0][class_names[c]] or 0.0
+
+    if POSTPROCESSORS.get(name) is not LocalPeaks or not len(grid):
+        return [f1_of([POSTPROCESSORS.build(name, **with_threshold(t))(m) for m in maps]) for t in grid]
+    post = POSTPROCESSORS.build(name, **with_threshold(min(grid)))
+    found, values = [], []
+    for m in maps:
+        arr = np.asarray(m)
+        det = post(m)
+        pts = det.points.astype(np.int64)
+        found.append(det)
+        values.append((det.classes == c, arr[c][pts[:, 1], pts[:, 0]] if len(pts) else arr.reshape(-1)[:0]))
+    dtype = [np.asarray(m).dtype for m in maps]
+    out = []
+    for t in grid:
+        kept = [det.subset(~is_c | (v > np.asarray(t).astype(dt if dt.kind == "f" else np.float32)))
+                for det, (is_c, v), dt in zip(found, values, dtype)]
+        out.append(f1_of(kept))
+    return out
 
 
 def class_counts(truths: Sequence[tuple[Any, Any]], k: int) -> np.ndarray:
@@ -170,16 +211,15 @@ def calibrate_peaks(
             grid_d = sorted({int(d) for d in min_distances}) if tune_d else [None]
             best_key, best = None, None
             for d in grid_d:
-                for t in grid_t:
-                    trial = dict(current)
+                trial_d = dict(current)
+                if d is not None:
+                    trial_d["min_distance"] = list(current["min_distance"])
+                    trial_d["min_distance"][c] = d
+                for t, value in zip(grid_t, _class_f1_per_threshold(name, trial_d, c, grid_t, maps, truths,
+                                                                     radius, class_names)):
+                    trial = dict(trial_d)
                     trial["threshold"] = list(current["threshold"])
                     trial["threshold"][c] = t
-                    if d is not None:
-                        trial["min_distance"] = list(current["min_distance"])
-                        trial["min_distance"][c] = d
-                    post = POSTPROCESSORS.build(name, **trial)
-                    f1, _ = _f1([post(m) for m in maps], truths, radius, class_names)
-                    value = f1[class_names[c]] or 0.0
                     # ties: nearest the current value (stable across validations)
                     key = (round(value, 9), -abs(t - current["threshold"][c]) / max(scale, 1e-12),
                            -abs((d or 0) - (current.get("min_distance") or [0] * k)[c]))
