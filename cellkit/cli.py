@@ -114,6 +114,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _decay(text: str) -> float:
+    value = _positive_float(text)
+    if not value < 1:
+        raise argparse.ArgumentTypeError(f"expected a decay between 0 and 1 (e.g. 0.995), got {text!r}")
+    return value
+
+
 def _mpp(text: str) -> float:
     from cellkit.data.io import MPP_RANGE
 
@@ -266,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from trained weights: a shipped model (e.g. endonuke-epithelium) or a checkpoint; "
                         "the encoder is kept, the heads too when the classes agree (else re-made)")
     t.add_argument("--steps", type=_positive_int, help="optimizer steps in all (default: the preset's)")
+    t.add_argument("--ema", type=_decay, metavar="DECAY",
+                   help="validate and save a moving average of the weights (decay per step, e.g. 0.995; "
+                        "default: none)")
     t.add_argument("--val-every-steps", type=_positive_int, help="validate and checkpoint every this many steps")
     t.add_argument("--pretrain-fraction", type=_positive_float, metavar="F",
                    help="ours_plus_plus: stop stage 1 after this share of the steps (default: the preset's)")
@@ -637,6 +647,8 @@ def _apply_stage_options(cfg: Any, args: argparse.Namespace) -> None:
             stage.model.encoder, stage.model.encoder_kwargs = _encoder_of(args.init_from)
     if args.val_every_steps is not None:
         cfg.train.val_every_steps = args.val_every_steps
+    if getattr(args, "ema", None) is not None:
+        cfg.train.ema = args.ema
     if args.no_calibrate:
         cfg.train.calibrate = False
 

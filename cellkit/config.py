@@ -170,6 +170,12 @@ class TrainConfig:
         augment: keyword arguments of [`cellkit.data.Augment`][cellkit.data.Augment]
             (``{}`` = defaults, ``None`` = no augmentation).
         val_every: validate every this many epochs (when ``steps`` is None).
+        ema: average the weights over the steps (an exponential moving average with this
+            decay per step, e.g. ``0.995``; ``None`` = no): validation, ``best.pt`` and
+            ``last.pt``'s ``model`` hold the averaged weights (what predictions use), while
+            training goes on from the raw ones (``last.pt``'s ``train_model``). The decay
+            starts low, ``min(ema, (1 + n) / (10 + n))`` after ``n`` steps, so the first
+            steps do not stay in the average.
         init_from: start from trained weights: a shipped model's name
             ([`cellkit.zoo`][cellkit.zoo]) or a checkpoint; every weight whose name and
             shape fit is copied (the encoder, and the heads when the classes agree), the
@@ -199,6 +205,7 @@ class TrainConfig:
     augment: dict[str, Any] | None = field(default_factory=dict)
     val_every: int = 1
     init_from: str | None = None
+    ema: float | None = None
 
 
 @dataclass
@@ -456,6 +463,8 @@ def train_problems(t: TrainConfig, where: str = "train") -> list[str]:
     steps = t.steps_per_epoch
     if steps is not None and (not isinstance(steps, int) or steps < 1):
         problems.append(f"{where}.steps_per_epoch: expected None or an integer >= 1, got {steps!r}")
+    if t.ema is not None and (isinstance(t.ema, bool) or not isinstance(t.ema, (int, float)) or not 0 < t.ema < 1):
+        problems.append(f"{where}.ema: expected None or a decay between 0 and 1 (e.g. 0.995), got {t.ema!r}")
     if t.grad_clip is not None and not t.grad_clip > 0:
         problems.append(f"{where}.grad_clip: expected None or a number > 0, got {t.grad_clip!r}")
     if not isinstance(t.val_every, int) or t.val_every < 1:

@@ -148,6 +148,9 @@ def test_cell_size_options() -> None:
     assert not steps.train.calibrate and not steps.train.balance_classes
     assert not steps.pretrain.train.balance_classes
     assert _train_cfg("--epochs", "3").train.steps is None
+    averaged = _train_cfg("--preset", "ours_plus_plus", "--ema", "0.995")
+    assert averaged.train.ema == 0.995 and averaged.pretrain.train.ema is None  # the prior stays as it was
+    assert _train_cfg().train.ema is None
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -156,6 +159,7 @@ def test_cell_size_options() -> None:
     (["--steps", "10", "--epochs", "2"], "give one"),
     (["--preset", "ours", "--pretrain-fraction", "0.2"], "ours has no stage 1"),
     (["--cell-diameter", "big"], "expected a length"),
+    (["--ema", "1"], "expected a decay between 0 and 1"),
 ])
 def test_recipe_option_errors(tmp_path: Path, argv: list[str], message: str,
                               capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,8 +2,8 @@
 
 Like torchvision's reference scripts: the model, loader, loss, optimizer and scaler are
 built elsewhere ([`cellkit.engine.train`][]); this runs the steps (autocast, gradient
-clipping, the scheduler per step, a progress bar or lines) and returns the mean of every
-loss term, reduced over processes.
+clipping, the scheduler per step, the weight average, a progress bar or lines) and returns
+the mean of every loss term, reduced over processes.
 """
 
 from __future__ import annotations
@@ -24,7 +24,32 @@ from cellkit.progress import PhaseTimes, StepLines
 if TYPE_CHECKING:  # the stage a function works on; train imports this module
     from cellkit.engine.train import _Stage
 
-__all__ = ["train_one_epoch"]
+__all__ = ["WeightAverage", "train_one_epoch"]
+
+
+class WeightAverage(torch.optim.swa_utils.AveragedModel):
+    """An exponential moving average of a model's weights and buffers (``train.ema``).
+
+    After ``n`` updates the decay is ``min(decay, (1 + n) / (10 + n))``: low at first, so the
+    initial weights leave the average quickly. ``module`` is the averaged model.
+
+    Examples:
+        >>> net = nn.Linear(1, 1, bias=False)
+        >>> avg = WeightAverage(net, decay=0.5)
+        >>> _ = nn.init.constant_(net.weight, 1.0); avg.update_parameters(net)
+        >>> _ = nn.init.constant_(net.weight, 3.0); avg.update_parameters(net)
+        >>> round(avg.module.weight.item(), 4)  # decay min(0.5, 2 / 11): 1 * 2/11 + 3 * 9/11
+        2.6364
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = float(decay)
+
+        def average(avg: torch.Tensor, new: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+            d = min(self.decay, (1.0 + float(n)) / (10.0 + float(n)))
+            return avg * d + new * (1.0 - d)
+
+        super().__init__(model, avg_fn=average, use_buffers=True)
 
 
 @dataclass
@@ -64,13 +89,13 @@ def train_one_epoch(model: nn.Module, loader: Any, steps: int, loss_fn: nn.Modul
                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float | None,
                  ctx: _StepContext, *, desc: str, show_bar: bool, scheduler: Any = None,
                  log: Callable[[int, float], None] | None = None,
-                 times: PhaseTimes | None = None) -> dict[str, float]:
+                 times: PhaseTimes | None = None, average: WeightAverage | None = None) -> dict[str, float]:
     """One epoch; returns the mean of every loss term (and ``total``) over all ranks.
 
     ``log(step, mean_loss)`` is called after each step (1-based, of this round) when given.
     ``times`` gets the seconds spent waiting for batches (``"data loading"``) and in the
     steps themselves (``"steps"``: forward, backward, optimizer; on a GPU, until the step's
-    work is queued).
+    work is queued). ``average`` is updated after every step.
     """
     from tqdm.auto import tqdm
 
@@ -99,6 +124,8 @@ def train_one_epoch(model: nn.Module, loader: Any, steps: int, loss_fn: nn.Modul
             scaler.update()
             if scheduler is not None:
                 scheduler.step()
+            if average is not None:
+                average.update_parameters(getattr(model, "module", model))  # a DDP model's own
             values = torch.stack([total.detach()] + [terms[k] for k in labels]).double().cpu()
             sums += values
             count += 1

@@ -175,6 +175,8 @@ def _config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def _check_resume(ckpt: Mapping[str, Any], cfg: CellkitConfig, path: Path) -> None:
     diffs = _config_differences(ckpt["config"], cfg.to_dict())
+    # A field added to the config since the run was saved, at its default, is no difference.
+    diffs = [d for d in diffs if not _added_at_default(d, ckpt["config"], cfg.to_dict())]
     diffs = [d for d in diffs if d not in _RESUMABLE_CHANGES]
     if diffs:
         raise ConfigError(
@@ -182,6 +184,20 @@ def _check_resume(ckpt: Mapping[str, Any], cfg: CellkitConfig, path: Path) -> No
             f"{', '.join(diffs[:8])}{' ...' if len(diffs) > 8 else ''}. Resume with the run's own "
             f"config.yaml (only train.epochs may change), or train into another folder."
         )
+
+
+def _added_at_default(where: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """``where`` (``"train.ema"``) is absent from ``old`` and holds its default in ``new``."""
+    *parents, name = where.split(".")
+    for key in parents:
+        old, new = old.get(key) if isinstance(old, Mapping) else None, new.get(key)
+        if not isinstance(old, Mapping) or not isinstance(new, Mapping):
+            return False
+    if name in old or name not in new:
+        return False
+    defaults = {"train": CellkitConfig().train, "data": CellkitConfig().data}
+    section = defaults.get(parents[-1] if parents else "")
+    return section is not None and hasattr(section, name) and getattr(section, name) == new[name]
 
 
 def _write_metrics(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
@@ -202,7 +218,7 @@ def _save_round(st: _Stage, record: Mapping[str, Any], improved: bool, scheduler
         return
     state = {
         "cellkit_version": __version__, "config": st.cfg.to_dict(),
-        "model": unwrap(st.model).state_dict(), "optimizer": st.optimizer.state_dict(),
+        "model": st.weights.state_dict(), "optimizer": st.optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": st.scaler.state_dict() if st.ctx.use_amp else None,
         "epoch": record["epoch"], "best_score": st.best_score, "rng": _rng_state(),
@@ -210,6 +226,9 @@ def _save_round(st: _Stage, record: Mapping[str, Any], improved: bool, scheduler
         "split": {k: [s.key for s in v] for k, v in st.split.items()},
         "world_size": st.info.world_size, "postprocess": st.chosen_post, "max_steps": st.max_steps,
     }
+    if st.average is not None:  # training resumes from the raw weights; "model" is the average
+        state["train_model"] = unwrap(st.model).state_dict()
+        state["averaged_steps"] = int(st.average.n_averaged.item())
     # last.pt first: a kill between the two leaves a last.pt whose round is the best,
     # and the resume copies it to best.pt (_repair_best).
     save_checkpoint(st.last_path, state)
@@ -345,7 +364,10 @@ def _resume(st: _Stage, ckpt: dict[str, Any]) -> None:
         )
     if st.info.is_main:
         _repair_best(ckpt, st.last_path, st.best_path)
-    unwrap(st.model).load_state_dict(ckpt["model"])
+    unwrap(st.model).load_state_dict(ckpt.get("train_model", ckpt["model"]))
+    if st.average is not None:
+        st.average.module.load_state_dict(ckpt["model"])
+        st.average.n_averaged.fill_(int(ckpt.get("averaged_steps", 0)))
     st.optimizer.load_state_dict(ckpt["optimizer"])
     if st.ctx.use_amp and ckpt.get("scaler") is not None:
         st.scaler.load_state_dict(ckpt["scaler"])

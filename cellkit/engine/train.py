@@ -80,7 +80,7 @@ from cellkit.engine.distributed import (
     unwrap,
     wrap_model,
 )
-from cellkit.engine.loop import _progress_log, _show_bar, _StepContext, train_one_epoch
+from cellkit.engine.loop import WeightAverage, _progress_log, _show_bar, _StepContext, train_one_epoch
 from cellkit.engine.plan import (
     _build_scheduler,
     _loaders,
@@ -263,6 +263,12 @@ class _Stage:
     chosen_post: dict[str, Any] = field(default_factory=dict)
     lines: StepLines | None = None  # progress lines when stderr is not a terminal
     times: PhaseTimes = field(default_factory=PhaseTimes)  # where this process's time went
+    average: WeightAverage | None = None  # train.ema's averaged weights
+
+    @property
+    def weights(self) -> nn.Module:
+        """The model that validates and is saved as ``model``: the average when ``train.ema`` is set."""
+        return self.average.module if self.average is not None else unwrap(self.model)
 
     @property
     def last_path(self) -> Path:
@@ -349,6 +355,7 @@ def _set_up_stage(cfg: CellkitConfig, out: Path, *, split: dict[str, list[Any]],
                                                 weight_decay=t.weight_decay),
         scaler=torch.amp.GradScaler("cuda", enabled=use_amp), loss_fn=parts.loss.to(dev),
         targets=parts.targets, chosen_post=dict(cfg.postprocess.kwargs),
+        average=WeightAverage(model, t.ema) if t.ema else None,
     )
     if resume:
         _check_resumable(out, st.last_path, st.best_path, st.metrics_path)
@@ -372,7 +379,7 @@ def _round(st: _Stage, ddp_model: nn.Module, loader: Any, val_ds: Any, scheduler
             else f"{prefix}epoch {epoch + 1}/{len(sizes)}")
     train_terms = train_one_epoch(ddp_model, loader, steps, st.loss_fn, st.optimizer, st.scaler, t.grad_clip, st.ctx,
                                   desc=desc, show_bar=_show_bar(st), scheduler=scheduler,
-                                  log=_progress_log(st, done, sum(sizes)), times=st.times)
+                                  log=_progress_log(st, done, sum(sizes)), times=st.times, average=st.average)
     # The sums were reduced over ranks, so every rank raises together (no rank left waiting).
     if not all(math.isfinite(v) for v in train_terms.values()):
         raise FloatingPointError(
@@ -385,7 +392,7 @@ def _round(st: _Stage, ddp_model: nn.Module, loader: Any, val_ds: Any, scheduler
     val_terms, f1, mean_f1, post_kwargs = None, None, None, None
     if validate:
         with st.times.phase("validation"):
-            val_terms, f1, mean_f1, post_kwargs = _validate(unwrap(st.model), val_ds, st.split["val"], st.loss_fn,
+            val_terms, f1, mean_f1, post_kwargs = _validate(st.weights, val_ds, st.split["val"], st.loss_fn,
                                                             st.cfg, st.class_names, st.ctx, st.info)
     score = run_score(f1) if validate else float("nan")
     if validate:  # the first validated round is the best so far; later ones must beat it
