@@ -69,19 +69,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="work folder (runs, predictions; required)")
     p.add_argument("--json-out", type=Path)
     p.add_argument("--png", type=Path, help="draw F1 against fields annotated here (with --plot-only: from a JSON)")
-    p.add_argument("--plot-only", type=Path, metavar="JSON", help="only draw --png from a recorded result")
+    p.add_argument("--plot-only", type=Path, nargs="+", metavar="JSON",
+                   help="only draw --png from recorded results (one row of panels per held-out range)")
     return p.parse_args(argv)
 
 
-def draw(result: dict[str, Any], path: Path) -> None:
-    """F1 against fields annotated, suggested and random (mean and each seed), before and the whole pool."""
+def draw(results: list[dict[str, Any]], path: Path) -> None:
+    """F1 against fields annotated, suggested and random (mean and each seed), before and the whole pool.
+
+    One row of panels (one per class) per result, i.e. per held-out range.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(result["before"])
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.8))
+    names = list(results[0]["before"])
+    fig, grid = plt.subplots(len(results), len(names), figsize=(5 * len(names), 3.8 * len(results)),
+                             squeeze=False)
+    for result, axes in zip(results, grid):
+        _draw_range(result, names, axes)
+    grid[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _range_of(result: dict[str, Any]) -> str:
+    """The held-out range's tile ids, ``"321-784"`` (from the start model's fold record), else ``"fold K"``."""
+    record = Path(result["start"]).parent.parent / "result.json"
+    if not record.is_file():
+        return f"fold {result['fold']}"
+    ids = sorted(int(k) for k in json.loads(record.read_text())["test_images"])
+    return f"{ids[0]}-{ids[-1]}"
+
+
+def _draw_range(result: dict[str, Any], names: list[str], axes: Any) -> None:
     for ax, name in zip(axes, names):
         for strategy, color in (("suggested", "tab:red"), ("random", "tab:blue")):
             runs = [r for r in result["runs"] if r["strategy"] == strategy]
@@ -92,14 +116,9 @@ def draw(result: dict[str, Any], path: Path) -> None:
         ax.axhline(result["before"][name], color="0.5", ls="--", label="before (no fine-tuning)")
         if result.get("full"):
             ax.axhline(result["full"][name], color="k", ls=":", label=f"whole pool ({result['pool_images']} tiles)")
-        ax.set_title(name)
+        ax.set_title(f"{name}: held-out range {_range_of(result)}")
         ax.set_xlabel("fields annotated (one 100-um tile each)")
         ax.set_ylabel("totalF1 on the held-out evaluation tiles")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def counts(predictor: Predictor, samples: list[Any], k: int) -> np.ndarray:
@@ -161,7 +180,7 @@ def bootstrap(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, reps: int 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.plot_only:
-        draw(json.loads(args.plot_only.read_text()), args.png or Path("suggest-loop.png"))
+        draw([json.loads(path.read_text()) for path in args.plot_only], args.png or Path("suggest-loop.png"))
         return 0
     if args.start is None or args.out is None:
         raise SystemExit("suggest_loop.py: error: --start and --out are required (or --plot-only JSON --png FILE)")
@@ -219,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
               **provenance("benchmarks/suggest_loop.py", argv, load_start, HERE.parent)}
     emit(result, args.json_out)
     if args.png:
-        draw(result, args.png)
+        draw([result], args.png)
     return 0
 
 

@@ -238,3 +238,30 @@ def test_train_profile_reads_a_finished_run_and_flags_contention(tmp_path: Path)
         module.data_args("bcdata", args)
     harness = module.contention
     assert harness(1.0, 2.1, cores=2) is None and "other work shared the cores" in harness(3.5, 1.0, cores=2)
+
+
+def test_suggest_loop_draws_one_row_per_held_out_range(tmp_path: Path) -> None:
+    """``suggest_loop.py --plot-only A B``: the curve of each recorded range, titled by its tile ids."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("suggest_loop_bench", ROOT / "benchmarks" / "suggest_loop.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fold = tmp_path / "fold2"
+    (fold / "run").mkdir(parents=True)
+    (fold / "result.json").write_text(json.dumps({"test_images": ["4560", "4600", "4787"]}))
+    runs = [{"strategy": s, "n": n, "seed": seed, "f1": {"other": 0.8 + n / 1000, "epithelium": 0.7}}
+            for s in ("suggested", "random") for n in (5, 10) for seed in (0, 1)]
+    record = {"start": str(fold / "run" / "best.pt"), "fold": 2, "pool_images": 62, "runs": runs,
+              "before": {"other": 0.8, "epithelium": 0.7}, "full": {"other": 0.85, "epithelium": 0.75}}
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    paths[0].write_text(json.dumps(record))
+    paths[1].write_text(json.dumps({**record, "start": str(tmp_path / "elsewhere" / "run" / "best.pt"), "fold": 1}))
+    assert module._range_of(record) == "4560-4787" and module._range_of(json.loads(paths[1].read_text())) == "fold 1"
+    png = tmp_path / "loop.png"
+    assert module.main(["--plot-only", *map(str, paths), "--png", str(png)]) == 0
+    from PIL import Image
+
+    with Image.open(png) as image:
+        width, height = image.size
+    assert height > width * 0.7  # two rows of two panels (one row would be about 0.38)
