@@ -77,19 +77,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def draw(results: list[dict[str, Any]], path: Path) -> None:
     """F1 against fields annotated, suggested and random (mean and each seed), before and the whole pool.
 
-    One row of panels (one per class) per result, i.e. per held-out range.
+    One row of panels (one per class) per held-out range: records of the same start model
+    (e.g. a later run of more N) are drawn together, ``before`` and ``full`` from the first that has them.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    merged: dict[str, dict[str, Any]] = {}
+    for result in results:
+        row = merged.setdefault(result["start"], {**result, "runs": []})
+        row["runs"] = row["runs"] + list(result["runs"])
+        row["full"] = row.get("full") or result.get("full")
+    results = list(merged.values())
     names = list(results[0]["before"])
     fig, grid = plt.subplots(len(results), len(names), figsize=(5 * len(names), 3.8 * len(results)),
                              squeeze=False)
     for result, axes in zip(results, grid):
         _draw_range(result, names, axes)
-    grid[0][0].legend(fontsize=8)
+        axes[0].legend(fontsize=8)  # each row's pool size
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
