@@ -38,7 +38,8 @@ class WeightAverage(torch.optim.swa_utils.AveragedModel):
         >>> avg = WeightAverage(net, decay=0.5)
         >>> _ = nn.init.constant_(net.weight, 1.0); avg.update_parameters(net)
         >>> _ = nn.init.constant_(net.weight, 3.0); avg.update_parameters(net)
-        >>> round(avg.module.weight.item(), 4)  # decay min(0.5, 2 / 11): 1 * 2/11 + 3 * 9/11
+        >>> # decay min(0.5, 2 / 11): 1 * 2/11 + 3 * 9/11
+        >>> round(avg.module.weight.item(), 4)
         2.6364
     """
 
