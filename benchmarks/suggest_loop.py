@@ -64,7 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--steps", type=int, default=100, help="fine-tuning steps")
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (training's is 1e-3)")
-    p.add_argument("--strategies", default="suggested,random")
+    p.add_argument("--strategies", default="suggested,random",
+                   help="of suggested (cellkit suggest's ranking), diverse (its most doubtful field per "
+                        "cluster), random")
     p.add_argument("--no-full", action="store_true", help="skip the fine-tuning on the whole pool")
     p.add_argument("--out", type=Path, help="work folder (runs, predictions; required)")
     p.add_argument("--json-out", type=Path)
@@ -174,6 +176,41 @@ def suggested(start: Path, pool: list[Any], n: int, work: Path) -> list[str]:
     return [f.image for f in fields][:n]
 
 
+def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 100) -> np.ndarray:
+    """Cluster labels of the rows of ``x`` (k-means++ start, then Lloyd's steps)."""
+    centres = [x[rng.integers(len(x))]]
+    while len(centres) < k:
+        d = np.min([((x - c) ** 2).sum(1) for c in centres], axis=0)
+        centres.append(x[rng.choice(len(x), p=d / d.sum())] if d.sum() > 0 else x[rng.integers(len(x))])
+    c = np.asarray(centres)
+    for _ in range(iters):
+        labels = np.argmin(((x[:, None, :] - c[None]) ** 2).sum(-1), axis=1)
+        new = np.asarray([x[labels == j].mean(0) if np.any(labels == j) else c[j] for j in range(k)])
+        if np.allclose(new, c):
+            break
+        c = new
+    return labels
+
+
+def diverse(start: Path, pool: list[Any], n: int, work: Path) -> list[str]:
+    """Doubt with variety: the most doubtful field of each of ``n`` clusters of the pool's fields.
+
+    The fields (one tile each) are clustered by their look (mean and spread of each colour
+    channel) and what the model predicts in them (cells, mean confidence), standardised;
+    each cluster gives its field of highest ``suggest`` score.
+    """
+    suggested(start, pool, n, work)  # the pool's predictions, once
+    fields = {f.image: f for f in suggest_folder(work / "pool-pred", top=len(pool))}
+    keys = [s.key for s in pool if s.key in fields]
+    images = {s.key: np.asarray(s.image, np.float64).reshape(-1, 3) for s in pool}
+    x = np.asarray([[*images[k].mean(0), *images[k].std(0), fields[k].cells, fields[k].mean_confidence]
+                    for k in keys])
+    x = (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)
+    labels = kmeans(x, min(n, len(keys)), np.random.default_rng(0))
+    return [max((k for k, lab in zip(keys, labels) if lab == j), key=lambda k: fields[k].score)
+            for j in sorted(set(labels.tolist()))]
+
+
 def bootstrap(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, reps: int = 2000) -> list[list[float]]:
     """95 % interval of per-class totalF1 b - a, images (with their seeds) resampled together."""
     diffs = []
@@ -210,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(args.seeds):
             if strategy == "suggested":
                 keys = set(suggested(start, pool, n, args.out))
+            elif strategy == "diverse":
+                keys = set(diverse(start, pool, n, args.out))
             elif strategy == "random":
                 keys = {s.key for s in np.random.default_rng(1000 + seed).permutation(np.array(pool, dtype=object))[:n]}
             else:
@@ -234,9 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         if full_f1:
             row["gap_closed"] = {c: round((mean[c] - before[c]) / (full_f1[c] - before[c]), 3)
                                  if abs(full_f1[c] - before[c]) > 1e-6 else None for c in names}
-        if strategy == "suggested" and ("random", n) in tables:
+        if strategy in ("suggested", "diverse") and ("random", n) in tables:
             a, b = np.concatenate(tables[("random", n)]), np.concatenate(tabs)
-            row["suggested_minus_random_95ci"] = dict(zip(names, bootstrap(a, b, rng)))
+            row[f"{strategy}_minus_random_95ci"] = dict(zip(names, bootstrap(a, b, rng)))
         summary[f"{strategy}-n{n}"] = row
     result = {"benchmark": "suggest_loop", "start": str(start), "fold": args.fold,
               "evaluation_images": len(evaluation), "pool_images": len(pool), "steps": args.steps, "lr": args.lr,
