@@ -158,8 +158,8 @@ def fine_tune(start: Path, picks: list[Any], steps: int, seed: int, out: Path, l
 TIMES: dict[str, float] = {}
 
 
-def suggested(start: Path, pool: list[Any], n: int, work: Path) -> list[str]:
-    """The keys of the top-``n`` fields of the pool, as cellkit suggest ranks them (timed once)."""
+def ranked_fields(start: Path, pool: list[Any], work: Path) -> list[Any]:
+    """Every field of the pool, as cellkit suggest ranks them (the pool predicted once; both timed once)."""
     folder, pred = work / "pool", work / "pool-pred"
     if "predict_pool_s" not in TIMES:
         shutil.rmtree(folder, ignore_errors=True)
@@ -173,7 +173,12 @@ def suggested(start: Path, pool: list[Any], n: int, work: Path) -> list[str]:
     t0 = time.perf_counter()
     fields = suggest_folder(pred, top=len(pool))
     TIMES.setdefault("suggest_s", round(time.perf_counter() - t0, 2))
-    return [f.image for f in fields][:n]
+    return fields
+
+
+def suggested(start: Path, pool: list[Any], n: int, work: Path) -> list[str]:
+    """The keys of the top-``n`` fields of the pool, as cellkit suggest ranks them."""
+    return [f.image for f in ranked_fields(start, pool, work)][:n]
 
 
 def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 100) -> np.ndarray:
@@ -199,8 +204,7 @@ def diverse(start: Path, pool: list[Any], n: int, work: Path) -> list[str]:
     channel) and what the model predicts in them (cells, mean confidence), standardised;
     each cluster gives its field of highest ``suggest`` score.
     """
-    suggested(start, pool, n, work)  # the pool's predictions, once
-    fields = {f.image: f for f in suggest_folder(work / "pool-pred", top=len(pool))}
+    fields = {f.image: f for f in ranked_fields(start, pool, work)}
     keys = [s.key for s in pool if s.key in fields]
     images = {s.key: np.asarray(s.image, np.float64).reshape(-1, 3) for s in pool}
     x = np.asarray([[*images[k].mean(0), *images[k].std(0), fields[k].cells, fields[k].mean_confidence]

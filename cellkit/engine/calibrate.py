@@ -118,20 +118,13 @@ def _class_f1_per_threshold(name: str, kwargs: Mapping[str, Any], c: int, grid: 
     if POSTPROCESSORS.get(name) is not LocalPeaks or not len(grid):
         return [f1_of([POSTPROCESSORS.build(name, **with_threshold(t))(m) for m in maps]) for t in grid]
     post = POSTPROCESSORS.build(name, **with_threshold(min(grid)))
-    found, values = [], []
+    found = []  # per map: its detections, which are class c, their map values, the compare dtype
     for m in maps:
         arr = np.asarray(m)
         det = post(m)
-        pts = det.points.astype(np.int64)
-        found.append(det)
-        values.append((det.classes == c, arr[c][pts[:, 1], pts[:, 0]] if len(pts) else arr.reshape(-1)[:0]))
-    dtype = [np.asarray(m).dtype for m in maps]
-    out = []
-    for t in grid:
-        kept = [det.subset(~is_c | (v > np.asarray(t).astype(dt if dt.kind == "f" else np.float32)))
-                for det, (is_c, v), dt in zip(found, values, dtype)]
-        out.append(f1_of(kept))
-    return out
+        col, row = det.points.astype(np.int64).T
+        found.append((det, det.classes == c, arr[c][row, col], arr.dtype if arr.dtype.kind == "f" else np.float32))
+    return [f1_of([det.subset(~is_c | (v > np.asarray(t, dtype))) for det, is_c, v, dtype in found]) for t in grid]
 
 
 def class_counts(truths: Sequence[tuple[Any, Any]], k: int) -> np.ndarray:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from cellkit.engine.distributed import all_reduce_sum
+from cellkit.engine.distributed import all_reduce_sum, unwrap
 from cellkit.progress import PhaseTimes, StepLines
 
 if TYPE_CHECKING:  # the stage a function works on; train imports this module
@@ -126,7 +126,7 @@ def train_one_epoch(model: nn.Module, loader: Any, steps: int, loss_fn: nn.Modul
             if scheduler is not None:
                 scheduler.step()
             if average is not None:
-                average.update_parameters(getattr(model, "module", model))  # a DDP model's own
+                average.update_parameters(unwrap(model))
             values = torch.stack([total.detach()] + [terms[k] for k in labels]).double().cpu()
             sums += values
             count += 1

@@ -193,11 +193,11 @@ def _added_at_default(where: str, old: Mapping[str, Any], new: Mapping[str, Any]
         old, new = old.get(key) if isinstance(old, Mapping) else None, new.get(key)
         if not isinstance(old, Mapping) or not isinstance(new, Mapping):
             return False
-    if name in old or name not in new:
+    if name in old or name not in new or not parents:
         return False
-    defaults = {"train": CellkitConfig().train, "data": CellkitConfig().data}
-    section = defaults.get(parents[-1] if parents else "")
-    return section is not None and hasattr(section, name) and getattr(section, name) == new[name]
+    # The section's default ("pretrain.train.ema" is a train section too).
+    section = getattr(CellkitConfig(), parents[-1], None)
+    return hasattr(section, name) and getattr(section, name) == new[name]
 
 
 def _write_metrics(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
