@@ -54,9 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from cellkit.data import bundled_endonuke, get_format, load_dataset
+    from cellkit.engine.inference import InferenceModel
     from cellkit.engine.predict import Predictor
     from cellkit.metrics import detection_counts
-    from cellkit.models.quantize import quantize_int8
+    from cellkit.models.quantize import Int8Model, quantize_int8
 
     split = json.loads((args.results / "split.json").read_text())
     class_map = get_format(args.format).class_map(2)
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                   "int8_own_crops": quantize_int8(predictor.model, calibration=own)}
         scores = {}
         for name, model in models.items():
-            predictor.inference_model = model
+            predictor.runner = InferenceModel(model, "cpu", "int8" if isinstance(model, Int8Model) else "fp32")
             total = np.zeros((3, 2), np.int64)
             for s in test:
                 det = predictor.predict(s.image)

@@ -347,7 +347,8 @@ def inference(
     then times its algorithms for each tile shape during warm-up).
     """
     import cellkit
-    from cellkit.engine.predict import predict_probabilities, resolve_precision, tile_starts
+    from cellkit.engine.inference import resolve_precision
+    from cellkit.engine.predict import predict_probabilities, tile_starts
     from cellkit.models.flops import flops_per_megapixel
     from cellkit.models.fuse import fold_batchnorm
     from cellkit.presets import MEASURED_GFLOPS_PER_MEGAPIXEL

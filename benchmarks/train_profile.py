@@ -95,7 +95,7 @@ def one_run(dataset: str, preset: str, arm: str, args: argparse.Namespace) -> di
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    from cellkit.engine.predict import cpu_bf16_native
+    from cellkit.engine.inference import cpu_bf16_native
 
     report: dict[str, Any] = {
         "command": "python benchmarks/train_profile.py " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -754,7 +754,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = build_train_config(args)
     if args.device is not None:
-        from cellkit.engine.predict import resolve_device
+        from cellkit.engine.inference import resolve_device
 
         resolve_device(args.device)  # a clear error before any work
     _out(

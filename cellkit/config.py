@@ -161,7 +161,7 @@ class TrainConfig:
         amp: mixed precision where the hardware computes it natively: float16 on CUDA (with a
             gradient scaler), bfloat16 on CPUs with AVX512-BF16 or AMX (about twice the steps
             per second), float32 elsewhere; the loss terms run in float32 (see
-            [`training_autocast_dtype`][cellkit.engine.predict.training_autocast_dtype]).
+            [`training_autocast_dtype`][cellkit.engine.inference.training_autocast_dtype]).
         channels_last: memory format of the model and inputs.
         seed: makes a CPU run repeatable.
         num_workers: DataLoader workers (0 = in the main process).

@@ -136,7 +136,7 @@ def pretrained(name: str, device: Any = None, **kwargs: Any) -> Any:
             options (``threshold``, ``tile_size``, ``precision``...). As ``cellkit predict
             --model NAME`` runs it, ``precision`` defaults to ``"auto"`` (8-bit integers on the
             CPU, bfloat16 or float16 on CUDA; see
-            [`resolve_precision`][cellkit.engine.predict.resolve_precision]) and ``fold_bn`` to
+            [`resolve_precision`][cellkit.engine.inference.resolve_precision]) and ``fold_bn`` to
             True; pass ``precision="fp32"`` for float32.
 
     Examples:

@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("parts", ("cellkit.data", "cellkit.masks", "cellkit.losses", "cellkit.models", "cellkit.postprocess",
                "cellkit.metrics", "cellkit.viz", "cellkit.weights")),
     ("recipe", ("cellkit.config", "cellkit.geometry", "cellkit.builder", "cellkit.presets")),
-    ("inference", ("cellkit.engine.predict", "cellkit.engine.checkpoint", "cellkit.export", "cellkit.zoo")),
+    ("inference", ("cellkit.engine.inference", "cellkit.engine.predict", "cellkit.engine.checkpoint", "cellkit.export", "cellkit.zoo")),
     ("wsi", ("cellkit.wsi",)),
     ("engine", ("cellkit.engine",)),
     ("cli", ("cellkit.cli", "cellkit.__main__")),

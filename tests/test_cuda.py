@@ -110,7 +110,8 @@ def calibrated(cfg: cellkit.CellkitConfig, seed: int = 0) -> torch.nn.Module:
 
 
 def test_upload_and_blending_on_cuda_match_the_cpu():
-    from cellkit.engine.predict import _RowBandBlender, blend_window, tiles_to_tensor
+    from cellkit.engine.inference import tiles_to_tensor
+    from cellkit.engine.predict import _RowBandBlender, blend_window
     from cellkit.imaging import image_to_tensor
 
     rng = np.random.default_rng(0)
@@ -131,7 +132,7 @@ def test_upload_and_blending_on_cuda_match_the_cpu():
 
 
 def test_bf16_and_folded_batchnorm_on_cuda_match_cpu_fp32():
-    from cellkit.engine.predict import resolve_precision
+    from cellkit.engine.inference import resolve_precision
 
     model = calibrated(tiny(cellkit.presets.ours(size="cpu")))
     image = np.random.default_rng(0).integers(0, 255, size=(300, 260, 3), dtype=np.uint8)

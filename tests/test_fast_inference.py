@@ -15,6 +15,8 @@ the CPU (torch 2.13, oneDNN):
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -22,15 +24,13 @@ from torch import nn
 
 import cellkit
 from cellkit.engine import predict as predict_module
+from cellkit.engine.inference import PRECISIONS, InferenceModel, resolve_precision, tiles_to_tensor
 from cellkit.engine.predict import (
-    PRECISIONS,
     Predictor,
     _RowBandBlender,
     blend_window,
     predict_image,
     predict_probabilities,
-    resolve_precision,
-    tiles_to_tensor,
 )
 from cellkit.imaging import image_to_tensor
 from cellkit.models.fuse import fold_batchnorm, remaining_batchnorm
@@ -411,6 +411,65 @@ def test_channels_last_model_gets_channels_last_inputs() -> None:
     last = predict_probabilities(Spy().to(memory_format=torch.channels_last), image, tile_size=32, overlap=8)
     assert seen[0] is False and seen[-1] is True
     np.testing.assert_allclose(last, contiguous, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the InferenceModel
+
+
+def test_every_prediction_path_runs_the_network_through_one_inference_model() -> None:
+    calls: list[str] = []
+    real = InferenceModel.tiles
+
+    def spy(self: InferenceModel, tiles: Any) -> torch.Tensor:
+        calls.append(self.precision)
+        return real(self, tiles)
+
+    model = ConvBlobModel()
+    image = blob_image(70, 93, CELLS)
+    post = POSTPROCESSORS.build("peaks", threshold=0.5, min_distance=3)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(InferenceModel, "tiles", spy)
+        maps = predict_probabilities(model, image, tile_size=32, overlap=8, batch_size=3)
+        n_batches = len(calls)
+        predictor = Predictor(model, post, 2, tile_size=32, overlap=8, batch_size=3, fold_bn=True)
+        det = predictor.predict(image)
+        runner = InferenceModel(model, "cpu", "fp32", fold_bn=True)
+        same = predict_probabilities(runner, image, tile_size=32, overlap=8, batch_size=3)
+    # 3 x 4 tiles of 32 px with 8 px overlap, in batches of 3: 4 batches per image, 3 images.
+    assert n_batches == 4 and calls == ["fp32"] * 12
+    assert isinstance(predictor.runner, InferenceModel) and predictor.inference_model is predictor.runner.network
+    # The folded network of a Predictor and of a bare InferenceModel are the same numbers.
+    np.testing.assert_array_equal(same, predictor.probabilities(image))
+    np.testing.assert_allclose(same, maps, rtol=0, atol=1e-5)
+    assert len(det) > 0
+
+
+def test_inference_model_folds_channels_last_and_restores_the_mode() -> None:
+    modes: list[bool] = []
+
+    class Spy(ConvBlobModel):
+        def infer(self, x: torch.Tensor) -> torch.Tensor:
+            modes.append(self.training)
+            return super().infer(x)
+
+    model = Spy().train()
+    plain = InferenceModel(model, "cpu")
+    assert plain.network is model and plain.precision == "fp32" and plain.memory_format == torch.contiguous_format
+    predict_probabilities(plain, blob_image(40, 50, CELLS[:2]), tile_size=32, overlap=8)
+    assert modes and not any(modes)  # eval mode inside the call
+    assert model.training  # the caller's mode is back after it
+    folded = InferenceModel(model, "cpu", fold_bn=True)
+    assert folded.network is not model and remaining_batchnorm(folded.network) == []
+    assert folded.memory_format == torch.channels_last and remaining_batchnorm(model) == ["net.1"]
+
+
+def test_inference_model_rejects_maps_of_the_wrong_size() -> None:
+    class Shrinking(ConvBlobModel):
+        def infer(self, x: torch.Tensor) -> torch.Tensor:
+            return super().infer(x)[..., ::2, ::2]
+
+    with pytest.raises(ValueError, match=r"expected \(B, C, 32, 32\) logits at input resolution"):
+        InferenceModel(Shrinking(), "cpu").tiles(np.zeros((1, 32, 32, 3), np.uint8))
 
 
 # ----------------------------------------------------------------------------- the Predictor

@@ -17,7 +17,8 @@ from torch import nn
 
 import cellkit
 from cellkit.data.bundled import bundled_endonuke
-from cellkit.engine.predict import Predictor, predict_probabilities, resolve_precision
+from cellkit.engine.inference import resolve_precision
+from cellkit.engine.predict import Predictor, predict_probabilities
 from cellkit.metrics import detection_counts
 from cellkit.models.quantize import Int8Model, int8_available, is_quantizable, quantize_int8
 from cellkit.registry import POSTPROCESSORS
@@ -141,7 +142,7 @@ def test_predict_probabilities_int8_quantizes_a_copy_or_uses_an_int8_model(monke
         raise AssertionError("an Int8Model is not quantized again")
 
     monkeypatch.setattr("cellkit.models.quantize.quantize_int8", fail)
-    monkeypatch.setattr("cellkit.engine.predict.quantize_int8", fail)  # where the Predictor calls it
+    monkeypatch.setattr("cellkit.engine.inference.quantize_int8", fail)  # where the Predictor calls it
     again = predict_probabilities(fast, image, tile_size=128, overlap=16, precision="int8")
     np.testing.assert_array_equal(again, predict_probabilities(fast, image, tile_size=128, overlap=16))
 

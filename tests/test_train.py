@@ -27,7 +27,7 @@ from cellkit.engine import (
     run_score,
     save_checkpoint,
 )
-from cellkit.engine import predict as predict_module
+from cellkit.engine import inference as inference_module
 from cellkit.engine import runs as runs_module
 from cellkit.engine import train as train_module
 from cellkit.engine import validation as validation_module
@@ -360,7 +360,7 @@ def test_best_checkpoint_keeps_calibration_crops_for_int8(baseline: TrainResult,
         return
     seen = []
     real = quantize.quantize_int8
-    monkeypatch.setattr(predict_module, "quantize_int8", lambda model, calibration=None: seen.append(calibration)
+    monkeypatch.setattr(inference_module, "quantize_int8", lambda model, calibration=None: seen.append(calibration)
                         or real(model, calibration))
     predictor = Predictor.from_checkpoint(baseline.best_path, device="cpu", precision="auto")
     assert predictor.precision == "int8" and len(seen) == 1  # calibrated on the crops, not the bundled tiles
@@ -404,7 +404,7 @@ def test_predict_default_uses_thresholds_calibrated_on_its_own_maps(tmp_path: Pa
 def test_bf16_on_cpus_that_compute_it(tmp_path, monkeypatch, capsys) -> None:
     """train.amp on a CPU with native bfloat16 (forced here: CELLKIT_CPU_BF16=1) trains under bf16
     autocast, losses in float32; elsewhere (and with amp off) float32, as before."""
-    from cellkit.engine.predict import training_autocast_dtype
+    from cellkit.engine.inference import training_autocast_dtype
 
     monkeypatch.setenv("CELLKIT_CPU_BF16", "0")
     assert training_autocast_dtype("cpu", amp=True) is None  # emulated bf16 would be slower

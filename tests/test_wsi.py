@@ -20,6 +20,7 @@ from torch import nn
 
 import cellkit
 from cellkit.data.bundled import bundled_endonuke
+from cellkit.engine.inference import InferenceModel
 from cellkit.engine.predict import Predictor
 from cellkit.imaging import IMAGENET_MEAN, IMAGENET_STD
 from cellkit.wsi import SlideError, is_whole_slide, open_slide
@@ -286,7 +287,7 @@ def test_interrupted_slide_resumes_where_it_stopped(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="other settings.*chunk_size"):
         predict_slide(stain_predictor(), path, tmp_path / "again", resume=True, **{**kwargs, "chunk_size": 300})
     other = stain_predictor()
-    other.precision = "bf16"  # chunks of another arithmetic are not mixed in either
+    other.runner = InferenceModel(other.model, "cpu", "bf16")  # chunks of another arithmetic are not mixed in either
     with pytest.raises(ValueError, match="other settings.*precision"):
         predict_slide(other, path, tmp_path / "again", resume=True, **kwargs)
 

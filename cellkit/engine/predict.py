@@ -18,7 +18,7 @@ output is the only full-size array.
 
 On a GPU the work stays on the device: each batch of tiles is uploaded once, as uint8 (a
 quarter of the bytes of float32, from pinned memory, without waiting), and normalised there
-([`tiles_to_tensor`][]); the tiles are blended on the device, in float64 as on the CPU;
+([`tiles_to_tensor`][cellkit.engine.inference.tiles_to_tensor]); the tiles are blended on the device, in float64 as on the CPU;
 the map comes back to the host once, at the end (or not at all with ``as_tensor=True``, and
 [`Predictor.predict`][] takes the peaks on the device). ``precision`` runs the network in
 bfloat16 or float16 (autocast), or on the CPU in 8-bit integers
@@ -39,10 +39,7 @@ for path, image, det in predictor.predict_paths(["images/"]):
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,25 +48,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellkit.imaging import IMAGENET_MEAN, IMAGENET_STD, check_image
-from cellkit.lookup import look_up_option
+from cellkit.imaging import check_image
 from cellkit.points import Detections
 
 __all__ = [
     "DEFAULT_TILE_SIZE",
     "IMAGE_SUFFIXES",
-    "PRECISIONS",
     "Predictor",
     "blend_window",
-    "cpu_bf16_native",
     "list_images",
     "predict_image",
     "predict_probabilities",
-    "resolve_device",
-    "resolve_precision",
     "tile_starts",
-    "tiles_to_tensor",
-    "training_autocast_dtype",
 ]
 
 DEFAULT_TILE_SIZE = 512
@@ -77,28 +67,19 @@ DEFAULT_TILE_SIZE = 512
 
 #: File suffixes taken from a folder by [`list_images`][] (the formats' own, so every
 #: image cellkit trains on can be predicted).
-from cellkit.builder import apply_activation
 from cellkit.data.formats import IMAGE_SUFFIXES  # noqa: E402
 from cellkit.data.io import SLIDE_SUFFIXES, read_image
 from cellkit.engine.checkpoint import load_model
+from cellkit.engine.inference import InferenceModel, resolve_device, resolve_precision
 from cellkit.imaging import lab_stats, reinhard
-from cellkit.models.fuse import fold_batchnorm
-from cellkit.models.quantize import Int8Model, _bundled_tiles, int8_available, is_quantizable, quantize_int8
+from cellkit.models.quantize import _bundled_tiles
 from cellkit.postprocess import postprocess_problems
 from cellkit.postprocess.peaks import LocalPeaks
 from cellkit.registry import POSTPROCESSORS
 
 PostProcess = Callable[[Any], Detections]
 
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "auto")
-"""The ``precision`` choices of inference (see [`resolve_precision`][])."""
 
-_AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
-    "fp32": None,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "int8": None,  # a quantized copy of the model (cellkit.models.quantize), not autocast
-}
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -163,193 +144,20 @@ def _check_tiling(tile_size: int, overlap: int, batch_size: int = 1) -> None:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
 
 
-def _model_device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The device to run on: ``None`` -> CUDA when available, else the CPU; a name is checked.
-
-    Training ([`cellkit.engine.fit`][]), inference and the command line all resolve their
-    ``device`` argument here, so a bad one fails the same way everywhere, before any work.
-
-    Raises:
-        ValueError: for a name torch does not know, or CUDA asked for where there is none.
-
-    Examples:
-        >>> resolve_device("cpu")
-        device(type='cpu')
-    """
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(
-            f"Unknown device {device!r}; expected 'cpu', 'cuda' or 'cuda:N' (or None: CUDA when available)."
-        ) from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"Device {str(device)!r} was asked for, but CUDA is not available here; "
-            "use device='cpu' (--device cpu)."
-        )
-    return dev
 
 
-def resolve_precision(precision: str | None, device: str | torch.device, amp: bool = False) -> str:
-    """The precision inference runs in on ``device``: ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"int8"``.
-
-    * ``None``: ``"fp32"``; with ``amp=True``, ``"fp16"`` on CUDA (``amp`` is the older
-      spelling of ``precision="fp16"``, and is ignored on the CPU, as it always was).
-    * ``"auto"``: on CUDA, ``"bf16"`` where the card computes in bfloat16 natively
-      (``torch.cuda.is_bf16_supported(including_emulation=False)``: Ampere and later), else
-      ``"fp16"``; on the CPU ``"int8"`` where PyTorch has its ``x86`` quantized engine
-      ([`cellkit.models.quantize.int8_available`][]), else ``"fp32"``; ``"fp32"`` on other
-      devices. (A model that cannot be quantized, such as a plug-in that is not a cellkit
-      encoder-decoder model, runs in ``"fp32"`` under ``"auto"``, and so does a model with
-      depthwise convolutions, such as EfficientNet-Lite0's, whose 8-bit kernels are slower
-      than float32 on the CPU.)
-    * ``"fp32"``, ``"bf16"``, ``"fp16"``: as named. ``"bf16"`` also runs on the CPU
-      (autocast), but is fast only on CPUs with bfloat16 instructions (AVX512-BF16, AMX);
-      elsewhere it is emulated, tens of times slower than fp32. ``"fp16"`` is for GPUs.
-    * ``"int8"``: CPU only: the encoder and main decoder quantized to 8 bits
-      ([`cellkit.models.quantize.quantize_int8`][]), about 3x faster than fp32 on the
-      ``cpu`` size, finding the same cells within the spread of training seeds.
-
-    ``bf16`` and ``fp16`` run the network under ``torch.autocast`` (convolutions and matrix
-    products in 16 bits, the maps returned in float32). bfloat16 keeps float32's range, so
-    nothing overflows; float16 has 3 more bits of mantissa but overflows above 65504.
-
-    Args:
-        precision: one of [`PRECISIONS`][] (any case), or ``None``.
-        device: where the network runs.
-        amp: the older ``amp=True`` flag (float16 autocast on CUDA).
-
-    Returns:
-        ``"fp32"``, ``"bf16"`` or ``"fp16"``.
-
-    Raises:
-        ValueError: for a precision that is not one of [`PRECISIONS`][] (the message
-            lists them), ``"fp16"`` on the CPU, ``"int8"`` on another device than the
-            CPU, or ``amp=True`` with another precision.
-
-    Examples:
-        >>> (resolve_precision(None, "cpu"), resolve_precision("BF16", "cpu"))
-        ('fp32', 'bf16')
-        >>> resolve_precision("auto", "cpu")  # where PyTorch has the x86 int8 engine
-        'int8'
-    """
-    dev = torch.device(device)
-    if precision is None:
-        return "fp16" if amp and dev.type == "cuda" else "fp32"
-    name = look_up_option(
-        precision,
-        PRECISIONS,
-        what="precision",
-        normalize=True,
-        hint="Use 'auto' for the fastest one of the device (bf16 or fp16 on CUDA, int8 on the CPU), or None.",
-    )
-    if amp and name != "fp16":
-        raise ValueError(
-            f"amp=True (float16 autocast) and precision={precision!r} disagree; pass only one of them "
-            "(amp=True is precision='fp16')."
-        )
-    if name == "auto":
-        if dev.type == "cpu":
-            return "int8" if int8_available() else "fp32"
-        if dev.type != "cuda":
-            return "fp32"
-        return "bf16" if _native_bf16(dev) else "fp16"
-    if name == "int8" and dev.type != "cpu":
-        raise ValueError(
-            f"precision='int8' runs on the CPU only, got device {dev}; on a GPU use 'bf16' or 'fp16' "
-            "(or 'auto')."
-        )
-    if name == "fp16" and dev.type == "cpu":
-        raise ValueError(
-            "precision='fp16' needs a GPU (float16 on the CPU is slower than float32); on the CPU use "
-            "precision='int8', 'bf16' or 'fp32' (or 'auto', which picks int8 there)."
-        )
-    return name
 
 
-def cpu_bf16_native() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), where bf16 autocast pays.
-
-    Asked of oneDNN (``torch.ops.mkldnn._is_mkldnn_bf16_supported``), which checks the
-    instructions at run time; elsewhere bfloat16 is emulated and many times slower than
-    float32. ``CELLKIT_CPU_BF16=0`` (or ``1``) overrides the answer.
-
-    Examples:
-        >>> isinstance(cpu_bf16_native(), bool)
-        True
-    """
-    forced = os.environ.get("CELLKIT_CPU_BF16", "").strip()
-    if forced in ("0", "1"):
-        return forced == "1"
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch without oneDNN
-        return False
 
 
-def training_autocast_dtype(device: str | torch.device, amp: bool) -> torch.dtype | None:
-    """The dtype training runs the network in under autocast with ``train.amp``, or ``None`` (float32).
-
-    float16 on CUDA (with a gradient scaler), bfloat16 on a CPU that computes it natively
-    ([`cpu_bf16_native`][]: about twice the steps per second where AMX is there), float32
-    elsewhere (an emulated bfloat16 would be slower). The loss terms always run in float32.
-
-    Examples:
-        >>> training_autocast_dtype("cpu", amp=False) is None
-        True
-    """
-    dev = torch.device(device)
-    if not amp:
-        return None
-    if dev.type == "cuda":
-        return torch.float16
-    if dev.type == "cpu" and cpu_bf16_native():
-        return torch.bfloat16
-    return None
 
 
-def _native_bf16(dev: torch.device) -> bool:
-    """Whether the CUDA card ``dev`` computes in bfloat16 natively (not emulated)."""
-    with torch.cuda.device(dev):
-        try:
-            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-        except TypeError:  # torch < 2.3 has no including_emulation (and reports native support)
-            return bool(torch.cuda.is_bf16_supported())
 
 
-def _int8(model: Any, asked: str | None, calibration: Sequence[np.ndarray] | None = None) -> tuple[Any, str]:
-    """``(model to run, precision)`` for a resolved ``"int8"``: the quantized copy (calibrated on
-    ``calibration``, else the bundled tiles), or, when ``"auto"`` chose int8 for a model that
-    cannot be quantized, the model itself in fp32."""
-    if isinstance(model, Int8Model):
-        return model, "int8"
-    auto = isinstance(asked, str) and asked.strip().lower() == "auto"
-    if auto and (not is_quantizable(model) or _has_depthwise(model)):
-        return model, "fp32"
-    try:
-        return quantize_int8(model, calibration), "int8"
-    except ValueError as exc:
-        if not auto:
-            raise
-        warnings.warn(f"{exc} (precision='auto' runs it in fp32.)", stacklevel=3)
-        return model, "fp32"
 
 
-def _has_depthwise(model: Any) -> bool:
-    """Whether the model has grouped (depthwise) convolutions, whose 8-bit kernels are slower on
-    x86 CPUs than float32: the shipped EfficientNet-Lite0 model predicts a 2048² image in 17.5 s
-    in int8 against 4.4 s in float32 (2 cores), so ``"auto"`` keeps float32 for such models."""
-    return isinstance(model, nn.Module) and any(
-        isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
 
 
 def _stored_calibration(ckpt: dict[str, Any]) -> list[np.ndarray] | None:
@@ -373,103 +181,16 @@ def _stain_target(ckpt: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     return lab_stats(crops)
 
 
-def _autocast(dev: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    dtype = _AUTOCAST_DTYPES[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=dev.type, dtype=dtype)
 
 
-def _normaliser(dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet mean and std as ``(1, 3, 1, 1)`` float32 tensors on ``dev``."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
-    return mean.to(dev), std.to(dev)
 
 
-def _normalise(tiles: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-               memory_format: torch.memory_format) -> torch.Tensor:
-    """``(B, h, w, 3)`` uint8 on the device -> ``(B, 3, h, w)`` float32 (see [`tiles_to_tensor`][])."""
-    # The same operations in the same order as image_to_tensor: the same float32 numbers.
-    x = tiles.permute(0, 3, 1, 2).float().div_(255.0)
-    return ((x - mean) / std).contiguous(memory_format=memory_format)
 
 
-def _upload(tiles: np.ndarray | torch.Tensor, dev: torch.device) -> torch.Tensor:
-    """uint8 tiles onto ``dev``: on CUDA from pinned memory, without waiting for the copy."""
-    host = torch.from_numpy(tiles) if isinstance(tiles, np.ndarray) else tiles
-    if dev.type != "cuda":
-        return host.to(dev)
-    if not host.is_pinned():
-        host = host.pin_memory()
-    # Safe to let `host` go after this call: the caching host allocator keeps the pinned block
-    # until the copy has run.
-    return host.to(dev, non_blocking=True)
 
 
-def tiles_to_tensor(
-    tiles: np.ndarray | torch.Tensor,
-    device: str | torch.device | None = None,
-    memory_format: torch.memory_format = torch.contiguous_format,
-) -> torch.Tensor:
-    """A batch of uint8 RGB tiles as normalised network inputs, made on ``device``.
-
-    The tiles travel as uint8 (a quarter of float32's bytes; on CUDA from pinned memory,
-    without waiting) and are converted there with the same operations as
-    [`cellkit.imaging.image_to_tensor`][] (``/ 255``, then ImageNet mean and std), so
-    the numbers are the same (bit for bit on the CPU).
-
-    Args:
-        tiles: ``(B, h, w, 3)`` uint8 tiles, a numpy array or a CPU tensor.
-        device: where the inputs are made; ``None`` = the CPU.
-        memory_format: of the result, e.g. ``torch.channels_last`` for a model in that format.
-
-    Returns:
-        ``(B, 3, h, w)`` float32 on ``device``.
-
-    Shapes:
-        tiles: ``(B, h, w, 3)`` -> ``(B, 3, h, w)``.
-
-    Raises:
-        ValueError: for tiles that are not ``(B, h, w, 3)`` uint8.
-
-    Examples:
-        >>> tiles_to_tensor(np.zeros((2, 4, 5, 3), np.uint8)).shape
-        torch.Size([2, 3, 4, 5])
-    """
-    dev = torch.device("cpu") if device is None else resolve_device(device)
-    if isinstance(tiles, np.ndarray):
-        if not tiles.flags.writeable or not tiles.flags.c_contiguous:
-            tiles = np.ascontiguousarray(tiles).copy()  # torch warns about read-only arrays
-        ok = tiles.ndim == 4 and tiles.shape[3] == 3 and tiles.dtype == np.uint8
-        got = (tiles.shape, tiles.dtype)
-    elif isinstance(tiles, torch.Tensor):
-        ok = tiles.ndim == 4 and tiles.shape[3] == 3 and tiles.dtype == torch.uint8
-        got = (tuple(tiles.shape), tiles.dtype)
-    else:
-        ok, got = False, type(tiles).__name__
-    if not ok:
-        raise ValueError(
-            f"tiles_to_tensor expects (B, h, w, 3) uint8 RGB tiles, got {got}; stack (h, w, 3) uint8 "
-            "tiles with np.stack (cellkit.data.read_image gives uint8 RGB images)."
-        )
-    mean, std = _normaliser(dev)
-    return _normalise(_upload(tiles, dev), mean, std, memory_format)
 
 
-def _input_memory_format(model: Any) -> torch.memory_format:
-    """``channels_last`` for a model whose first 4-D weight is in that format (or that says so
-    with an ``input_memory_format`` attribute, as an int8 model does), else contiguous."""
-    declared = getattr(model, "input_memory_format", None)
-    if isinstance(declared, torch.memory_format):
-        return declared
-    params = model.parameters() if isinstance(model, nn.Module) else ()
-    for p in params:
-        if p.ndim == 4:
-            if p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous():
-                return torch.channels_last
-            break
-    return torch.contiguous_format
 
 
 def _blend_dtype(dev: torch.device) -> torch.dtype:
@@ -478,7 +199,7 @@ def _blend_dtype(dev: torch.device) -> torch.dtype:
 
 
 def predict_probabilities(
-    model: nn.Module,
+    model: nn.Module | InferenceModel,
     image: np.ndarray,
     tile_size: int = DEFAULT_TILE_SIZE,
     overlap: int = 64,
@@ -500,12 +221,15 @@ def predict_probabilities(
     call (its mode is restored after).
 
     Each batch of tiles is uploaded to the device as uint8 and normalised there
-    ([`tiles_to_tensor`][]). The tiles are blended where they are (the CPU or the GPU), by
+    ([`tiles_to_tensor`][cellkit.engine.inference.tiles_to_tensor]). The tiles are blended where they are (the CPU or the GPU), by
     one row-band blender with float64 sums (float32 where a device has no float64), so the
     blend adds nothing to the difference between devices, and the map comes back once.
 
     Args:
-        model: a cellkit model (anything with ``infer(x (B, 3, h, w)) -> (B, C, h, w)``).
+        model: a cellkit model (anything with ``infer(x (B, 3, h, w)) -> (B, C, h, w)``),
+            or an [`InferenceModel`][cellkit.engine.inference.InferenceModel], which
+            carries its own device, precision and folding (``device``, ``amp``,
+            ``precision`` and ``fold_bn`` are then not used).
         image: ``(H, W, 3)`` uint8 RGB.
         tile_size: side of the square tiles (a tile is cut to the image when it is smaller).
         overlap: minimum overlap of neighbouring tiles, in pixels (``< tile_size``); the
@@ -517,7 +241,7 @@ def predict_probabilities(
         amp: autocast to float16 on CUDA (ignored on the CPU); the same as
             ``precision="fp16"`` on CUDA.
         precision: ``"fp32"``, ``"bf16"``, ``"fp16"``, ``"int8"`` or ``"auto"`` (see
-            [`resolve_precision`][]); ``None`` = fp32, or fp16 with ``amp`` on CUDA.
+            [`resolve_precision`][cellkit.engine.inference.resolve_precision]); ``None`` = fp32, or fp16 with ``amp`` on CUDA.
             ``"int8"`` quantizes a copy of the model at every call (a second or two); a
             [`Predictor`][] quantizes once, and an [`Int8Model`][cellkit.models.quantize.Int8Model]
             given as ``model`` is used as it is.
@@ -559,9 +283,15 @@ def predict_probabilities(
     """
     image = check_image(image, "predict_probabilities")
     _check_tiling(tile_size, overlap, batch_size)
-    dev = _model_device(model) if device is None else resolve_device(device)
-    model, precision = _model_to_run(model, dev, precision, amp, fold_bn)
-    activation = getattr(model, "activation", "sigmoid")
+    runner = (model if isinstance(model, InferenceModel)
+              else InferenceModel(model, device, precision, amp=amp, fold_bn=fold_bn))
+    return _tile_maps(runner, image, tile_size, overlap, batch_size, as_tensor, tile_filter)
+
+
+def _tile_maps(runner: InferenceModel, image: np.ndarray, tile_size: int, overlap: int, batch_size: int,
+               as_tensor: bool, tile_filter: Callable[[int, int, int, int], bool] | None) -> np.ndarray | torch.Tensor:
+    """The blended maps of an image's tiles (see [`predict_probabilities`][])."""
+    dev = runner.device
     height, width = image.shape[:2]
     th, tw = min(tile_size, height), min(tile_size, width)
     tiles = [(y, x) for y in tile_starts(height, tile_size, overlap) for x in tile_starts(width, tile_size, overlap)]
@@ -569,61 +299,28 @@ def predict_probabilities(
         kept = [(y, x) for y, x in tiles if tile_filter(y, x, th, tw)]
         # With every tile filtered out, the maps are zeros: their channels come from the
         # model (one tile is run for a model that does not say how many it has).
-        tiles = kept or ([] if isinstance(getattr(model, "num_classes", None), int) else tiles[:1])
+        tiles = kept or ([] if runner.num_classes is not None else tiles[:1])
     blender: _RowBandBlender | None = None
-    mean, std = _normaliser(dev)
-    memory_format = _input_memory_format(model)
     pinned = dev.type == "cuda"
-
-    was_training = bool(getattr(model, "training", False))
-    if hasattr(model, "eval"):
-        model.eval()
-    try:
-        with torch.inference_mode(), _autocast(dev, precision):
-            for i in range(0, len(tiles), batch_size):
-                batch = tiles[i : i + batch_size]
-                # One uint8 copy of the batch's tiles (into pinned memory for CUDA), one upload.
-                host = torch.empty((len(batch), th, tw, 3), dtype=torch.uint8, pin_memory=pinned)
-                np.stack([image[y : y + th, x : x + tw] for y, x in batch], out=host.numpy())
-                inputs = _normalise(_upload(host, dev), mean, std, memory_format)
-                probs = apply_activation(model.infer(inputs).float(), activation)
-                if probs.ndim != 4 or probs.shape[0] != len(batch) or tuple(probs.shape[-2:]) != (th, tw):
-                    raise ValueError(
-                        f"model.infer returned shape {tuple(probs.shape)} for tiles of shape "
-                        f"{tuple(inputs.shape)}; expected (B, C, {th}, {tw}) logits at input resolution."
-                    )
-                if blender is None:
-                    window = blend_window(th, tw, overlap)
-                    blender = _RowBandBlender(probs.shape[1], height, width, window, dev, _blend_dtype(dev))
-                for (y, x), tile_probs in zip(batch, probs):
-                    blender.add(y, x, tile_probs)
-    finally:
-        if was_training and hasattr(model, "train"):
-            model.train()
+    with runner.evaluating(), torch.inference_mode():
+        for i in range(0, len(tiles), batch_size):
+            batch = tiles[i : i + batch_size]
+            # One uint8 copy of the batch's tiles (into pinned memory for CUDA), one upload.
+            host = torch.empty((len(batch), th, tw, 3), dtype=torch.uint8, pin_memory=pinned)
+            np.stack([image[y : y + th, x : x + tw] for y, x in batch], out=host.numpy())
+            probs = runner.tiles(host)
+            if blender is None:
+                window = blend_window(th, tw, overlap)
+                blender = _RowBandBlender(probs.shape[1], height, width, window, dev, _blend_dtype(dev))
+            for (y, x), tile_probs in zip(batch, probs):
+                blender.add(y, x, tile_probs)
     if blender is None:  # every tile was filtered out
-        result = torch.zeros((int(model.num_classes), height, width), dtype=torch.float32, device=dev)
+        result = torch.zeros((int(runner.num_classes or 0), height, width), dtype=torch.float32, device=dev)
     else:
         result = blender.finish()
     return result if as_tensor else result.cpu().numpy()
 
 
-def _model_to_run(model: Any, dev: torch.device, precision: str | None, amp: bool,
-                  fold_bn: bool) -> tuple[Any, str]:
-    """``(model, precision)`` as inference runs them: quantized for int8, BatchNorms folded if asked, on ``dev``."""
-    asked = precision
-    precision = resolve_precision(precision, dev, amp)
-    if precision == "int8":
-        model, precision = _int8(model, asked)
-    if fold_bn and precision != "int8":
-        if not isinstance(model, nn.Module):
-            raise ValueError(
-                f"fold_bn=True needs an nn.Module whose BatchNorms can be folded, got "
-                f"{type(model).__name__}; pass fold_bn=False."
-            )
-        model = fold_batchnorm(model)
-    if isinstance(model, nn.Module):
-        model.to(dev)
-    return model, precision
 
 
 class _RowBandBlender:
@@ -930,12 +627,11 @@ class Predictor:
             with ``stain_norm="reinhard"`` takes them from the model's training crops.
 
     Attributes:
-        model: the model given, on ``device``, in eval mode.
-        inference_model: the model that predicts: ``model``, its folded copy with
-            ``fold_bn``, or its 8-bit copy ([`Int8Model`][cellkit.models.quantize.Int8Model])
-            with ``"int8"`` (what ``"auto"`` is on the CPU).
-        precision: the precision inference runs in, resolved for ``device`` (``"fp32"``,
-            ``"bf16"``, ``"fp16"`` or ``"int8"``, see [`resolve_precision`][]).
+        runner: the [`InferenceModel`][cellkit.engine.inference.InferenceModel] that runs
+            the network: ``model``, its folded copy with ``fold_bn``, or its 8-bit copy
+            ([`Int8Model`][cellkit.models.quantize.Int8Model]) with ``"int8"`` (what
+            ``"auto"`` is on the CPU), on ``device``, in ``precision`` (see the properties
+            below).
 
     Raises:
         ValueError: for bad tiling arguments, device or precision, class names that do not
@@ -975,14 +671,6 @@ class Predictor:
         self.tta = check_tta(tta)
         self.stain_target = None if stain_target is None else (np.asarray(stain_target[0], float),
                                                                np.asarray(stain_target[1], float))
-        self.device = _model_device(model) if device is None else resolve_device(device)
-        self.precision = resolve_precision(precision, self.device, amp)
-        if fold_bn and not isinstance(model, nn.Module):
-            raise ValueError(
-                f"fold_bn=True needs an nn.Module whose BatchNorms can be folded, got "
-                f"{type(model).__name__}; pass fold_bn=False."
-            )
-        self.model = model.to(self.device).eval() if isinstance(model, nn.Module) else model
         self.postprocess = postprocess
         self.num_classes = int(num_classes)
         names = list(class_names) if class_names else [f"class{i}" for i in range(self.num_classes)]
@@ -993,17 +681,30 @@ class Predictor:
         self.class_names = [str(n) for n in names]
         self.tile_size, self.overlap, self.batch_size, self.amp = tile_size, overlap, batch_size, amp
         self.fold_bn = bool(fold_bn)
-        self.inference_model: Any = self.model
-        if self.precision == "int8":
-            # Quantized once (BatchNorms folded by the quantizer); "auto" falls back to fp32
-            # for a model that cannot be quantized.
-            self.inference_model, self.precision = _int8(self.model, precision, int8_calibration)
-        if self.fold_bn and self.precision != "int8":
-            # Once: every image reuses it. Stored channels-last, which the convolutions of
-            # CPUs (oneDNN) and GPUs run faster (the cpu size: 0.33 s against 0.41 s for four
-            # 512-px tiles on 2 CPU cores); the inputs follow the weights' format.
-            self.inference_model = fold_batchnorm(self.model).to(memory_format=torch.channels_last)
+        # Once: every image reuses the folded or quantized network.
+        self.runner = InferenceModel(model.eval() if isinstance(model, nn.Module) else model, device, precision,
+                                     amp=amp, fold_bn=fold_bn, calibration=int8_calibration)
         self.config = config
+
+    @property
+    def model(self) -> Any:
+        """The model given, on [`device`][cellkit.engine.predict.Predictor.device], in eval mode."""
+        return self.runner.model
+
+    @property
+    def inference_model(self) -> Any:
+        """What predicts: ``model``, its folded copy, or its 8-bit copy (``runner.network``)."""
+        return self.runner.network
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs."""
+        return self.runner.device
+
+    @property
+    def precision(self) -> str:
+        """The precision inference runs in (see [`resolve_precision`][cellkit.engine.inference.resolve_precision])."""
+        return self.runner.precision
 
     @classmethod
     def from_checkpoint(

@@ -80,6 +80,7 @@ from cellkit.engine.distributed import (
     unwrap,
     wrap_model,
 )
+from cellkit.engine.inference import resolve_device, training_autocast_dtype
 from cellkit.engine.loop import WeightAverage, _progress_log, _show_bar, _StepContext, train_one_epoch
 from cellkit.engine.plan import (
     _build_scheduler,
@@ -91,7 +92,6 @@ from cellkit.engine.plan import (
     _seed_round,
     resolve_for_data,
 )
-from cellkit.engine.predict import resolve_device, training_autocast_dtype
 from cellkit.engine.runs import (
     _check_out_dir,
     _check_resumable,

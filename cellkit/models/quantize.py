@@ -9,7 +9,7 @@ runs); the input padding, the final upsampling and the activation stay in float3
 maps are float32 probabilities as before.
 
 Why it is the CPU's default (``precision="auto"`` resolves to ``"int8"`` there, see
-[`cellkit.engine.predict.resolve_precision`][]): on the 2-core machine of the benchmarks the
+[`cellkit.engine.inference.resolve_precision`][]): on the 2-core machine of the benchmarks the
 ``cpu`` size predicts a 2048² image in 0.74 s against 2.0 s in float32 (BatchNorm folded,
 channels-last), and the cells found agree with float32's within the spread of training
 seeds (`docs/slides.md` records both figures with their commands). On GPUs int8 is not used:
