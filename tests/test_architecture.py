@@ -174,3 +174,9 @@ def test_cellkit_imports_sit_at_the_top_or_say_why() -> None:
                 if not above.startswith("#"):
                     hidden.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
     assert not hidden, "imports inside functions without a reason above them:\n" + "\n".join(hidden)
+
+
+def test_the_training_module_stays_a_thin_loop() -> None:
+    """engine/train.py puts the stages together; the steps live in plan, loop, validation and runs."""
+    lines = len((PACKAGE / "engine" / "train.py").read_text(encoding="utf-8").splitlines())
+    assert lines < 400, f"cellkit/engine/train.py has {lines} lines (goal: under 400); move a step to its module"

@@ -16,6 +16,13 @@ epoch metrics are reduced across ranks, and only rank 0 writes files.
 Every helper here is a no-op (or the identity) on a single process, so the training loop
 calls them unconditionally.
 
+In [`fit`][cellkit.engine.fit], ``batch_size`` and ``steps_per_epoch`` are per process (the
+global batch is ``batch_size x world_size``), and epoch losses are averaged over all ranks.
+Validation is sharded: rank ``r`` predicts validation images ``r, r + world_size, ...`` and
+the maps and losses are gathered, so every rank calibrates and computes the same F1 and
+score. BatchNorm statistics are copied from rank 0 after each round, so every rank
+validates the model rank 0 saves.
+
 Examples:
     >>> info = dist_info({})          # no torchrun variables: one process
     >>> info.enabled, info.rank, info.world_size, info.is_main

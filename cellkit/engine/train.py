@@ -22,21 +22,15 @@ steps, whatever the number of images; with ``train.steps = None`` a round is an 
 [`schedule_factor`][cellkit.engine.plan.schedule_factor] per optimizer step. The ``epoch``
 fields of ``metrics.jsonl`` ([`cellkit.engine.runs`][]) count rounds.
 
-The schedule (section 3 of the paper):
-
-* **Stage 1** (only when ``cfg.pretrain`` is set, i.e. a target is the ``prior``): the
-  pre-trained model (encoder + main decoder, circle masks, CE only) is trained for
-  ``cfg.pretrain.train.steps`` steps (a share of stage 2's, see
-  [`cellkit.presets.set_pretrain_fraction`][]; 10 of 100 epochs in the paper) and stopped
-  there: early stopping here means a short, fixed schedule, so its *last* checkpoint (``pretrain/last.pt``) is
-  the model whose class-1 output becomes the prior target. Stage 1 has its own folder
-  ``<run>/pretrain/`` (``config.yaml``, ``metrics.jsonl``, ``last.pt``, ``best.pt``), is
-  resumed like stage 2, and is skipped when finished.
-* The prior of each image is computed once and cached in ``<run>/prior_cache``; the
-  cache's fingerprint is [`file_fingerprint`][cellkit.engine.checkpoint.file_fingerprint] of
-  ``pretrain/last.pt``, so a changed stage-1 checkpoint invalidates it.
-* **Stage 2** trains the multi-task model of ``cfg`` with its weighted loss (``ours_plus_plus``:
-  Lt = Lm + 0.5 Lc + 0.5 Lp + 1.0 Ld).
+The schedule (section 3 of the paper): **stage 1** (only when ``cfg.pretrain`` is set, i.e.
+a target is the ``prior``) trains the pre-trained model (encoder + main decoder, circle
+masks, CE only) for ``cfg.pretrain.train.steps`` steps (a share of stage 2's, see
+[`cellkit.presets.set_pretrain_fraction`][]; 10 of 100 epochs in the paper) and stops
+there: its *last* checkpoint (``<run>/pretrain/last.pt``, a folder resumed like stage 2 and
+skipped when finished) gives the prior target, computed once per image and cached in
+``<run>/prior_cache`` under the [`file_fingerprint`][cellkit.engine.checkpoint.file_fingerprint]
+of that checkpoint. **Stage 2** trains the multi-task model of ``cfg`` with its weighted
+loss (``ours_plus_plus``: Lt = Lm + 0.5 Lc + 0.5 Lp + 1.0 Ld).
 
 The parts, each in its module: what a run trains on and how long
 ([`cellkit.engine.plan`][]), one round's steps ([`cellkit.engine.loop`][]), validation and the
@@ -44,13 +38,8 @@ calibration of the peaks ([`cellkit.engine.validation`][]), and the run folder, 
 checkpoints and resuming ([`cellkit.engine.runs`][]). This module puts them together: set
 up a stage (or resume it), prepare its targets, run its rounds, calibrate.
 
-**Distributed.** Under ``torchrun`` (see [`cellkit.engine.distributed`][]) each process
-trains on its shard of the training split with DistributedDataParallel; ``batch_size``
-and ``steps_per_epoch`` are per process (the global batch is ``batch_size x world_size``).
-Epoch losses are averaged over all ranks. Validation is sharded: rank ``r`` predicts
-validation images ``r, r + world_size, ...`` and the maps and losses are gathered, so every
-rank calibrates and computes the same F1 and score. BatchNorm statistics are copied from rank
-0 after each epoch so every rank validates the model rank 0 saves. Only rank 0 writes.
+**Distributed.** Under ``torchrun`` each process trains its shard of the training split and
+validates its share of the validation images; see [`cellkit.engine.distributed`][].
 """
 
 from __future__ import annotations
@@ -180,13 +169,8 @@ def fit(
         ValueError: for bad ``splits``, an empty training split, or ``max_steps < 1``.
         FloatingPointError: when the training loss is not finite.
 
-    Examples:
-        Not run here (it trains a model and writes ``runs/smoke``):
-
-        >>> cfg = cellkit.presets.ours(size="cpu")            # doctest: +SKIP
-        >>> cfg.train.epochs, cfg.train.steps_per_epoch = 1, 2  # doctest: +SKIP
-        >>> fit(cfg, "runs/smoke").history[-1]["f1"]           # doctest: +SKIP
-        {'other': 0.41, 'epithelium': 0.35}
+    The module's example above trains ``ours_plus_plus``; for a smoke run, set
+    ``cfg.train.steps = 2`` first.
     """
     check_config(cfg)  # the one check of the config: the stages below build unchecked
     if max_steps is not None and (isinstance(max_steps, bool) or int(max_steps) < 1):
