@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -46,12 +47,14 @@ from harness import emit, load_average, provenance  # noqa: E402
 from cellkit.config import CellkitConfig  # noqa: E402
 from cellkit.data import ENDONUKE_EPITHELIUM, load_dataset  # noqa: E402
 from cellkit.data.bundled import bundled_endonuke  # noqa: E402
-from cellkit.engine.checkpoint import load_checkpoint  # noqa: E402
+from cellkit.engine.checkpoint import load_checkpoint, load_model  # noqa: E402
 from cellkit.engine.outputs import write_predictions  # noqa: E402
-from cellkit.engine.predict import Predictor  # noqa: E402
+from cellkit.engine.predict import Predictor, _stored_calibration  # noqa: E402
 from cellkit.engine.suggest import suggest_folder  # noqa: E402
 from cellkit.engine.train import fit  # noqa: E402
+from cellkit.imaging import image_to_tensor  # noqa: E402
 from cellkit.metrics import detection_counts  # noqa: E402
+from cellkit.models.model import pad_to_stride  # noqa: E402
 
 RADIUS = 6.0
 
@@ -66,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (training's is 1e-3)")
     p.add_argument("--strategies", default="suggested,random",
                    help="of suggested (cellkit suggest's ranking), diverse (its most doubtful field per "
-                        "cluster), random")
+                        "cluster), novel (its score times how unlike the training crops a field looks to the "
+                        "encoder), random")
     p.add_argument("--no-full", action="store_true", help="skip the fine-tuning on the whole pool")
     p.add_argument("--out", type=Path, help="work folder (runs, predictions; required)")
     p.add_argument("--json-out", type=Path)
@@ -215,6 +219,52 @@ def diverse(start: Path, pool: list[Any], n: int, work: Path) -> list[str]:
             for j in sorted(set(labels.tolist()))]
 
 
+def encoder_features(model: Any, images: list[np.ndarray]) -> np.ndarray:
+    """Mean and spread over space of each image's deepest encoder features (the model's own view)."""
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for image in images:
+            feats = model.encoder(pad_to_stride(image_to_tensor(image)[None], model.output_stride))
+            deep = feats[-1] if isinstance(feats, (list, tuple)) else feats
+            out.append(torch.cat([deep.mean((2, 3)), deep.std((2, 3))], 1)[0].numpy())
+    return np.asarray(out, np.float64)
+
+
+def novelty(start: Path, pool: list[Any]) -> dict[str, float]:
+    """How unlike the start model's training data each pool tile looks, to the model itself.
+
+    The distance of a tile's deepest encoder features (standardised by the training crops'
+    spread) to the nearest of the training crops that ``cellkit train`` stores in ``best.pt``
+    (16 central crops of its training images), divided by the median over the pool.
+    """
+    model, _, ckpt = load_model(start)
+    crops = _stored_calibration(ckpt)
+    if not crops:
+        raise SystemExit(f"{start} holds no training crops (int8_calibration): the novelty needs them")
+    ref = encoder_features(model, crops)
+    x = encoder_features(model, [s.image for s in pool])
+    mu, sd = ref.mean(0), ref.std(0) + 1e-6
+    ref, x = (ref - mu) / sd, (x - mu) / sd
+    d = np.sqrt(((x[:, None, :] - ref[None]) ** 2).sum(-1)).min(1)
+    d = d / max(float(np.median(d)), 1e-12)
+    return {s.key: float(v) for s, v in zip(pool, d)}
+
+
+def novel(start: Path, pool: list[Any], n: int, work: Path) -> list[str]:
+    """Doubt on unfamiliar ground: the ``suggest`` score times the tile's [`novelty`][]."""
+    if "novelty" not in TIMES:
+        t0 = time.perf_counter()
+        NOVELTY.update(novelty(start, pool))
+        TIMES["novelty"] = round(time.perf_counter() - t0, 2)
+    fields = {f.image: f for f in ranked_fields(start, pool, work)}
+    keys = [s.key for s in pool if s.key in fields]
+    return sorted(keys, key=lambda k: -fields[k].score * NOVELTY[k])[:n]
+
+
+NOVELTY: dict[str, float] = {}
+
+
 def bootstrap(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, reps: int = 2000) -> list[list[float]]:
     """95 % interval of per-class totalF1 b - a, images (with their seeds) resampled together."""
     diffs = []
@@ -253,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                 keys = set(suggested(start, pool, n, args.out))
             elif strategy == "diverse":
                 keys = set(diverse(start, pool, n, args.out))
+            elif strategy == "novel":
+                keys = set(novel(start, pool, n, args.out))
             elif strategy == "random":
                 keys = {s.key for s in np.random.default_rng(1000 + seed).permutation(np.array(pool, dtype=object))[:n]}
             else:
@@ -277,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         if full_f1:
             row["gap_closed"] = {c: round((mean[c] - before[c]) / (full_f1[c] - before[c]), 3)
                                  if abs(full_f1[c] - before[c]) > 1e-6 else None for c in names}
-        if strategy in ("suggested", "diverse") and ("random", n) in tables:
+        if strategy in ("suggested", "diverse", "novel") and ("random", n) in tables:
             a, b = np.concatenate(tables[("random", n)]), np.concatenate(tabs)
             row[f"{strategy}_minus_random_95ci"] = dict(zip(names, bootstrap(a, b, rng)))
         summary[f"{strategy}-n{n}"] = row

@@ -265,3 +265,36 @@ def test_suggest_loop_draws_one_row_per_held_out_range(tmp_path: Path) -> None:
     with Image.open(png) as image:
         width, height = image.size
     assert height > width * 0.7  # two rows of two panels (one row would be about 0.38)
+
+
+def test_suggest_loop_novelty_ranks_unfamiliar_tiles_first(tmp_path: Path) -> None:
+    """``--strategies novel``: a tile unlike the training crops stored in best.pt is the most novel."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    import cellkit
+    from cellkit.engine.checkpoint import save_checkpoint
+
+    spec = importlib.util.spec_from_file_location("suggest_loop_bench", ROOT / "benchmarks" / "suggest_loop.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = cellkit.presets.ours(size="cpu")
+    cfg.model.encoder_kwargs["width_multiplier"] = 0.125
+    cfg.model.decoder_kwargs.update(width=8, low_level_width=8)
+    torch.manual_seed(0)
+    model = cellkit.build_model(cfg)
+    rng = np.random.default_rng(0)
+    pinkish = [np.clip(rng.normal((200, 150, 180), 8, (48, 48, 3)), 0, 255).astype(np.uint8) for _ in range(4)]
+    path = save_checkpoint(tmp_path / "best.pt", {"config": cfg.to_dict(), "model": model.state_dict(),
+                                                  "int8_calibration": [torch.from_numpy(c) for c in pinkish]})
+    like = [SimpleNamespace(key=str(i), image=np.clip(rng.normal((200, 150, 180), 8, (48, 48, 3)), 0, 255)
+                            .astype(np.uint8)) for i in range(3)]
+    unlike = SimpleNamespace(key="9", image=rng.integers(0, 256, (48, 48, 3), dtype=np.uint8))
+    novelty = module.novelty(path, [*like, unlike])
+    assert max(novelty, key=novelty.get) == "9" and novelty["9"] > 1.5 * max(novelty[s.key] for s in like)
+    save_checkpoint(tmp_path / "bare.pt", {"config": cfg.to_dict(), "model": model.state_dict()})
+    with pytest.raises(SystemExit, match="holds no training crops"):
+        module.novelty(tmp_path / "bare.pt", like)
