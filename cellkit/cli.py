@@ -547,8 +547,9 @@ def build_train_config(args: argparse.Namespace) -> Any:
     diameter = _cell_diameter(args)
     cfg = _config_from_file(args, diameter) if args.config else _config_from_preset(args, diameter)
     _apply_stage_options(cfg, args)
+    _apply_option_fields(cfg, args)
     _apply_data_options(cfg, args, cmap)
-    _apply_schedule_options(cfg, args)
+    _check_schedule(args, cfg)
     return _checked(cfg, args)
 
 
@@ -624,19 +625,48 @@ def _config_from_preset(args: argparse.Namespace, diameter: float | None) -> Any
     return cfg
 
 
-def _apply_stage_options(cfg: Any, args: argparse.Namespace) -> None:
-    """The options that hold for every stage: pixel size, start weights, sampling, augmentation, encoder."""
-    for stage in cfg.stages():
-        if args.mpp is not None:
-            stage.data.mpp = args.mpp
-        if args.init_from is not None:
-            stage.train.init_from = args.init_from
-        if args.no_balance_classes:
-            stage.train.balance_classes = False
-        if getattr(args, "augment", None) is not None:
-            from cellkit.data import augment_profile
+def _augment_profile(name: str) -> Any:
+    from cellkit.data import augment_profile
 
-            stage.train.augment = augment_profile(args.augment)
+    return augment_profile(name)
+
+
+def _off(flag: bool) -> bool | None:
+    """A ``--no-X`` flag: ``False`` for the field when given, else nothing to set."""
+    return False if flag else None
+
+
+#: ``cellkit train`` options that set one config field: ``(option, section, field, every
+#: stage, value of the option -> value of the field)``. "Every stage" options also set stage
+#: 1's (``pretrain:``), the others only the trained stage's. ``None`` leaves the field as is.
+_OPTION_FIELDS: tuple[tuple[str, str, str, bool, Callable[[Any], Any] | None], ...] = (
+    ("mpp", "data", "mpp", True, None),
+    ("init_from", "train", "init_from", True, None),
+    ("no_balance_classes", "train", "balance_classes", True, _off),
+    ("augment", "train", "augment", True, _augment_profile),
+    ("val_every_steps", "train", "val_every_steps", False, None),
+    ("ema", "train", "ema", False, None),
+    ("no_calibrate", "train", "calibrate", False, _off),
+    *((name, "train", name, False, None)
+      for name in ("epochs", "batch_size", "crop_size", "steps_per_epoch", "lr", "seed", "num_workers")),
+)
+
+
+def _apply_option_fields(cfg: Any, args: argparse.Namespace) -> None:
+    """Set the fields of ``_OPTION_FIELDS`` from the options given."""
+    for option, section, name, every_stage, convert in _OPTION_FIELDS:
+        value = getattr(args, option, None)
+        if value is not None and convert is not None:
+            value = convert(value)
+        if value is None:
+            continue
+        for stage in cfg.stages() if every_stage else [cfg]:
+            setattr(getattr(stage, section), name, value)
+
+
+def _apply_stage_options(cfg: Any, args: argparse.Namespace) -> None:
+    """The encoder of every stage: ``--encoder``, else (fine-tuning) the one of ``--init-from``."""
+    for stage in cfg.stages():
         if getattr(args, "encoder", None) is not None:
             from cellkit.models.encoders import encoder_settings
 
@@ -645,12 +675,6 @@ def _apply_stage_options(cfg: Any, args: argparse.Namespace) -> None:
             # Fine-tuning: the encoder of the weights it starts from (their own weights replace
             # any ImageNet start, so no extra package is needed).
             stage.model.encoder, stage.model.encoder_kwargs = _encoder_of(args.init_from)
-    if args.val_every_steps is not None:
-        cfg.train.val_every_steps = args.val_every_steps
-    if getattr(args, "ema", None) is not None:
-        cfg.train.ema = args.ema
-    if args.no_calibrate:
-        cfg.train.calibrate = False
 
 
 def _apply_data_options(cfg: Any, args: argparse.Namespace, cmap: Any) -> None:
@@ -715,20 +739,12 @@ def _slides_pixel_size(cfg: Any) -> None:
           "kept with the model, which resamples every image it predicts to it)", file=sys.stderr, flush=True)
 
 
-#: ``cellkit train`` options that set a field of ``train:`` as given.
-_SCHEDULE_OPTIONS = ("epochs", "batch_size", "crop_size", "steps_per_epoch", "lr", "seed", "num_workers")
-
-
-def _apply_schedule_options(cfg: Any, args: argparse.Namespace) -> None:
-    """``--epochs`` (an epoch schedule instead of steps) and the options of ``_SCHEDULE_OPTIONS``."""
+def _check_schedule(args: argparse.Namespace, cfg: Any) -> None:
+    """``--epochs`` is an epoch schedule instead of steps: one of the two."""
     if args.epochs is not None:
         if args.steps is not None:
             raise ValueError("--steps and --epochs are two schedules; give one.")
         cfg.train.steps = None  # an epoch schedule: epochs x (steps per epoch or one pass)
-    for attr in _SCHEDULE_OPTIONS:
-        value = getattr(args, attr)
-        if value is not None:
-            setattr(cfg.train, attr, value)
 
 
 def _checked(cfg: Any, args: argparse.Namespace) -> Any:

@@ -136,6 +136,26 @@ def test_train_defaults_estimate_the_geometry_and_run_in_steps() -> None:
     assert cfg.pretrain.train.steps == 200 and cfg.data.class_names == ("other", "epithelium")
 
 
+def test_every_option_of_the_table_sets_its_field_in_its_stages() -> None:
+    """``cli._OPTION_FIELDS``: each option reaches its field, in stage 1 too when it is for every stage."""
+    from cellkit.cli import _OPTION_FIELDS
+
+    given = {"mpp": ("--mpp", "0.25"), "init_from": ("--init-from", "endonuke-epithelium"),
+             "no_balance_classes": ("--no-balance-classes",), "augment": ("--augment", "strong"),
+             "val_every_steps": ("--val-every-steps", "7"), "ema": ("--ema", "0.99"),
+             "no_calibrate": ("--no-calibrate",), "epochs": ("--epochs", "3"), "batch_size": ("--batch-size", "3"),
+             "crop_size": ("--crop-size", "96"), "steps_per_epoch": ("--steps-per-epoch", "5"),
+             "lr": ("--lr", "0.002"), "seed": ("--seed", "11"), "num_workers": ("--num-workers", "1")}
+    assert set(given) == {row[0] for row in _OPTION_FIELDS}
+    plain = _train_cfg("--preset", "ours_plus_plus")
+    for option, section, name, every_stage, _ in _OPTION_FIELDS:
+        cfg = _train_cfg("--preset", "ours_plus_plus", *given[option])
+        value = getattr(getattr(cfg, section), name)
+        assert value != getattr(getattr(plain, section), name), option
+        stage1 = getattr(getattr(cfg.pretrain, section), name)
+        assert stage1 == (value if every_stage else getattr(getattr(plain.pretrain, section), name)), option
+
+
 def test_cell_size_options() -> None:
     cfg = _train_cfg("--cell-diameter", "8um", "--mpp", "0.5")
     assert cfg.data.cell_diameter is None and cfg.data.mpp == 0.5
