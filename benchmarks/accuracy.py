@@ -101,6 +101,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "seeds) and each held-out fold (dots), into PNG")
     p.add_argument("--within", default=None, metavar="DATASET/VARIANT=LABEL",
                    help="with --transfer-plot: also mark a within-region run's pooled totalF1 (dashed line)")
+    p.add_argument("--steps-curve", nargs=2, metavar=("DATASET", "PNG"), default=None,
+                   help="only draw pooled totalF1 per class against training steps of the --variants under "
+                   "--out/DATASET (one dot per seed whose folds are all finished, a line through the means)")
+    p.add_argument("--variants", default="ours,ours-s800,ours-s1600",
+                   help="with --steps-curve: the variants (one schedule length each), comma-separated")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
                    help="only print the paired bootstrap of B - A (folders DATASET/PRESET[-TAG] under --out)")
     return p.parse_args(argv)
@@ -435,6 +440,57 @@ def transfer_plot(folder: Path, png: Path, baseline: str = "ours", within: tuple
     return png
 
 
+def steps_points(folder: Path, variants: list[str]) -> tuple[list[str], list[tuple[int, int, np.ndarray]]]:
+    """``(classes, [(steps, seed, pooled totalF1 per class)])`` of each seed of each variant that
+    finished every fold of its variant (a seed still running would be pooled over fewer ranges)."""
+    classes: list[str] = []
+    points = []
+    for v in variants:
+        results = [json.loads(r.read_text()) for r in sorted((folder / v).glob("fold*/result.json"))]
+        if not results:
+            raise SystemExit(f"--steps-curve: no finished runs in {folder / v}")
+        classes = results[0]["per_image"]["classes"]
+        folds = {r["fold"] for r in results}
+        for seed in sorted({r.get("seed", 0) for r in results}):
+            mine = [r for r in results if r.get("seed", 0) == seed]
+            if {r["fold"] for r in mine} != folds:
+                continue
+            counts = sum(np.array([[c["tp"], c["fp"], c["fn"]] for c in r["per_image"]["images"].values()]).sum(0)
+                         for r in mine)
+            points.append((int(mine[0]["steps"]), seed, _pooled_f1(counts)))
+    return classes, points
+
+
+def steps_curve(folder: Path, png: Path, variants: list[str]) -> Path:
+    """Pooled totalF1 per class against the training steps: a dot per seed, a line through the means."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes, points = steps_points(folder, variants)
+    steps = sorted({p[0] for p in points})
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    for c, (name, color) in enumerate(zip(classes, ("#3182bd", "#e6550d", "#31a354"))):
+        means = [np.mean([p[2][c] for p in points if p[0] == n]) for n in steps]
+        ax.plot(steps, means, "-", color=color, label=name)
+        ax.plot([p[0] for p in points], [p[2][c] for p in points], "o", color=color, ms=4, alpha=0.7)
+        for n, m in zip(steps, means):
+            ax.annotate(f"{m:.3f}", (n, m), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(steps, [str(n) for n in steps])
+    ax.set_xlabel("training steps (batches of 8 crops)")
+    ax.set_ylabel("totalF1, held-out (pooled)")
+    ax.set_title(f"{folder.name}: {', '.join(variants)}", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
 def machine() -> dict[str, Any]:
     import torch
 
@@ -525,6 +581,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.transfer_table is not None:
         print(transfer_table(args.out / args.transfer_table, args.baseline))
+        return 0
+    if args.steps_curve is not None:
+        print(steps_curve(args.out / args.steps_curve[0], Path(args.steps_curve[1]),
+                          [v.strip() for v in args.variants.split(",") if v.strip()]))
         return 0
     if args.compare is not None:
         print(json.dumps(compare(args.out / args.compare[0], args.out / args.compare[1]), indent=2))

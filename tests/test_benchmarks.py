@@ -217,6 +217,30 @@ def test_accuracy_compare_and_transfer_table_pool_per_image_counts(tmp_path: Pat
     assert "| better |" in table[3] and "+0.250 [+0.250, +0.250]" in table[3]
 
 
+def test_accuracy_steps_curve_pools_each_complete_seed(tmp_path: Path) -> None:
+    """``--steps-curve``: a dot per seed pooled over its folds; a seed with a fold missing is left out."""
+    acc = _accuracy_module()
+
+    def write(variant: str, fold: int, seed: int, steps: int, tp: int, fp: int) -> None:
+        run = tmp_path / variant / (f"fold{fold}" + (f"-seed{seed}" if seed else ""))
+        run.mkdir(parents=True)
+        (run / "result.json").write_text(json.dumps({"fold": fold, "seed": seed, "steps": steps, "per_image": {
+            "classes": ["a"], "images": {"x": {"tp": [tp], "fp": [fp], "fn": [0]}}}}))
+
+    for fold in (0, 1):
+        write("short", fold, 0, 400, 1, 1)  # pooled: tp 2, fp 2 -> F1 4 / 6
+        write("long", fold, 0, 800, 3, 1)   # tp 6, fp 2 -> 12 / 14
+    write("long", 0, 1, 800, 1, 0)          # seed 1 has one fold of two: not a point
+    classes, points = acc.steps_points(tmp_path, ["short", "long"])
+    assert classes == ["a"] and [(n, seed) for n, seed, _ in points] == [(400, 0), (800, 0)]
+    import numpy as np
+    np.testing.assert_allclose([p[2][0] for p in points], [4 / 6, 12 / 14])
+    png = acc.steps_curve(tmp_path, tmp_path / "steps.png", ["short", "long"])
+    assert png.stat().st_size > 1000
+    with pytest.raises(SystemExit, match="no finished runs"):
+        acc.steps_points(tmp_path, ["absent"])
+
+
 # --------------------------------------------------------------------------- train_profile.py
 
 
