@@ -124,8 +124,12 @@ def train_step(
     channels_last: bool = False,
     threads: int | None = None,
     seed: int = 0,
+    compile_model: bool = False,
 ) -> dict[str, Any]:
     """Seconds per training step of ``preset`` at ``size``, and the step's peak memory.
+
+    ``compile_model``: run the model through ``torch.compile`` (inductor); the compilation
+    happens in the warm-up steps, whose time is reported as ``compile_s``.
 
     The model, the losses and the targets are built from the preset with
     :func:`cellkit.build_model`, :func:`cellkit.build_losses` and
@@ -196,10 +200,11 @@ def train_step(
     model.to(device=device, memory_format=memory_format)
     loss_fn.to(device)
     model.train()
+    params = list(model.parameters())
+    if compile_model:
+        model = torch.compile(model)
     tc = cfg.train
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay
-    )
+    optimizer = torch.optim.Adam(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     use_amp = bool(amp and device.startswith("cuda"))
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
 
@@ -220,6 +225,11 @@ def train_step(
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
+    compile_s = None
+    if compile_model:  # the first step compiles
+        started = time.perf_counter()
+        step()
+        compile_s = time.perf_counter() - started
     stats, loss = measure(step, repeats=repeats, warmup=warmup, device=device)
     loss_value = float(loss.detach())
     seconds = stats["median_ms"] / 1e3
@@ -229,12 +239,14 @@ def train_step(
         "encoder": cfg.model.encoder,
         "heads": list(cfg.model.heads),
         "targets": {name: spec.name for name, spec in cfg.targets.items()},
-        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "params_m": sum(p.numel() for p in params) / 1e6,
         "batch_size": batch_size,
         "crop": crop,
         "device": device,
         "amp": use_amp,
         "channels_last": bool(channels_last),
+        "compiled": bool(compile_model),
+        "compile_s": compile_s,
         "step": stats,
         "step_s": seconds,
         "images_per_s": batch_size / seconds,
