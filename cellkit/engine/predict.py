@@ -23,7 +23,9 @@ the map comes back to the host once, at the end (or not at all with ``as_tensor=
 [`Predictor.predict`][] takes the peaks on the device). ``precision`` runs the network in
 bfloat16 or float16 (autocast), or on the CPU in 8-bit integers
 ([`cellkit.models.quantize`][]: the CPU's default with ``"auto"``), and ``fold_bn`` folds
-every BatchNorm into its convolution ([`cellkit.models.fuse.fold_batchnorm`][]). Example:
+every BatchNorm into its convolution ([`cellkit.models.fuse.fold_batchnorm`][]): both are
+chosen once, in the [`InferenceModel`][cellkit.engine.inference.InferenceModel] that every
+prediction runs the network through. Example:
 
 ```python
 from cellkit.engine.predict import Predictor
