@@ -1,8 +1,9 @@
 """The network as inference runs it: the device, the precision and the folding chosen in one place.
 
-Every prediction runs the network through an [`InferenceModel`][]: [`Predictor`][cellkit.engine.predict.Predictor]
-(images, folders, the chunks of whole slides, the stage-1 prior of ``ours_plus_plus``, the
-int8 calibration at the end of training) and
+Every prediction runs the network through an [`InferenceModel`][]:
+[`Predictor`][cellkit.engine.predict.Predictor] (images, folders, the chunks of whole
+slides, the stage-1 prior of ``ours_plus_plus``, the int8 calibration at the end of
+training) and
 [`predict_probabilities`][cellkit.engine.predict.predict_probabilities] (validation's maps)
 both build one (the ONNX export folds the model with the same
 [`fold_batchnorm`][cellkit.models.fuse.fold_batchnorm]). It holds
@@ -411,6 +412,8 @@ class InferenceModel:
             self.network = fold_batchnorm(self.model).to(self.device, memory_format=torch.channels_last)
         self.activation = str(getattr(self.network, "activation", "sigmoid"))
         self.memory_format = _input_memory_format(self.network)
+        # Once, not per batch: on CUDA a copy from pageable memory would wait for the queued work.
+        self._mean, self._std = _normaliser(self.device)
 
     @property
     def num_classes(self) -> int | None:
@@ -432,7 +435,7 @@ class InferenceModel:
                 net.train()
 
     def tiles(self, tiles: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Probabilities of a batch of uint8 tiles: ``(B, h, w, 3)`` -> ``(B, C, h, w)`` float32 on the device.
+        """Probabilities of uint8 tiles: ``(B, h, w, 3)`` -> ``(B, C, h, w)`` float32 on the device.
 
         The tiles are uploaded as uint8 and normalised there ([`tiles_to_tensor`][]), run
         through ``infer`` under ``torch.inference_mode`` (and autocast for bf16 / fp16), and
@@ -443,7 +446,12 @@ class InferenceModel:
             ValueError: when ``infer`` does not return ``(B, C, h, w)`` at the tiles' size.
         """
         with torch.inference_mode():
-            inputs = tiles_to_tensor(tiles, self.device, self.memory_format)
+            batch = isinstance(tiles, torch.Tensor) and tiles.dtype == torch.uint8
+            if batch and tiles.ndim == 4 and tiles.shape[3] == 3:
+                # The tiling loop's batches (a pinned uint8 tensor on CUDA): uploaded without waiting.
+                inputs = _normalise(_upload(tiles, self.device), self._mean, self._std, self.memory_format)
+            else:  # anything else is checked (and converted) by tiles_to_tensor
+                inputs = tiles_to_tensor(tiles, self.device, self.memory_format)
             with _autocast(self.device, self.precision):
                 logits = self.network.infer(inputs)
             probs = apply_activation(logits.float(), self.activation)
