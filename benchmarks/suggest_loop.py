@@ -70,7 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strategies", default="suggested,random",
                    help="of suggested (cellkit suggest's ranking), diverse (its most doubtful field per "
                         "cluster), novel (its score times how unlike the training crops a field looks to the "
-                        "encoder), random")
+                        "encoder), strata (its most doubtful field in each of N strata of the predicted "
+                        "class mix), medoids (the field nearest each of N k-means centres of the encoder's "
+                        "features, no doubt), random")
+    p.add_argument("--reuse", action="store_true",
+                   help="score a run folder's best.pt again instead of fine-tuning, where its picks.json "
+                        "holds the same picks (fine-tuning is deterministic on the CPU)")
     p.add_argument("--no-full", action="store_true", help="skip the fine-tuning on the whole pool")
     p.add_argument("--out", type=Path, help="work folder (runs, predictions; required)")
     p.add_argument("--json-out", type=Path)
@@ -153,10 +158,18 @@ def fine_tune(start: Path, picks: list[Any], steps: int, seed: int, out: Path, l
     cfg.pretrain = None
     cfg.train.steps, cfg.train.init_from, cfg.train.seed, cfg.train.lr = steps, str(start), seed, lr
     cfg.train.val_every_steps = steps
+    keys = sorted((s.key for s in picks), key=int)
+    record = out / "picks.json"
+    if REUSE and (out / "best.pt").is_file() and record.is_file() and json.loads(record.read_text()) == keys:
+        return Predictor.from_checkpoint(out / "best.pt", device="cpu")
     if out.exists():
         shutil.rmtree(out)
     fit(cfg, out, splits={"train": picks, "val": picks}, device="cpu", progress=False)
+    record.write_text(json.dumps(keys))
     return Predictor.from_checkpoint(out / "best.pt", device="cpu")
+
+
+REUSE = False
 
 
 TIMES: dict[str, float] = {}
@@ -263,6 +276,58 @@ def novel(start: Path, pool: list[Any], n: int, work: Path) -> list[str]:
 
 
 NOVELTY: dict[str, float] = {}
+MIX: dict[str, np.ndarray] = {}
+
+
+def class_mix(start: Path, pool: list[Any]) -> dict[str, np.ndarray]:
+    """Each pool tile's predicted cells per class, by the start model (computed once)."""
+    if not MIX:
+        predictor = Predictor.from_checkpoint(start, device="cpu")
+        k = len(ENDONUKE_EPITHELIUM.names)
+        for s in pool:
+            MIX[s.key] = np.bincount(predictor.predict(s.image).classes, minlength=k)
+    return MIX
+
+
+def strata(start: Path, pool: list[Any], n: int, work: Path) -> list[str]:
+    """Doubt within the range's class mix: the most doubtful field of each of ``n`` strata.
+
+    The fields are ordered by the predicted share of the class rarest in the pool's
+    predictions and cut into ``n`` strata of equal size; each gives its field of highest
+    ``suggest`` score, so the picks hold the pool's spread of mixes (``suggest``'s top fields on
+    4560-4787 were twice as rich in epithelium as the pool).
+    """
+    fields = {f.image: f for f in ranked_fields(start, pool, work)}
+    mix = class_mix(start, pool)
+    keys = [s.key for s in pool if s.key in fields]
+    rare = int(np.argmin(np.sum([mix[k] for k in keys], 0)))
+    share = np.asarray([mix[k][rare] / max(int(mix[k].sum()), 1) for k in keys])
+    order = np.argsort(share, kind="stable")
+    return [max((keys[i] for i in part), key=lambda k: fields[k].score)
+            for part in np.array_split(order, min(n, len(keys)))]
+
+
+def medoids(start: Path, pool: list[Any], n: int, work: Path) -> list[str]:
+    """The range's typical fields: the tile nearest each of ``n`` k-means centres of encoder features.
+
+    No doubt at all (the representative arm): the start model's deepest encoder features per
+    tile (mean and spread over space), standardised over the pool.
+    """
+    if "medoid_features" not in FEATURES:
+        model, _, _ = load_model(start)
+        x = encoder_features(model, [s.image for s in pool])
+        FEATURES["medoid_features"] = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    x = FEATURES["medoid_features"]
+    labels = kmeans(x, min(n, len(pool)), np.random.default_rng(0))
+    picks = []
+    for j in sorted(set(labels.tolist())):
+        members = np.flatnonzero(labels == j)
+        centre = x[members].mean(0)
+        picks.append(pool[int(members[np.argmin(((x[members] - centre) ** 2).sum(1))])].key)
+    return picks
+
+
+FEATURES: dict[str, np.ndarray] = {}
 
 
 def bootstrap(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, reps: int = 2000) -> list[list[float]]:
@@ -277,6 +342,8 @@ def bootstrap(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, reps: int 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    global REUSE
+    REUSE = args.reuse
     if args.plot_only:
         draw([json.loads(path.read_text()) for path in args.plot_only], args.png or Path("suggest-loop.png"))
         return 0
@@ -305,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
                 keys = set(diverse(start, pool, n, args.out))
             elif strategy == "novel":
                 keys = set(novel(start, pool, n, args.out))
+            elif strategy == "strata":
+                keys = set(strata(start, pool, n, args.out))
+            elif strategy == "medoids":
+                keys = set(medoids(start, pool, n, args.out))
             elif strategy == "random":
                 keys = {s.key for s in np.random.default_rng(1000 + seed).permutation(np.array(pool, dtype=object))[:n]}
             else:
@@ -329,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         if full_f1:
             row["gap_closed"] = {c: round((mean[c] - before[c]) / (full_f1[c] - before[c]), 3)
                                  if abs(full_f1[c] - before[c]) > 1e-6 else None for c in names}
-        if strategy in ("suggested", "diverse", "novel") and ("random", n) in tables:
+        if strategy not in ("random", "full") and ("random", n) in tables:
             a, b = np.concatenate(tables[("random", n)]), np.concatenate(tabs)
             row[f"{strategy}_minus_random_95ci"] = dict(zip(names, bootstrap(a, b, rng)))
         summary[f"{strategy}-n{n}"] = row
