@@ -322,3 +322,83 @@ def test_suggest_loop_novelty_ranks_unfamiliar_tiles_first(tmp_path: Path) -> No
     save_checkpoint(tmp_path / "bare.pt", {"config": cfg.to_dict(), "model": model.state_dict()})
     with pytest.raises(SystemExit, match="holds no training crops"):
         module.novelty(tmp_path / "bare.pt", like)
+
+
+def _suggest_loop() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("suggest_loop_bench", ROOT / "benchmarks" / "suggest_loop.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_suggest_loop_strata_keep_the_pools_class_mix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``--strategies strata``: the most doubtful field of each stratum of the predicted class mix.
+
+    The three most doubtful fields are all rich in the rare class; two strata take the most
+    doubtful field of the poor half and of the rich half, where ``suggested`` takes two rich ones.
+    """
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    module = _suggest_loop()
+    pool = [SimpleNamespace(key=str(i)) for i in range(6)]
+    scores = {"0": 9.0, "1": 8.0, "2": 7.0, "3": 3.0, "4": 2.0, "5": 1.0}
+    rare = {"0": 9, "1": 8, "2": 7, "3": 0, "4": 1, "5": 2}
+    fields = sorted((SimpleNamespace(image=k, score=v) for k, v in scores.items()), key=lambda f: -f.score)
+    monkeypatch.setattr(module, "ranked_fields", lambda start, pool, work: fields)
+    monkeypatch.setattr(module, "class_mix", lambda start, pool: {k: np.array([10, rare[k]]) for k in rare})
+    assert module.suggested(tmp_path, pool, 2, tmp_path) == ["0", "1"]
+    assert sorted(module.strata(tmp_path, pool, 2, tmp_path)) == ["0", "3"]
+    assert len(module.strata(tmp_path, pool, 10, tmp_path)) == 6  # never more strata than fields
+
+
+def test_suggest_loop_medoids_take_each_clusters_typical_field(tmp_path: Path) -> None:
+    """``--strategies medoids``: the field nearest the centre of each cluster of encoder features."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    module = _suggest_loop()
+    pool = [SimpleNamespace(key=str(i)) for i in range(6)]
+    module.FEATURES["medoid_features"] = np.array([[0.0, 0], [0.1, 0], [-0.1, 0.02],
+                                                   [10, 10], [10.1, 10], [13, 10]])
+    try:
+        assert sorted(module.medoids(tmp_path, pool, 2, tmp_path), key=int) == ["0", "4"]
+    finally:
+        module.FEATURES.clear()
+
+
+def test_suggest_loop_reuses_a_run_only_with_the_same_picks(monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path: Path) -> None:
+    """``--reuse``: a run folder whose picks.json lists the same tiles is scored, not trained again."""
+    from types import SimpleNamespace
+
+    import cellkit
+
+    module = _suggest_loop()
+    cfg = cellkit.presets.ours(size="cpu").to_dict()
+    fitted: list[Path] = []
+
+    def fit(cfg: Any, out: Path, splits: Any, device: str, progress: bool) -> None:
+        out.mkdir(parents=True)
+        (out / "best.pt").write_bytes(b"weights")
+        fitted.append(out)
+
+    monkeypatch.setattr(module, "load_checkpoint", lambda start: {"config": cfg})
+    monkeypatch.setattr(module, "fit", fit)
+    monkeypatch.setattr(module, "Predictor", SimpleNamespace(from_checkpoint=lambda path, device: path))
+    monkeypatch.setattr(module, "REUSE", True)
+    picks = [SimpleNamespace(key="12"), SimpleNamespace(key="3")]
+    out = tmp_path / "random-n2-seed0"
+    assert module.fine_tune(tmp_path / "start.pt", picks, 5, 0, out, 1e-4) == out / "best.pt"
+    assert json.loads((out / "picks.json").read_text()) == ["3", "12"] and len(fitted) == 1
+    module.fine_tune(tmp_path / "start.pt", picks[::-1], 5, 0, out, 1e-4)
+    assert len(fitted) == 1  # the same picks: scored again, not trained
+    module.fine_tune(tmp_path / "start.pt", picks[:1], 5, 0, out, 1e-4)
+    assert len(fitted) == 2 and json.loads((out / "picks.json").read_text()) == ["12"]
+    monkeypatch.setattr(module, "REUSE", False)
+    module.fine_tune(tmp_path / "start.pt", picks[:1], 5, 0, out, 1e-4)
+    assert len(fitted) == 3
