@@ -7,8 +7,8 @@ range's tiles are split once, by id, into an evaluation third (every third tile,
 annotated) and a pool. Then, for each N and seed:
 
 * **suggested**: the start model predicts the pool (``write_predictions``, as ``cellkit
-  predict``), ``suggest_folder`` ranks 100-um fields (one bundled tile each) and the top N are
-  "annotated" (their true points revealed);
+  predict``), ``suggest_folder`` picks N 100-um fields (one bundled tile each; ``cellkit suggest
+  --top N``, its default ranking) and they are "annotated" (their true points revealed);
 * **random**: N pool tiles drawn with the seed;
 
 and the start model is fine-tuned on those N tiles (``train.init_from``, ``--steps`` steps, the
@@ -68,11 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=100, help="fine-tuning steps")
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (training's is 1e-3)")
     p.add_argument("--strategies", default="suggested,random",
-                   help="of suggested (cellkit suggest's ranking), diverse (its most doubtful field per "
-                        "cluster), novel (its score times how unlike the training crops a field looks to the "
-                        "encoder), strata (its most doubtful field in each of N strata of the predicted "
-                        "class mix), medoids (the field nearest each of N k-means centres of the encoder's "
-                        "features, no doubt), random")
+                   help="of suggested (cellkit suggest's default ranking: one field per stratum of the class "
+                        "mix, most doubtful first), doubt (its --ranking doubt: the most doubtful fields, the "
+                        "default before session 14), diverse (the most doubtful field per cluster of colour and "
+                        "predictions), novel (the doubt times how unlike the training crops a field looks to "
+                        "the encoder), medoids (the field nearest each of N k-means centres of the encoder's "
+                        "features, no doubt), random; strata is suggested's former name")
     p.add_argument("--reuse", action="store_true",
                    help="score a run folder's best.pt again instead of fine-tuning, where its picks.json "
                         "holds the same picks (fine-tuning is deterministic on the CPU)")
@@ -175,8 +176,12 @@ REUSE = False
 TIMES: dict[str, float] = {}
 
 
-def ranked_fields(start: Path, pool: list[Any], work: Path) -> list[Any]:
-    """Every field of the pool, as cellkit suggest ranks them (the pool predicted once; both timed once)."""
+def ranked_fields(start: Path, pool: list[Any], work: Path, top: int | None = None,
+                  ranking: str = "doubt") -> list[Any]:
+    """The top fields of the pool (all by default), as cellkit suggest ranks them (the pool predicted once).
+
+    Predicting the pool and the first ranking (with its picture) are timed.
+    """
     folder, pred = work / "pool", work / "pool-pred"
     if "predict_pool_s" not in TIMES:
         shutil.rmtree(folder, ignore_errors=True)
@@ -188,14 +193,14 @@ def ranked_fields(start: Path, pool: list[Any], work: Path) -> list[Any]:
         write_predictions(Predictor.from_checkpoint(start, device="cpu"), [folder], pred, overlay=False, mpp=0.5)
         TIMES["predict_pool_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
-    fields = suggest_folder(pred, top=len(pool))
+    fields = suggest_folder(pred, top=top or len(pool), ranking=ranking)
     TIMES.setdefault("suggest_s", round(time.perf_counter() - t0, 2))
     return fields
 
 
-def suggested(start: Path, pool: list[Any], n: int, work: Path) -> list[str]:
-    """The keys of the top-``n`` fields of the pool, as cellkit suggest ranks them."""
-    return [f.image for f in ranked_fields(start, pool, work)][:n]
+def suggested(start: Path, pool: list[Any], n: int, work: Path, ranking: str = "mix") -> list[str]:
+    """The keys of the ``n`` fields of the pool that cellkit suggest (``--top n --ranking ranking``) picks."""
+    return [f.image for f in ranked_fields(start, pool, work, n, ranking)]
 
 
 def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 100) -> np.ndarray:
@@ -276,37 +281,6 @@ def novel(start: Path, pool: list[Any], n: int, work: Path) -> list[str]:
 
 
 NOVELTY: dict[str, float] = {}
-MIX: dict[str, np.ndarray] = {}
-
-
-def class_mix(start: Path, pool: list[Any]) -> dict[str, np.ndarray]:
-    """Each pool tile's predicted cells per class, by the start model (computed once)."""
-    if not MIX:
-        predictor = Predictor.from_checkpoint(start, device="cpu")
-        k = len(ENDONUKE_EPITHELIUM.names)
-        for s in pool:
-            MIX[s.key] = np.bincount(predictor.predict(s.image).classes, minlength=k)
-    return MIX
-
-
-def strata(start: Path, pool: list[Any], n: int, work: Path) -> list[str]:
-    """Doubt within the range's class mix: the most doubtful field of each of ``n`` strata.
-
-    The fields are ordered by the predicted share of the class rarest in the pool's
-    predictions and cut into ``n`` strata of equal size; each gives its field of highest
-    ``suggest`` score, so the picks hold the pool's spread of mixes (``suggest``'s top fields on
-    4560-4787 were twice as rich in epithelium as the pool).
-    """
-    fields = {f.image: f for f in ranked_fields(start, pool, work)}
-    mix = class_mix(start, pool)
-    keys = [s.key for s in pool if s.key in fields]
-    rare = int(np.argmin(np.sum([mix[k] for k in keys], 0)))
-    share = np.asarray([mix[k][rare] / max(int(mix[k].sum()), 1) for k in keys])
-    order = np.argsort(share, kind="stable")
-    return [max((keys[i] for i in part), key=lambda k: fields[k].score)
-            for part in np.array_split(order, min(n, len(keys)))]
-
-
 def medoids(start: Path, pool: list[Any], n: int, work: Path) -> list[str]:
     """The range's typical fields: the tile nearest each of ``n`` k-means centres of encoder features.
 
@@ -366,14 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     plans = [(s, n) for n in sizes for s in args.strategies.split(",")] + ([] if args.no_full else [("full", len(pool))])
     for strategy, n in plans:
         for seed in range(args.seeds):
-            if strategy == "suggested":
+            if strategy in ("suggested", "strata"):
                 keys = set(suggested(start, pool, n, args.out))
+            elif strategy == "doubt":
+                keys = set(suggested(start, pool, n, args.out, "doubt"))
             elif strategy == "diverse":
                 keys = set(diverse(start, pool, n, args.out))
             elif strategy == "novel":
                 keys = set(novel(start, pool, n, args.out))
-            elif strategy == "strata":
-                keys = set(strata(start, pool, n, args.out))
             elif strategy == "medoids":
                 keys = set(medoids(start, pool, n, args.out))
             elif strategy == "random":

@@ -461,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
         "suggest",
         help="rank fields of view to annotate next, from the confidence of predicted cells",
         description="Cut every image (or slide) of a cellkit predict folder into square fields, score each by the "
-        "uncertainty of its cells (the sum of 1 - confidence), take the best ones spread over the tissue, and write "
+        "uncertainty of its cells (the sum of 1 - confidence), take the best ones spread over the tissue and (by "
+        "default) one from each stratum of the predicted class mix, so the picks hold the tissue's mix, and write "
         "OUT_DIR/suggestions/: suggestions.csv, <image>.geojson (QuPath annotation rectangles, named with their "
         "rank and reason) and suggestions.png.",
         formatter_class=_Formatter,
@@ -474,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="side of a field, micrometres (where the image's pixel size is known)")
     s.add_argument("--field-px", type=_positive_int, metavar="PX",
                    help="side of a field in pixels for images without a pixel size (default: --field-um at 0.5 um/px)")
+    s.add_argument("--ranking", choices=("mix", "doubt"), default="mix",
+                   help="mix: the most doubtful field of each of --top strata of the predicted class mix; doubt: "
+                   "the most doubtful fields, whatever their mix")
     s.add_argument("--no-picture", action="store_true", help="do not draw suggestions.png")
     _add_common(s)
     s.set_defaults(func=_cmd_suggest)
@@ -1008,7 +1012,7 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
     from cellkit.engine.suggest import suggest_folder
 
     fields = suggest_folder(args.pred, top=args.top, field_um=args.field_um, field_px=args.field_px,
-                            picture=not args.no_picture)
+                            picture=not args.no_picture, ranking=args.ranking)
     folder = Path(args.pred) / "suggestions"
     for f in fields:
         _out(f"#{f.rank}  {f.image}  x={f.x} y={f.y} {f.width}x{f.height} px  score {f.score:.1f}: {f.reason}")

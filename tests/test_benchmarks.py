@@ -333,28 +333,6 @@ def _suggest_loop() -> Any:
     return module
 
 
-def test_suggest_loop_strata_keep_the_pools_class_mix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """``--strategies strata``: the most doubtful field of each stratum of the predicted class mix.
-
-    The three most doubtful fields are all rich in the rare class; two strata take the most
-    doubtful field of the poor half and of the rich half, where ``suggested`` takes two rich ones.
-    """
-    from types import SimpleNamespace
-
-    import numpy as np
-
-    module = _suggest_loop()
-    pool = [SimpleNamespace(key=str(i)) for i in range(6)]
-    scores = {"0": 9.0, "1": 8.0, "2": 7.0, "3": 3.0, "4": 2.0, "5": 1.0}
-    rare = {"0": 9, "1": 8, "2": 7, "3": 0, "4": 1, "5": 2}
-    fields = sorted((SimpleNamespace(image=k, score=v) for k, v in scores.items()), key=lambda f: -f.score)
-    monkeypatch.setattr(module, "ranked_fields", lambda start, pool, work: fields)
-    monkeypatch.setattr(module, "class_mix", lambda start, pool: {k: np.array([10, rare[k]]) for k in rare})
-    assert module.suggested(tmp_path, pool, 2, tmp_path) == ["0", "1"]
-    assert sorted(module.strata(tmp_path, pool, 2, tmp_path)) == ["0", "3"]
-    assert len(module.strata(tmp_path, pool, 10, tmp_path)) == 6  # never more strata than fields
-
-
 def test_suggest_loop_medoids_take_each_clusters_typical_field(tmp_path: Path) -> None:
     """``--strategies medoids``: the field nearest the centre of each cluster of encoder features."""
     from types import SimpleNamespace

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
+from test_wsi import stain_predictor, write_pyramid
 
 from cellkit.cli import main
 from cellkit.engine.outputs import write_predictions
 from cellkit.engine.suggest import Field, rank_fields, suggest_folder
-from test_wsi import stain_predictor, write_pyramid
 
 SURE = (40, 40, 115)  # dark blue: class 0 of the stain model, sure
 UNSURE = (77, 51, 45)  # half brown: both classes' maps alike
@@ -40,10 +42,16 @@ def test_the_unsure_field_comes_first_and_the_files_are_for_qupath(tmp_path: Pat
     first, *rest = rows
     assert float(first["mean_confidence"]) < 0.5 < min(float(r["mean_confidence"]) for r in rest)
     assert int(first["uncertain_cells"]) == int(first["cells"]) > 30
+    per_class = [k for k in first if k.startswith("cells_")]
+    assert len(per_class) >= 2 and all(sum(int(r[k]) for k in per_class) == int(r["cells"]) for r in rows)
     feature = json.loads((out / "suggestions" / "im.geojson").read_text())["features"][0]
     assert feature["geometry"]["coordinates"][0][:3] == [[200, 0], [400, 0], [400, 200]]
     assert feature["properties"]["name"].startswith("#1: ") and feature["properties"]["objectType"] == "annotation"
+    measured = feature["properties"]["measurements"]
+    assert sum(v for k, v in measured.items() if k.startswith("cells ")) == int(first["cells"])
     assert (out / "suggestions" / "suggestions.png").stat().st_size > 1000
+    assert main(["suggest", "--pred", str(out), "--top", "3", "--ranking", "doubt", "--no-picture"]) == 0
+    assert "#1  im  x=200 y=0 200x200 px" in capsys.readouterr().out  # the unsure field first either way
     # Again: its own files are replaced; a file it did not write is not.
     assert [f.rank for f in suggest_folder(out, top=1)] == [1]
     (out / "suggestions" / "suggestions.csv").write_text("my,notes\n")
@@ -109,3 +117,38 @@ def test_the_new_slide_guide_runs_end_to_end(tmp_path: Path, capsys: pytest.Capt
     assert main(["predict", str(slide), "--checkpoint", str(run / "best.pt"), "--out", str(tmp_path / "after"),
                  "--device", "cpu", "--no-tissue-mask"]) == 0
     assert (tmp_path / "after" / "new.summary.json").is_file()
+
+
+def test_the_mix_ranking_keeps_the_tissues_class_mix() -> None:
+    """The three most doubtful fields are all rich in the rare class: ``doubt`` takes two of them,
+    ``mix`` (the default) the most doubtful of the poor half and of the rich half."""
+    scores = (9.0, 8.0, 7.0, 3.0, 2.0, 1.0)
+    rare = (9, 8, 7, 0, 1, 2)
+    fields = [Field(f"im{i}", 0, 0, 10, 10, s, 10 + r, 5, 0.5, mix=(10, r)) for i, (s, r) in enumerate(zip(scores, rare))]
+    assert [f.image for f in rank_fields(fields, 2, ranking="doubt")] == ["im0", "im1"]
+    assert [f.image for f in rank_fields(fields, 2)] == ["im0", "im3"]
+    assert len(rank_fields(fields, 10)) == 6  # more fields asked than there are: all of them
+    unknown = [Field(f.image, 0, 0, 10, 10, f.score, f.cells, 5, 0.5) for f in fields]  # no class mix
+    assert [f.image for f in rank_fields(unknown, 2)] == ["im0", "im1"]
+    with pytest.raises(ValueError, match="not one of mix, doubt"):
+        rank_fields(fields, 2, ranking="novel")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.01, 100), st.integers(0, 50), st.integers(0, 50)), min_size=1, max_size=30),
+       st.integers(1, 12))
+def test_mix_picks_one_field_per_stratum_the_most_doubtful_first(rows: list[tuple[float, int, int]],
+                                                                 top: int) -> None:
+    from cellkit.engine.suggest import _strata
+
+    fields = [Field(f"im{i}", 0, 0, 10, 10, s, a + b, 0, 0.5, mix=(a, b)) for i, (s, a, b) in enumerate(rows)]
+    stratum = dict(zip((f.image for f in fields), _strata(fields, top)))
+    chosen = rank_fields(fields, top)
+    assert len(chosen) == min(top, len(fields)) and len({f.image for f in chosen}) == len(chosen)
+    assert chosen[0].score == max(f.score for f in fields)
+    assert [f.rank for f in chosen] == list(range(1, len(chosen) + 1))
+    strata = [stratum[f.image] for f in chosen]
+    assert len(set(strata)) == len(strata) or len(set(stratum.values())) == 1
+    for f in chosen:  # each pick is the most doubtful field of its stratum
+        assert f.score == max(g.score for g in fields if stratum[g.image] == stratum[f.image]) or len(set(
+            stratum.values())) == 1

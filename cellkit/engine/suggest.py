@@ -10,8 +10,17 @@ scores little. Fields are taken greedily by score; each field taken halves the s
 fields of the same image within [`SPREAD`][] field sizes of it, so the picks spread over the
 tissue instead of piling up in one corner.
 
+The default ranking (``"mix"``) also keeps the picks' class mix like the tissue's: the
+fields are ordered by the predicted share of the class the model finds least often and cut
+into ``top`` strata of equal size, and each stratum gives one field (its most doubtful). The
+most doubtful fields tend to be alike (on a held-out EndoNuke range the top ten held twice the
+range's share of epithelium), and a model fine-tuned on them learned less than from ten
+random fields; one field per stratum taught more than random ones on both held-out ranges
+measured (docs/new-slide.md). ``"doubt"`` is the score and the spreading alone.
+
 It writes ``OUT/suggestions/``: ``suggestions.csv`` (rank, image, the field in the image's
-or slide's level-0 pixels, score, cells, uncertain cells, mean confidence, the reason),
+or slide's level-0 pixels, score, cells, uncertain cells, mean confidence, the reason, the
+predicted cells of each class),
 ``<stem>.geojson`` per image with its fields as QuPath annotation rectangles (class
 ``Suggested``, name ``#rank: reason``, the figures as measurements: import them onto the
 image or slide, click the cells inside, export) and ``suggestions.png`` (the fields, cropped,
@@ -37,13 +46,16 @@ from cellkit.engine.evaluate import PREDICT_META, read_prediction_record
 from cellkit.wsi.reader import open_slide
 from cellkit.wsi.summary import UNCERTAIN_BELOW
 
-__all__ = ["FIELD_UM", "SPREAD", "Field", "rank_fields", "suggest_folder"]
+__all__ = ["FIELD_UM", "RANKINGS", "SPREAD", "Field", "rank_fields", "suggest_folder"]
 
 FIELD_UM = 100.0
 """The default side of a field, micrometres (200 pixels at 0.5 um/px: one bundled EndoNuke tile)."""
 
 SPREAD = 3.0
 """Fields of one image within this many field sizes of a field taken have their score halved."""
+
+RANKINGS = ("mix", "doubt")
+"""How fields are chosen: one per stratum of the class mix, most doubtful first (``mix``), or by doubt alone."""
 
 FOLDER = "suggestions"
 _MAX_CSV_BYTES = 2 * 1024**3
@@ -61,6 +73,7 @@ class Field:
         uncertain: cells below 0.5 confidence.
         mean_confidence: of its cells (1 without cells).
         rank: 1 for the first to annotate.
+        mix: predicted cells of each class in it (empty where unknown).
     """
 
     image: str
@@ -73,6 +86,7 @@ class Field:
     uncertain: int
     mean_confidence: float
     rank: int = 0
+    mix: tuple[int, ...] = ()
 
     @property
     def reason(self) -> str:
@@ -82,8 +96,11 @@ class Field:
 
 
 def _grid_fields(stem: str, points: np.ndarray, confidence: np.ndarray, size: tuple[int, int],
-                 side: int) -> list[Field]:
-    """The fields of one image: a grid of ``side`` pixels over ``size`` (w, h), with their cells."""
+                 side: int, classes: np.ndarray | None = None, num_classes: int = 0) -> list[Field]:
+    """The fields of one image: a grid of ``side`` pixels over ``size`` (w, h), with their cells.
+
+    ``classes`` (one per cell, below ``num_classes``) gives each field its class mix.
+    """
     w, h = size
     cols, rows = max(1, math.ceil(w / side)), max(1, math.ceil(h / side))
     col = np.clip((points[:, 0] // side).astype(np.int64), 0, cols - 1) if len(points) else np.zeros(0, np.int64)
@@ -92,17 +109,47 @@ def _grid_fields(stem: str, points: np.ndarray, confidence: np.ndarray, size: tu
     n = np.bincount(cell, minlength=rows * cols)
     doubt = np.bincount(cell, weights=1.0 - confidence, minlength=rows * cols)
     unsure = np.bincount(cell, weights=(confidence < UNCERTAIN_BELOW).astype(np.float64), minlength=rows * cols)
+    mix = np.zeros((rows * cols, 0), np.int64)
+    if classes is not None and num_classes > 0:
+        mix = np.zeros((rows * cols, num_classes), np.int64)
+        np.add.at(mix, (cell, np.clip(classes.astype(np.int64), 0, num_classes - 1)), 1)
     fields = []
     for i in np.flatnonzero(n > 0):
         r, c = divmod(int(i), cols)
         x, y = c * side, r * side
         fields.append(Field(stem, x, y, min(side, w - x), min(side, h - y), round(float(doubt[i]), 4), int(n[i]),
-                            int(unsure[i]), round(1.0 - float(doubt[i]) / int(n[i]), 4)))
+                            int(unsure[i]), round(1.0 - float(doubt[i]) / int(n[i]), 4),
+                            mix=tuple(int(v) for v in mix[i])))
     return fields
 
 
-def rank_fields(fields: Sequence[Field], top: int, spread: float = SPREAD) -> list[Field]:
+def _strata(fields: Sequence[Field], top: int) -> list[int]:
+    """Each field's stratum of the class mix (see the module); all ``0`` where no mix tells classes apart.
+
+    The fields are ordered by the share of their cells in the class predicted least often
+    over all fields (of the classes predicted at all) and cut into ``top`` strata of equal size.
+    """
+    width = max((len(f.mix) for f in fields), default=0)
+    if width < 2 or any(len(f.mix) != width for f in fields):
+        return [0] * len(fields)
+    mix = np.asarray([f.mix for f in fields], np.float64)
+    totals = mix.sum(0)
+    if np.count_nonzero(totals) < 2:
+        return [0] * len(fields)
+    rare = int(np.argmin(np.where(totals > 0, totals, np.inf)))
+    share = mix[:, rare] / np.maximum(mix.sum(1), 1)
+    stratum = [0] * len(fields)
+    for s, part in enumerate(np.array_split(np.argsort(share, kind="stable"), min(top, len(fields)))):
+        for i in part:
+            stratum[int(i)] = s
+    return stratum
+
+
+def rank_fields(fields: Sequence[Field], top: int, spread: float = SPREAD, ranking: str = "mix") -> list[Field]:
     """The ``top`` fields by score, taken greedily with the spreading rule (see the module).
+
+    With ``ranking="mix"`` a field is taken only from a stratum of the class mix that has
+    given none yet (while one is left).
 
     Examples:
         >>> a, b, c = (Field("s", x, 0, 10, 10, score, 5, 5, 0.1)
@@ -110,13 +157,19 @@ def rank_fields(fields: Sequence[Field], top: int, spread: float = SPREAD) -> li
         >>> [f.x for f in rank_fields([a, b, c], 2)]  # b is beside a
         [0, 90]
     """
+    if ranking not in RANKINGS:
+        raise ValueError(f"ranking {ranking!r} is not one of {', '.join(RANKINGS)}")
     left = list(fields)
     weight = [1.0] * len(left)
+    stratum = _strata(left, top) if ranking == "mix" else [0] * len(left)
+    taken: set[int] = set()
     chosen: list[Field] = []
     while left and len(chosen) < top:
-        best = max(range(len(left)), key=lambda i: (left[i].score * weight[i], -i))
+        open_ = [i for i in range(len(left)) if stratum[i] not in taken] or list(range(len(left)))
+        best = max(open_, key=lambda i: (left[i].score * weight[i], -i))
         if left[best].score * weight[best] <= 0 and chosen:
             break
+        taken.add(stratum.pop(best))
         field = left.pop(best)
         weight.pop(best)
         field.rank = len(chosen) + 1
@@ -128,8 +181,8 @@ def rank_fields(fields: Sequence[Field], top: int, spread: float = SPREAD) -> li
     return chosen
 
 
-def _read_cells(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Points and confidences of a predictions CSV that has a ``confidence`` column."""
+def _read_cells(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Points, confidences and classes (``None`` without a ``class`` column) of a predictions CSV."""
     if path.stat().st_size > _MAX_CSV_BYTES:
         raise ValueError(f"{path} is {path.stat().st_size / 1e9:.1f} GB, larger than a predictions CSV of cellkit.")
     with open(path, encoding="utf-8", newline="") as fh:
@@ -139,9 +192,11 @@ def _read_cells(path: Path) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(f"{path} has no confidence column (columns {header[:6]}): it was written by an older "
                              "cellkit; predict the images again with cellkit predict, then suggest.")
         ix, iy, ic = header.index("x"), header.index("y"), header.index("confidence")
-        rows = [(float(r[ix]), float(r[iy]), float(r[ic])) for r in reader if r]
-    data = np.asarray(rows, np.float64).reshape(-1, 3)
-    return data[:, :2], np.clip(data[:, 2], 0.0, 1.0)
+        ik = header.index("class") if "class" in header else ic
+        rows = [(float(r[ix]), float(r[iy]), float(r[ic]), float(r[ik])) for r in reader if r]
+    data = np.asarray(rows, np.float64).reshape(-1, 4)
+    classes = data[:, 3].astype(np.int64) if "class" in header else None
+    return data[:, :2], np.clip(data[:, 2], 0.0, 1.0), classes
 
 
 def _extent(out: Path, stem: str, record: dict[str, Any], slides: set[str]) -> tuple[tuple[int, int], float | None,
@@ -161,7 +216,7 @@ def _extent(out: Path, stem: str, record: dict[str, Any], slides: set[str]) -> t
 
 
 def suggest_folder(pred: str | Path, top: int = 10, field_um: float = FIELD_UM, field_px: int | None = None,
-                   picture: bool = True) -> list[Field]:
+                   picture: bool = True, ranking: str = "mix") -> list[Field]:
     """Rank the fields of a ``cellkit predict`` folder and write ``PRED/suggestions/`` (see the module).
 
     Args:
@@ -171,6 +226,7 @@ def suggest_folder(pred: str | Path, top: int = 10, field_um: float = FIELD_UM, 
         field_px: the side in pixels for images without a pixel size (default: ``field_um`` at
             0.5 um/px).
         picture: also draw ``suggestions.png``.
+        ranking: ``"mix"`` (one field per stratum of the class mix) or ``"doubt"`` (see the module).
 
     Returns:
         the fields taken, in rank order.
@@ -184,29 +240,39 @@ def suggest_folder(pred: str | Path, top: int = 10, field_um: float = FIELD_UM, 
     if record is None:
         raise FileNotFoundError(f"{out} holds no predictions of cellkit predict ({PREDICT_META}); run cellkit predict "
                                 "IMAGES --out DIR first, then cellkit suggest --pred DIR.")
+    if ranking not in RANKINGS:
+        raise ValueError(f"ranking {ranking!r} is not one of {', '.join(RANKINGS)}")
     slides = {str(s) for s in record.get("slides", [])}
-    fields, sources, cells = [], {}, {}
+    names = [str(n) for n in record.get("class_names") or []]
+    fields, sources, cells, read = [], {}, {}, {}
     for stem in [str(s) for s in record.get("inputs") or record.get("images") or []]:  # done ones have a CSV
         csv_path = out / f"{stem}.csv"
         if not csv_path.is_file():
             continue
-        points, confidence = _read_cells(csv_path)
-        cells[stem] = (points, confidence)
+        read[stem] = _read_cells(csv_path)
+        cells[stem] = read[stem][:2]
+    known = [c for _, _, c in read.values() if c is not None and len(c)]
+    k = max(len(names), 1 + max((int(c.max()) for c in known), default=-1))
+    names += [f"class{i}" for i in range(len(names), k)]
+    for stem, (points, confidence, classes) in read.items():
         size, mpp, sources[stem] = _extent(out, stem, record, slides)
         if size == (0, 0):
             size = (int(points[:, 0].max()) + 1, int(points[:, 1].max()) + 1) if len(points) else (1, 1)
         side = int(round(field_um / mpp)) if mpp else int(field_px or round(field_um / 0.5))
-        fields += _grid_fields(stem, points, confidence, size, max(8, side))
+        fields += _grid_fields(stem, points, confidence, size, max(8, side), classes, k if classes is not None else 0)
     if not fields:
         raise FileNotFoundError(f"{out} holds no predicted cells to rank (no <image>.csv with cells).")
-    chosen = rank_fields(fields, top)
-    _write(out / FOLDER, chosen, sources, cells if picture else None)
+    chosen = rank_fields(fields, top, ranking=ranking)
+    _write(out / FOLDER, chosen, sources, cells if picture else None, names)
     return chosen
 
 
 def _write(folder: Path, chosen: Sequence[Field], sources: dict[str, Path | None],
-           cells: dict[str, tuple[np.ndarray, np.ndarray]] | None) -> None:
-    """The suggestion files; the picture when ``cells`` (each image's points and confidences) are given."""
+           cells: dict[str, tuple[np.ndarray, np.ndarray]] | None, names: Sequence[str] = ()) -> None:
+    """The suggestion files; the picture when ``cells`` (each image's points and confidences) are given.
+
+    ``names`` are the classes, for the columns of each field's predicted cells per class.
+    """
     planned = [folder / "suggestions.csv", *(folder / f"{s}.geojson" for s in sorted({f.image for f in chosen}))]
     planned += [folder / "suggestions.png"] if cells is not None else []
     kinds = {".csv": "suggestions-csv", ".geojson": "json", ".png": "png"}
@@ -216,28 +282,31 @@ def _write(folder: Path, chosen: Sequence[Field], sources: dict[str, Path | None
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["rank", "image", "x", "y", "width", "height", "score", "cells", "uncertain_cells",
-                     "mean_confidence", "reason"])
+                     "mean_confidence", "reason", *(f"cells_{n}" for n in names)])
     for f in chosen:
         writer.writerow([f.rank, f.image, f.x, f.y, f.width, f.height, f.score, f.cells, f.uncertain,
-                         f.mean_confidence, f.reason])
+                         f.mean_confidence, f.reason, *(f.mix[i] if i < len(f.mix) else "" for i in range(len(names)))])
     write_text_atomic(folder / "suggestions.csv", buf.getvalue())
     for stem in sorted({f.image for f in chosen}):
-        write_text_atomic(folder / f"{stem}.geojson", json.dumps(_geojson([f for f in chosen if f.image == stem])))
+        features = _geojson([f for f in chosen if f.image == stem], names)
+        write_text_atomic(folder / f"{stem}.geojson", json.dumps(features))
     if cells is not None:
         _draw(folder / "suggestions.png", chosen, sources, cells)
 
 
-def _geojson(fields: Sequence[Field]) -> dict[str, Any]:
-    """QuPath annotation rectangles, one per field."""
+def _geojson(fields: Sequence[Field], names: Sequence[str] = ()) -> dict[str, Any]:
+    """QuPath annotation rectangles, one per field (their predicted cells per class of ``names`` measured)."""
     features = []
     for f in fields:
+        per_class = {f"cells {n}": f.mix[i] for i, n in enumerate(names) if i < len(f.mix)}
         ring = [[f.x, f.y], [f.x + f.width, f.y], [f.x + f.width, f.y + f.height], [f.x, f.y + f.height], [f.x, f.y]]
         features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
                          "properties": {"objectType": "annotation", "name": f"#{f.rank}: {f.reason}",
                                         "classification": {"name": "Suggested", "color": [255, 160, 0]},
                                         "measurements": {"rank": f.rank, "score": f.score, "cells": f.cells,
                                                          "uncertain cells": f.uncertain,
-                                                         "mean confidence": f.mean_confidence}}})
+                                                         "mean confidence": f.mean_confidence,
+                                                         **per_class}}})
     return {"type": "FeatureCollection", "features": features}
 
 
