@@ -108,17 +108,27 @@ def peak_rss_mb() -> float:
     alone. ``getrusage(RUSAGE_SELF).ru_maxrss`` is not: Linux carries it over ``execve``, so a
     ``spawn`` child starts with its parent's peak (a parent holding 800 MB makes every
     child's ``ru_maxrss`` at least 800 MB). Elsewhere ``ru_maxrss`` is the fallback.
+
+    Recent kernels count resident memory per CPU and read the sum approximately, so a
+    ``VmHWM`` read can come out a fraction of a MiB below an earlier one (seen: 443.39 after
+    443.57); the value returned is the largest read so far, so it never goes down.
     """
+    global _HIGHEST
     try:
         with open("/proc/self/status") as status:
             for line in status:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0  # kB
+                    _HIGHEST = max(_HIGHEST, int(line.split()[1]) / 1024.0)  # kB
+                    return _HIGHEST
     except OSError:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
-    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
+    _HIGHEST = max(_HIGHEST, peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0)
+    return _HIGHEST
+
+
+_HIGHEST = 0.0
 
 
 def run_isolated(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
