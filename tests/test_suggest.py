@@ -50,6 +50,12 @@ def test_the_unsure_field_comes_first_and_the_files_are_for_qupath(tmp_path: Pat
     measured = feature["properties"]["measurements"]
     assert sum(v for k, v in measured.items() if k.startswith("cells ")) == int(first["cells"])
     assert (out / "suggestions" / "suggestions.png").stat().st_size > 1000
+    from cellkit.cli import build_parser
+    from cellkit.engine.suggest import RANKINGS
+
+    (ranking,) = [a for a in build_parser()._subparsers._group_actions[0].choices["suggest"]._actions
+                  if a.dest == "ranking"]
+    assert tuple(ranking.choices) == RANKINGS and ranking.default == RANKINGS[0]
     assert main(["suggest", "--pred", str(out), "--top", "3", "--ranking", "doubt", "--no-picture"]) == 0
     assert "#1  im  x=200 y=0 200x200 px" in capsys.readouterr().out  # the unsure field first either way
     # Again: its own files are replaced; a file it did not write is not.
@@ -76,6 +82,15 @@ def test_the_picks_spread_and_the_errors_say_what_to_do(tmp_path: Path) -> None:
     (tmp_path / "im.csv").write_text("x,y,class,score\n1,1,0,0.9\n")
     (tmp_path / "predict.json").write_text(json.dumps({"inputs": ["im"], "images": ["im"], "status": "done"}))
     with pytest.raises(ValueError, match="no confidence column"):
+        suggest_folder(tmp_path)
+    # A class number from elsewhere must not size the per-class table: refused, naming the file.
+    (tmp_path / "im.csv").write_text("x,y,class,score,confidence\n1,1,0,0.9,0.8\n2,2,1000000000,0.9,0.8\n")
+    with pytest.raises(ValueError, match=r"im\.csv has class 1000000000 .*expected 0-255"):
+        suggest_folder(tmp_path)
+    record = {"inputs": ["im"], "images": ["im"], "status": "done", "class_names": ["other", "epithelium"]}
+    (tmp_path / "predict.json").write_text(json.dumps(record))
+    (tmp_path / "im.csv").write_text("x,y,class,score,confidence\n1,1,2,0.9,0.8\n")
+    with pytest.raises(ValueError, match=r"class 2 .*expected 0-1 \(its 2 class names\)"):
         suggest_folder(tmp_path)
 
 

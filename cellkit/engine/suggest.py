@@ -199,6 +199,25 @@ def _read_cells(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     return data[:, :2], np.clip(data[:, 2], 0.0, 1.0), classes
 
 
+_MAX_CLASSES = 256
+
+
+def _check_classes(path: Path, classes: np.ndarray | None, known: int) -> None:
+    """Refuse class numbers outside the folder's classes (or above 255 where it names none).
+
+    Each field counts its cells per class, so a class number sets the width of that table:
+    a CSV from elsewhere must not make it as large as it likes.
+    """
+    if classes is None or not len(classes):
+        return
+    limit = known or _MAX_CLASSES
+    low, high = int(classes.min()), int(classes.max())
+    if low < 0 or high >= limit:
+        expected = f"0-{limit - 1} (its {known} class names)" if known else f"0-{limit - 1}"
+        raise ValueError(f"{path} has class {low if low < 0 else high} in its class column; expected {expected}. "
+                         "Predict the images again with cellkit predict into a new folder, then suggest.")
+
+
 def _extent(out: Path, stem: str, record: dict[str, Any], slides: set[str]) -> tuple[tuple[int, int], float | None,
                                                                                      Path | None]:
     """``((width, height), micrometres per pixel, source file)`` of one predicted image or slide."""
@@ -251,6 +270,7 @@ def suggest_folder(pred: str | Path, top: int = 10, field_um: float = FIELD_UM, 
             continue
         read[stem] = _read_cells(csv_path)
         cells[stem] = read[stem][:2]
+        _check_classes(csv_path, read[stem][2], len(names))
     known = [c for _, _, c in read.values() if c is not None and len(c)]
     k = max(len(names), 1 + max((int(c.max()) for c in known), default=-1))
     names += [f"class{i}" for i in range(len(names), k)]
