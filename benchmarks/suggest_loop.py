@@ -281,6 +281,8 @@ def novel(start: Path, pool: list[Any], n: int, work: Path) -> list[str]:
 
 
 NOVELTY: dict[str, float] = {}
+
+
 def medoids(start: Path, pool: list[Any], n: int, work: Path) -> list[str]:
     """The range's typical fields: the tile nearest each of ``n`` k-means centres of encoder features.
 

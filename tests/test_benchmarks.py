@@ -128,13 +128,18 @@ def test_unknown_stage_names_the_close_one() -> None:
 # --------------------------------------------------------------------------- accuracy.py
 
 
-def _accuracy_module():
+def _bench(stem: str) -> Any:
+    """``benchmarks/<stem>.py`` as a module (a fresh copy: its module-level caches start empty)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("accuracy_bench", ROOT / "benchmarks" / "accuracy.py")
+    spec = importlib.util.spec_from_file_location(f"{stem}_bench", ROOT / "benchmarks" / f"{stem}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _accuracy_module() -> Any:
+    return _bench("accuracy")
 
 
 def test_accuracy_folds_hold_every_image_out_once(tmp_path: Path) -> None:
@@ -245,11 +250,7 @@ def test_accuracy_steps_curve_pools_each_complete_seed(tmp_path: Path) -> None:
 
 
 def test_train_profile_reads_a_finished_run_and_flags_contention(tmp_path: Path) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_profile", ROOT / "benchmarks" / "train_profile.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench("train_profile")
     args = module.parse_args(["--presets", "ours", "--datasets", "endonuke", "--arms", "native",
                               "--out", str(tmp_path), "--bcdata", str(tmp_path / "absent")])
     run = tmp_path / "endonuke-ours-native"
@@ -266,11 +267,7 @@ def test_train_profile_reads_a_finished_run_and_flags_contention(tmp_path: Path)
 
 def test_suggest_loop_draws_one_row_per_held_out_range(tmp_path: Path) -> None:
     """``suggest_loop.py --plot-only A B``: the curve of each recorded range, titled by its tile ids."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("suggest_loop_bench", ROOT / "benchmarks" / "suggest_loop.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench("suggest_loop")
     fold = tmp_path / "fold2"
     (fold / "run").mkdir(parents=True)
     (fold / "result.json").write_text(json.dumps({"test_images": ["4560", "4600", "4787"]}))
@@ -293,7 +290,6 @@ def test_suggest_loop_draws_one_row_per_held_out_range(tmp_path: Path) -> None:
 
 def test_suggest_loop_novelty_ranks_unfamiliar_tiles_first(tmp_path: Path) -> None:
     """``--strategies novel``: a tile unlike the training crops stored in best.pt is the most novel."""
-    import importlib.util
     from types import SimpleNamespace
 
     import numpy as np
@@ -302,9 +298,7 @@ def test_suggest_loop_novelty_ranks_unfamiliar_tiles_first(tmp_path: Path) -> No
     import cellkit
     from cellkit.engine.checkpoint import save_checkpoint
 
-    spec = importlib.util.spec_from_file_location("suggest_loop_bench", ROOT / "benchmarks" / "suggest_loop.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench("suggest_loop")
     cfg = cellkit.presets.ours(size="cpu")
     cfg.model.encoder_kwargs["width_multiplier"] = 0.125
     cfg.model.decoder_kwargs.update(width=8, low_level_width=8)
@@ -324,29 +318,17 @@ def test_suggest_loop_novelty_ranks_unfamiliar_tiles_first(tmp_path: Path) -> No
         module.novelty(tmp_path / "bare.pt", like)
 
 
-def _suggest_loop() -> Any:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("suggest_loop_bench", ROOT / "benchmarks" / "suggest_loop.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_suggest_loop_medoids_take_each_clusters_typical_field(tmp_path: Path) -> None:
     """``--strategies medoids``: the field nearest the centre of each cluster of encoder features."""
     from types import SimpleNamespace
 
     import numpy as np
 
-    module = _suggest_loop()
+    module = _bench("suggest_loop")
     pool = [SimpleNamespace(key=str(i)) for i in range(6)]
     module.FEATURES["medoid_features"] = np.array([[0.0, 0], [0.1, 0], [-0.1, 0.02],
                                                    [10, 10], [10.1, 10], [13, 10]])
-    try:
-        assert sorted(module.medoids(tmp_path, pool, 2, tmp_path), key=int) == ["0", "4"]
-    finally:
-        module.FEATURES.clear()
+    assert sorted(module.medoids(tmp_path, pool, 2, tmp_path), key=int) == ["0", "4"]
 
 
 def test_suggest_loop_reuses_a_run_only_with_the_same_picks(monkeypatch: pytest.MonkeyPatch,
@@ -356,7 +338,7 @@ def test_suggest_loop_reuses_a_run_only_with_the_same_picks(monkeypatch: pytest.
 
     import cellkit
 
-    module = _suggest_loop()
+    module = _bench("suggest_loop")
     cfg = cellkit.presets.ours(size="cpu").to_dict()
     fitted: list[Path] = []
 
@@ -385,12 +367,9 @@ def test_suggest_loop_reuses_a_run_only_with_the_same_picks(monkeypatch: pytest.
 def test_the_memory_high_water_mark_never_goes_down(monkeypatch: pytest.MonkeyPatch) -> None:
     """A ``VmHWM`` read below an earlier one (the kernel sums per-CPU counters approximately)
     is reported as the earlier, higher mark: a measurement's peak is never below its baseline."""
-    import importlib.util
     import io
 
-    spec = importlib.util.spec_from_file_location("harness_bench", ROOT / "benchmarks" / "harness.py")
-    harness = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(harness)
+    harness = _bench("harness")
     reads = iter(["VmHWM:\t  454216 kB\n", "VmHWM:\t  454028 kB\n", "VmHWM:\t  460000 kB\n"])
     monkeypatch.setattr(harness, "open", lambda path: io.StringIO(next(reads)), raising=False)
     first, second, third = harness.peak_rss_mb(), harness.peak_rss_mb(), harness.peak_rss_mb()
